@@ -1,0 +1,41 @@
+"""Embedders attach vectors to chunks and embed queries with the matching convention."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+from pipeline.component import Component
+from pipeline.types import ChunkedDocument
+
+
+class Embedder(Component):
+    kind = "embedder"
+    vector_field: str = "dense"
+
+    @property
+    @abstractmethod
+    def dimension(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def model_id(self) -> str:
+        """What produced the vectors (recorded in the store so a different model is refused)."""
+
+    @abstractmethod
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """One float32 row per text, in input order."""
+
+    @abstractmethod
+    def embed_query(self, text: str) -> np.ndarray: ...
+
+    def embed(self, documents: Sequence[ChunkedDocument]) -> None:
+        """Attach a vector to every chunk of every document (one call for the whole batch)."""
+        chunks = [c for d in documents for c in d.chunks]
+        if not chunks:
+            return
+        vectors = self.embed_documents([c.text for c in chunks])
+        for chunk, vector in zip(chunks, vectors, strict=True):
+            chunk.vectors[self.vector_field] = vector

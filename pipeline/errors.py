@@ -1,0 +1,33 @@
+"""Errors a user sees. Each names what failed and where; none carries a secret."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class for errors raised by this project."""
+
+
+class SpecError(PipelineError):
+    """A spec that cannot be loaded: every problem found, each with file, line and YAML path."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class ComponentNotFound(PipelineError):
+    pass
+
+
+class StageError(PipelineError):
+    """One document failed in one stage. Recorded, never fatal to the run."""
+
+    def __init__(self, source_id: str, stage: str, reason: str):
+        self.source_id = source_id
+        self.stage = stage
+        self.reason = reason
+        super().__init__(f"{source_id}: {stage} failed: {reason}")
+
+
+class StoreSchemaError(PipelineError):
+    """An existing collection does not match what the spec would write into it."""

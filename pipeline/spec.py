@@ -1,0 +1,360 @@
+"""YAML spec -> validated config objects, with errors that name the file, line and YAML path.
+
+Shape::
+
+    version: 1
+    name: quickstart
+    stages:
+      source:   {type: local, path: docs}          # or a list of sources
+      parser:   {type: unstructured}
+      chunker:  {type: recursive, chunk_size: 800}
+      embedder: {type: huggingface, model: all-MiniLM-L6-v2}
+      store:    {type: milvus, uri: ./index.db, collection: docs}
+    runner:
+      batch_size: 32
+
+String values may use ``${VAR}`` and ``${VAR:-default}``; ``$$`` is a literal ``$``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline import registry
+from pipeline.component import Component, ComponentConfig
+from pipeline.errors import ComponentNotFound, SpecError
+
+YamlPath = tuple[str | int, ...]
+
+STAGES = ("source", "parser", "chunker", "embedder", "store")
+DEFAULT_TYPES = {"parser": "unstructured", "chunker": "recursive", "embedder": "huggingface", "store": "milvus"}
+
+
+class RunnerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(32, ge=1, description="Documents parsed, chunked and embedded together.")
+    embed_batch_size: int = Field(64, ge=1, description="Texts per forward pass of the embedder.")
+    write_batch_size: int = Field(512, ge=1, description="Rows per upsert call.")
+    parse_workers: int = Field(1, ge=0, description="Parser worker processes; 0 parses in-process (no time/memory caps).")
+    parse_timeout_s: float = Field(120.0, gt=0, description="A document whose parse takes longer is killed and recorded.")
+    parse_memory_mb: int | None = Field(4096, ge=256, description="Address-space cap per parser worker; null for none.")
+    failures_file: str | None = Field(None, description="JSONL file of per-document failures (default: <store name>.failures.jsonl next to the spec).")
+    progress: Literal["auto", "always", "never"] = "auto"
+
+
+class SpecModel(BaseModel):
+    """Top-level keys; the stage mappings are validated per component afterwards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    name: str | None = None
+    stages: dict[str, Any]
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+
+@dataclass
+class ComponentSpec:
+    kind: str
+    type_name: str
+    cls: type[Component]
+    config: ComponentConfig
+
+    def build(self, base_dir: Path | None = None) -> Component:
+        component = self.cls(self.config)
+        if base_dir is not None:
+            component.base_dir = base_dir
+        return component
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type_name, **self.config.model_dump(mode="json", exclude_defaults=True)}
+
+
+@dataclass
+class Spec:
+    stages: dict[str, list[ComponentSpec] | ComponentSpec]
+    runner: RunnerConfig
+    name: str | None = None
+    path: Path | None = None  # the YAML file, for resolving relative paths and naming errors
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    @property
+    def sources(self) -> list[ComponentSpec]:
+        return self.stages["source"]  # type: ignore[return-value]
+
+    def stage(self, name: str) -> ComponentSpec:
+        return self.stages[name]  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        stages: dict[str, Any] = {}
+        for name in STAGES:
+            value = self.stages[name]
+            stages[name] = [s.to_dict() for s in value] if isinstance(value, list) else value.to_dict()
+        out: dict[str, Any] = {"version": 1}
+        if self.name:
+            out["name"] = self.name
+        out["stages"] = stages
+        runner = self.runner.model_dump(mode="json", exclude_defaults=True)
+        if runner:
+            out["runner"] = runner
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+class _Located:
+    """Maps YAML paths to 1-based line numbers."""
+
+    def __init__(self, filename: str):
+        self.filename = filename
+        self.lines: dict[YamlPath, int] = {}
+
+    def where(self, path: YamlPath) -> str:
+        probe = path
+        while probe and probe not in self.lines:
+            probe = probe[:-1]
+        line = self.lines.get(probe)
+        return f"{self.filename}:{line}" if line else self.filename
+
+
+def _compose(text: str, located: _Located) -> Any:
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+    finally:
+        loader.dispose()
+    if root is None:
+        return {}
+    problems: list[str] = []
+
+    def build(node: yaml.Node, path: YamlPath) -> Any:
+        located.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            loader.flatten_mapping(node)
+            result: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = loader.construct_object(key_node, deep=True)
+                if key in result:
+                    problems.append(f"{located.filename}:{key_node.start_mark.line + 1} {_dotted(path + (key,))}: duplicate key")
+                located.lines[path + (key,)] = key_node.start_mark.line + 1
+                result[key] = build(value_node, path + (key,))
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [build(item, path + (i,)) for i, item in enumerate(node.value)]
+        return loader.construct_object(node, deep=True)
+
+    data = build(root, ())
+    if problems:
+        raise SpecError(problems)
+    return data
+
+
+_ENV_PATTERN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def substitute_env(value: Any, path: YamlPath, located: _Located, problems: list[str], env: Mapping[str, str]) -> Any:
+    """Replace ${VAR} / ${VAR:-default} in every string; unset variables without default are errors."""
+    if isinstance(value, dict):
+        return {k: substitute_env(v, path + (k,), located, problems, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_env(v, path + (i,), located, problems, env) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{located.where(path)} {_dotted(path)}: environment variable {name} is not set")
+        return ""
+
+    return _ENV_PATTERN.sub(replace, value)
+
+
+def _dotted(path: Iterable[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+_TYPE_WORDS = {
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    kind = error["type"]
+    given = error.get("input")
+    if kind in _TYPE_WORDS:
+        return f"expected {_TYPE_WORDS[kind]}, got {json.dumps(given, ensure_ascii=False, default=str)}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in ("literal_error", "enum"):
+        return f"{error['msg'][0].lower()}{error['msg'][1:]}, got {json.dumps(given, ensure_ascii=False, default=str)}"
+    msg = error["msg"]
+    return msg[0].lower() + msg[1:]
+
+
+def _validation_problems(exc: ValidationError, prefix: YamlPath, located: _Located) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        loc = prefix + tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        problems.append(f"{located.where(loc)} {_dotted(loc)}: {_describe(error)}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _component(kind: str, raw: Any, path: YamlPath, located: _Located, allowed: list[str], problems: list[str]) -> ComponentSpec | None:
+    if not isinstance(raw, dict):
+        problems.append(f"{located.where(path)} {_dotted(path)}: expected a mapping with a 'type' key, got {json.dumps(raw, default=str)}")
+        return None
+    settings = dict(raw)
+    type_name = settings.pop("type", DEFAULT_TYPES.get(kind))
+    if type_name is None:
+        problems.append(f"{located.where(path)} {_dotted(path)}.type: required key is missing")
+        return None
+    if not isinstance(type_name, str):
+        problems.append(f"{located.where(path + ('type',))} {_dotted(path + ('type',))}: expected a string, got {json.dumps(type_name, default=str)}")
+        return None
+    try:
+        cls = registry.resolve(kind, type_name, allowed)
+    except ComponentNotFound as exc:
+        problems.append(f"{located.where(path + ('type',))} {_dotted(path + ('type',))}: {exc}")
+        return None
+    try:
+        config = cls.Config.model_validate(settings)
+    except ValidationError as exc:
+        problems.extend(_validation_problems(exc, path, located))
+        return None
+    return ComponentSpec(kind=kind, type_name=type_name, cls=cls, config=config)
+
+
+def parse_spec(
+    data: Any,
+    *,
+    filename: str = "<spec>",
+    located: _Located | None = None,
+    allowed_modules: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+) -> Spec:
+    """Validate an already-loaded mapping (from YAML or built in code) into a Spec."""
+    located = located or _Located(filename)
+    env = os.environ if env is None else env
+    allowed = list(allowed_modules)
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise SpecError([f"{located.where(())} <root>: expected a mapping, got {type(data).__name__}"])
+    data = substitute_env(data, (), located, problems, env)
+    try:
+        top = SpecModel.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_validation_problems(exc, (), located))
+        raise SpecError(problems) from None
+
+    stages: dict[str, Any] = {}
+    for key in top.stages:
+        if key not in STAGES:
+            problems.append(f"{located.where(('stages', key))} stages.{key}: unknown stage; expected one of {', '.join(STAGES)}")
+    for kind in STAGES:
+        path: YamlPath = ("stages", kind)
+        raw = top.stages.get(kind)
+        if kind == "source":
+            if raw is None:
+                problems.append(f"{located.where(('stages',))} stages.source: required key is missing")
+                continue
+            items = raw if isinstance(raw, list) else [raw]
+            item_paths = [path + (i,) for i in range(len(items))] if isinstance(raw, list) else [path]
+            built = [_component(kind, item, p, located, allowed, problems) for item, p in zip(items, item_paths)]
+            stages[kind] = [b for b in built if b is not None]
+            continue
+        if raw is None:
+            raw = {}
+        stages[kind] = _component(kind, raw, path, located, allowed, problems)
+    if problems:
+        raise SpecError(problems)
+    return Spec(stages=stages, runner=top.runner, name=top.name, path=None, base_dir=base_dir or Path.cwd())
+
+
+def load_spec(path: str | os.PathLike[str], *, allowed_modules: Iterable[str] = (), env: Mapping[str, str] | None = None) -> Spec:
+    path = Path(path)
+    located = _Located(path.name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([f"{path}: cannot read spec: {exc.strerror or exc}"]) from None
+    try:
+        data = _compose(text, located)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path.name}:{mark.line + 1}" if mark else path.name
+        raise SpecError([f"{where} invalid YAML: {getattr(exc, 'problem', None) or exc}"]) from None
+    spec = parse_spec(data, located=located, allowed_modules=allowed_modules, env=env, base_dir=path.resolve().parent)
+    spec.path = path
+    return spec
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the spec for editors: top-level keys plus every built-in component's settings."""
+    schema = SpecModel.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    stage_props: dict[str, Any] = {}
+    for kind in STAGES:
+        variants = []
+        for type_name in registry.known_names(kind):
+            try:
+                cls = registry.resolve(kind, type_name)
+            except ComponentNotFound:
+                continue
+            sub = cls.Config.model_json_schema(ref_template="#/$defs/{model}")
+            defs.update(sub.pop("$defs", {}))
+            sub.setdefault("properties", {})["type"] = {"const": type_name}
+            sub["required"] = sorted(set(sub.get("required", [])) | ({"type"} if kind == "source" else set()))
+            sub["title"] = f"{kind}: {type_name}"
+            sub["additionalProperties"] = False
+            variants.append(sub)
+        one = {"anyOf": variants}
+        stage_props[kind] = {"anyOf": [one, {"type": "array", "items": one}]} if kind == "source" else one
+    schema["properties"]["stages"] = {
+        "type": "object",
+        "properties": stage_props,
+        "required": ["source"],
+        "additionalProperties": False,
+    }
+    schema["title"] = "rag-pipeline spec"
+    return schema
