@@ -25,6 +25,10 @@ class Source(Component):
     def scope(self) -> str:
         """The prefix shared by every source id this source yields (used to scope cleanup)."""
 
+    def check(self) -> list[str]:
+        """Problems found without reading anything (a missing folder, missing credentials)."""
+        return []
+
     def load(self, ref: SourceRef) -> SourceDocument:
         return SourceDocument.from_ref(ref, self.read(ref))
 

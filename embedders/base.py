@@ -31,6 +31,13 @@ class Embedder(Component):
     @abstractmethod
     def embed_query(self, text: str) -> np.ndarray: ...
 
+    def run_notes(self) -> list[str]:
+        """Things a run summary must say about how vectors were made (truncation, fallbacks).
+
+        Cumulative over the embedder's life; the runner reports what a run added.
+        """
+        return []
+
     def embed(self, documents: Sequence[ChunkedDocument]) -> None:
         """Attach a vector to every chunk of every document (one call for the whole batch)."""
         chunks = [c for d in documents for c in d.chunks]

@@ -281,6 +281,8 @@ def parse_spec(
     if not isinstance(data, dict):
         raise SpecError([f"{located.where(())} <root>: expected a mapping, got {type(data).__name__}"])
     data = substitute_env(data, (), located, problems, env)
+    if problems:  # values with a missing variable would only add confusing follow-up errors
+        raise SpecError(problems)
     try:
         top = SpecModel.model_validate(data)
     except ValidationError as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pipeline.component import Component
 from pipeline.types import Chunk
@@ -23,6 +23,13 @@ class Store(Component):
     @abstractmethod
     def upsert(self, chunks: Sequence[Chunk]) -> int:
         """Write chunks (insert or replace by id); return how many were written."""
+
+    @abstractmethod
+    def delete_stale(self, keep: Mapping[str, Sequence[str]]) -> None:
+        """For each source id, delete its chunks whose ids are not in the given list.
+
+        Called after the new chunks were upserted, so a document is never left without chunks.
+        """
 
     @abstractmethod
     def delete_sources(self, source_ids: Sequence[str]) -> None: ...

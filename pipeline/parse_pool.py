@@ -1,0 +1,253 @@
+"""Parsing in worker processes with a time and memory cap per document.
+
+Parsers are the stage most likely to hang or blow up on one file (unstructured #2129: >10 GB on a
+23 MB PDF). Each document is parsed in a worker process; the parent watches the clock and the
+worker's resident memory and kills a worker that passes either cap, records the document as
+failed, and starts a fresh worker. A background thread feeds the workers, so parsing runs while
+the main thread embeds the previous batch; the result queue is bounded, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from connectors.base import ParseFailure, Parser
+from pipeline.types import ParsedDocument, SourceDocument
+
+log = logging.getLogger("rag_pipeline.parse")
+
+_POLL_S = 0.25
+
+
+@dataclass
+class ParseOutcome:
+    source_id: str
+    uri: str
+    parsed: ParsedDocument | None
+    error: str | None  # the reason, when parsed is None
+    seconds: float
+    stage: str = "parse"  # where the error happened: "read" failures pass through the pool unchanged
+
+    @classmethod
+    def of(cls, source: SourceDocument, parsed: ParsedDocument | None, error: str | None, seconds: float) -> "ParseOutcome":
+        return cls(source.source_id, source.uri, parsed, error, seconds)
+
+
+def _build_parser(target: str, settings: dict[str, Any], base_dir: str) -> Parser:
+    module_name, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), attr)
+    parser = cls.from_dict(settings)
+    parser.base_dir = Path(base_dir)
+    return parser
+
+
+def _describe_exception(exc: BaseException) -> str:
+    if isinstance(exc, ParseFailure):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "parser ran out of memory"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def parse_one(parser: Parser, source: SourceDocument) -> tuple[ParsedDocument | None, str | None]:
+    try:
+        return parser.parse(source), None
+    except Exception as exc:  # a parser bug on one file must not end the run
+        if not isinstance(exc, ParseFailure):
+            log.debug("parser error on %s:\n%s", source.source_id, traceback.format_exc())
+        return None, _describe_exception(exc)
+
+
+def _worker_main(conn: Connection, target: str, settings: dict[str, Any], base_dir: str) -> None:
+    parser = _build_parser(target, settings, base_dir)
+    while True:
+        try:
+            source = conn.recv()
+        except EOFError:
+            return
+        if source is None:
+            return
+        parsed, error = parse_one(parser, source)
+        conn.send((parsed, error))
+
+
+class _Worker:
+    def __init__(self, ctx: Any, target: str, settings: dict[str, Any], base_dir: str):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(child, target, settings, base_dir), daemon=True)
+        self.process.start()
+        child.close()
+        self.task: SourceDocument | None = None
+        self.started = 0.0
+
+    def assign(self, source: SourceDocument) -> None:
+        self.task = source
+        self.started = time.monotonic()
+        self.conn.send(source)
+
+    def resident_mb(self) -> float:
+        try:
+            import psutil
+
+            return psutil.Process(self.process.pid).memory_info().rss / 2**20
+        except Exception:
+            return 0.0
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+        self.conn.close()
+
+
+class ParserPool:
+    """Parse documents in ``workers`` processes; ``workers=0`` parses in the calling thread (no caps)."""
+
+    def __init__(
+        self,
+        parser: Parser,
+        workers: int = 1,
+        timeout_s: float = 120.0,
+        memory_mb: int | None = None,
+        max_pending: int = 64,
+    ):
+        self.parser = parser
+        self.workers = workers
+        self.timeout_s = timeout_s
+        self.memory_mb = memory_mb
+        self.max_pending = max_pending
+        cls = type(parser)
+        self._target = f"{cls.__module__}:{cls.__qualname__}"
+
+    def imap(self, sources: Iterable[SourceDocument | ParseOutcome]) -> Iterator[ParseOutcome]:
+        """Parse each source; outcomes come back in completion order.
+
+        Items that are already a ParseOutcome (e.g. a read failure) pass through unchanged, so the
+        caller keeps one stream of per-document outcomes.
+        """
+        if self.workers == 0:
+            for item in sources:
+                if isinstance(item, ParseOutcome):
+                    yield item
+                    continue
+                started = time.monotonic()
+                parsed, error = parse_one(self.parser, item)
+                yield ParseOutcome.of(item, parsed, error, time.monotonic() - started)
+            return
+        results: queue.Queue[Any] = queue.Queue(maxsize=self.max_pending)
+        stop = threading.Event()
+        feeder = threading.Thread(target=self._run, args=(iter(sources), results, stop), name="parser-pool", daemon=True)
+        feeder.start()
+        try:
+            while True:
+                item = results.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            # Unblock a feeder waiting on a full queue, then let it shut its workers down.
+            while feeder.is_alive():
+                try:
+                    results.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            feeder.join()
+
+    # -- background thread -------------------------------------------------------------------
+
+    def _run(self, sources: Iterator[SourceDocument | ParseOutcome], results: queue.Queue[Any], stop: threading.Event) -> None:
+        ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch threads exist
+        settings = self.parser.to_dict()
+        base_dir = str(self.parser.base_dir)
+        pool: list[_Worker] = []
+        exhausted = False
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    results.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            pool = [_Worker(ctx, self._target, settings, base_dir) for _ in range(self.workers)]
+            while not stop.is_set():
+                for i, worker in enumerate(pool):
+                    while worker.task is None and not exhausted:
+                        item = next(sources, None)
+                        if item is None:
+                            exhausted = True
+                        elif isinstance(item, ParseOutcome):
+                            if not put(item):
+                                return
+                        else:
+                            worker.assign(item)
+                busy = [w for w in pool if w.task is not None]
+                if not busy:
+                    break
+                ready = wait([w.conn for w in busy], timeout=_POLL_S)
+                now = time.monotonic()
+                for i, worker in enumerate(pool):
+                    if worker.task is None:
+                        continue
+                    source, elapsed = worker.task, now - worker.started
+                    if worker.conn in ready:
+                        try:
+                            parsed, error = worker.conn.recv()
+                        except (EOFError, OSError):
+                            worker.process.join(1)
+                            code = worker.process.exitcode
+                            reason = f"parser process died (exit code {code})"
+                            if code is not None and code < 0:
+                                reason = f"parser process was killed by signal {-code} (often the system running out of memory)"
+                            worker.kill()
+                            pool[i] = _Worker(ctx, self._target, settings, base_dir)
+                            parsed, error = None, reason
+                        else:
+                            worker.task = None
+                        if not put(ParseOutcome.of(source, parsed, error, elapsed)):
+                            return
+                        continue
+                    reason = None
+                    if elapsed > self.timeout_s:
+                        reason = f"parse timed out after {self.timeout_s:g} s; the parser process was killed"
+                    elif self.memory_mb is not None and worker.resident_mb() > self.memory_mb:
+                        reason = f"parser used more than {self.memory_mb} MB of memory; the parser process was killed"
+                    if reason:
+                        log.warning("%s: %s", source.source_id, reason)
+                        worker.kill()
+                        pool[i] = _Worker(ctx, self._target, settings, base_dir)
+                        if not put(ParseOutcome.of(source, None, reason, elapsed)):
+                            return
+        except BaseException as exc:  # surface feeder errors (e.g. a source listing failure) to the consumer
+            put(exc)
+        finally:
+            for worker in pool:
+                if worker.task is None and worker.process.is_alive():
+                    try:
+                        worker.conn.send(None)
+                    except OSError:
+                        pass
+                    worker.process.join(2)
+                worker.kill()
+            put(_DONE)
+
+
+_DONE = object()

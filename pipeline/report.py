@@ -1,0 +1,138 @@
+"""What a run tells its user: failures as they happen, progress, and the final summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+log = logging.getLogger("rag_pipeline")
+
+STAGE_ORDER = ("list", "read", "parse", "chunk", "embed", "write")
+
+
+@dataclass(frozen=True)
+class Failure:
+    source_id: str
+    stage: str
+    reason: str
+    uri: str = ""
+    at: float = field(default_factory=time.time)
+
+
+class FailureLog:
+    """Appends each failure to a JSONL file as it happens, so a crashed run still leaves its record."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.failures: list[Failure] = []
+        self._file: TextIO | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("w", encoding="utf-8")
+
+    def record(self, failure: Failure) -> None:
+        self.failures.append(failure)
+        log.warning("%s: %s failed: %s", failure.source_id, failure.stage, failure.reason)
+        if self._file is not None:
+            self._file.write(json.dumps(asdict(failure), ensure_ascii=False) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class RunSummary:
+    documents_seen: int = 0
+    documents_indexed: int = 0
+    documents_failed: int = 0
+    chunks_written: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. "12 chunks longer than the model's 256 tokens were truncated"
+    failures: list[Failure] = field(default_factory=list)
+    failures_file: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.documents_failed == 0
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["failures"] = [asdict(f) for f in self.failures]
+        return out
+
+    def failure_reasons(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for f in self.failures:
+            key = f"{f.stage}: {f.reason}"
+            counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    def format(self) -> str:
+        rate = self.documents_seen / self.seconds if self.seconds else 0.0
+        lines = [
+            f"documents: {self.documents_seen} seen, {self.documents_indexed} indexed, {self.documents_failed} failed",
+            f"chunks written: {self.chunks_written}",
+            f"time: {self.seconds:.1f} s ({rate:.1f} documents/s)",
+        ]
+        stages = [s for s in STAGE_ORDER if s in self.stage_seconds] + [s for s in self.stage_seconds if s not in STAGE_ORDER]
+        if stages:
+            lines.append("time per stage: " + ", ".join(f"{s} {self.stage_seconds[s]:.1f} s" for s in stages))
+        lines += [f"note: {n}" for n in self.notes]
+        if self.failures:
+            lines.append("failures by reason:")
+            for reason, count in list(self.failure_reasons().items())[:20]:
+                lines.append(f"  {count:5d}  {reason}")
+            if self.failures_file:
+                lines.append(f"every failure is listed in {self.failures_file}")
+        return "\n".join(lines)
+
+
+class Progress:
+    """A bar on a terminal; a log line every ``interval_s`` otherwise (cron logs, CI)."""
+
+    def __init__(self, mode: str = "auto", interval_s: float = 10.0, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
+        interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.enabled = mode != "never"
+        self.use_bar = self.enabled and (mode == "always" or interactive)
+        self.interval_s = interval_s
+        self._last = time.monotonic()
+        self._bar = None
+        if self.use_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(unit="doc", desc="ingest", file=self.stream, dynamic_ncols=True)
+
+    def update(self, summary: RunSummary, documents: int) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(documents)
+            self._bar.set_postfix(chunks=summary.chunks_written, failed=summary.documents_failed, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self._last = now
+            log.info(
+                "progress: %d documents (%d indexed, %d failed), %d chunks written",
+                summary.documents_seen,
+                summary.documents_indexed,
+                summary.documents_failed,
+                summary.chunks_written,
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

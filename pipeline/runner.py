@@ -1,0 +1,183 @@
+"""The local runner: streams documents through read -> parse -> chunk -> embed -> write.
+
+Domain logic lives in the stage classes; this module owns execution: batching, the parser worker
+pool, per-document error isolation, timing and the summary. Invariants it keeps:
+
+* memory is bounded by the batch size and the parser queue, never by the corpus size;
+* a failure in one document is recorded (source, stage, reason) and never stops the run;
+* a document's new chunks are written before its stale chunks are deleted, so a failure between
+  the two leaves the old version searchable rather than nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import TypeVar
+
+from chunkers.base import Chunker
+from connectors.base import Parser, Source
+from embedders.base import Embedder
+from pipeline.parse_pool import ParseOutcome, ParserPool
+from pipeline.report import Failure, FailureLog, Progress, RunSummary
+from pipeline.spec import RunnerConfig
+from pipeline.types import ChunkedDocument, SourceDocument
+from stores.base import Store
+
+log = logging.getLogger("rag_pipeline")
+
+T = TypeVar("T")
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class LocalRunner:
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        parser: Parser,
+        chunker: Chunker,
+        embedder: Embedder,
+        store: Store,
+        config: RunnerConfig,
+        failures_path: Path | None = None,
+    ):
+        self.sources = sources
+        self.parser = parser
+        self.chunker = chunker
+        self.embedder = embedder
+        self.store = store
+        self.config = config
+        self.failures_path = failures_path
+
+    def run(self, progress: Progress | None = None) -> RunSummary:
+        config = self.config
+        summary = RunSummary(failures_file=str(self.failures_path) if self.failures_path else None)
+        failures = FailureLog(self.failures_path)
+        progress = progress or Progress(config.progress)
+        started = time.monotonic()
+        notes_before = self.embedder.run_notes()
+        try:
+            self.store.prepare(self.embedder.dimension, self.embedder.model_id)
+            pool = ParserPool(
+                self.parser,
+                workers=config.parse_workers,
+                timeout_s=config.parse_timeout_s,
+                memory_mb=config.parse_memory_mb,
+                max_pending=max(2 * config.batch_size, 8),
+            )
+            outcomes = pool.imap(self._read_all(summary))
+            waited = time.monotonic()
+            for batch in batched(outcomes, config.batch_size):
+                summary.add_time("parse wait", time.monotonic() - waited)
+                self._process_batch(batch, summary, failures)
+                progress.update(summary, len(batch))
+                waited = time.monotonic()
+        finally:
+            progress.close()
+            failures.close()
+            summary.failures = failures.failures
+            summary.seconds = time.monotonic() - started
+        summary.notes.extend(n for n in self.embedder.run_notes() if n not in notes_before)
+        return summary
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def _read_all(self, summary: RunSummary) -> Iterator[SourceDocument | ParseOutcome]:
+        """Runs in the parser pool's feeder thread: list and read lazily, failures as outcomes."""
+        for source in self.sources:
+            listing = iter(source.list())
+            while True:
+                started = time.monotonic()
+                try:
+                    ref = next(listing)
+                except StopIteration:
+                    break
+                except Exception as exc:  # a listing error ends this source, not the run
+                    yield ParseOutcome(source.scope or type(source).__name__, "", None, _reason(exc), 0.0, stage="list")
+                    break
+                try:
+                    document = source.load(ref)
+                except Exception as exc:
+                    yield ParseOutcome(ref.source_id, ref.uri, None, _reason(exc), 0.0, stage="read")
+                    continue
+                finally:
+                    summary.add_time("read", time.monotonic() - started)
+                yield document
+
+    def _process_batch(self, batch: list[ParseOutcome], summary: RunSummary, failures: FailureLog) -> None:
+        summary.documents_seen += len(batch)
+        chunked: list[ChunkedDocument] = []
+        started = time.monotonic()
+        for outcome in batch:
+            if outcome.parsed is None:
+                self._fail(failures, summary, outcome.source_id, outcome.stage, outcome.error or "unknown error", outcome.uri)
+                continue
+            summary.add_time("parse", outcome.seconds)
+            try:
+                chunks = self.chunker.chunk(outcome.parsed)
+            except Exception as exc:
+                self._fail(failures, summary, outcome.source_id, "chunk", _reason(exc), outcome.uri)
+                continue
+            if not chunks:
+                self._fail(failures, summary, outcome.source_id, "chunk", "no chunks: the document has no indexable text", outcome.uri)
+                continue
+            chunked.append(ChunkedDocument(outcome.parsed, chunks))
+        summary.add_time("chunk", time.monotonic() - started)
+
+        started = time.monotonic()
+        chunked = self._isolate("embed", chunked, self.embedder.embed, summary, failures)
+        summary.add_time("embed", time.monotonic() - started)
+
+        started = time.monotonic()
+        written = self._isolate("write", chunked, self._write, summary, failures)
+        summary.add_time("write", time.monotonic() - started)
+        summary.documents_indexed += len(written)
+        summary.chunks_written += sum(len(d.chunks) for d in written)
+
+    def _write(self, documents: Sequence[ChunkedDocument]) -> None:
+        chunks = [c for d in documents for c in d.chunks]
+        for part in batched(chunks, self.config.write_batch_size):
+            self.store.upsert(part)
+        # New chunks are in; only now remove what an earlier version of each document left behind.
+        self.store.delete_stale({d.document.source_id: [c.id for c in d.chunks] for d in documents})
+
+    def _isolate(self, stage, documents, action, summary, failures) -> list[ChunkedDocument]:
+        """Run ``action`` on the whole batch; if it fails, once per document to find the bad ones."""
+        if not documents:
+            return []
+        try:
+            action(documents)
+            return list(documents)
+        except Exception as exc:
+            if len(documents) == 1:
+                doc = documents[0].document
+                self._fail(failures, summary, doc.source_id, stage, _reason(exc), doc.uri)
+                return []
+            log.info("%s failed for a batch of %d documents (%s); retrying one by one", stage, len(documents), _reason(exc))
+        survivors = []
+        for document in documents:
+            try:
+                action([document])
+                survivors.append(document)
+            except Exception as exc:
+                self._fail(failures, summary, document.document.source_id, stage, _reason(exc), document.document.uri)
+        return survivors
+
+    @staticmethod
+    def _fail(failures: FailureLog, summary: RunSummary, source_id: str, stage: str, reason: str, uri: str) -> None:
+        summary.documents_failed += 1
+        failures.record(Failure(source_id=source_id, stage=stage, reason=reason, uri=uri))
+

@@ -1,0 +1,174 @@
+"""Minimal components for testing the spec machinery and the runner without heavy models.
+
+Importable only through the allow-list (``allowed_modules=["tests.plugins"]``), which is itself
+part of what the spec tests check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from chunkers.base import Chunker
+from connectors.base import ParseFailure, Parser, Source
+from embedders.base import Embedder
+from pipeline.component import ComponentConfig
+from pipeline.types import Element, ParsedDocument, SourceDocument, SourceRef
+from stores.base import Store
+
+
+class MemorySource(Source):
+    """Documents given inline in the spec: {name: text}."""
+
+    type_name = "memory"
+
+    class Config(ComponentConfig):
+        documents: dict[str, str] = Field(default_factory=dict)
+        namespace: str = "mem"
+
+    def list(self) -> Iterator[SourceRef]:
+        for name in sorted(self.config.documents):
+            data = self.config.documents[name].encode()
+            yield SourceRef(f"{self.scope}{name}", f"memory:{name}", "text/plain", len(data), str(len(data)), {"file_name": name})
+
+    def read(self, ref: SourceRef) -> bytes:
+        name = ref.source_id[len(self.scope):]
+        text = self.config.documents[name]
+        if text == "<unreadable>":
+            raise PermissionError(f"{name}: permission denied")
+        return text.encode()
+
+    @property
+    def scope(self) -> str:
+        return f"{self.config.namespace}/"
+
+
+class LineParser(Parser):
+    """One element per non-empty line; special contents trigger failures for the runner tests."""
+
+    type_name = "lines"
+
+    class Config(ComponentConfig):
+        mode: Literal["strict", "lenient"] = "strict"
+
+    def parse(self, document: SourceDocument) -> ParsedDocument:
+        text = document.content.decode()
+        if text == "<corrupt>":
+            raise ParseFailure("corrupt file: no lines could be read")
+        if text == "<crash>":
+            raise RuntimeError("parser bug")
+        if text == "<hang>":
+            time.sleep(600)
+        if text == "<exit>":
+            import os
+
+            os._exit(7)
+        lines = [line for line in text.splitlines() if line.strip()]
+        joined, elements, cursor = "", [], 0
+        for line in lines:
+            if joined:
+                joined += "\n\n"
+                cursor += 2
+            elements.append(Element(line, "NarrativeText", cursor, cursor + len(line)))
+            joined += line
+            cursor += len(line)
+        return ParsedDocument(document.source_id, document.uri, document.media_type, document.content_hash, joined, tuple(elements), {"file_name": document.metadata.get("file_name", "")})
+
+
+class ElementChunker(Chunker):
+    type_name = "elements"
+
+    class Config(ComponentConfig):
+        chunk_size: int = Field(100, ge=1)
+
+    def split(self, document: ParsedDocument) -> list[tuple[int, int]]:
+        return [(e.start, e.end) for e in document.elements]
+
+
+class HashEmbedder(Embedder):
+    """Deterministic pseudo-embeddings from a hash: plumbing only, says nothing about quality."""
+
+    type_name = "hash"
+
+    class Config(ComponentConfig):
+        dimension: int = Field(8, ge=2)
+        fail_on: str | None = None
+
+    @property
+    def dimension(self) -> int:
+        return self.config.dimension
+
+    @property
+    def model_id(self) -> str:
+        return f"hash-{self.config.dimension}"
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        if self.config.fail_on and any(self.config.fail_on in t for t in texts):
+            raise ValueError(f"cannot embed text containing {self.config.fail_on!r}")
+        return np.stack([self.embed_query(t) for t in texts])
+
+    def embed_query(self, text: str) -> np.ndarray:
+        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+        vector = np.random.default_rng(seed).standard_normal(self.config.dimension).astype(np.float32)
+        return vector / np.linalg.norm(vector)
+
+
+class MemoryStore(Store):
+    type_name = "memory"
+
+    class Config(ComponentConfig):
+        path: str | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows: dict[str, dict] = {}
+        self.dimension: int | None = None
+
+    def prepare(self, dimension: int, model_id: str) -> None:
+        self.dimension = dimension
+
+    def check(self, dimension: int, model_id: str) -> list[str]:
+        return []
+
+    def upsert(self, chunks) -> int:
+        for c in chunks:
+            self.rows[c.id] = {"source_id": c.source_id, "text": c.text, "vector": c.vectors["dense"]}
+        return len(chunks)
+
+    def delete_stale(self, keep: Mapping[str, Sequence[str]]) -> None:
+        for cid in [cid for cid, row in self.rows.items() if row["source_id"] in keep and cid not in set(keep[row["source_id"]])]:
+            del self.rows[cid]
+
+    def delete_sources(self, source_ids: Sequence[str]) -> None:
+        for cid in [cid for cid, row in self.rows.items() if row["source_id"] in set(source_ids)]:
+            del self.rows[cid]
+
+    def count(self) -> int:
+        return len(self.rows)
+
+
+def base_spec(**overrides) -> dict:
+    spec = {
+        "version": 1,
+        "name": "t",
+        "stages": {
+            "source": {"type": "tests.plugins.components:MemorySource", "documents": {"a.txt": "alpha\nbeta"}},
+            "parser": {"type": "tests.plugins.components:LineParser"},
+            "chunker": {"type": "tests.plugins.components:ElementChunker"},
+            "embedder": {"type": "tests.plugins.components:HashEmbedder"},
+            "store": {"type": "tests.plugins.components:MemoryStore"},
+        },
+        "runner": {"parse_workers": 0, "progress": "never", "failures_file": ""},
+    }
+    spec.update(overrides)
+    return spec
+
+
+PLUGINS = ["tests.plugins"]
+__all__ = ["PLUGINS", "base_spec", "Path"]

@@ -1,0 +1,106 @@
+import json
+
+import pytest
+
+from pipeline import Pipeline
+from tests.plugins.components import PLUGINS, base_spec
+
+
+def make(documents, tmp_path=None, embedder=None, **runner):
+    spec = base_spec()
+    spec["stages"]["source"]["documents"] = documents
+    if embedder:
+        spec["stages"]["embedder"].update(embedder)
+    spec["runner"].update(runner)
+    return Pipeline(spec, allowed_modules=PLUGINS, base_dir=tmp_path)
+
+
+def test_ingest_counts_and_upserts_idempotently():
+    pipeline = make({"a.txt": "one\ntwo", "b.txt": "three"}, batch_size=1)
+    summary = pipeline.ingest()
+    assert (summary.documents_seen, summary.documents_indexed, summary.documents_failed) == (2, 2, 0)
+    assert summary.chunks_written == 3 and pipeline.store.count() == 3
+    assert set(summary.stage_seconds) >= {"chunk", "embed", "write", "parse"}
+    ids = set(pipeline.store.rows)
+    pipeline.ingest()
+    assert set(pipeline.store.rows) == ids
+
+
+def test_failures_are_recorded_and_never_stop_the_run(tmp_path):
+    docs = {
+        "bad-parse.txt": "<corrupt>",
+        "bug.txt": "<crash>",
+        "empty.txt": "   ",
+        "locked.txt": "<unreadable>",
+        "poison.txt": "fine\nPOISON here",
+        "z-good.txt": "good text",
+    }
+    pipeline = make(docs, tmp_path, embedder={"fail_on": "POISON"}, failures_file="failures.jsonl", batch_size=10)
+    summary = pipeline.ingest()
+    assert summary.documents_seen == 6
+    assert summary.documents_indexed == 1 and summary.documents_failed == 5
+    assert not summary.ok
+    by_source = {f.source_id: (f.stage, f.reason) for f in summary.failures}
+    assert by_source == {
+        "mem/bad-parse.txt": ("parse", "corrupt file: no lines could be read"),
+        "mem/bug.txt": ("parse", "RuntimeError: parser bug"),
+        "mem/empty.txt": ("chunk", "no chunks: the document has no indexable text"),
+        "mem/locked.txt": ("read", "PermissionError: locked.txt: permission denied"),
+        "mem/poison.txt": ("embed", "ValueError: cannot embed text containing 'POISON'"),
+    }
+    # the good document of the same embed batch made it in
+    assert {row["source_id"] for row in pipeline.store.rows.values()} == {"mem/z-good.txt"}
+    lines = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
+    assert {line["source_id"] for line in lines} == set(by_source)
+    text = summary.format()
+    assert "documents: 6 seen, 1 indexed, 5 failed" in text and "failures.jsonl" in text
+
+
+def test_edited_document_loses_its_stale_chunks():
+    pipeline = make({"a.txt": "one\ntwo\nthree"})
+    pipeline.ingest()
+    assert pipeline.store.count() == 3
+    pipeline.spec.sources[0].config.documents["a.txt"] = "one\nTWO"
+    pipeline._components.pop("sources")
+    pipeline.ingest()
+    assert sorted(r["text"] for r in pipeline.store.rows.values()) == ["TWO", "one"]
+
+
+def test_worker_pool_kills_hung_and_dying_parsers():
+    docs = {"a-hang.txt": "<hang>", "b-exit.txt": "<exit>", "c-ok.txt": "all good", "d-bug.txt": "<crash>", "e-ok.txt": "fine"}
+    pipeline = make(docs, parse_workers=2, parse_timeout_s=3, batch_size=2)
+    summary = pipeline.ingest()
+    reasons = {f.source_id: f.reason for f in summary.failures}
+    assert reasons["mem/a-hang.txt"] == "parse timed out after 3 s; the parser process was killed"
+    assert reasons["mem/b-exit.txt"] == "parser process died (exit code 7)"
+    assert reasons["mem/d-bug.txt"] == "RuntimeError: parser bug"
+    assert summary.documents_indexed == 2 and summary.documents_seen == 5
+
+
+def test_worker_pool_memory_cap():
+    from pipeline.parse_pool import ParserPool
+    from pipeline.types import SourceDocument
+    from tests.plugins.components import LineParser
+
+    pool = ParserPool(LineParser(), workers=1, timeout_s=30, memory_mb=1)  # any real process exceeds 1 MB
+    source = SourceDocument("mem/x", "memory:x", "text/plain", "h", b"<hang>")
+    (outcome,) = list(pool.imap([source]))
+    assert outcome.parsed is None
+    assert outcome.error == "parser used more than 1 MB of memory; the parser process was killed"
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    import yaml
+
+    from pipeline.cli import EXIT_OK, EXIT_PARTIAL, main
+
+    spec = base_spec()
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["ingest", str(path), "--allow-module", "tests.plugins"]) == EXIT_OK
+    assert "documents: 1 seen, 1 indexed, 0 failed" in capsys.readouterr().out
+    spec["stages"]["source"]["documents"]["b.txt"] = "<corrupt>"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["ingest", str(path), "--allow-module", "tests.plugins", "--json"]) == EXIT_PARTIAL
+    out = json.loads(capsys.readouterr().out)
+    assert out["documents_failed"] == 1 and out["failures"][0]["stage"] == "parse"
