@@ -70,6 +70,9 @@ class LocalRunner:
         started = time.monotonic()
         notes_before = self.embedder.run_notes()
         try:
+            store_field = getattr(self.store.config, "vector_field", self.embedder.vector_field)
+            if store_field != self.embedder.vector_field:
+                raise ValueError(f"the store writes vector field {store_field!r} but the embedder fills {self.embedder.vector_field!r}")
             self.store.prepare(self.embedder.dimension, self.embedder.model_id)
             pool = ParserPool(
                 self.parser,
@@ -148,9 +151,7 @@ class LocalRunner:
         summary.chunks_written += sum(len(d.chunks) for d in written)
 
     def _write(self, documents: Sequence[ChunkedDocument]) -> None:
-        chunks = [c for d in documents for c in d.chunks]
-        for part in batched(chunks, self.config.write_batch_size):
-            self.store.upsert(part)
+        self.store.upsert([c for d in documents for c in d.chunks])
         # New chunks are in; only now remove what an earlier version of each document left behind.
         self.store.delete_stale({d.document.source_id: [c.id for c in d.chunks] for d in documents})
 

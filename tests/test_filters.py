@@ -1,0 +1,141 @@
+"""Filter expressions built from hostile values stay exactly one literal.
+
+The decoding checks run each literal through Milvus Lite's own tokenizer; the store tests run the
+same values against a real Milvus Lite collection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from stores import filters
+from stores.filters import FilterValueError
+
+HOSTILE = [
+    'a"b\'c.md',
+    'x" or id != "',
+    '" or 1==1 or "',
+    "' or 1==1 or '",
+    "back\\slash\\",
+    "trailing\\",
+    '\\" or true or \\"',
+    "line\nbreak\r\nand\ttab",
+    "unicodé/文档/😀.md",
+    "nul\x00and\x1fcontrol",
+    "",
+]
+
+
+def lite_tokens(expression: str):
+    tokens = pytest.importorskip("milvus_lite.search.filter.tokens")
+    return [t for t in tokens.tokenize(expression) if t.kind.name != "EOF"]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_string_literal_decodes_to_exactly_the_value_in_milvus_lite(value):
+    tokens = lite_tokens(filters.string_literal(value))
+    assert [t.kind.name for t in tokens] == ["STRING"]
+    assert tokens[0].value == value
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_string_literal_uses_only_escapes_the_milvus_server_reads_the_same_way(value):
+    # The server decodes double-quoted literals with Go's strconv.Unquote and forbids raw CR/LF.
+    body = filters.string_literal(value)[1:-1]
+    assert "\n" not in body and "\r" not in body
+    i = 0
+    while i < len(body):
+        if body[i] == "\\":
+            assert body[i + 1] in '\\"nrt', body
+            i += 2
+            continue
+        assert body[i] != '"', body
+        i += 1
+
+
+def test_equality_with_a_hostile_value_is_one_comparison():
+    expression = filters.eq("source_id", 'x" or id != "')
+    assert [t.kind.name for t in lite_tokens(expression)] == ["IDENT", "EQ", "STRING"]
+
+
+def test_in_list_keeps_every_hostile_value_a_single_list_item():
+    expression = filters.in_list("source_id", HOSTILE)
+    kinds = [t.kind.name for t in lite_tokens(expression)]
+    assert kinds[:3] == ["IDENT", "IN", "LBRACKET"]
+    assert kinds.count("STRING") == len(HOSTILE)
+    assert "OR" not in kinds and "EQ" not in kinds and "NE" not in kinds
+
+
+def test_lone_surrogate_is_refused():
+    with pytest.raises(FilterValueError, match="not valid Unicode"):
+        filters.string_literal("bad\udce9name")
+
+
+@pytest.mark.parametrize("name", ["1abc", "a b", "and", "IN", "x or 1==1", 'source_id"', "", "meta[0]"])
+def test_field_names_are_validated(name):
+    with pytest.raises(FilterValueError, match="not a usable field name"):
+        filters.eq(name, "v")
+
+
+@pytest.mark.parametrize("key", ['a"]', "a/b", "~0", "", "k" * 256, "é"])
+def test_json_keys_are_validated(key):
+    with pytest.raises(FilterValueError, match="JSON key"):
+        filters.json_path("metadata", key)
+
+
+def test_json_path_renders_keys_and_indices():
+    path = filters.json_path("metadata", "page_numbers", 0)
+    assert filters.eq(path, 3) == 'metadata["page_numbers"][0] == 3'
+    assert filters.compare(filters.json_path("metadata", "start"), ">=", 10) == 'metadata["start"] >= 10'
+    with pytest.raises(FilterValueError, match="non-negative"):
+        filters.json_path("metadata", -1)
+    with pytest.raises(FilterValueError, match="string or an array index"):
+        filters.json_path("metadata", True)
+    with pytest.raises(FilterValueError, match="at least one key"):
+        filters.json_path("metadata")
+
+
+def test_numbers_are_type_checked():
+    assert filters.compare("chunk_index", "<", 3) == "chunk_index < 3"
+    assert filters.compare("chunk_index", ">", -2.5) == "chunk_index > -2.5"
+    assert filters.number_literal(1e-5) == "1e-05"
+    for bad in (True, "3", None, [1]):
+        with pytest.raises(FilterValueError, match="expected a number"):
+            filters.compare("chunk_index", "<", bad)
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(FilterValueError, match="finite"):
+            filters.number_literal(bad)
+    with pytest.raises(FilterValueError, match="64-bit"):
+        filters.number_literal(2**63)
+    with pytest.raises(FilterValueError, match="unknown comparison operator"):
+        filters.compare("chunk_index", "=", 1)  # type: ignore[arg-type]
+
+
+def test_literals_of_each_kind():
+    assert filters.literal(True) == "true"
+    assert filters.literal(False) == "false"
+    assert filters.literal(7) == "7"
+    assert filters.literal("it's") == '"it\'s"'
+    with pytest.raises(FilterValueError, match="cannot be used in a filter"):
+        filters.literal(None)  # type: ignore[arg-type]
+
+
+def test_in_list_requires_one_kind_and_allows_empty():
+    assert filters.in_list("chunk_index", [1, 2]) == "chunk_index in [1, 2]"
+    assert filters.in_list("source_id", []) == "source_id in []"
+    with pytest.raises(FilterValueError, match="one kind"):
+        filters.in_list("source_id", ["a", 1])
+    with pytest.raises(FilterValueError, match="one kind"):
+        filters.in_list("chunk_index", [1, True])
+
+
+def test_combinators_parenthesise_each_part():
+    a = filters.eq("source_id", "a")
+    b = filters.compare("chunk_index", "<", 2)
+    assert filters.all_of(a, "", b) == f"({a}) and ({b})"
+    assert filters.all_of() == ""
+    assert filters.any_of(a, b) == f"({a}) or ({b})"
+    with pytest.raises(FilterValueError, match="at least one"):
+        filters.any_of("")

@@ -1,0 +1,426 @@
+"""MilvusStore against a real Milvus Lite folder in tmp_path (8-d vectors: the model is irrelevant)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from pipeline.errors import StoreSchemaError
+from pipeline.types import Chunk, chunk_id
+from stores import filters
+from stores.milvus import InvalidChunksError, MilvusStore, MilvusStoreError
+
+pytest.importorskip("milvus_lite")
+
+REPO = Path(__file__).resolve().parents[1]
+DIM = 8
+MODEL = "test/model-a"
+
+
+def make_chunk(source_id: str, index: int, text: str | None = None, axis: int | None = None) -> Chunk:
+    text = f"chunk {index} of {source_id}" if text is None else text
+    vector = np.zeros(DIM, dtype=np.float32)
+    vector[index % DIM if axis is None else axis] = 1.0
+    return Chunk(
+        id=chunk_id(source_id, index, 0, text),
+        source_id=source_id,
+        index=index,
+        text=text,
+        start=0,
+        end=len(text),
+        metadata={"file_name": source_id.rsplit("/", 1)[-1], "headings": ("Intro", "Setup"), "score": np.float32(0.5)},
+        vectors={"dense": vector},
+    )
+
+
+@pytest.fixture
+def open_store(tmp_path):
+    stores: list[MilvusStore] = []
+
+    def build(**settings) -> MilvusStore:
+        settings.setdefault("uri", str(tmp_path / "index.db"))
+        settings.setdefault("collection", "docs")
+        store = MilvusStore(settings)
+        stores.append(store)
+        return store
+
+    yield build
+    for store in stores:
+        store.close()
+
+
+def test_create_upsert_count_and_rerun_does_not_duplicate(open_store):
+    store = open_store()
+    store.prepare(DIM, MODEL)
+    chunks = [make_chunk("a.md", i) for i in range(3)] + [make_chunk("b.md", i) for i in range(2)]
+    assert store.upsert(chunks) == 5
+    assert store.count() == 5
+    assert store.upsert(chunks, batch_size=2) == 5  # same ids, several batches
+    assert store.count() == 5
+
+
+def test_delete_stale_keeps_only_the_listed_chunks_of_each_source(open_store):
+    store = open_store()
+    store.prepare(DIM, MODEL)
+    hostile = 'dir/a"b\'c.md'
+    old = [make_chunk(hostile, i) for i in range(4)] + [make_chunk("b.md", i) for i in range(2)] + [make_chunk("c.md", 0)]
+    store.upsert(old)
+    new = [make_chunk(hostile, 0, text="rewritten")]
+    store.upsert(new)
+    store.delete_stale({hostile: [new[0].id], "b.md": [old[4].id]})
+    rows = store._ready()[0].query("docs", filter="", output_fields=["id", "source_id"], limit=100)
+    assert sorted((r["source_id"], r["id"]) for r in rows) == sorted(
+        [(hostile, new[0].id), ("b.md", old[4].id), ("c.md", old[6].id)]
+    )
+
+
+def test_changed_text_under_the_same_id_replaces_the_row(open_store):
+    store = open_store()
+    store.prepare(DIM, MODEL)
+    original = make_chunk("a.md", 0, text="old text")
+    store.upsert([original])
+    replacement = make_chunk("a.md", 0, text="new text")
+    replacement.id = original.id
+    store.upsert([replacement])
+    assert store.count() == 1
+    (hit,) = store.search_dense(original.vectors["dense"], top_k=5)
+    assert hit.id == original.id
+    assert hit.fields["text"] == "new text"
+    assert hit.fields["metadata"]["end"] == len("new text")
+
+
+@pytest.mark.parametrize(
+    ("dimension", "model", "expected"),
+    [
+        (16, MODEL, [r"collection 'docs' at .*index\.db", "stores 8-d vectors from model test/model-a",
+                     "16-d vectors with model test/model-a"]),
+        (DIM, "test/model-b", ["stores vectors from model test/model-a", "embedder is test/model-b", "not comparable"]),
+    ],
+)
+def test_a_different_embedder_is_refused_and_the_collection_is_untouched(open_store, dimension, model, expected):
+    first = open_store()
+    first.prepare(DIM, MODEL)
+    first.upsert([make_chunk("a.md", 0), make_chunk("a.md", 1)])
+    first.close()
+
+    other = open_store()
+    with pytest.raises(StoreSchemaError) as refused:
+        other.prepare(dimension, model)
+    for pattern in expected:
+        assert any(re.search(pattern, line) for line in str(refused.value).splitlines()), pattern
+    assert other.check(dimension, model) == str(refused.value).splitlines()
+    other.close()
+
+    again = open_store()
+    again.prepare(DIM, MODEL)  # still the original collection, data intact
+    assert again.count() == 2
+
+
+def test_check_creates_nothing_and_reports_foreign_collections(open_store, tmp_path):
+    missing = open_store(uri=str(tmp_path / "nested" / "new.db"))
+    assert missing.check(DIM, MODEL) == []
+    assert missing.count() == 0
+    assert not (tmp_path / "nested").exists()
+
+    # A collection this project did not create: wrong field types, no recorded model.
+    from pymilvus import DataType, MilvusClient
+
+    path = tmp_path / "foreign.db"
+    client = MilvusClient(str(path))
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+    schema.add_field("source_id", DataType.INT64)
+    schema.add_field("dense", DataType.FLOAT_VECTOR, dim=DIM)
+    index = client.prepare_index_params()
+    index.add_index("dense", index_type="FLAT", metric_type="L2")
+    client.create_collection("docs", schema=schema, index_params=index)
+    client.close()
+
+    problems = open_store(uri=str(path)).check(DIM, MODEL)
+    text = "\n".join(problems)
+    assert "field 'source_id' is INT64, the store writes VARCHAR" in text
+    assert "has no field 'text'" in text and "has no field 'metadata'" in text
+    assert "records no embedding model" in text
+    assert "metric L2; the spec says COSINE" in text
+    assert not (tmp_path / "index.db").exists()
+
+
+def test_reopen_after_close_reads_the_persisted_collection(open_store, tmp_path):
+    store = open_store()
+    store.prepare(DIM, MODEL)
+    chunks = [make_chunk("a.md", i) for i in range(4)]
+    store.upsert(chunks)
+    store.close()
+
+    # close() released the last client, so the Lite folder is unlocked and the next open reads
+    # it back from disk (not loaded) instead of reusing a live in-process server.
+    from stores.milvus import _lite_folder_locked_elsewhere
+
+    assert not _lite_folder_locked_elsewhere(tmp_path / "index.db")
+    reopened = open_store()
+    assert reopened.count() == 4  # loads the collection itself, without prepare
+    assert reopened.search_dense(chunks[2].vectors["dense"], top_k=1)[0].id == chunks[2].id
+    reopened.prepare(DIM, MODEL)
+    assert reopened.upsert(chunks) == 4
+    assert reopened.count() == 4
+
+
+def test_stores_on_the_same_folder_share_one_client(open_store):
+    ingest = open_store()
+    ingest.prepare(DIM, MODEL)
+    query = open_store()
+    ingest.upsert([make_chunk("a.md", 0)])
+    assert query.count() == 1
+    ingest.close()
+    assert query.count() == 1  # the shared client stays open while another store uses it
+
+
+HOSTILE_SOURCE_IDS = [
+    'a"b\'c.md',
+    'x" or id != "',
+    '" or 1==1 or "',
+    "' or 1==1 or '",
+    "dir\\sub\\file.md",
+    "ends-with-backslash\\",
+    "line\nbreak.md",
+    "tab\tand\rreturn.md",
+    "unicodé/文档/😀.md",
+    "plain.md",
+]
+
+
+def test_filters_and_deletes_hit_exactly_the_hostile_source(open_store):
+    store = open_store()
+    store.prepare(DIM, MODEL)
+    chunks = [make_chunk(source_id, 0, axis=0) for source_id in HOSTILE_SOURCE_IDS]
+    store.upsert(chunks)
+    assert store.count() == len(HOSTILE_SOURCE_IDS)
+
+    query = chunks[0].vectors["dense"]
+    for source_id in HOSTILE_SOURCE_IDS:
+        hits = store.search_dense(query, top_k=50, filter_expr=filters.eq("source_id", source_id))
+        assert [h.fields["source_id"] for h in hits] == [source_id]
+
+    remaining = list(HOSTILE_SOURCE_IDS)
+    for source_id in HOSTILE_SOURCE_IDS:
+        store.delete_sources([source_id])
+        remaining.remove(source_id)
+        assert store.count() == len(remaining), source_id
+        left = {h.fields["source_id"] for h in store.search_dense(query, top_k=50)}
+        assert left == set(remaining)
+
+
+def test_oversized_text_names_the_source_and_writes_nothing(open_store):
+    store = open_store(text_max_length=16)
+    store.prepare(DIM, MODEL)
+    fits = make_chunk("small.md", 0, text="short")
+    # 10 characters but 20 bytes: Milvus limits VARCHAR in bytes, so this must be refused.
+    too_long = make_chunk("docs/über.md", 3, text="é" * 10)
+    with pytest.raises(InvalidChunksError) as refused:
+        store.upsert([fits, too_long])
+    assert refused.value.source_ids == ["docs/über.md"]
+    message = str(refused.value)
+    assert "docs/über.md" in message and "chunk 3" in message
+    assert "text is 20 bytes of UTF-8, over the collection's limit of 16" in message
+    assert isinstance(refused.value, ValueError)
+    assert store.count() == 0  # nothing from the call was written, nothing truncated
+    assert store.upsert([fits]) == 1
+
+
+def test_bad_vectors_are_refused_per_document(open_store):
+    store = open_store()
+    store.prepare(DIM, MODEL)
+    missing = make_chunk("missing.md", 0)
+    missing.vectors.clear()
+    short = make_chunk("short.md", 0)
+    short.vectors["dense"] = np.ones(DIM - 1, dtype=np.float32)
+    nan = make_chunk("nan.md", 0)
+    nan.vectors["dense"] = np.full(DIM, np.nan, dtype=np.float32)
+    with pytest.raises(InvalidChunksError) as refused:
+        store.upsert([missing, short, nan, make_chunk("ok.md", 0)])
+    assert set(refused.value.source_ids) == {"missing.md", "short.md", "nan.md"}
+    assert "is missing" in str(refused.value)
+    assert "has 7 dimensions, the collection stores 8" in str(refused.value)
+    assert "NaN" in str(refused.value)
+
+
+def test_search_dense_returns_the_nearest_first(open_store):
+    store = open_store(index={"type": "HNSW", "metric": "COSINE", "params": {"M": 8, "efConstruction": 64}})
+    store.prepare(DIM, MODEL)
+    chunks = [make_chunk("a.md", i) for i in range(DIM)]
+    store.upsert(chunks)
+    query = chunks[5].vectors["dense"] + 0.2 * chunks[6].vectors["dense"]
+    hits = store.search_dense(query, top_k=3, search_params={"ef": 32})
+    assert [h.id for h in hits[:2]] == [chunks[5].id, chunks[6].id]
+    assert hits[0].score > hits[1].score > hits[2].score
+    assert hits[0].fields["chunk_index"] == 5
+    assert hits[0].fields["metadata"]["headings"] == ["Intro", "Setup"]
+    with pytest.raises(ValueError, match="has 3 dimensions, the collection stores 8"):
+        store.search_dense([1.0, 0.0, 0.0])
+
+
+def test_reads_of_a_missing_collection(open_store):
+    store = open_store()
+    assert store.count() == 0
+    store.delete_sources(["a.md"])
+    with pytest.raises(MilvusStoreError, match="does not exist; run an ingest first"):
+        store.search_dense(np.ones(DIM))
+
+
+def test_the_token_never_appears_in_errors_or_logs(open_store, monkeypatch, caplog):
+    secret = "sk-test-0123456789-SECRET"
+    monkeypatch.setenv("MILVUS_TOKEN", secret)
+    store = open_store(uri="http://127.0.0.1:1", timeout_s=1, max_attempts=2, retry_max_wait_s=0.5)
+    started = time.monotonic()
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(MilvusStoreError) as failed:
+            store.prepare(DIM, MODEL)
+        problems = store.check(DIM, MODEL)
+    assert time.monotonic() - started < 15
+    assert "collection 'docs' at http://127.0.0.1:1" in str(failed.value)
+    assert "connect failed" in str(failed.value)
+    assert "retrying" in caplog.text  # a connection failure is transient: it was retried
+    for text in (str(failed.value), repr(failed.value), caplog.text, *problems):
+        assert secret not in text
+    assert failed.value.__cause__ is None and failed.value.__suppress_context__
+
+
+def test_only_transient_failures_are_retried():
+    import grpc
+    from pymilvus.exceptions import MilvusException, ParamError
+
+    from stores.milvus import _is_transient
+
+    assert _is_transient(MilvusException(code=2, message="Fail connecting to server"))
+    assert _is_transient(MilvusException(code=8, message="rate limit exceeded"))
+    assert _is_transient(MilvusException(code=grpc.StatusCode.UNAVAILABLE, message="Retry timeout"))
+    assert _is_transient(MilvusException(code=65535, message="busy", retriable=True))
+    assert _is_transient(ConnectionResetError())
+    assert not _is_transient(MilvusException(code=8, message="bad", is_input_error=True))
+    assert not _is_transient(ParamError(message="invalid dim"))
+    assert not _is_transient(MilvusException(code=1100, message="collection not found"))
+    assert not _is_transient(ValueError("bad row"))
+
+
+def test_an_error_that_echoes_the_token_is_scrubbed(monkeypatch):
+    # Defence in depth: whatever a client library puts in its message, the token is cut out.
+    secret = "zilliz-api-key-0123456789"
+    monkeypatch.setenv("MY_TOKEN", secret)
+    store = MilvusStore(uri="https://example.invalid", token_env="MY_TOKEN", max_attempts=1)
+
+    def fails():
+        raise RuntimeError(f"auth failed for token {secret}")
+
+    with pytest.raises(MilvusStoreError) as failed:
+        store._call("describe collection", fails)
+    assert str(failed.value) == (
+        "collection 'documents' at https://example.invalid: describe collection failed: RuntimeError: auth failed for token ***"
+    )
+
+
+def test_a_folder_held_by_another_process_gets_a_clear_message(open_store, tmp_path):
+    store = open_store()
+    store.prepare(DIM, MODEL)  # this process now holds the Lite folder
+    script = textwrap.dedent(
+        f"""
+        from stores.milvus import MilvusStore
+        try:
+            MilvusStore(uri={str(tmp_path / 'index.db')!r}, collection="docs").count()
+        except Exception as exc:
+            print(exc)
+        """
+    )
+    child = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "is in use by another process (Milvus Lite allows one process per data folder)" in child.stdout
+
+
+def test_a_single_file_db_from_milvus_lite_2_is_explained(open_store, tmp_path):
+    old = tmp_path / "old.db"
+    old.write_bytes(b"SQLite format 3\x00")
+    store = open_store(uri=str(old))
+    with pytest.raises(MilvusStoreError, match="is a file, but Milvus Lite 3 keeps its data in a folder"):
+        store.prepare(DIM, MODEL)
+    assert "is a file" in store.check(DIM, MODEL)[0]
+
+
+def test_relative_uri_is_resolved_against_the_spec_folder(tmp_path):
+    store = MilvusStore(uri="indexes/project.db")
+    store.base_dir = tmp_path
+    assert store.endpoint.lite_path == tmp_path / "indexes" / "project.db"
+    try:
+        store.prepare(DIM, MODEL)
+        assert (tmp_path / "indexes" / "project.db").is_dir()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"collection": "my-docs"}, "not a valid Milvus name"),
+        ({"collection": "1docs"}, "not a valid Milvus name"),
+        ({"db_name": "a b"}, "not a valid Milvus name"),
+        ({"uri": "./index"}, "must end in .db"),
+        ({"uri": "https://user:pass@example.com"}, "must not carry credentials"),
+        ({"token_env": "sk-abc:123"}, "name"),
+        ({"vector_field": "text"}, "cannot be named"),
+        ({"text_max_length": 70000}, "less than or equal to 65535"),
+        ({"index": {"type": "DISKANN"}}, "AUTOINDEX"),
+        ({"unknown": 1}, "Extra inputs are not permitted"),
+    ],
+)
+def test_config_is_validated(settings, message):
+    with pytest.raises(ValidationError, match=message):
+        MilvusStore(settings)
+
+
+def test_config_round_trips_and_fingerprint_ignores_speed_settings():
+    store = MilvusStore(uri="./x.db", collection="docs", write_batch_size=64, index={"type": "HNSW"})
+    assert store.to_dict() == {"type": "milvus", "uri": "./x.db", "collection": "docs", "write_batch_size": 64, "index": {"type": "HNSW"}}
+    assert MilvusStore.from_dict(store.to_dict()).config == store.config
+    assert "write_batch_size" not in store.fingerprint_settings()
+    assert store.fingerprint_settings()["collection"] == "docs"
+
+
+@pytest.mark.skipif(not os.environ.get("MILVUS_URI"), reason="set MILVUS_URI (and MILVUS_TOKEN) to run against a Milvus server")
+def test_against_a_milvus_server(tmp_path):
+    """Idempotent upserts, schema refusal and hostile deletes on a real server (it counts bytes and
+    parses filters with its Go parser, unlike Milvus Lite, which also deduplicates plain inserts)."""
+    import uuid
+
+    collection = f"rag_pipeline_test_{uuid.uuid4().hex[:12]}"
+    store = MilvusStore(uri=os.environ["MILVUS_URI"], collection=collection, text_max_length=40)
+    try:
+        store.prepare(DIM, MODEL)
+        chunks = [make_chunk(source_id, 0, axis=0) for source_id in HOSTILE_SOURCE_IDS]
+        store.upsert(chunks)
+        store.upsert(chunks, batch_size=3)
+        assert store.count() == len(HOSTILE_SOURCE_IDS)
+        with pytest.raises(StoreSchemaError, match="stores 8-d vectors"):
+            MilvusStore(uri=os.environ["MILVUS_URI"], collection=collection).prepare(16, MODEL)
+        with pytest.raises(InvalidChunksError, match="50 bytes of UTF-8"):
+            store.upsert([make_chunk("über.md", 0, text="é" * 25)])
+        query = chunks[0].vectors["dense"]
+        for source_id in HOSTILE_SOURCE_IDS:
+            hits = store.search_dense(query, top_k=50, filter_expr=filters.eq("source_id", source_id))
+            assert [h.fields["source_id"] for h in hits] == [source_id]
+        remaining = set(HOSTILE_SOURCE_IDS)
+        for source_id in HOSTILE_SOURCE_IDS:
+            store.delete_sources([source_id])
+            remaining.discard(source_id)
+            assert store.count() == len(remaining), source_id
+    finally:
+        store.close()
+        from pymilvus import MilvusClient
+
+        MilvusClient(os.environ["MILVUS_URI"], token=os.environ.get("MILVUS_TOKEN", "")).drop_collection(collection)
