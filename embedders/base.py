@@ -31,11 +31,11 @@ class Embedder(Component):
     @abstractmethod
     def embed_query(self, text: str) -> np.ndarray: ...
 
-    def run_notes(self) -> list[str]:
-        """Things a run summary must say about how vectors were made (truncation, fallbacks).
+    def begin_run(self) -> None:
+        """Called by the runner before a run; ``run_notes`` then covers that run only."""
 
-        Cumulative over the embedder's life; the runner reports what a run added.
-        """
+    def run_notes(self) -> list[str]:
+        """Things a run summary must say about how this run's vectors were made (truncation, fallbacks)."""
         return []
 
     def embed(self, documents: Sequence[ChunkedDocument]) -> None:

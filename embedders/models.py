@@ -93,6 +93,18 @@ def read_sentence_transformers_settings(model_path: str) -> SentenceTransformers
     return SentenceTransformersSettings(pooling=pooling, normalize=normalize, max_seq_length=st_config.get("max_seq_length"))
 
 
+def read_sentence_transformers_module_types(model_path: str) -> list[str]:
+    """The module classes a sentence-transformers folder chains (empty for a plain transformers model).
+
+    Lets an embedder refuse pipelines it does not reproduce (a Dense projection, say) instead of
+    silently returning different vectors.
+    """
+    modules = _read_json(model_path, "modules.json")
+    if not isinstance(modules, list):
+        return []
+    return [str(module.get("type", "")) for module in modules]
+
+
 _cache: dict[tuple[str, str, str, bool], tuple[Any, Any]] = {}
 _cache_lock = threading.Lock()
 

@@ -68,7 +68,7 @@ class LocalRunner:
         failures = FailureLog(self.failures_path)
         progress = progress or Progress(config.progress)
         started = time.monotonic()
-        notes_before = self.embedder.run_notes()
+        self.embedder.begin_run()
         try:
             store_field = getattr(self.store.config, "vector_field", self.embedder.vector_field)
             if store_field != self.embedder.vector_field:
@@ -93,7 +93,7 @@ class LocalRunner:
             failures.close()
             summary.failures = failures.failures
             summary.seconds = time.monotonic() - started
-        summary.notes.extend(n for n in self.embedder.run_notes() if n not in notes_before)
+        summary.notes.extend(self.embedder.run_notes())
         return summary
 
     # -- stages ------------------------------------------------------------------------------
