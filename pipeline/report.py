@@ -25,22 +25,29 @@ class Failure:
 
 
 class FailureLog:
-    """Appends each failure to a JSONL file as it happens, so a crashed run still leaves its record."""
+    """Appends each failure to a JSONL file as it happens, so a crashed run still leaves its record.
+
+    The file describes the latest run only: a previous run's file is removed at the start, and a
+    run without failures leaves none.
+    """
 
     def __init__(self, path: Path | None):
         self.path = path
         self.failures: list[Failure] = []
         self._file: TextIO | None = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = path.open("w", encoding="utf-8")
+            path.unlink(missing_ok=True)
 
     def record(self, failure: Failure) -> None:
         self.failures.append(failure)
         log.warning("%s: %s failed: %s", failure.source_id, failure.stage, failure.reason)
-        if self._file is not None:
-            self._file.write(json.dumps(asdict(failure), ensure_ascii=False) + "\n")
-            self._file.flush()
+        if self.path is None:
+            return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("w", encoding="utf-8")
+        self._file.write(json.dumps(asdict(failure), ensure_ascii=False) + "\n")
+        self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:
