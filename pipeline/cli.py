@@ -22,7 +22,7 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # Libraries' own chatter (HTTP clients, model loading) stays out of the run log unless asked for.
-    for noisy in ("httpx", "urllib3", "transformers", "huggingface_hub", "filelock", "unstructured"):
+    for noisy in ("httpx", "urllib3", "transformers", "huggingface_hub", "filelock", "unstructured", "faiss", "milvus_lite", "pymilvus"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
