@@ -1,0 +1,129 @@
+"""Ingest throughput on SciFact: the whole pipeline versus the pure model time for the same chunks.
+
+    python benchmarks/ingest_throughput.py [--limit N] [--datasets DIR]
+
+Writes SciFact's abstracts (title + text, as BEIR joins them) to a folder of .txt files, ingests
+it into a fresh Milvus Lite index with the spec below (local source -> unstructured parser ->
+recursive chunker -> packaged all-MiniLM-L6-v2 -> Milvus Lite), then embeds the same chunk texts by
+calling the encoder directly (tokenizer + model forward + pooling, length-sorted batches, the best
+of several batch sizes) in the same process. Prints documents/s and chunks/s per stage and
+``pipeline X s vs pure model time Y s: ratio Z``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pipeline import Pipeline  # noqa: E402
+
+
+def write_corpus(corpus: Path, folder: Path, limit: int | None) -> int:
+    count = 0
+    with corpus.open(encoding="utf-8") as lines:
+        for line in lines:
+            if limit is not None and count >= limit:
+                break
+            record = json.loads(line)
+            text = f"{record['title']}\n\n{record['text']}".strip()
+            (folder / f"{record['_id']}.txt").write_text(text, encoding="utf-8")
+            count += 1
+    return count
+
+
+def pure_model_seconds(texts: list[str], batch_sizes: list[int]) -> tuple[float, int]:
+    """Fastest time to embed ``texts`` with the bare encoder, and the batch size that gave it."""
+    import torch
+
+    from embedders.models import load_encoder, resolve_model_path
+    from embedders.pooling import mean_pool
+
+    tokenizer, model = load_encoder(resolve_model_path("all-MiniLM-L6-v2"))
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    ordered = [texts[i] for i in order]
+
+    def run(batch_size: int, items: list[str]) -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(items), batch_size):
+                batch = tokenizer(items[i : i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
+                pooled = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+                torch.nn.functional.normalize(pooled, dim=-1)
+        return time.perf_counter() - started
+
+    # Choose the batch size on an evenly spread sample, then time the full set with it.
+    sample = ordered[:: max(1, len(ordered) // 600)]
+    best = min(batch_sizes, key=lambda b: run(b, sample))
+    return run(best, ordered), best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", type=Path, default=Path(os.environ.get("RAG_PIPELINE_DATASETS", ROOT.parent / "shared" / "datasets")))
+    parser.add_argument("--limit", type=int, default=None, help="only the first N abstracts")
+    parser.add_argument("--parse-workers", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=256, help="documents per pipeline batch")
+    args = parser.parse_args()
+
+    corpus = args.datasets / "scifact" / "corpus.jsonl"
+    if not corpus.is_file():
+        print(f"SciFact not found at {corpus}; set --datasets or RAG_PIPELINE_DATASETS")
+        return
+
+    with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
+        tmp_path = Path(tmp)
+        docs = tmp_path / "scifact"
+        docs.mkdir()
+        n_docs = write_corpus(corpus, docs, args.limit)
+        spec = {
+            "name": "ingest-bench",
+            "stages": {
+                "source": {"type": "local", "path": str(docs), "include": ["*.txt"]},
+                "parser": {"type": "unstructured"},
+                "chunker": {"type": "recursive", "chunk_size": 1000, "chunk_overlap": 100},
+                "embedder": {"type": "huggingface", "model": "all-MiniLM-L6-v2"},
+                "store": {"type": "milvus", "uri": str(tmp_path / "bench.db"), "collection": "scifact"},
+            },
+            "runner": {"batch_size": args.batch_size, "parse_workers": args.parse_workers, "progress": "never", "failures_file": ""},
+        }
+        pipeline = Pipeline(spec, base_dir=tmp_path)
+        started = time.perf_counter()
+        summary = pipeline.ingest()
+        pipeline_seconds = time.perf_counter() - started
+        assert summary.documents_failed == 0, summary.format()
+
+        # The same chunk texts, produced again (untimed) by the same parser and chunker.
+        from pipeline.parse_pool import parse_one
+
+        texts = []
+        for ref in pipeline.sources[0].list():
+            parsed, error = parse_one(pipeline.parser, pipeline.sources[0].load(ref))
+            texts.extend(c.text for c in pipeline.chunker.chunk(parsed))
+        assert len(texts) == summary.chunks_written, (len(texts), summary.chunks_written)
+        model_seconds, best_batch = pure_model_seconds(texts, [16, 32, 64, 128])
+        pipeline.close()
+
+    print(f"corpus: SciFact, {n_docs} documents, {summary.chunks_written} chunks (recursive 1000/100), all-MiniLM-L6-v2, Milvus Lite")
+    print(f"cpu threads: torch {__import__('torch').get_num_threads()}, cores {os.cpu_count()}")
+    for stage, seconds in summary.stage_seconds.items():
+        rate = f"{n_docs / seconds:.0f} documents/s, {summary.chunks_written / seconds:.0f} chunks/s" if seconds else "-"
+        print(f"  {stage:<11} {seconds:7.1f} s  ({rate})")
+    print(f"pipeline: {n_docs / pipeline_seconds:.1f} documents/s, {summary.chunks_written / pipeline_seconds:.1f} chunks/s")
+    print(
+        f"pipeline {pipeline_seconds:.1f} s vs pure model time {model_seconds:.1f} s (batch {best_batch}): "
+        f"ratio {pipeline_seconds / model_seconds:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

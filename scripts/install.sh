@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create .venv and install rag-pipeline with everything the offline defaults need.
+#   bash scripts/install.sh          # the project
+#   bash scripts/install.sh --dev    # the project plus the test tools
+# Re-running it is cheap: pip skips what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+extras=""
+if [ "${1:-}" = "--dev" ]; then
+  extras="[dev]"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+"${pip[@]}" install -q --upgrade pip
+
+# torch is pinned in the same command: an unpinned torch (asked for by transformers or
+# sentence-transformers) would pull a multi-GB CUDA build.
+"${pip[@]}" install -q -e ".${extras}" "torch==2.13.0"
+
+# unstructured's `pdf` extra drags in torchvision/timm (a CUDA torch). The text-PDF `fast`
+# strategy only needs unstructured-inference's module to import, so it goes in without its
+# dependencies; the few libraries it really uses are the project's own dependencies.
+"${pip[@]}" install -q --no-deps "unstructured-inference==1.6.14"
+
+echo "installed into .venv ($(.venv/bin/python --version))"
