@@ -40,6 +40,10 @@ class Parser(Component):
     def parse(self, document: SourceDocument) -> ParsedDocument:
         """Parse one document. Raise ParseFailure with a reason a user can act on."""
 
+    def check(self) -> list[str]:
+        """Problems that would fail every document (a missing model or tool), found up front."""
+        return []
+
 
 class ParseFailure(Exception):
     """A document that cannot be parsed (corrupt, encrypted, unsupported, empty, ...)."""

@@ -1,7 +1,8 @@
-"""Command line: ``python -m pipeline {ingest,validate,schema} ...`` (also installed as ``rag-pipeline``).
+"""Command line: ``python -m pipeline {ingest,validate,schema,query,eval} ...`` (also installed as ``rag-pipeline``).
 
-Exit codes: 0 success; 1 the run finished but some documents failed; 2 the spec is invalid;
-3 the run could not proceed (store unreachable, model missing, collection mismatch).
+Exit codes: 0 success; 1 the run finished but some documents failed; 2 the spec (or for query and
+eval: a filter, mode or dataset) is invalid; 3 the run could not proceed (store unreachable, model
+missing, collection mismatch, nothing ingested yet).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +22,10 @@ EXIT_FATAL = 3
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    if not verbose:
+        # Milvus Lite's embedded gRPC server turns down the client's keepalive pings and gRPC's C
+        # core prints each refusal to stderr; real failures still arrive as Python exceptions.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # Libraries' own chatter (HTTP clients, model loading) stays out of the run log unless asked for.
     for noisy in ("httpx", "urllib3", "transformers", "huggingface_hub", "filelock", "unstructured", "faiss", "milvus_lite", "pymilvus"):
@@ -52,7 +58,90 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(validate)
 
     sub.add_parser("schema", help="print the JSON Schema of the spec format")
+
+    query = sub.add_parser("query", help="retrieve the best chunks for a question from the spec's collection")
+    _add_spec_args(query)
+    query.add_argument("text", help="the question")
+    query.add_argument("-k", "--top-k", type=int, help="results to return (default: query.top_k)")
+    query.add_argument("--mode", choices=["auto", "dense", "bm25", "sparse", "hybrid"], help="retrieval mode (default: query.mode)")
+    query.add_argument(
+        "--filter", action="append", default=[], metavar="KEY=VALUE",
+        help="restrict results; VALUE is JSON or a plain string, e.g. source_id=docs/a.md, page='{\"gte\": 2, \"lte\": 5}', "
+        "media_type='[\"application/pdf\"]' (repeatable, all must hold)",
+    )
+    query.add_argument("--no-rerank", action="store_true", help="skip the spec's reranker")
+    query.add_argument("--snippet", type=int, default=100, metavar="CHARS", help="snippet length in the table")
+    query.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+    evaluate = sub.add_parser("eval", help="ingest a BEIR dataset with the spec's stages and measure each retrieval mode")
+    _add_spec_args(evaluate)
+    evaluate.add_argument("--beir", required=True, metavar="DIR", help="folder with corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
+    evaluate.add_argument("--split", default="test", help="qrels split (default: test)")
+    evaluate.add_argument("--modes", help="comma-separated: dense, bm25, sparse, hybrid, <mode>+rerank (default: all the spec supports)")
+    evaluate.add_argument("--collection", help="collection to ingest into (default: <store collection>_beir_<dataset>)")
+    evaluate.add_argument("--reuse-index", action="store_true", help="skip the ingest when the collection already holds chunks")
+    evaluate.add_argument("--max-queries", type=int, help="evaluate only the first N judged queries")
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return parser
+
+
+def _parse_filters(items: Sequence[str]) -> dict[str, object]:
+    filters: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--filter {item!r}: expected KEY=VALUE")
+        try:
+            filters[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            filters[key] = raw  # a plain string such as docs/a.md
+    return filters
+
+
+def _run_query(pipeline, args) -> int:  # type: ignore[no-untyped-def]
+    from pipeline.query import QueryError, QueryInputError, format_table
+
+    try:
+        filters = _parse_filters(args.filter)
+        result = pipeline.query(args.text, top_k=args.top_k, filters=filters, mode=args.mode, rerank=False if args.no_rerank else None)
+    except (ValueError, QueryInputError) as exc:
+        print(f"query: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    except QueryError as exc:
+        print(f"query: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except Exception as exc:  # store unreachable, model missing ...
+        logging.getLogger("rag_pipeline").debug("query failed", exc_info=True)
+        print(f"query failed: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(format_table(result, args.snippet))
+    return EXIT_OK
+
+
+def _run_eval(pipeline, args) -> int:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from pipeline.evaluate import EvaluationError
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
+    progress = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    try:
+        report = pipeline.evaluate(
+            Path(args.beir), split=args.split, modes=modes, collection=args.collection,
+            reuse_index=args.reuse_index, max_queries=args.max_queries, progress=progress,
+        )
+    except EvaluationError as exc:
+        print(f"eval: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    except Exception as exc:
+        logging.getLogger("rag_pipeline").debug("eval failed", exc_info=True)
+        print(f"eval failed: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.format())
+    return EXIT_PARTIAL if any("failed to ingest" in note for note in report.notes) else EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_SPEC
 
     with pipeline:
+        if args.command == "query":
+            return _run_query(pipeline, args)
+        if args.command == "eval":
+            return _run_eval(pipeline, args)
         if args.command == "validate":
             problems = pipeline.validate()
             for problem in problems:

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pipeline.query import Mode, QueryEngine, QueryResult
 from pipeline.report import Progress, RunSummary
 from pipeline.runner import LocalRunner
 from pipeline.spec import Spec, load_spec, parse_spec
@@ -35,6 +36,8 @@ class Pipeline:
         self._components: dict[str, Any] = {}
         self._build_lock = threading.Lock()
         self._ingest_lock = threading.Lock()
+        self._query_lock = threading.Lock()
+        self._query_engine: QueryEngine | None = None
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], *, allowed_modules: Iterable[str] = ()) -> "Pipeline":
@@ -47,6 +50,11 @@ class Pipeline:
             if name not in self._components:
                 if name == "sources":
                     self._components[name] = [s.build(self.spec.base_dir) for s in self.spec.sources]
+                elif name == "reranker":
+                    reranker = self.spec.reranker
+                    self._components[name] = reranker.build(self.spec.base_dir) if reranker is not None else None
+                elif name == "sparse" and self.spec.stages.get("sparse") is None:
+                    self._components[name] = None
                 else:
                     self._components[name] = self.spec.stage(name).build(self.spec.base_dir)
             return self._components[name]
@@ -71,6 +79,24 @@ class Pipeline:
     def store(self) -> Any:
         return self._component("store")
 
+    @property
+    def sparse(self) -> Any:
+        """The learned sparse encoder (``stages.sparse``), or None."""
+        return self._component("sparse")
+
+    @property
+    def reranker(self) -> Any:
+        """The reranker (``query.reranker``), or None."""
+        return self._component("reranker")
+
+    @property
+    def query_engine(self) -> QueryEngine:
+        """The query path, built once; it shares this pipeline's embedder, sparse encoder and store."""
+        with self._query_lock:  # not _build_lock: building the components takes that one
+            if self._query_engine is None:
+                self._query_engine = QueryEngine(self.store, self.embedder, self.spec.query, sparse=self.sparse, reranker=self.reranker)
+            return self._query_engine
+
     # -- work ----------------------------------------------------------------------------------
 
     def failures_path(self) -> Path | None:
@@ -92,20 +118,44 @@ class Pipeline:
                 self.store,
                 self.spec.runner,
                 failures_path=self.failures_path(),
+                sparse=self.sparse,
             )
             return runner.run(progress)
+
+    def query(
+        self,
+        text: str,
+        *,
+        top_k: int | None = None,
+        filters: dict[str, Any] | None = None,
+        mode: Mode | None = None,
+        rerank: bool | None = None,
+    ) -> QueryResult:
+        """The best chunks for ``text`` (see :meth:`pipeline.query.QueryEngine.query`); thread-safe."""
+        return self.query_engine.query(text, top_k=top_k, filters=filters, mode=mode, rerank=rerank)
+
+    def evaluate(self, beir_dir: str | os.PathLike[str], **options: Any) -> Any:
+        """Ingest a BEIR dataset with this spec's stages and measure every retrieval mode on it.
+
+        See :func:`pipeline.evaluate.evaluate_beir` for the options; returns its EvalReport.
+        """
+        from pipeline.evaluate import evaluate_beir
+
+        return evaluate_beir(self.spec, Path(beir_dir), **options)
 
     def validate(self) -> list[str]:
         """Problems that would stop a run, found without running it (the spec itself is already valid)."""
         problems: list[str] = []
         for source in self.sources:
             problems.extend(f"stages.source ({source.type_name}): {p}" for p in source.check())
+        problems.extend(f"stages.parser: {p}" for p in self.parser.check())
         try:
             dimension, model_id = self.embedder.dimension, self.embedder.model_id
         except Exception as exc:
             return problems + [f"stages.embedder: cannot load model: {exc}"]
         try:
-            problems.extend(f"stages.store: {p}" for p in self.store.check(dimension, model_id))
+            sparse = {"sparse_model_id": self.sparse.model_id} if self.sparse is not None else {}
+            problems.extend(f"stages.store: {p}" for p in self.store.check(dimension, model_id, **sparse))
         except Exception as exc:
             problems.append(f"stages.store: cannot reach the store: {exc}")
         return problems

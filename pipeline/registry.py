@@ -20,11 +20,12 @@ from importlib.metadata import entry_points
 from pipeline.component import Component
 from pipeline.errors import ComponentNotFound
 
-KINDS = ("source", "parser", "chunker", "embedder", "store")
+KINDS = ("source", "parser", "chunker", "embedder", "store", "sparse", "reranker")
 
 BUILTINS: dict[str, dict[str, str]] = {
     "source": {
         "local": "connectors.local:LocalDirectorySource",
+        "jsonl": "connectors.jsonl:JsonlSource",
     },
     "parser": {
         "unstructured": "connectors.parsing:UnstructuredParser",
@@ -42,6 +43,13 @@ BUILTINS: dict[str, dict[str, str]] = {
     "store": {
         "milvus": "stores.milvus:MilvusStore",
     },
+    "sparse": {
+        "splade": "embedders.sparse:SpladeEncoder",
+    },
+    "reranker": {
+        "cross-encoder": "rerankers.cross_encoder:CrossEncoderReranker",
+        "query-likelihood": "rerankers.query_likelihood:QueryLikelihoodReranker",
+    },
 }
 
 BASE_CLASSES = {
@@ -50,6 +58,8 @@ BASE_CLASSES = {
     "chunker": "chunkers.base:Chunker",
     "embedder": "embedders.base:Embedder",
     "store": "stores.base:Store",
+    "sparse": "embedders.sparse:SparseEncoder",
+    "reranker": "rerankers.base:Reranker",
 }
 
 ALLOWED_MODULES_ENV = "RAG_PIPELINE_ALLOWED_MODULES"

@@ -21,6 +21,7 @@ from typing import TypeVar
 from chunkers.base import Chunker
 from connectors.base import Parser, Source
 from embedders.base import Embedder
+from embedders.sparse import SparseEncoder
 from pipeline.parse_pool import ParseOutcome, ParserPool
 from pipeline.report import Failure, FailureLog, Progress, RunSummary
 from pipeline.spec import RunnerConfig
@@ -53,6 +54,7 @@ class LocalRunner:
         store: Store,
         config: RunnerConfig,
         failures_path: Path | None = None,
+        sparse: SparseEncoder | None = None,
     ):
         self.sources = sources
         self.parser = parser
@@ -61,6 +63,7 @@ class LocalRunner:
         self.store = store
         self.config = config
         self.failures_path = failures_path
+        self.sparse = sparse  # optional learned sparse encoder, run right after the dense embedder
 
     def run(self, progress: Progress | None = None) -> RunSummary:
         config = self.config
@@ -73,7 +76,9 @@ class LocalRunner:
             store_field = getattr(self.store.config, "vector_field", self.embedder.vector_field)
             if store_field != self.embedder.vector_field:
                 raise ValueError(f"the store writes vector field {store_field!r} but the embedder fills {self.embedder.vector_field!r}")
-            self.store.prepare(self.embedder.dimension, self.embedder.model_id)
+            self._check_sparse_field()
+            sparse_model = {"sparse_model_id": self.sparse.model_id} if self.sparse is not None else {}
+            self.store.prepare(self.embedder.dimension, self.embedder.model_id, **sparse_model)
             pool = ParserPool(
                 self.parser,
                 workers=config.parse_workers,
@@ -144,11 +149,26 @@ class LocalRunner:
         chunked = self._isolate("embed", chunked, self.embedder.embed, summary, failures)
         summary.add_time("embed", time.monotonic() - started)
 
+        if self.sparse is not None:
+            started = time.monotonic()
+            chunked = self._isolate("sparse embed", chunked, self.sparse.embed, summary, failures)
+            summary.add_time("sparse embed", time.monotonic() - started)
+
         started = time.monotonic()
         written = self._isolate("write", chunked, self._write, summary, failures)
         summary.add_time("write", time.monotonic() - started)
         summary.documents_indexed += len(written)
         summary.chunks_written += sum(len(d.chunks) for d in written)
+
+    def _check_sparse_field(self) -> None:
+        """The sparse stage and the store's learned sparse field come together, under one name."""
+        learned = getattr(self.store.config, "learned_sparse", None)
+        store_field = getattr(learned, "field", None)
+        if self.sparse is None and store_field is not None:
+            raise ValueError(f"the store has a learned sparse field {store_field!r} but the spec has no sparse stage to fill it")
+        if self.sparse is not None and store_field != self.sparse.vector_field:
+            where = f"its learned_sparse field is {store_field!r}" if store_field else "it has no learned_sparse field"
+            raise ValueError(f"the sparse stage fills {self.sparse.vector_field!r}, but the store cannot keep it: {where}")
 
     def _write(self, documents: Sequence[ChunkedDocument]) -> None:
         self.store.upsert([c for d in documents for c in d.chunks])

@@ -9,9 +9,15 @@ Shape::
       parser:   {type: unstructured}
       chunker:  {type: recursive, chunk_size: 800}
       embedder: {type: huggingface, model: all-MiniLM-L6-v2}
-      store:    {type: milvus, uri: ./index.db, collection: docs}
+      store:    {type: milvus, uri: ./index.db, collection: docs, bm25: {analyzer: english}}
+      sparse:   {type: splade}                     # optional: learned sparse vectors at ingest
     runner:
       batch_size: 32
+    query:                                         # optional: the query path's defaults
+      mode: hybrid
+      top_k: 10
+      fusion: {method: rrf, k: 60}
+      reranker: {type: cross-encoder, model: ./my-cross-encoder, top_n: 20}
 
 String values may use ``${VAR}`` and ``${VAR:-default}``; ``$$`` is a literal ``$``.
 """
@@ -32,10 +38,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline import registry
 from pipeline.component import Component, ComponentConfig
 from pipeline.errors import ComponentNotFound, SpecError
+from pipeline.query import QueryConfig
 
 YamlPath = tuple[str | int, ...]
 
 STAGES = ("source", "parser", "chunker", "embedder", "store")
+OPTIONAL_STAGES = ("sparse",)  # absent unless the spec names them
 DEFAULT_TYPES = {"parser": "unstructured", "chunker": "recursive", "embedder": "huggingface", "store": "milvus"}
 
 
@@ -59,6 +67,7 @@ class SpecModel(BaseModel):
     name: str | None = None
     stages: dict[str, Any]
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    query: dict[str, Any] = Field(default_factory=dict, description="Query defaults (pipeline.query.QueryConfig) plus an optional reranker.")
 
 
 @dataclass
@@ -85,6 +94,8 @@ class Spec:
     name: str | None = None
     path: Path | None = None  # the YAML file, for resolving relative paths and naming errors
     base_dir: Path = field(default_factory=Path.cwd)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    reranker: ComponentSpec | None = None  # query.reranker
 
     @property
     def sources(self) -> list[ComponentSpec]:
@@ -101,10 +112,18 @@ class Spec:
         out: dict[str, Any] = {"version": 1}
         if self.name:
             out["name"] = self.name
+        for name in OPTIONAL_STAGES:
+            if self.stages.get(name) is not None:
+                stages[name] = self.stage(name).to_dict()
         out["stages"] = stages
         runner = self.runner.model_dump(mode="json", exclude_defaults=True)
         if runner:
             out["runner"] = runner
+        query = self.query.model_dump(mode="json", exclude_defaults=True)
+        if self.reranker is not None:
+            query["reranker"] = self.reranker.to_dict()
+        if query:
+            out["query"] = query
         return out
 
     def to_yaml(self) -> str:
@@ -289,8 +308,8 @@ def parse_spec(
 
     stages: dict[str, Any] = {}
     for key in top.stages:
-        if key not in STAGES:
-            problems.append(f"{located.where(('stages', key))} stages.{key}: unknown stage; expected one of {', '.join(STAGES)}")
+        if key not in STAGES + OPTIONAL_STAGES:
+            problems.append(f"{located.where(('stages', key))} stages.{key}: unknown stage; expected one of {', '.join(STAGES + OPTIONAL_STAGES)}")
     for kind in STAGES:
         path: YamlPath = ("stages", kind)
         raw = top.stages.get(kind)
@@ -306,9 +325,29 @@ def parse_spec(
         if raw is None:
             raw = {}
         stages[kind] = _component(kind, raw, path, located, allowed, problems)
+    for kind in OPTIONAL_STAGES:
+        if top.stages.get(kind) is not None:
+            stages[kind] = _component(kind, top.stages[kind], ("stages", kind), located, allowed, problems)
+    query, reranker = _query_section(top.query, located, allowed, problems)
     if problems:
         raise SpecError(problems)
-    return Spec(stages=stages, runner=top.runner, name=top.name, path=None, base_dir=base_dir or Path.cwd())
+    return Spec(
+        stages=stages, runner=top.runner, name=top.name, path=None, base_dir=base_dir or Path.cwd(), query=query, reranker=reranker
+    )
+
+
+def _query_section(raw: dict[str, Any], located: _Located, allowed: list[str], problems: list[str]) -> tuple[QueryConfig, ComponentSpec | None]:
+    """The ``query:`` mapping: query settings plus an optional ``reranker`` component."""
+    settings = dict(raw)
+    reranker_raw = settings.pop("reranker", None)
+    reranker = None
+    if reranker_raw is not None:
+        reranker = _component("reranker", reranker_raw, ("query", "reranker"), located, allowed, problems)
+    try:
+        return QueryConfig.model_validate(settings), reranker
+    except ValidationError as exc:
+        problems.extend(_validation_problems(exc, ("query",), located))
+        return QueryConfig(), reranker
 
 
 def load_spec(path: str | os.PathLike[str], *, allowed_modules: Iterable[str] = (), env: Mapping[str, str] | None = None) -> Spec:
@@ -334,7 +373,7 @@ def json_schema() -> dict[str, Any]:
     schema = SpecModel.model_json_schema()
     defs = schema.setdefault("$defs", {})
     stage_props: dict[str, Any] = {}
-    for kind in STAGES:
+    for kind in STAGES + OPTIONAL_STAGES + ("reranker",):
         variants = []
         for type_name in registry.known_names(kind):
             try:
@@ -344,17 +383,23 @@ def json_schema() -> dict[str, Any]:
             sub = cls.Config.model_json_schema(ref_template="#/$defs/{model}")
             defs.update(sub.pop("$defs", {}))
             sub.setdefault("properties", {})["type"] = {"const": type_name}
-            sub["required"] = sorted(set(sub.get("required", [])) | ({"type"} if kind == "source" else set()))
+            sub["required"] = sorted(set(sub.get("required", [])) | ({"type"} if kind not in DEFAULT_TYPES else set()))
             sub["title"] = f"{kind}: {type_name}"
             sub["additionalProperties"] = False
             variants.append(sub)
         one = {"anyOf": variants}
         stage_props[kind] = {"anyOf": [one, {"type": "array", "items": one}]} if kind == "source" else one
+    reranker_schema = stage_props.pop("reranker")
     schema["properties"]["stages"] = {
         "type": "object",
         "properties": stage_props,
         "required": ["source"],
         "additionalProperties": False,
     }
+    query_schema = QueryConfig.model_json_schema(ref_template="#/$defs/{model}")
+    defs.update(query_schema.pop("$defs", {}))
+    query_schema["properties"]["reranker"] = reranker_schema
+    query_schema["additionalProperties"] = False
+    schema["properties"]["query"] = query_schema
     schema["title"] = "rag-pipeline spec"
     return schema

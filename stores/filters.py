@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 # Both parsers read identifiers as [A-Za-z_][A-Za-z0-9_]*; keywords cannot be field names.
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -171,3 +171,133 @@ def any_of(*expressions: str) -> str:
     if not parts:
         raise FilterValueError("any_of needs at least one expression (an empty 'or' would match nothing)")
     return " or ".join(f"({e})" for e in parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Filters as data: what a query API receives from a user or an HTTP request.
+
+PAGE_KEY = "page"
+# The widest page range a filter may name; a range is sent as the list of its pages.
+MAX_PAGE_RANGE = 10_000
+_RANGE_OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+_OPERATORS = frozenset({"eq", "ne", "in", "contains", *_RANGE_OPS})
+
+Condition = Scalar | list[Scalar] | dict[str, Any]
+
+
+def contains(target: Target, value: Scalar) -> str:
+    """``target`` (an array, e.g. a JSON list) holds ``value``."""
+    return f"json_contains({_target(target)}, {literal(value)})"
+
+
+def contains_any(target: Target, values: Iterable[Scalar]) -> str:
+    """``target`` (an array) holds at least one of ``values``."""
+    items = list(values)
+    if not items:
+        raise FilterValueError("contains_any needs at least one value")
+    return f"json_contains_any({_target(target)}, [{', '.join(literal(v) for v in items)}])"
+
+
+def from_mapping(
+    conditions: Mapping[str, Condition],
+    *,
+    fields: Collection[str] = ("id", "source_id", "chunk_index"),
+    json_field: str = "metadata",
+    pages_key: str = "page_numbers",
+) -> str:
+    """One expression for a mapping of conditions, all of which must hold; ``{}`` means no filter.
+
+    Keys name a plain field (``source_id``, ``chunk_index``), ``page`` (the chunk's pages), or
+    else a metadata key (``media_type``, ``file_name``; ``a.b`` for nested keys). Values are:
+
+    * a scalar: equality, e.g. ``{"source_id": "docs/a.md"}``;
+    * a list: any of the values, e.g. ``{"media_type": ["application/pdf", "text/html"]}``;
+    * operators: ``{"chunk_index": {"lt": 3}}``, ``{"page": {"gte": 2, "lte": 5}}``,
+      ``{"headings": {"contains": "Setup"}}``; ``eq ne lt lte gt gte in contains``.
+
+    Every value becomes a literal and every key is checked, so no input can widen the expression.
+    """
+    if not isinstance(conditions, Mapping):
+        raise FilterValueError(f"filters must be a mapping of field -> condition, got {type(conditions).__name__}")
+    parts = []
+    for key, condition in conditions.items():
+        if not isinstance(key, str):
+            raise FilterValueError(f"filter keys must be strings, got {key!r}")
+        if key == PAGE_KEY:
+            parts.append(_page_condition(json_path(json_field, pages_key), condition))
+            continue
+        target: Target = field_name(key) if key in fields else json_path(json_field, *key.split("."))
+        parts.append(_condition(key, target, condition))
+    return all_of(*parts)
+
+
+def _condition(key: str, target: Target, condition: Condition) -> str:
+    if isinstance(condition, list):
+        return _one_of(target, condition)
+    if not isinstance(condition, Mapping):
+        return eq(target, condition)
+    unknown = set(condition) - _OPERATORS
+    if unknown or not condition:
+        raise FilterValueError(
+            f"filter {key!r}: unknown operator(s) {', '.join(sorted(map(str, unknown))) or '(none given)'}; "
+            f"use {', '.join(sorted(_OPERATORS))}"
+        )
+    parts = []
+    for op, value in condition.items():
+        if op == "eq":
+            parts.append(eq(target, value))
+        elif op == "ne":
+            parts.append(ne(target, value))
+        elif op == "in":
+            if not isinstance(value, list):
+                raise FilterValueError(f"filter {key!r}: 'in' takes a list, got {value!r}")
+            parts.append(_one_of(target, value))
+        elif op == "contains":
+            parts.append(contains(target, value))
+        else:
+            parts.append(compare(target, _RANGE_OPS[op], value))  # type: ignore[arg-type]
+    return all_of(*parts)
+
+
+def _one_of(target: Target, values: list[Scalar]) -> str:
+    if not values:
+        raise FilterValueError("a filter list needs at least one value (an empty list would match nothing)")
+    if isinstance(target, JsonPath):
+        # Milvus Lite reads `in` on plain fields only; an 'or' of equalities works everywhere.
+        return any_of(*(eq(target, v) for v in values))
+    return in_list(target, values)
+
+
+def _page_condition(pages: JsonPath, condition: Condition) -> str:
+    """Chunks on a page, on any of some pages, or overlapping a page range (chunks list their pages)."""
+    if isinstance(condition, list):
+        return contains_any(pages, [_page_number(p) for p in condition])
+    if not isinstance(condition, Mapping):
+        return contains(pages, _page_number(condition))
+    unknown = set(condition) - {"eq", "in", *_RANGE_OPS}
+    if unknown or not condition:
+        raise FilterValueError(f"filter 'page': use a page number, a list, or gte/gt/lte/lt bounds; got {condition!r}")
+    if "eq" in condition:
+        return contains(pages, _page_number(condition["eq"]))
+    if "in" in condition:
+        return _page_condition(pages, condition["in"])
+    low, high = 1, None
+    for op, bound in condition.items():
+        number = _page_number(bound)
+        if op in ("gte", "gt"):
+            low = max(low, number + (op == "gt"))
+        else:
+            high = number - (op == "lt") if high is None else min(high, number - (op == "lt"))
+    if high is None:
+        raise FilterValueError("filter 'page': a range needs an upper bound (lte or lt)")
+    if high < low:
+        raise FilterValueError(f"filter 'page': the range {low}..{high} is empty")
+    if high - low + 1 > MAX_PAGE_RANGE:
+        raise FilterValueError(f"filter 'page': a range may span at most {MAX_PAGE_RANGE} pages")
+    return contains_any(pages, range(low, high + 1))
+
+
+def _page_number(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise FilterValueError(f"filter 'page': page numbers are non-negative integers, got {value!r}")
+    return value

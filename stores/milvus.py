@@ -22,8 +22,10 @@ by ``token_env`` only, and is scrubbed from every error message this module rais
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -34,7 +36,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.component import ComponentConfig, require
 from pipeline.errors import PipelineError, StoreSchemaError
@@ -50,6 +52,7 @@ T = TypeVar("T")
 PROPERTY_MODEL = "rag_pipeline.embedding_model"
 PROPERTY_DIMENSION = "rag_pipeline.embedding_dimension"
 PROPERTY_SCHEMA_VERSION = "rag_pipeline.schema_version"
+PROPERTY_SPARSE_MODEL = "rag_pipeline.sparse_model"
 SCHEMA_VERSION = "1"
 
 ID_MAX_BYTES = 128
@@ -61,6 +64,7 @@ DEFAULT_OUTPUT_FIELDS = ("source_id", "chunk_index", "text", "metadata")
 # Requests stay well under the server's default 64 MiB gRPC message limit whatever the batch size.
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
 # Source ids per delete expression: keeps each filter string small for the server's parser.
+QUERY_WINDOW = 16384  # Milvus' largest offset + limit for one query
 DELETE_BATCH_SIZE = 256
 
 _MILVUS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}\Z")
@@ -107,6 +111,102 @@ class DenseHit:
     fields: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved row. ``score`` is higher-is-better for every metric and fusion: Milvus Lite's
+    negative BM25 scores are flipped and L2 distances negated, so callers never need to know the metric."""
+
+    id: str
+    score: float
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """One retrieval branch: a vector field and what to search it with.
+
+    ``data`` is a dense vector for the dense field, a ``{term id: weight}`` mapping for a learned
+    sparse field, or the query text itself for the BM25 field (Milvus tokenises it).
+    """
+
+    field: str
+    data: Any
+    limit: int
+
+
+@dataclass(frozen=True)
+class RRFFusion:
+    """Reciprocal rank fusion: score = sum over branches of 1 / (k + rank)."""
+
+    k: int = 60
+
+
+@dataclass(frozen=True)
+class WeightedFusion:
+    """Weighted sum of per-branch scores (one weight per request, in order); Milvus maps each
+    branch's scores into [0, 1] first (arctan for IP and BM25) unless ``normalize`` is false."""
+
+    weights: tuple[float, ...]
+    normalize: bool = True
+
+
+Fusion = RRFFusion | WeightedFusion
+
+# Lucene's English stop words, which is what the Milvus server's "_english_" list expands to;
+# spelt out because Milvus Lite 3 takes stop words only as a literal list.
+ENGLISH_STOP_WORDS = (
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it", "no", "not",
+    "of", "on", "or", "such", "that", "the", "their", "then", "there", "these", "they", "this", "to", "was",
+    "will", "with",
+)
+# Named analyzers -> Milvus analyzer_params. Milvus Lite 3 honours the tokenizer, lowercasing and
+# stop words, and ignores the stemmer (so "cells" never matches "cell" there); a server stems.
+ANALYZER_PRESETS: dict[str, dict[str, Any]] = {
+    "standard": {"tokenizer": "standard", "filter": ["lowercase"]},
+    "english": {
+        "tokenizer": "standard",
+        "filter": ["lowercase", {"type": "stop", "stop_words": list(ENGLISH_STOP_WORDS)}, {"type": "stemmer", "language": "english"}],
+    },
+    "jieba": {"tokenizer": {"type": "jieba", "mode": "search"}, "filter": ["lowercase"]},
+}
+
+
+class BM25Config(ComponentConfig):
+    """Milvus' built-in BM25: a Function turns each chunk's text into a sparse field on insert,
+    with corpus statistics kept by Milvus, so nothing is refitted when documents change."""
+
+    field: str = Field("bm25", description="Sparse field the BM25 function writes.")
+    analyzer: Literal["standard", "english", "jieba"] | dict[str, Any] = Field(
+        "standard",
+        description=(
+            "standard (words, lowercased), english (+ stop words and stemming; Milvus Lite 3 ignores stemming), "
+            "jieba (Chinese), or a mapping of Milvus analyzer_params passed as is."
+        ),
+    )
+    k1: float = Field(1.2, gt=0, description="BM25 term-frequency saturation (applies when the collection is created).")
+    b: float = Field(0.75, ge=0, le=1, description="BM25 length normalisation (applies when the collection is created).")
+
+    @field_validator("field")
+    @classmethod
+    def _check_field(cls, value: str) -> str:
+        return filters.field_name(value)
+
+    @property
+    def analyzer_params(self) -> dict[str, Any]:
+        return ANALYZER_PRESETS[self.analyzer] if isinstance(self.analyzer, str) else dict(self.analyzer)
+
+
+class LearnedSparseConfig(ComponentConfig):
+    """A sparse field filled by a learned sparse encoder (SPLADE) at ingest, searched by inner product."""
+
+    field: str = Field("sparse", description="Must match the sparse stage's vector_field.")
+
+    @field_validator("field")
+    @classmethod
+    def _check_field(cls, value: str) -> str:
+        return filters.field_name(value)
+
+
 class IndexConfig(ComponentConfig):
     type: Literal["AUTOINDEX", "HNSW", "FLAT", "IVF_FLAT"] = "AUTOINDEX"
     metric: Literal["COSINE", "IP", "L2"] = "COSINE"
@@ -130,6 +230,10 @@ class MilvusStoreConfig(ComponentConfig):
     collection: str = "documents"
     vector_field: str = Field("dense", description="Must match the embedder's vector field.")
     index: IndexConfig = Field(default_factory=IndexConfig)
+    bm25: BM25Config | None = Field(None, description="Add Milvus' built-in BM25 sparse field ({} for the defaults).")
+    learned_sparse: LearnedSparseConfig | None = Field(
+        None, description="Add a sparse field for a learned sparse encoder (the spec's sparse stage fills it)."
+    )
     # Strong: every read sees every write acknowledged before it, so a count or search right after
     # an ingest (or a delete) sees its effect. On a distributed server that costs read latency,
     # since queries wait for the newest timestamp; a search-heavy service that tolerates a few
@@ -184,6 +288,25 @@ class MilvusStoreConfig(ComponentConfig):
         if not _ENV_NAME.match(value):
             raise ValueError("token_env is the *name* of an environment variable (e.g. MILVUS_TOKEN), not the token")
         return value
+
+    @model_validator(mode="after")
+    def _vector_fields_are_distinct(self) -> MilvusStoreConfig:
+        names = [self.vector_field] + [c.field for c in (self.bm25, self.learned_sparse) if c is not None]
+        for name in names[1:]:
+            if name in SCALAR_FIELDS:
+                raise ValueError(f"a sparse field cannot be named {name!r}: the store uses that name for {', '.join(SCALAR_FIELDS)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"the dense, BM25 and learned sparse fields need distinct names, got {', '.join(names)}")
+        return self
+
+    def sparse_fields(self) -> dict[str, str]:
+        """Sparse field name -> its metric: BM25 for the function's output, IP for learned sparse."""
+        out = {}
+        if self.bm25 is not None:
+            out[self.bm25.field] = "BM25"
+        if self.learned_sparse is not None:
+            out[self.learned_sparse.field] = "IP"
+        return out
 
 
 @dataclass(frozen=True)
@@ -248,6 +371,19 @@ class _ClientPool:
 
 
 _clients = _ClientPool()
+
+
+def _lite_version() -> str:
+    try:
+        return importlib.metadata.version("milvus-lite")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _lite_major_version() -> int:
+    """The installed Milvus Lite's major version (3 when unknown: the engine this project targets)."""
+    head = _lite_version().split(".", 1)[0]
+    return int(head) if head.isdigit() else 3
 
 
 def _stop_lite_server(path: Path) -> None:
@@ -326,6 +462,7 @@ class CollectionLayout:
     fields: dict[str, tuple[str, dict[str, Any], bool]]  # name -> (data type name, params, is primary)
     properties: dict[str, str]
     metric: str | None
+    bm25_outputs: dict[str, str] = field(default_factory=dict)  # BM25 function output field -> its input field
 
     @classmethod
     def from_description(cls, description: dict[str, Any], metric: str | None) -> CollectionLayout:
@@ -334,7 +471,45 @@ class CollectionLayout:
             for f in description.get("fields", [])
         }
         properties = {str(k): str(v) for k, v in (description.get("properties") or {}).items()}
-        return cls(fields=fields, properties=properties, metric=metric)
+        bm25_outputs = {}
+        for function in description.get("functions") or []:
+            if getattr(function.get("type"), "name", str(function.get("type"))) in ("BM25", "1"):
+                for output in function.get("output_field_names") or []:
+                    bm25_outputs[output] = (function.get("input_field_names") or [""])[0]
+        return cls(fields=fields, properties=properties, metric=metric, bm25_outputs=bm25_outputs)
+
+    def analyzer_params(self, name: str) -> dict[str, Any] | None:
+        raw = self.fields.get(name, ("", {}, False))[1].get("analyzer_params")
+        if raw is None:
+            return None
+        return json.loads(raw) if isinstance(raw, str) else dict(raw)
+
+    def sparse_problems(self, where: str, config: MilvusStoreConfig, sparse_model_id: str | None) -> list[str]:
+        """What keeps this collection from serving the spec's BM25 and learned sparse fields."""
+        problems = []
+        rebuild = "use a new collection name (or drop this one to rebuild it with the sparse fields)"
+        if config.bm25 is not None:
+            name = config.bm25.field
+            if self.fields.get(name, ("",))[0] != "SPARSE_FLOAT_VECTOR" or self.bm25_outputs.get(name) != "text":
+                problems.append(f"{where} has no BM25 field {name!r} computed from 'text' (it was created without bm25); {rebuild}")
+            else:
+                stored, wanted = self.analyzer_params("text"), config.bm25.analyzer_params
+                if stored is not None and stored != wanted:
+                    problems.append(
+                        f"{where} analyses text for BM25 with {json.dumps(stored)}; the spec's analyzer is "
+                        f"{json.dumps(wanted)}. The analyzer is fixed when a collection is created: {rebuild}"
+                    )
+        if config.learned_sparse is not None:
+            name = config.learned_sparse.field
+            if self.fields.get(name, ("",))[0] != "SPARSE_FLOAT_VECTOR" or name in self.bm25_outputs:
+                problems.append(f"{where} has no learned sparse field {name!r}; {rebuild}")
+            stored_model = self.properties.get(PROPERTY_SPARSE_MODEL)
+            if sparse_model_id and stored_model and stored_model != sparse_model_id:
+                problems.append(
+                    f"{where} stores sparse vectors from {stored_model}; the spec's sparse encoder is {sparse_model_id}. "
+                    "Sparse vectors of different models are not comparable: use a new collection name"
+                )
+        return problems
 
     def dimension(self, vector_field: str) -> int | None:
         kind, params, _ = self.fields.get(vector_field, ("", {}, False))
@@ -484,6 +659,10 @@ class MilvusStore(Store):
 
     def _open_client(self, endpoint: Endpoint, token: str) -> Any:
         pymilvus = require("pymilvus", purpose="the Milvus store")
+        if endpoint.lite_path is not None:
+            # Milvus Lite serves gRPC inside this process and logs a traceback for every call it
+            # does not implement (pymilvus probes AllocTimestamp and falls back by itself).
+            logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
         try:
             return pymilvus.MilvusClient(uri=endpoint.uri, token=token, db_name=endpoint.db_name, timeout=self.config.timeout_s)
         except pymilvus.exceptions.ConnectionConfigException as exc:
@@ -496,9 +675,19 @@ class MilvusStore(Store):
                 raise MilvusStoreError(f"{self.where}: cannot open the Milvus Lite folder: {exc.message}") from None
             raise
 
+    def _warn_if_lite_ignores(self, analyzer_params: dict[str, Any]) -> None:
+        filters_used = analyzer_params.get("filter") or []
+        stems = any(isinstance(f, dict) and f.get("type") == "stemmer" for f in filters_used)
+        if stems and self.endpoint.lite_path is not None and _lite_major_version() >= 3:
+            logger.warning(
+                "%s: Milvus Lite %s ignores the stemmer in the BM25 analyzer, so words match only in the exact "
+                "form used (a Milvus server or Milvus Lite 2.5 stems)", self.where, _lite_version(),
+            )
+
     def _check_lite_folder(self, endpoint: Endpoint) -> None:
         path = endpoint.lite_path
-        if path is not None and path.exists() and not path.is_dir():
+        # Milvus Lite 2.x keeps a collection in a single file, 3.x in a folder.
+        if path is not None and path.exists() and not path.is_dir() and _lite_major_version() >= 3:
             raise MilvusStoreError(
                 f"{self.where}: {path} is a file, but Milvus Lite 3 keeps its data in a folder "
                 "(a single-file .db comes from Milvus Lite 2.x, which this version cannot read); choose another uri"
@@ -528,8 +717,9 @@ class MilvusStore(Store):
             metric = index.get("metric_type")
         return CollectionLayout.from_description(description, metric)
 
-    def _schema_problems(self, layout: CollectionLayout, dimension: int, model_id: str) -> list[str]:
-        return layout.problems(self.where, self.config.vector_field, dimension, model_id, self.config.index.metric)
+    def _schema_problems(self, layout: CollectionLayout, dimension: int, model_id: str, sparse_model_id: str | None = None) -> list[str]:
+        problems = layout.problems(self.where, self.config.vector_field, dimension, model_id, self.config.index.metric)
+        return problems + layout.sparse_problems(self.where, self.config, sparse_model_id)
 
     def _load(self, client: Any) -> None:
         """A collection reopened from disk (Lite) or released on a server must be loaded to be read."""
@@ -566,7 +756,11 @@ class MilvusStore(Store):
 
     # ---- Store API ----------------------------------------------------------------------
 
-    def check(self, dimension: int, model_id: str) -> list[str]:
+    def exists(self) -> bool:
+        """Whether the collection exists (it is then opened and loaded for reads)."""
+        return self._existing() is not None
+
+    def check(self, dimension: int, model_id: str, sparse_model_id: str | None = None) -> list[str]:
         """Problems that ``prepare`` would raise; creates nothing (not even a Milvus Lite folder)."""
         if self._lite_folder_missing():
             return []
@@ -574,12 +768,16 @@ class MilvusStore(Store):
             client = self._connect()
             if not self._collection_exists(client):
                 return []
-            return self._schema_problems(self._describe(client), dimension, model_id)
+            return self._schema_problems(self._describe(client), dimension, model_id, sparse_model_id)
         except MilvusStoreError as exc:
             return [str(exc)]
 
-    def prepare(self, dimension: int, model_id: str) -> None:
-        """Create the collection, or check that the existing one fits; then load it."""
+    def prepare(self, dimension: int, model_id: str, sparse_model_id: str | None = None) -> None:
+        """Create the collection, or check that the existing one fits; then load it.
+
+        ``sparse_model_id`` names the learned sparse encoder (recorded like the dense model, so a
+        different one is refused); it is needed only when ``learned_sparse`` is configured.
+        """
         if isinstance(dimension, bool) or not isinstance(dimension, int) or dimension <= 0:
             raise ValueError(f"{self.where}: the vector dimension must be a positive integer, got {dimension!r}")
         if not model_id:
@@ -591,15 +789,15 @@ class MilvusStore(Store):
         if self.config.db_name and not self._database_exists(client):
             self._call("create database", client.create_database, self.config.db_name, timeout=self.config.timeout_s)
         if not self._collection_exists(client):
-            self._create(client, dimension, model_id)
+            self._create(client, dimension, model_id, sparse_model_id)
         layout = self._describe(client)
-        problems = self._schema_problems(layout, dimension, model_id)
+        problems = self._schema_problems(layout, dimension, model_id, sparse_model_id)
         if problems:
             raise StoreSchemaError("\n".join(problems))
         self._load(client)
         self._layout = layout
 
-    def _create(self, client: Any, dimension: int, model_id: str) -> None:
+    def _create(self, client: Any, dimension: int, model_id: str, sparse_model_id: str | None) -> None:
         pymilvus = require("pymilvus", purpose="the Milvus store")
         DataType = pymilvus.DataType
         schema = pymilvus.MilvusClient.create_schema(
@@ -608,13 +806,34 @@ class MilvusStore(Store):
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
         schema.add_field("source_id", DataType.VARCHAR, max_length=SOURCE_ID_MAX_BYTES)
         schema.add_field("chunk_index", DataType.INT64)
-        schema.add_field("text", DataType.VARCHAR, max_length=self.config.text_max_length)
+        bm25, learned = self.config.bm25, self.config.learned_sparse
+        text_options: dict[str, Any] = {}
+        if bm25 is not None:
+            text_options = {"enable_analyzer": True, "analyzer_params": bm25.analyzer_params}
+            self._warn_if_lite_ignores(bm25.analyzer_params)
+        schema.add_field("text", DataType.VARCHAR, max_length=self.config.text_max_length, **text_options)
         schema.add_field("metadata", DataType.JSON)
         schema.add_field(self.config.vector_field, DataType.FLOAT_VECTOR, dim=dimension)
         index_params = client.prepare_index_params()
         index = self.config.index
         index_params.add_index(self.config.vector_field, index_type=index.type, metric_type=index.metric, params=dict(index.params))
+        if bm25 is not None:
+            schema.add_field(bm25.field, DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(
+                pymilvus.Function(
+                    name=f"{bm25.field}_from_text", function_type=pymilvus.FunctionType.BM25,
+                    input_field_names=["text"], output_field_names=[bm25.field],
+                )
+            )
+            index_params.add_index(
+                bm25.field, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25", params={"bm25_k1": bm25.k1, "bm25_b": bm25.b}
+            )
+        if learned is not None:
+            schema.add_field(learned.field, DataType.SPARSE_FLOAT_VECTOR)
+            index_params.add_index(learned.field, index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
         properties = {PROPERTY_MODEL: model_id, PROPERTY_DIMENSION: str(dimension), PROPERTY_SCHEMA_VERSION: SCHEMA_VERSION}
+        if learned is not None and sparse_model_id:
+            properties[PROPERTY_SPARSE_MODEL] = sparse_model_id
         logger.info("creating %s for %d-d vectors from %s", self.where, dimension, model_id)
         try:
             self._call(
@@ -679,6 +898,14 @@ class MilvusStore(Store):
         vector = _vector_problem_or_list(chunk.vectors.get(self.config.vector_field), dimension)
         if isinstance(vector, str):
             reasons.append(f"{label}: {self.config.vector_field!r} vector {vector}")
+        sparse: dict[str, dict[int, float]] = {}
+        if self.config.learned_sparse is not None:
+            name = self.config.learned_sparse.field
+            checked = _sparse_problem_or_dict(chunk.vectors.get(name))
+            if isinstance(checked, str):
+                reasons.append(f"{label}: {name!r} sparse vector {checked}")
+            else:
+                sparse[name] = checked
         try:
             metadata = _json_ready({**chunk.metadata, "start": chunk.start, "end": chunk.end})
         except (TypeError, ValueError) as exc:
@@ -692,8 +919,10 @@ class MilvusStore(Store):
             "text": chunk.text,
             "metadata": metadata,
             self.config.vector_field: vector,
+            **sparse,
         }
-        return _Row(values, sum(sizes.values()) + len(json.dumps(metadata)) + 4 * len(vector) + 64)
+        sparse_bytes = sum(8 * len(v) for v in sparse.values())
+        return _Row(values, sum(sizes.values()) + len(json.dumps(metadata)) + 4 * len(vector) + sparse_bytes + 64)
 
     def delete_sources(self, source_ids: Sequence[str]) -> None:
         """Delete every chunk of these sources (filter built with escaped literals)."""
@@ -720,22 +949,37 @@ class MilvusStore(Store):
         source_ids = list(keep_sets)
         stale: list[str] = []
         for start in range(0, len(source_ids), DELETE_BATCH_SIZE):
-            # An iterator, not a plain query: one large document can own more chunks than a
-            # single query may return. (pymilvus pages with an unescaped `id > "<last id>"`,
-            # which is safe here because chunk ids are hex digests.)
-            iterator = self._call(
-                "query", client.query_iterator, self.config.collection, batch_size=4096,
-                filter=filters.in_list("source_id", source_ids[start : start + DELETE_BATCH_SIZE]),
-                output_fields=["id", "source_id"], timeout=self.config.timeout_s,
-            )
-            try:
-                while rows := self._call("query", iterator.next):
-                    stale.extend(row["id"] for row in rows if row["id"] not in keep_sets[row["source_id"]])
-            finally:
-                iterator.close()
+            part = source_ids[start : start + DELETE_BATCH_SIZE]
+            for row in self._chunk_ids_of(client, part):
+                if row["id"] not in keep_sets[row["source_id"]]:
+                    stale.append(row["id"])
         for start in range(0, len(stale), DELETE_BATCH_SIZE):
             expression = filters.in_list("id", stale[start : start + DELETE_BATCH_SIZE])
             self._call("delete", client.delete, self.config.collection, filter=expression, timeout=self.config.timeout_s)
+
+    def _chunk_ids_of(self, client: Any, source_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """``{"id", "source_id"}`` of every chunk of these sources."""
+        rows = self._call(
+            "query", client.query, self.config.collection, filter=filters.in_list("source_id", source_ids),
+            output_fields=["id", "source_id"], limit=QUERY_WINDOW, consistency_level="Strong", timeout=self.config.timeout_s,
+        )
+        if len(rows) < QUERY_WINDOW:
+            return rows
+        # More chunks than one query may return (a very large document): page with an iterator,
+        # one source at a time. pymilvus pages with an unescaped `id > "<last id>"`, which is
+        # safe because chunk ids are hex digests.
+        rows = []
+        for source_id in source_ids:
+            iterator = self._call(
+                "query", client.query_iterator, self.config.collection, batch_size=4096,
+                filter=filters.eq("source_id", source_id), output_fields=["id", "source_id"], timeout=self.config.timeout_s,
+            )
+            try:
+                while page := self._call("query", iterator.next):
+                    rows.extend(page)
+            finally:
+                iterator.close()
+        return rows
 
     def count(self) -> int:
         """Exact number of rows (a Strong-consistency count, whatever the configured level)."""
@@ -775,6 +1019,90 @@ class MilvusStore(Store):
         )
         return [DenseHit(id=str(hit["id"]), score=float(hit["distance"]), fields=dict(hit.get("entity") or {})) for hit in results[0]]
 
+    def search(
+        self,
+        request: SearchRequest,
+        filter_expr: str | None = None,
+        output_fields: Sequence[str] = DEFAULT_OUTPUT_FIELDS,
+        search_params: dict[str, Any] | None = None,
+    ) -> list[Hit]:
+        """One branch: the ``request.limit`` best rows for a dense, BM25 or learned sparse query, best first.
+
+        Scores are higher-is-better whatever the metric (see :class:`Hit`). ``filter_expr`` must be
+        built with :mod:`stores.filters` when it contains any outside value.
+        """
+        client, layout = self._ready()
+        metric, data = self._request_data(request, layout)
+        results = self._call(
+            "search", client.search, self.config.collection, data=[data], anns_field=request.field,
+            limit=request.limit, filter=filter_expr or "", output_fields=list(output_fields),
+            search_params={"metric_type": metric, "params": dict(search_params or {})},
+            consistency_level=self.config.consistency_level, timeout=self.config.timeout_s,
+        )
+        return [Hit(str(hit["id"]), _higher_is_better(metric, float(hit["distance"])), dict(hit.get("entity") or {})) for hit in results[0]]
+
+    def hybrid_search(
+        self,
+        requests: Sequence[SearchRequest],
+        fusion: Fusion,
+        top_k: int,
+        filter_expr: str | None = None,
+        output_fields: Sequence[str] = DEFAULT_OUTPUT_FIELDS,
+    ) -> list[Hit]:
+        """Several branches fused by Milvus (``hybrid_search``) into the ``top_k`` best rows.
+
+        The filter applies to every branch, so a row that fails it cannot enter through any of them.
+        """
+        if top_k <= 0:
+            raise ValueError(f"top_k must be positive, got {top_k}")
+        if not requests:
+            raise ValueError("hybrid search needs at least one request")
+        if isinstance(fusion, WeightedFusion) and len(fusion.weights) != len(requests):
+            raise ValueError(f"weighted fusion needs one weight per branch: {len(requests)} branches, {len(fusion.weights)} weights")
+        pymilvus = require("pymilvus", purpose="the Milvus store")
+        client, layout = self._ready()
+        branches = []
+        for request in requests:
+            metric, data = self._request_data(request, layout)
+            branches.append(
+                pymilvus.AnnSearchRequest(
+                    data=[data], anns_field=request.field, param={"metric_type": metric, "params": {}},
+                    limit=request.limit, expr=filter_expr or None,
+                )
+            )
+        if isinstance(fusion, RRFFusion):
+            ranker = pymilvus.RRFRanker(fusion.k)
+        else:
+            ranker = pymilvus.WeightedRanker(*fusion.weights, norm_score=fusion.normalize)
+        results = self._call(
+            "hybrid search", client.hybrid_search, self.config.collection, branches, ranker, limit=top_k,
+            output_fields=list(output_fields), consistency_level=self.config.consistency_level, timeout=self.config.timeout_s,
+        )
+        # Fused scores (RRF sums, weighted sums of normalised scores) are already higher-is-better.
+        return [Hit(str(hit["id"]), float(hit["distance"]), dict(hit.get("entity") or {})) for hit in results[0]]
+
+    def _request_data(self, request: SearchRequest, layout: CollectionLayout) -> tuple[str, Any]:
+        """The metric and the validated query payload for one branch."""
+        if request.limit <= 0:
+            raise ValueError(f"top_k must be positive, got {request.limit}")
+        if request.field == self.config.vector_field:
+            query = _vector_problem_or_list(request.data, layout.dimension(self.config.vector_field))
+            if isinstance(query, str):
+                raise ValueError(f"{self.where}: query vector {query}")
+            return layout.metric or self.config.index.metric, query
+        metric = self.config.sparse_fields().get(request.field)
+        if metric == "BM25":
+            if not isinstance(request.data, str) or not request.data.strip():
+                raise ValueError(f"{self.where}: a BM25 query is non-empty text, got {request.data!r}")
+            return metric, request.data
+        if metric == "IP":
+            sparse = _sparse_problem_or_dict(request.data)
+            if isinstance(sparse, str):
+                raise ValueError(f"{self.where}: query sparse vector {sparse}")
+            return metric, sparse
+        known = [self.config.vector_field, *self.config.sparse_fields()]
+        raise ValueError(f"{self.where}: cannot search field {request.field!r}; the store's vector fields are {', '.join(known)}")
+
     def close(self) -> None:
         """Release this store's share of the client; the last user closes it (and unlocks a Lite folder)."""
         if self._opened is not None:
@@ -797,6 +1125,36 @@ def _vector_problem_or_list(vector: Any, dimension: int | None) -> list[float] |
     return array.tolist()
 
 
+def _higher_is_better(metric: str, distance: float) -> float:
+    if metric == "BM25":
+        # A Milvus server reports BM25 scores as they are (positive); Milvus Lite 3 negates them.
+        return abs(distance)
+    if metric == "L2":
+        return -distance
+    return distance  # COSINE and IP: larger is closer
+
+
+_SPARSE_MAX_INDEX = 2**32 - 2  # Milvus sparse dimensions are uint32, the last value reserved
+
+
+def _sparse_problem_or_dict(vector: Any) -> dict[int, float] | str:
+    """A ``{dimension: weight}`` sparse vector as plain ints and floats, or what is wrong with it."""
+    if vector is None:
+        return "is missing (was the chunk encoded by the sparse stage?)"
+    if not isinstance(vector, Mapping):
+        return f"must be a mapping of dimension -> weight, got {type(vector).__name__}"
+    out: dict[int, float] = {}
+    for key, weight in vector.items():
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or not 0 <= int(key) <= _SPARSE_MAX_INDEX:
+            return f"has dimension {key!r}; dimensions are integers in [0, {_SPARSE_MAX_INDEX}]"
+        value = float(weight)
+        if not math.isfinite(value) or value < 0:
+            return f"has weight {weight!r} at dimension {key}; weights must be finite and non-negative"
+        if value > 0:
+            out[int(key)] = value
+    return out
+
+
 def _batches(rows: list[_Row], max_rows: int, max_bytes: int) -> Iterator[list[_Row]]:
     batch: list[_Row] = []
     size = 0
@@ -811,9 +1169,17 @@ def _batches(rows: list[_Row], max_rows: int, max_bytes: int) -> Iterator[list[_
 
 
 __all__ = [
+    "ANALYZER_PRESETS",
+    "BM25Config",
     "CollectionLayout",
     "DenseHit",
     "Endpoint",
+    "Fusion",
+    "Hit",
+    "LearnedSparseConfig",
+    "RRFFusion",
+    "SearchRequest",
+    "WeightedFusion",
     "InvalidChunksError",
     "MilvusStore",
     "MilvusStoreConfig",

@@ -139,3 +139,48 @@ def test_combinators_parenthesise_each_part():
     assert filters.any_of(a, b) == f"({a}) or ({b})"
     with pytest.raises(FilterValueError, match="at least one"):
         filters.any_of("")
+
+
+# -- filters as data ---------------------------------------------------------------------------
+
+
+def test_from_mapping_builds_one_conjunction_of_safe_parts():
+    expression = filters.from_mapping(
+        {"source_id": 'a" or 1==1 or "', "chunk_index": {"gte": 1, "lt": 3}, "media_type": ["application/pdf", "text/html"]}
+    )
+    assert expression == (
+        '(source_id == "a\\" or 1==1 or \\"") and ((chunk_index >= 1) and (chunk_index < 3)) and '
+        '((metadata["media_type"] == "application/pdf") or (metadata["media_type"] == "text/html"))'
+    )
+    assert filters.from_mapping({}) == ""
+    assert filters.from_mapping({"a.b": 1}) == '(metadata["a"]["b"] == 1)'
+    assert filters.from_mapping({"headings": {"contains": "Setup"}}) == '((json_contains(metadata["headings"], "Setup")))'
+
+
+def test_page_filters_match_chunks_by_their_page_list():
+    pages = 'metadata["page_numbers"]'
+    assert filters.from_mapping({"page": 3}) == f"(json_contains({pages}, 3))"
+    assert filters.from_mapping({"page": {"gte": 2, "lte": 4}}) == f"(json_contains_any({pages}, [2, 3, 4]))"
+    assert filters.from_mapping({"page": {"gt": 2, "lt": 5}}) == f"(json_contains_any({pages}, [3, 4]))"
+    assert filters.from_mapping({"page": [1, 7]}) == f"(json_contains_any({pages}, [1, 7]))"
+
+
+@pytest.mark.parametrize(
+    ("conditions", "message"),
+    [
+        ({"source_id": {"like": "%"}}, "unknown operator"),
+        ({"source_id": {}}, "unknown operator"),
+        ({'x"] or 1==1 or ["': 1}, "not allowed in filters"),
+        ({"source_id": []}, "at least one value"),
+        ({"source_id": {"in": "a"}}, "takes a list"),
+        ({"chunk_index": {"lt": "3"}}, "expected a number"),
+        ({"page": {"gte": 2}}, "needs an upper bound"),
+        ({"page": {"gte": 5, "lte": 2}}, "is empty"),
+        ({"page": {"gte": 1, "lte": 10**6}}, "at most"),
+        ({"page": "3"}, "non-negative integers"),
+        ({"source_id": {"eq": ["a"]}}, "cannot be used in a filter"),
+    ],
+)
+def test_from_mapping_refuses_what_it_cannot_express_safely(conditions, message):
+    with pytest.raises(filters.FilterValueError, match=message):
+        filters.from_mapping(conditions)

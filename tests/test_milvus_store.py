@@ -424,3 +424,96 @@ def test_against_a_milvus_server(tmp_path):
         from pymilvus import MilvusClient
 
         MilvusClient(os.environ["MILVUS_URI"], token=os.environ.get("MILVUS_TOKEN", "")).drop_collection(collection)
+
+
+# -- sparse fields, BM25 and hybrid search -----------------------------------------------------
+
+from stores.milvus import RRFFusion, SearchRequest, WeightedFusion  # noqa: E402
+
+
+def sparse_chunk(source_id: str, text: str, axis: int, sparse: dict, pages: list[int]) -> Chunk:
+    chunk = make_chunk(source_id, 0, text=text, axis=axis)
+    chunk.vectors["learned"] = sparse
+    chunk.metadata["page_numbers"] = pages
+    return chunk
+
+
+@pytest.fixture
+def sparse_store(open_store):
+    store = open_store(bm25={"analyzer": "english"}, learned_sparse={"field": "learned"})
+    store.prepare(DIM, MODEL, sparse_model_id="test/splade-a")
+    store.upsert([
+        sparse_chunk("cats.md", "Cats chase the red laser dot", 0, {10: 1.0, 11: 0.5}, [1]),
+        sparse_chunk("dogs.md", "Dogs fetch sticks in the park", 1, {20: 2.0}, [2, 3]),
+        sparse_chunk("birds.md", "Birds sing at dawn", 2, {10: 0.2, 30: 1.0}, [7]),
+    ])
+    return store
+
+
+def test_bm25_and_learned_sparse_search_with_higher_is_better_scores(sparse_store):
+    bm25 = sparse_store.search(SearchRequest("bm25", "laser cats", 5))
+    assert [h.fields["source_id"] for h in bm25] == ["cats.md"]  # Lite's BM25 comes back negative: flipped
+    assert bm25[0].score > 0
+    learned = sparse_store.search(SearchRequest("learned", {10: 1.0}, 5))
+    assert [h.fields["source_id"] for h in learned] == ["cats.md", "birds.md"] and learned[0].score == pytest.approx(1.0)
+    dense = sparse_store.search(SearchRequest("dense", np.eye(DIM, dtype=np.float32)[1], 1))
+    assert dense[0].fields["source_id"] == "dogs.md" and dense[0].score == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="cannot search field 'nope'"):
+        sparse_store.search(SearchRequest("nope", "x", 1))
+    with pytest.raises(ValueError, match="non-empty text"):
+        sparse_store.search(SearchRequest("bm25", "  ", 1))
+
+
+def test_hybrid_search_fuses_branches_and_applies_the_filter_to_each(sparse_store):
+    requests = [SearchRequest("dense", np.eye(DIM, dtype=np.float32)[1], 1), SearchRequest("bm25", "laser", 1)]
+    fused = sparse_store.hybrid_search(requests, RRFFusion(k=60), top_k=3)
+    assert {h.fields["source_id"] for h in fused} == {"dogs.md", "cats.md"}  # one from each branch
+    assert fused[0].score == pytest.approx(1 / 61)
+    weighted = sparse_store.hybrid_search(requests, WeightedFusion((1.0, 0.0)), top_k=2)
+    assert weighted[0].fields["source_id"] == "dogs.md"
+    only_cats = sparse_store.hybrid_search(requests, RRFFusion(), top_k=3, filter_expr=filters.eq("source_id", "cats.md"))
+    assert [h.fields["source_id"] for h in only_cats] == ["cats.md"]
+    with pytest.raises(ValueError, match="one weight per branch"):
+        sparse_store.hybrid_search(requests, WeightedFusion((1.0,)), top_k=2)
+
+
+def test_page_filters_select_chunks_by_their_pages(sparse_store):
+    query = SearchRequest("learned", {10: 1.0, 20: 1.0, 30: 1.0}, 10)
+    found = lambda conditions: {h.fields["source_id"] for h in sparse_store.search(query, filters.from_mapping(conditions))}  # noqa: E731
+    assert found({"page": 3}) == {"dogs.md"}
+    assert found({"page": {"gte": 1, "lte": 2}}) == {"cats.md", "dogs.md"}
+    assert found({"page": [7], "source_id": ["birds.md", "cats.md"]}) == {"birds.md"}
+
+
+def test_sparse_vectors_are_validated_per_document(sparse_store):
+    bad = sparse_chunk("bad.md", "x", 0, {-1: 1.0}, [])
+    negative = sparse_chunk("negative.md", "x", 0, {1: -0.5}, [])
+    missing = make_chunk("missing.md", 0)
+    with pytest.raises(InvalidChunksError) as refused:
+        sparse_store.upsert([bad, negative, missing])
+    assert set(refused.value.source_ids) == {"bad.md", "negative.md", "missing.md"}
+    assert "sparse vector is missing" in str(refused.value) and "non-negative" in str(refused.value)
+
+
+def test_a_collection_without_the_sparse_side_or_with_another_analyzer_is_refused(open_store):
+    plain = open_store()
+    plain.prepare(DIM, MODEL)
+    plain.close()
+    with pytest.raises(StoreSchemaError, match="has no BM25 field 'bm25'.*created without bm25"):
+        open_store(bm25={}).prepare(DIM, MODEL)
+    with pytest.raises(StoreSchemaError, match="has no learned sparse field 'sparse'"):
+        open_store(learned_sparse={}).prepare(DIM, MODEL)
+    english = open_store(collection="english", bm25={"analyzer": "english"})
+    english.prepare(DIM, MODEL)
+    english.close()
+    problems = open_store(collection="english", bm25={"analyzer": "jieba"}).check(DIM, MODEL)
+    assert any("analyses text for BM25 with" in p and "jieba" in p for p in problems)
+
+
+def test_sparse_field_names_are_validated():
+    with pytest.raises(ValidationError, match="distinct names"):
+        MilvusStore(bm25={"field": "dense"})
+    with pytest.raises(ValidationError, match="cannot be named 'text'"):
+        MilvusStore(learned_sparse={"field": "text"})
+    with pytest.raises(ValidationError):
+        MilvusStore(bm25={"analyzer": "klingon"})

@@ -1,0 +1,299 @@
+"""Retrieval quality of a spec on a BEIR-format dataset, every retrieval mode from one command.
+
+``python -m pipeline eval spec.yaml --beir DIR [--split test]``:
+
+1. ingest ``DIR/corpus.jsonl`` with the spec's parser, chunker, embedder, sparse encoder and store
+   (the spec's sources are replaced by a ``jsonl`` source; each record is one document, title and
+   text joined as BEIR does, the record id as source id), into a collection of its own
+   (``<collection>_beir_<dataset>``) so a production collection is never touched;
+2. run every query of the split (``DIR/queries.jsonl``, only those judged in ``DIR/qrels/<split>.tsv``)
+   through the spec's query path in each mode: dense, bm25, sparse, hybrid and ``<mode>+rerank``;
+3. map chunk hits back to documents (a document scores as its best chunk) and measure nDCG@10,
+   Recall@100 and MRR@10 with ``ir-measures`` (pytrec_eval), plus per-query latency p50/p95.
+
+``+rerank`` modes rerank the first ``top_n`` chunks of their base mode's ranking (the reranker's
+``top_n``) and keep the rest after them, so recall stays comparable; their latency is the base
+mode's plus the reranking.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.component import require
+from pipeline.errors import PipelineError
+from pipeline.query import BRANCHES, MAX_LIMIT, QueryEngine
+from pipeline.spec import ComponentSpec, Spec
+
+log = logging.getLogger("rag_pipeline.eval")
+
+RERANK_SUFFIX = "+rerank"
+MEASURES = ("nDCG@10", "R@100", "RR@10")
+RECALL_DEPTH = 100  # documents kept per query: Recall@100 needs 100
+
+
+class EvaluationError(PipelineError):
+    """A dataset that cannot be read, or a mode the spec cannot run."""
+
+
+@dataclass(frozen=True)
+class BeirDataset:
+    name: str
+    corpus: Path
+    queries: dict[str, str]  # query id -> text, only the judged ones
+    qrels: dict[str, dict[str, int]]  # query id -> {document id: relevance}
+
+
+def load_beir(folder: Path, split: str = "test") -> BeirDataset:
+    """Read a BEIR folder: corpus.jsonl, queries.jsonl (or queries_<split>.jsonl), qrels/<split>.tsv."""
+    corpus = folder / "corpus.jsonl"
+    qrels_file = folder / "qrels" / f"{split}.tsv"
+    for required in (corpus, qrels_file):
+        if not required.is_file():
+            splits = sorted(p.stem for p in (folder / "qrels").glob("*.tsv")) if (folder / "qrels").is_dir() else []
+            hint = f"; splits found: {', '.join(splits)}" if splits else ""
+            raise EvaluationError(f"{folder} is not a BEIR dataset: {required} is missing{hint}")
+    qrels: dict[str, dict[str, int]] = {}
+    with open(qrels_file, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            try:
+                qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+            except (KeyError, TypeError, ValueError):
+                raise EvaluationError(f"{qrels_file}: expected a header 'query-id corpus-id score' and integer scores") from None
+    queries_file = folder / f"queries_{split}.jsonl"
+    if not queries_file.is_file():
+        queries_file = folder / "queries.jsonl"
+    queries: dict[str, str] = {}
+    with open(queries_file, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                record = json.loads(line)
+                if str(record["_id"]) in qrels:
+                    queries[str(record["_id"])] = record["text"]
+    missing = len(set(qrels) - set(queries))
+    if missing:
+        log.warning("%d judged queries of split %s have no text in %s and are skipped", missing, split, queries_file)
+    return BeirDataset(folder.resolve().name, corpus, queries, {q: qrels[q] for q in queries})
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    metrics: dict[str, float]
+    latency_ms: dict[str, float]  # p50, p95, mean
+    queries: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvalReport:
+    dataset: str
+    split: str
+    collection: str
+    documents: int
+    chunks: int
+    ingest_seconds: float | None  # None when an existing index was reused
+    results: list[ModeResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["results"] = [r.to_dict() for r in self.results]
+        return out
+
+    def format(self) -> str:
+        ingest = f"ingested in {self.ingest_seconds:.0f} s" if self.ingest_seconds is not None else "existing index reused"
+        lines = [
+            f"{self.dataset} ({self.split}): {self.documents} documents, {self.chunks} chunks in {self.collection!r}, {ingest}",
+            f"{'mode':<16}{'nDCG@10':>9}{'R@100':>9}{'MRR@10':>9}{'p50 ms':>9}{'p95 ms':>9}{'queries':>9}",
+        ]
+        for r in self.results:
+            m, t = r.metrics, r.latency_ms
+            lines.append(
+                f"{r.mode:<16}{m['nDCG@10']:>9.4f}{m['R@100']:>9.4f}{m['RR@10']:>9.4f}{t['p50']:>9.1f}{t['p95']:>9.1f}{r.queries:>9}"
+            )
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def eval_collection_name(collection: str, dataset: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_]", "_", dataset)
+    return f"{collection}_beir_{slug}"[:255]
+
+
+def eval_spec(spec: Spec, dataset: BeirDataset, collection: str | None = None) -> Spec:
+    """The spec with the corpus as its only source and its own collection (nothing else changes)."""
+    from connectors.jsonl import JsonlSource
+
+    store: ComponentSpec = spec.stage("store")
+    name = collection or eval_collection_name(store.config.collection, dataset.name)  # type: ignore[attr-defined]
+    source = ComponentSpec("source", JsonlSource.type_name, JsonlSource, JsonlSource.Config(path=str(dataset.corpus.resolve())))
+    stages = dict(spec.stages)
+    stages["source"] = [source]
+    stages["store"] = dataclasses.replace(store, config=store.config.model_copy(update={"collection": name}))
+    runner = spec.runner.model_copy(update={"failures_file": spec.runner.failures_file or f"{name}.failures.jsonl"})
+    return dataclasses.replace(spec, stages=stages, runner=runner)
+
+
+def default_modes(engine: QueryEngine) -> list[str]:
+    modes: list[str] = list(engine.available_branches())
+    if len(modes) > 1:
+        modes.append("hybrid")
+    if engine.reranker is not None:
+        modes.append(modes[-1] + RERANK_SUFFIX)
+    return modes
+
+
+def evaluate_beir(
+    spec: Spec,
+    folder: Path,
+    *,
+    split: str = "test",
+    modes: Sequence[str] | None = None,
+    collection: str | None = None,
+    reuse_index: bool = False,
+    max_queries: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> EvalReport:
+    """Ingest the dataset with ``spec``'s stages (unless ``reuse_index`` finds it ingested) and measure ``modes``."""
+    from pipeline.pipeline import Pipeline
+
+    dataset = load_beir(folder, split)
+    pipeline = Pipeline(eval_spec(spec, dataset, collection))
+    try:
+        report = _ingest(pipeline, dataset, split, reuse_index, progress)
+        engine = pipeline.query_engine
+        evaluator = ModeEvaluator(engine, dataset, max_queries=max_queries, progress=progress)
+        report.results = evaluator.run(list(modes) if modes else default_modes(engine))
+        report.notes.extend(evaluator.notes)
+        return report
+    finally:
+        pipeline.close()
+
+
+def _ingest(pipeline: Any, dataset: BeirDataset, split: str, reuse_index: bool, progress: Callable[[str], None] | None) -> EvalReport:
+    store = pipeline.store
+    documents = _count_documents(dataset.corpus)
+    if reuse_index and store.count() > 0:
+        if progress:
+            progress(f"reusing {store.where} ({store.count()} chunks)")
+        return EvalReport(dataset.name, split, store.config.collection, documents, store.count(), None)
+    if progress:
+        progress(f"ingesting {documents} documents of {dataset.name} into {store.where}")
+    summary = pipeline.ingest()
+    report = EvalReport(dataset.name, split, store.config.collection, documents, store.count(), summary.seconds)
+    if summary.documents_failed:
+        report.notes.append(f"{summary.documents_failed} documents failed to ingest (see {summary.failures_file})")
+    report.notes.extend(summary.notes)
+    return report
+
+
+class ModeEvaluator:
+    """Runs the judged queries through a query engine in several modes and scores the rankings."""
+
+    def __init__(
+        self,
+        engine: QueryEngine,
+        dataset: BeirDataset,
+        *,
+        depth: int = RECALL_DEPTH,
+        max_queries: int | None = None,
+        progress: Callable[[str], None] | None = None,
+    ):
+        self.engine = engine
+        self.dataset = dataset
+        self.depth = depth
+        self.query_ids = sorted(dataset.queries)[:max_queries] if max_queries else sorted(dataset.queries)
+        self.progress = progress
+        self.notes: list[str] = []
+        self._rankings: dict[str, dict[str, list[tuple[str, str]]]] = {}  # mode -> query id -> [(document id, chunk text)]
+        self._latencies: dict[str, dict[str, float]] = {}  # mode -> query id -> seconds
+
+    def chunk_limit(self) -> int:
+        """Chunks to fetch so that ``depth`` distinct documents are likely among them."""
+        store = self.engine.store
+        per_document = max(1.0, store.count() / max(_count_documents(self.dataset.corpus), 1))
+        return min(MAX_LIMIT, math.ceil(self.depth * per_document))
+
+    def run(self, modes: Sequence[str]) -> list[ModeResult]:
+        self.engine.warm_up()
+        limit = self.chunk_limit()
+        results = []
+        for mode in modes:
+            base, reranked = (mode[: -len(RERANK_SUFFIX)], True) if mode.endswith(RERANK_SUFFIX) else (mode, False)
+            if base not in (*BRANCHES, "hybrid"):
+                raise EvaluationError(f"unknown mode {mode!r}; use dense, bm25, sparse, hybrid, optionally with {RERANK_SUFFIX}")
+            if reranked and self.engine.reranker is None:
+                raise EvaluationError(f"mode {mode!r} needs a reranker: add query.reranker to the spec")
+            if base not in self._rankings:
+                self._retrieve(base, limit)
+            ranking, latency = (self._rerank(base) if reranked else (self._rankings[base], self._latencies[base]))
+            results.append(self._score(mode, ranking, latency))
+            if self.progress:
+                self.progress(f"{mode}: nDCG@10 {results[-1].metrics['nDCG@10']:.4f}")
+        return results
+
+    def _retrieve(self, mode: str, limit: int) -> None:
+        rankings, latencies = {}, {}
+        for number, query_id in enumerate(self.query_ids, start=1):
+            began = time.perf_counter()
+            result = self.engine.query(self.dataset.queries[query_id], top_k=limit, mode=mode, rerank=False)  # type: ignore[arg-type]
+            latencies[query_id] = time.perf_counter() - began
+            rankings[query_id] = [(hit.source_id, hit.text) for hit in result.hits]
+            if self.progress and number % 100 == 0:
+                self.progress(f"{mode}: {number}/{len(self.query_ids)} queries")
+        self._rankings[mode], self._latencies[mode] = rankings, latencies
+
+    def _rerank(self, base: str) -> tuple[dict[str, list[tuple[str, str]]], dict[str, float]]:
+        reranker = self.engine.reranker
+        assert reranker is not None
+        top_n = reranker.config.top_n
+        rankings, latencies = {}, {}
+        for number, query_id in enumerate(self.query_ids, start=1):
+            ranking = self._rankings[base][query_id]
+            began = time.perf_counter()
+            order = reranker.rerank(self.dataset.queries[query_id], [text for _, text in ranking[:top_n]])
+            latencies[query_id] = self._latencies[base][query_id] + time.perf_counter() - began
+            rankings[query_id] = [ranking[i] for i, _ in order] + ranking[top_n:]
+            if self.progress and number % 25 == 0:
+                self.progress(f"{base}{RERANK_SUFFIX}: {number}/{len(self.query_ids)} queries")
+        return rankings, latencies
+
+    def _score(self, mode: str, rankings: dict[str, list[tuple[str, str]]], latencies: dict[str, float]) -> ModeResult:
+        ir_measures = require("ir_measures", purpose="retrieval evaluation", extra="eval")
+        run: dict[str, dict[str, float]] = {}
+        for query_id, ranking in rankings.items():
+            documents: dict[str, float] = {}
+            for source_id, _ in ranking:  # best chunk first: a document's first chunk is its best
+                if source_id not in documents and len(documents) < self.depth:
+                    # Scores from ranks, so the metric sees exactly this order (ties would be re-sorted by id).
+                    documents[source_id] = float(self.depth - len(documents))
+            run[query_id] = documents
+        qrels = {q: self.dataset.qrels[q] for q in self.query_ids}
+        measures = [ir_measures.parse_measure(name) for name in MEASURES]
+        values = ir_measures.calc_aggregate(measures, qrels, run)
+        seconds = np.array([latencies[q] for q in self.query_ids]) * 1000
+        return ModeResult(
+            mode=mode,
+            metrics={name: float(values[measure]) for name, measure in zip(MEASURES, measures)},
+            latency_ms={"p50": float(np.percentile(seconds, 50)), "p95": float(np.percentile(seconds, 95)), "mean": float(seconds.mean())},
+            queries=len(self.query_ids),
+        )
+
+
+def _count_documents(corpus: Path) -> int:
+    with open(corpus, encoding="utf-8") as handle:
+        return sum(1 for line in handle if line.strip())

