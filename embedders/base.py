@@ -31,6 +31,9 @@ class Embedder(Component):
     @abstractmethod
     def embed_query(self, text: str) -> np.ndarray: ...
 
+    def warm_up(self) -> None:
+        """Load whatever the first ``embed`` call would load (the runner calls it in the background)."""
+
     def begin_run(self) -> None:
         """Called by the runner before a run; ``run_notes`` then covers that run only."""
 

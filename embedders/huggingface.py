@@ -266,6 +266,9 @@ class HuggingFaceEmbedder(Embedder):
             log.warning("a query of %d characters is longer than %s tokens and was truncated", len(text), self.encoder.max_length)
         return vectors[0]
 
+    def warm_up(self) -> None:
+        self.encoder  # noqa: B018 - loads the weights once (under the embedder's lock)
+
     def begin_run(self) -> None:
         self._truncated_before_run = self.truncated_texts
 

@@ -12,6 +12,7 @@ pool, per-document error isolation, timing and the summary. Invariants it keeps:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
@@ -86,6 +87,9 @@ class LocalRunner:
                 memory_mb=config.parse_memory_mb,
                 max_pending=max(2 * config.batch_size, 8),
             )
+            # Model loading overlaps with the parser workers' start-up and the first batch.
+            warm_up = threading.Thread(target=self._warm_up, name="embedder-warm-up", daemon=True)
+            warm_up.start()
             outcomes = pool.imap(self._read_all(summary))
             waited = time.monotonic()
             for batch in batched(outcomes, config.batch_size):
@@ -100,6 +104,12 @@ class LocalRunner:
             summary.seconds = time.monotonic() - started
         summary.notes.extend(self.embedder.run_notes())
         return summary
+
+    def _warm_up(self) -> None:
+        try:
+            self.embedder.warm_up()
+        except Exception:  # the first embed call reports the same problem, per document
+            log.debug("embedder warm-up failed", exc_info=True)
 
     # -- stages ------------------------------------------------------------------------------
 
