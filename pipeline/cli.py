@@ -1,8 +1,9 @@
-"""Command line: ``python -m pipeline {ingest,validate,schema,query,eval} ...`` (also installed as ``rag-pipeline``).
+"""Command line: ``python -m pipeline {ingest,reindex,status,validate,schema,query,eval} ...`` (also installed as ``rag-pipeline``).
 
 Exit codes: 0 success; 1 the run finished but some documents failed; 2 the spec (or for query and
 eval: a filter, mode or dataset) is invalid; 3 the run could not proceed (store unreachable, model
-missing, collection mismatch, nothing ingested yet).
+missing, collection mismatch, nothing ingested yet); 4 reindex/status: another run holds the
+collection's lock (or Milvus Lite's data folder is open in another process).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ EXIT_OK = 0
 EXIT_PARTIAL = 1
 EXIT_BAD_SPEC = 2
 EXIT_FATAL = 3
+EXIT_LOCK_HELD = 4  # reindex: another run holds the collection's lock
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
@@ -58,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(validate)
 
     sub.add_parser("schema", help="print the JSON Schema of the spec format")
+
+    reindex = sub.add_parser("reindex", help="bring the index up to the sources: skip unchanged, redo changed, drop removed")
+    _add_spec_args(reindex)
+    reindex.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    reindex.add_argument("--progress", choices=["auto", "always", "never"], help="override runner.progress")
+    reindex.add_argument("--schedule", metavar="CRON", help='keep running, once per cron time, e.g. "*/30 * * * *"')
+    reindex.add_argument("--lock-ttl", type=float, default=300.0, metavar="SECONDS", help="how long a killed run's lock lasts")
+
+    status = sub.add_parser("status", help="show the index record: sources by status, the last run, failures")
+    _add_spec_args(status)
 
     query = sub.add_parser("query", help="retrieve the best chunks for a question from the spec's collection")
     _add_spec_args(query)
@@ -144,6 +156,48 @@ def _run_eval(pipeline, args) -> int:  # type: ignore[no-untyped-def]
     return EXIT_PARTIAL if any("failed to ingest" in note for note in report.notes) else EXIT_OK
 
 
+def _run_reindex(pipeline, args) -> int:  # type: ignore[no-untyped-def]
+    from pipeline.reindex_job import index_lock, is_lock_conflict, run_on_schedule
+    from stores.records import records_for
+
+    def once() -> int:
+        try:
+            records = records_for(pipeline.store)
+            with index_lock(records, ttl_s=args.lock_ttl):
+                summary = pipeline.reindex(records=records)
+        except Exception as exc:
+            if is_lock_conflict(exc):
+                print(f"reindex skipped: {exc}", file=sys.stderr)
+                return EXIT_LOCK_HELD
+            logging.getLogger("rag_pipeline").debug("run aborted", exc_info=True)
+            print(f"reindex aborted: {exc}", file=sys.stderr)
+            return EXIT_FATAL
+        print(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) if args.json else summary.format(), flush=True)
+        return EXIT_OK if summary.ok else EXIT_PARTIAL
+
+    if not args.schedule:
+        return once()
+    try:
+        return run_on_schedule(args.schedule, once)
+    except ValueError as exc:
+        print(f"reindex: {exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _run_status(pipeline) -> int:  # type: ignore[no-untyped-def]
+    from pipeline.reindex_job import format_status, is_lock_conflict
+    from stores.records import records_for
+
+    try:
+        print(format_status(records_for(pipeline.store)))
+    except Exception as exc:
+        print(f"status unavailable: {exc}", file=sys.stderr)
+        return EXIT_LOCK_HELD if is_lock_conflict(exc) else EXIT_FATAL
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
@@ -175,8 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{args.spec}: ok")
             return EXIT_BAD_SPEC if problems else EXIT_OK
 
+        if args.command == "status":
+            return _run_status(pipeline)
         if args.progress:
             pipeline.spec.runner.progress = args.progress
+        if args.command == "reindex":
+            return _run_reindex(pipeline, args)
         try:
             summary = pipeline.ingest()
         except Exception as exc:  # the run could not start or continue at all

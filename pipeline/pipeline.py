@@ -8,10 +8,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pipeline.incremental import ChangeTracker, stage_fingerprint
 from pipeline.query import Mode, QueryEngine, QueryResult
 from pipeline.report import Progress, RunSummary
 from pipeline.runner import LocalRunner
 from pipeline.spec import Spec, load_spec, parse_spec
+from stores.records import RecordStore, records_for
 
 
 class Pipeline:
@@ -107,7 +109,7 @@ class Pipeline:
         path = Path(name).expanduser()
         return path if path.is_absolute() else self.spec.base_dir / path
 
-    def ingest(self, *, progress: Progress | None = None) -> RunSummary:
+    def ingest(self, *, progress: Progress | None = None, tracker: ChangeTracker | None = None) -> RunSummary:
         """Index every document the sources list; returns the run summary (never raises per document)."""
         with self._ingest_lock:
             runner = LocalRunner(
@@ -119,8 +121,19 @@ class Pipeline:
                 self.spec.runner,
                 failures_path=self.failures_path(),
                 sparse=self.sparse,
+                tracker=tracker,
             )
             return runner.run(progress)
+
+    def reindex(self, *, progress: Progress | None = None, records: RecordStore | None = None) -> RunSummary:
+        """Bring the index up to the sources: skip unchanged sources, redo changed ones, drop removed ones.
+
+        ``records`` defaults to the store's own record (``<collection>_records`` for Milvus).
+        """
+        records = records if records is not None else records_for(self.store)
+        fingerprint = stage_fingerprint([self.parser, self.chunker, self.embedder, self.sparse])
+        tracker = ChangeTracker(records, self.store, fingerprint, self.spec.runner.cleanup)
+        return self.ingest(progress=progress, tracker=tracker)
 
     def query(
         self,

@@ -8,7 +8,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from pipeline.incremental import ChangeCounts
 
 log = logging.getLogger("rag_pipeline")
 
@@ -66,6 +69,7 @@ class RunSummary:
     notes: list[str] = field(default_factory=list)  # e.g. "12 chunks longer than the model's 256 tokens were truncated"
     failures: list[Failure] = field(default_factory=list)
     failures_file: str | None = None
+    changes: ChangeCounts | None = None  # set by incremental runs: added / updated / unchanged / deleted
 
     @property
     def ok(self) -> bool:
@@ -79,6 +83,18 @@ class RunSummary:
         out["failures"] = [asdict(f) for f in self.failures]
         return out
 
+    def run_record(self) -> dict[str, Any]:
+        """The compact summary kept as 'last run' in the index record (counts, not the failure list)."""
+        return {
+            "finished_at": time.time(),
+            "seconds": round(self.seconds, 3),
+            "documents_seen": self.documents_seen,
+            "documents_indexed": self.documents_indexed,
+            "documents_failed": self.documents_failed,
+            "chunks_written": self.chunks_written,
+            "changes": asdict(self.changes) if self.changes is not None else None,
+        }
+
     def failure_reasons(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for f in self.failures:
@@ -91,6 +107,11 @@ class RunSummary:
         lines = [
             f"documents: {self.documents_seen} seen, {self.documents_indexed} indexed, {self.documents_failed} failed",
             f"chunks written: {self.chunks_written}",
+        ]
+        if self.changes is not None:
+            c = self.changes
+            lines.append(f"sources: {c.added} added, {c.updated} updated, {c.unchanged} unchanged, {c.deleted} deleted, {self.documents_failed} failed")
+        lines += [
             f"time: {self.seconds:.1f} s ({rate:.1f} documents/s)",
         ]
         stages = [s for s in STAGE_ORDER if s in self.stage_seconds] + [s for s in self.stage_seconds if s not in STAGE_ORDER]

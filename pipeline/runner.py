@@ -23,6 +23,7 @@ from chunkers.base import Chunker
 from connectors.base import Parser, Source
 from embedders.base import Embedder
 from embedders.sparse import SparseEncoder
+from pipeline.incremental import ChangeTracker
 from pipeline.parse_pool import ParseOutcome, ParserPool
 from pipeline.report import Failure, FailureLog, Progress, RunSummary
 from pipeline.spec import RunnerConfig
@@ -56,6 +57,7 @@ class LocalRunner:
         config: RunnerConfig,
         failures_path: Path | None = None,
         sparse: SparseEncoder | None = None,
+        tracker: ChangeTracker | None = None,
     ):
         self.sources = sources
         self.parser = parser
@@ -65,6 +67,7 @@ class LocalRunner:
         self.config = config
         self.failures_path = failures_path
         self.sparse = sparse  # optional learned sparse encoder, run right after the dense embedder
+        self.tracker = tracker  # incremental mode: skips unchanged sources, keeps the record (pipeline.incremental)
 
     def run(self, progress: Progress | None = None) -> RunSummary:
         config = self.config
@@ -97,6 +100,11 @@ class LocalRunner:
                 self._process_batch(batch, summary, failures)
                 progress.update(summary, len(batch))
                 waited = time.monotonic()
+            if self.tracker is not None:
+                summary.changes = self.tracker.counts
+                self.tracker.remove_unlisted()
+                summary.seconds = time.monotonic() - started
+                self.tracker.save_run(summary.run_record())
         finally:
             progress.close()
             failures.close()
@@ -115,7 +123,10 @@ class LocalRunner:
 
     def _read_all(self, summary: RunSummary) -> Iterator[SourceDocument | ParseOutcome]:
         """Runs in the parser pool's feeder thread: list and read lazily, failures as outcomes."""
+        tracker = self.tracker
         for source in self.sources:
+            if tracker is not None:
+                tracker.begin_listing(source.scope)
             listing = iter(source.list())
             while True:
                 started = time.monotonic()
@@ -124,8 +135,12 @@ class LocalRunner:
                 except StopIteration:
                     break
                 except Exception as exc:  # a listing error ends this source, not the run
+                    if tracker is not None:
+                        tracker.listing_failed(source.scope)
                     yield ParseOutcome(source.scope or type(source).__name__, "", None, _reason(exc), 0.0, stage="list")
                     break
+                if tracker is not None and not tracker.should_read(ref, source.scope):
+                    continue
                 try:
                     document = source.load(ref)
                 except Exception as exc:
@@ -133,7 +148,8 @@ class LocalRunner:
                     continue
                 finally:
                     summary.add_time("read", time.monotonic() - started)
-                yield document
+                if tracker is None or tracker.should_process(document):
+                    yield document
 
     def _process_batch(self, batch: list[ParseOutcome], summary: RunSummary, failures: FailureLog) -> None:
         summary.documents_seen += len(batch)
@@ -181,9 +197,14 @@ class LocalRunner:
             raise ValueError(f"the sparse stage fills {self.sparse.vector_field!r}, but the store cannot keep it: {where}")
 
     def _write(self, documents: Sequence[ChunkedDocument]) -> None:
+        if self.tracker is not None:
+            self.tracker.writing(documents)
         self.store.upsert([c for d in documents for c in d.chunks])
         # New chunks are in; only now remove what an earlier version of each document left behind.
-        self.store.delete_stale({d.document.source_id: [c.id for c in d.chunks] for d in documents})
+        if self.config.cleanup != "none":
+            self.store.delete_stale({d.document.source_id: [c.id for c in d.chunks] for d in documents})
+        if self.tracker is not None:
+            self.tracker.written(documents)  # the record goes last: 'indexed' means the chunks are there
 
     def _isolate(self, stage, documents, action, summary, failures) -> list[ChunkedDocument]:
         """Run ``action`` on the whole batch; if it fails, once per document to find the bad ones."""
@@ -207,8 +228,9 @@ class LocalRunner:
                 self._fail(failures, summary, document.document.source_id, stage, _reason(exc), document.document.uri)
         return survivors
 
-    @staticmethod
-    def _fail(failures: FailureLog, summary: RunSummary, source_id: str, stage: str, reason: str, uri: str) -> None:
+    def _fail(self, failures: FailureLog, summary: RunSummary, source_id: str, stage: str, reason: str, uri: str) -> None:
         summary.documents_failed += 1
         failures.record(Failure(source_id=source_id, stage=stage, reason=reason, uri=uri))
+        if self.tracker is not None:
+            self.tracker.failed(source_id, stage, reason)
 

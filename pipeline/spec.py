@@ -56,6 +56,11 @@ class RunnerConfig(BaseModel):
     parse_memory_mb: int | None = Field(4096, ge=256, description="Address-space cap per parser worker; null for none.")
     failures_file: str | None = Field(None, description="JSONL file of per-document failures (default: <store name>.failures.jsonl next to the spec).")
     progress: Literal["auto", "always", "never"] = "auto"
+    cleanup: Literal["none", "incremental", "full"] = Field(
+        "full",
+        description="none: only add/update; incremental: also delete stale chunks of changed sources; "
+        "full: also delete sources no longer listed (per source root, only after a complete listing).",
+    )
 
 
 class SpecModel(BaseModel):

@@ -31,11 +31,16 @@ class MemorySource(Source):
     class Config(ComponentConfig):
         documents: dict[str, str] = Field(default_factory=dict)
         namespace: str = "mem"
+        signal_suffix: str = ""  # changes every change signal without changing content (a "touch")
+        fail_listing_after: int | None = None  # raise after listing this many documents
 
     def list(self) -> Iterator[SourceRef]:
-        for name in sorted(self.config.documents):
+        for position, name in enumerate(sorted(self.config.documents)):
+            if position == self.config.fail_listing_after:
+                raise ConnectionError("listing interrupted")
             data = self.config.documents[name].encode()
-            yield SourceRef(f"{self.scope}{name}", f"memory:{name}", "text/plain", len(data), str(len(data)), {"file_name": name})
+            signal = f"{hashlib.sha256(data).hexdigest()[:16]}{self.config.signal_suffix}"
+            yield SourceRef(f"{self.scope}{name}", f"memory:{name}", "text/plain", len(data), signal, {"file_name": name})
 
     def read(self, ref: SourceRef) -> bytes:
         name = ref.source_id[len(self.scope):]

@@ -1,0 +1,250 @@
+"""The index record in Milvus Lite (``<collection>_records``) and incremental runs against real Milvus."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import Pipeline
+from pipeline.reindex_job import LockHeldError, format_status, index_lock, run_on_schedule
+from stores.milvus import MilvusStore
+from stores.records import LockHolder, MemoryRecords, MilvusRecords, SourceRecord, chunk_digest, records_for
+from tests.plugins.components import PLUGINS, MemoryStore, base_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def milvus_pipeline(tmp_path, documents, **store):
+    spec = base_spec()
+    spec["stages"]["source"]["documents"] = dict(documents)
+    spec["stages"]["store"] = {"type": "milvus", "uri": str(tmp_path / "index.db"), "collection": "docs", **store}
+    return Pipeline(spec, allowed_modules=PLUGINS)
+
+
+def chunk_rows(store: MilvusStore) -> list[tuple[str, str, str]]:
+    client = store._connect()
+    client.load_collection("docs")  # a store opened only to read has not loaded it yet
+    rows = client.query("docs", filter="", output_fields=["id", "source_id", "text"], limit=10_000)
+    return sorted((r["source_id"], r["text"], r["id"]) for r in rows)
+
+
+def test_records_round_trip_in_the_companion_collection(tmp_path):
+    store = MilvusStore(uri=str(tmp_path / "index.db"), collection="docs")
+    try:
+        records = records_for(store)
+        assert isinstance(records, MilvusRecords) and records.name == "docs_records"
+        a = SourceRecord("root/a.txt", "root/", content_hash="h1", change_signal="s1", fingerprint="f",
+                         chunk_count=2, chunk_digest=chunk_digest(["x", "y"]), status="indexed")
+        b = SourceRecord("other/b.txt", "other/", status="failed", stage="parse", reason="corrupt", attempts=1)
+        records.put([a, b])
+        assert records.get(["root/a.txt", "missing"]) == {"root/a.txt": a}
+        assert [r.source_id for r in records.in_scope("other/")] == ["other/b.txt"]
+        assert {r.source_id for r in records.all()} == {"root/a.txt", "other/b.txt"}
+        records.put_run({"documents_seen": 3})
+        assert records.last_run() == {"documents_seen": 3}
+        assert {r.source_id for r in records.all()} == {"root/a.txt", "other/b.txt"}  # the run row is no source
+        records.delete(["root/a.txt"])
+        assert records.get(["root/a.txt"]) == {}
+        assert store._connect().has_collection("docs_records")
+        holder = LockHolder("h:1:t", "h", 1, time.time() + 60)
+        records.write_lock(holder)
+        assert records.lock_holder() == holder and records.all() == records.in_scope("other/")
+        records.write_lock(None)
+        assert records.lock_holder() is None
+    finally:
+        store.close()
+
+
+def test_records_need_a_store_that_can_keep_them():
+    with pytest.raises(TypeError, match="keeps no index record"):
+        records_for(MemoryStore())
+
+
+def test_incremental_runs_against_milvus_converge_to_a_clean_build(tmp_path):
+    # write_batch_size=2: a five-chunk source is written over three upsert requests
+    long_doc = "\n".join(f"line {i}" for i in range(5))
+    docs = {"a.txt": "alpha\nbeta", "b.txt": long_doc, "c.txt": "gamma", "d.txt": "gamma"}
+    pipeline = milvus_pipeline(tmp_path / "inc", docs, write_batch_size=2)
+    source = pipeline.sources[0].config
+    try:
+        first = pipeline.reindex()
+        assert first.changes.added == 4
+        assert pipeline.reindex().documents_seen == 0
+
+        source.documents["b.txt"] = "\n".join(f"line {i}" for i in range(2, 9))  # edit across batches
+        source.documents["e.txt"] = source.documents.pop("a.txt")  # rename
+        del source.documents["c.txt"]  # delete
+        summary = pipeline.reindex()
+        assert (summary.changes.added, summary.changes.updated, summary.changes.deleted, summary.changes.unchanged) == (1, 1, 2, 1)
+
+        clean = milvus_pipeline(tmp_path / "clean", source.documents, write_batch_size=2)
+        try:
+            clean.ingest()
+            assert chunk_rows(pipeline.store) == chunk_rows(clean.store)
+        finally:
+            clean.store.close()
+        records = records_for(pipeline.store)
+        assert {r.source_id: r.status for r in records.all()} == {"mem/b.txt": "indexed", "mem/d.txt": "indexed", "mem/e.txt": "indexed"}
+        assert records.get(["mem/b.txt"])["mem/b.txt"].chunk_count == 7
+        assert records.last_run()["changes"]["deleted"] == 2
+    finally:
+        pipeline.store.close()
+
+
+# -- the lock -------------------------------------------------------------------------------------
+
+
+def test_lock_is_exclusive_expires_and_is_released():
+    records = MemoryRecords()
+    with index_lock(records, ttl_s=60, settle_s=0) as holder:
+        assert records.lock_holder().owner == holder.owner
+        with pytest.raises(LockHeldError, match=f"pid {os.getpid()}"):
+            with index_lock(records, ttl_s=60, settle_s=0):
+                pass
+    assert records.lock_holder() is None
+    # a killed run leaves its lock behind; once expired, the next run takes it over
+    records.write_lock(LockHolder("dead:1:x", "dead", 1, time.time() - 1))
+    with index_lock(records, ttl_s=60, settle_s=0) as holder:
+        assert holder.owner != "dead:1:x"
+
+
+def test_lock_heartbeat_pushes_the_expiry_forward():
+    records = MemoryRecords()
+    with index_lock(records, ttl_s=0.3, settle_s=0):
+        first = records.lock_holder().expires_at
+        time.sleep(0.45)
+        assert records.lock_holder().expires_at > first
+        assert not records.lock_holder().expired
+
+
+def test_status_shows_counts_last_run_and_failures():
+    records = MemoryRecords()
+    records.put([
+        SourceRecord("m/a", "m/", status="indexed", chunk_count=3),
+        SourceRecord("m/b", "m/", status="failed", stage="embed", reason="ValueError: boom", attempts=2),
+    ])
+    assert "last run: none recorded" in format_status(records)
+    records.put_run({"finished_at": 0, "seconds": 1.5, "documents_failed": 1, "changes": {"added": 1, "deleted": 4}})
+    text = format_status(records)
+    assert "sources: 2 (1 indexed, 0 pending, 1 failed)" in text and "chunks: 3" in text
+    assert "1 added, 0 updated, 0 unchanged, 4 deleted, 1 failed" in text
+    assert "m/b: embed: ValueError: boom (2 attempts)" in text
+
+
+def test_schedule_rejects_a_bad_cron_expression_and_stops_on_request():
+    with pytest.raises(ValueError, match="not a cron expression"):
+        run_on_schedule("every half hour", lambda: 0)
+    stop = threading.Event()
+    stop.set()
+    assert run_on_schedule("*/30 * * * *", lambda: 9, stop=stop) == 0  # stopped before the first time came
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+
+def write_spec(folder: Path, documents: dict[str, str], **runner) -> Path:
+    spec = base_spec()
+    spec["stages"]["source"]["documents"] = documents
+    spec["stages"]["store"] = {"type": "milvus", "uri": str(folder / "index.db"), "collection": "docs"}
+    spec["runner"].update(runner)
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args, "--allow-module", "tests.plugins"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=120)
+    return process.returncode, out, err
+
+
+def test_reindex_and_status_commands(tmp_path):
+    spec = write_spec(tmp_path, {"a.txt": "one\ntwo", "b.txt": "<corrupt>"})
+    code, out, err = finish(cli("reindex", str(spec)))
+    assert code == 1, err  # partial: one source failed
+    assert "1 added" in out and "1 failed" in out
+    code, out, err = finish(cli("reindex", str(spec)))
+    assert code == 1 and "1 unchanged" in out, err
+    code, out, err = finish(cli("status", str(spec)))
+    assert code == 0, err
+    assert "sources: 2 (1 indexed, 0 pending, 1 failed)" in out
+    assert "mem/b.txt: parse: corrupt file" in out and "(2 attempts)" in out
+
+
+def test_two_reindex_processes_at_once_one_exits_with_the_lock_code(tmp_path):
+    # The slow document keeps the first run busy (its parse is killed after 3 s) while the second starts.
+    spec = write_spec(tmp_path, {"a.txt": "one", "slow.txt": "<hang>"}, parse_workers=1, parse_timeout_s=3)
+    first, second = cli("reindex", str(spec)), cli("reindex", str(spec))
+    results = sorted([finish(first), finish(second)])
+    assert [code for code, _, _ in results] == [1, 4], results
+    assert "in use by another process" in results[1][2] or "lock is held" in results[1][2]
+
+
+# -- crash safety ------------------------------------------------------------------------------------
+
+
+def corpus_after(round_number: int, rng) -> dict[str, str]:
+    """40 small documents; each round edits, adds, deletes and renames a few of them."""
+    documents = {f"doc{i:02d}.txt": "\n".join(f"doc {i} line {j}" for j in range(1 + i % 4)) for i in range(40)}
+    for step in range(round_number):
+        for name in rng.sample(sorted(documents), 3):
+            documents[name] += f"\nedit {step}"
+        del documents[rng.choice(sorted(documents))]
+        documents[f"new{step:02d}.txt"] = f"added in round {step}"
+        renamed = rng.choice(sorted(documents))
+        documents[f"renamed{step:02d}.txt"] = documents.pop(renamed)
+    return documents
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_one_clean_run_equals_a_clean_build(tmp_path):
+    import random
+
+    rng = random.Random(5)
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    killed = 0
+    for round_number in range(20):
+        documents = corpus_after(round_number, random.Random(round_number))
+        spec = write_spec(folder, documents, batch_size=4)
+        process = cli("reindex", str(spec), "--lock-ttl", "1")
+        try:
+            process.wait(timeout=rng.uniform(1.5, 4.5))
+        except subprocess.TimeoutExpired:
+            process.kill()  # SIGKILL: no cleanup, no lock release, no flush
+            killed += 1
+        process.communicate()
+        time.sleep(1.1)  # let a killed run's lock expire
+    assert killed >= 5  # the test must really interrupt runs, not only watch them finish
+
+    final = corpus_after(20, random.Random(20))
+    code, out, err = finish(cli("reindex", str(write_spec(folder, final)), "--lock-ttl", "1"))
+    assert code == 0, err
+
+    clean_folder = tmp_path / "clean"
+    clean_folder.mkdir()
+    code, _, err = finish(cli("ingest", str(write_spec(clean_folder, final))))
+    assert code == 0, err
+    killed_store = MilvusStore(uri=str(folder / "index.db"), collection="docs")
+    clean_store = MilvusStore(uri=str(clean_folder / "index.db"), collection="docs")
+    try:
+        rows = chunk_rows(killed_store)
+        assert len(rows) == len({r[2] for r in rows})  # no duplicates
+        assert rows == chunk_rows(clean_store)  # no missing, no stale
+        statuses = {r.source_id: r.status for r in records_for(killed_store).all()}
+        assert statuses == {f"mem/{name}": "indexed" for name in final}
+    finally:
+        killed_store.close()
+        clean_store.close()
