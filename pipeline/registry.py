@@ -36,6 +36,7 @@ BUILTINS: dict[str, dict[str, str]] = {
     },
     "embedder": {
         "huggingface": "embedders.huggingface:HuggingFaceEmbedder",
+        "late": "embedders.late:LateChunkingEmbedder",
     },
     "store": {
         "milvus": "stores.milvus:MilvusStore",
