@@ -371,10 +371,17 @@ class LateChunkingEmbedder(HuggingFaceEmbedder):
 
     def __init__(self, config: LateChunkingConfig | dict[str, Any] | None = None, /, **settings: Any):
         super().__init__(config, **settings)
-        # Cumulative since this embedder was made; run_notes() reports them.
+        self._reset_counts()
+
+    def _reset_counts(self) -> None:
+        # Counted per run (a service reuses one embedder for many runs); run_notes() reports them.
         self.windowed_documents = 0
         self.chunks_inside_a_token = 0
         self.chunks_without_tokens = 0
+
+    def begin_run(self) -> None:
+        super().begin_run()
+        self._reset_counts()
 
     @property
     def model_id(self) -> str:

@@ -1,8 +1,8 @@
-"""Command line: ``python -m pipeline {ingest,reindex,status,validate,schema,query,eval} ...`` (also installed as ``rag-pipeline``).
+"""Command line: ``python -m pipeline {ingest,reindex,reconcile,status,validate,schema,query,eval} ...`` (also installed as ``rag-pipeline``).
 
 Exit codes: 0 success; 1 the run finished but some documents failed; 2 the spec (or for query and
 eval: a filter, mode or dataset) is invalid; 3 the run could not proceed (store unreachable, model
-missing, collection mismatch, nothing ingested yet); 4 reindex/status: another run holds the
+missing, collection mismatch, nothing ingested yet); 4 reindex/reconcile/status: another run holds the
 collection's lock (or Milvus Lite's data folder is open in another process).
 """
 
@@ -66,7 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     reindex.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     reindex.add_argument("--progress", choices=["auto", "always", "never"], help="override runner.progress")
     reindex.add_argument("--schedule", metavar="CRON", help='keep running, once per cron time, e.g. "*/30 * * * *"')
+    reindex.add_argument(
+        "--full-rebuild", action="store_true",
+        help="build a new collection from scratch, then switch the collection name (an alias) to it; queries never see a half-built index",
+    )
     reindex.add_argument("--lock-ttl", type=float, default=300.0, metavar="SECONDS", help="how long a killed run's lock lasts")
+
+    reconcile = sub.add_parser(
+        "reconcile", help="compare the index record with the collection's chunks, repair drift, then reindex"
+    )
+    _add_spec_args(reconcile)
+    reconcile.add_argument("--dry-run", action="store_true", help="only report the drift")
+    reconcile.add_argument("--lock-ttl", type=float, default=300.0, metavar="SECONDS", help="how long a killed run's lock lasts")
 
     status = sub.add_parser("status", help="show the index record: sources by status, the last run, failures")
     _add_spec_args(status)
@@ -164,7 +175,8 @@ def _run_reindex(pipeline, args) -> int:  # type: ignore[no-untyped-def]
         try:
             records = records_for(pipeline.store)
             with index_lock(records, ttl_s=args.lock_ttl):
-                summary = pipeline.reindex(records=records)
+                rebuild = pipeline.full_rebuild if args.full_rebuild else pipeline.reindex
+                summary = rebuild(records=records)
         except Exception as exc:
             if is_lock_conflict(exc):
                 print(f"reindex skipped: {exc}", file=sys.stderr)
@@ -184,6 +196,29 @@ def _run_reindex(pipeline, args) -> int:  # type: ignore[no-untyped-def]
         return EXIT_BAD_SPEC
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _run_reconcile(pipeline, args) -> int:  # type: ignore[no-untyped-def]
+    from pipeline.reindex_job import index_lock, is_lock_conflict
+    from stores.records import records_for
+
+    try:
+        records = records_for(pipeline.store)
+        with index_lock(records, ttl_s=args.lock_ttl):
+            report = pipeline.reconcile(records=records, repair=not args.dry_run)
+            print(report.format(), flush=True)
+            if args.dry_run or report.clean:
+                return EXIT_OK
+            summary = pipeline.reindex(records=records)  # redo what was marked, under the same lock
+    except Exception as exc:
+        if is_lock_conflict(exc):
+            print(f"reconcile skipped: {exc}", file=sys.stderr)
+            return EXIT_LOCK_HELD
+        logging.getLogger("rag_pipeline").debug("reconcile aborted", exc_info=True)
+        print(f"reconcile aborted: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    print(summary.format(), flush=True)
+    return EXIT_OK if summary.ok else EXIT_PARTIAL
 
 
 def _run_status(pipeline) -> int:  # type: ignore[no-untyped-def]
@@ -231,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.command == "status":
             return _run_status(pipeline)
+        if args.command == "reconcile":
+            return _run_reconcile(pipeline, args)
         if args.progress:
             pipeline.spec.runner.progress = args.progress
         if args.command == "reindex":

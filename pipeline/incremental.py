@@ -57,11 +57,15 @@ class _Scope:
 
 
 class ChangeTracker:
-    def __init__(self, records: RecordStore, store: Store, fingerprint: str, cleanup: Cleanup = "full"):
+    """Decides what a run skips and keeps the record; ``skip_unchanged=False`` (a plain ingest)
+    processes every listed source but still records it, so a later reindex starts from there."""
+
+    def __init__(self, records: RecordStore, store: Store, fingerprint: str, cleanup: Cleanup = "full", *, skip_unchanged: bool = True):
         self.records = records
         self.store = store
         self.fingerprint = fingerprint
         self.cleanup = cleanup
+        self.skip_unchanged = skip_unchanged
         self.counts = ChangeCounts()
         self._scopes: dict[str, _Scope] = {}
         self._scope_of: dict[str, str] = {}  # listed source id -> its scope
@@ -87,7 +91,7 @@ class ChangeTracker:
             self._scope_of[ref.source_id] = scope
             self._signals[ref.source_id] = ref.change_signal
             record = entry.known.get(ref.source_id)
-            if self._current(record) and record.change_signal == ref.change_signal:
+            if self.skip_unchanged and self._current(record) and record.change_signal == ref.change_signal:
                 self.counts.unchanged += 1
                 return False
             return True
@@ -96,7 +100,7 @@ class ChangeTracker:
         """False when the bytes are the same as indexed (only the change signal moved, e.g. a touch)."""
         with self._lock:
             record = self._record(document.source_id)
-            if not (self._current(record) and record.content_hash == document.content_hash):
+            if not (self.skip_unchanged and self._current(record) and record.content_hash == document.content_hash):
                 return True
             record.change_signal = self._signals.get(document.source_id, "")
             self.counts.unchanged += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from pipeline.query import Mode, QueryEngine, QueryResult
 from pipeline.report import Progress, RunSummary
 from pipeline.runner import LocalRunner
 from pipeline.spec import Spec, load_spec, parse_spec
+from stores.milvus import MilvusStore
 from stores.records import RecordStore, records_for
 
 
@@ -110,14 +112,24 @@ class Pipeline:
         return path if path.is_absolute() else self.spec.base_dir / path
 
     def ingest(self, *, progress: Progress | None = None, tracker: ChangeTracker | None = None) -> RunSummary:
-        """Index every document the sources list; returns the run summary (never raises per document)."""
+        """Index every document the sources list; returns the run summary (never raises per document).
+
+        Every listed document is processed, none skipped and no unlisted one removed (that is
+        :meth:`reindex`); where the store keeps an index record (Milvus), the run is recorded in
+        it, so a later reindex skips what this run indexed.
+        """
+        if tracker is None and isinstance(self.store, MilvusStore):
+            tracker = ChangeTracker(records_for(self.store), self.store, self._fingerprint(), "none", skip_unchanged=False)
+        return self._run(self.store, tracker, progress)
+
+    def _run(self, store: Any, tracker: ChangeTracker | None, progress: Progress | None) -> RunSummary:
         with self._ingest_lock:
             runner = LocalRunner(
                 self.sources,
                 self.parser,
                 self.chunker,
                 self.embedder,
-                self.store,
+                store,
                 self.spec.runner,
                 failures_path=self.failures_path(),
                 sparse=self.sparse,
@@ -125,15 +137,91 @@ class Pipeline:
             )
             return runner.run(progress)
 
+    def _fingerprint(self) -> str:
+        return stage_fingerprint([self.parser, self.chunker, self.embedder, self.sparse])
+
     def reindex(self, *, progress: Progress | None = None, records: RecordStore | None = None) -> RunSummary:
         """Bring the index up to the sources: skip unchanged sources, redo changed ones, drop removed ones.
 
         ``records`` defaults to the store's own record (``<collection>_records`` for Milvus).
         """
         records = records if records is not None else records_for(self.store)
-        fingerprint = stage_fingerprint([self.parser, self.chunker, self.embedder, self.sparse])
-        tracker = ChangeTracker(records, self.store, fingerprint, self.spec.runner.cleanup)
+        tracker = ChangeTracker(records, self.store, self._fingerprint(), self.spec.runner.cleanup)
         return self.ingest(progress=progress, tracker=tracker)
+
+    def full_rebuild(self, *, progress: Progress | None = None, records: RecordStore | None = None) -> RunSummary:
+        """Build the whole index anew in a new collection, then point the collection name (an alias) at it.
+
+        Queries read the old collection until one alias switch; the old collection and its record
+        are dropped after it. The switch is not made, and the new collection is dropped, when it
+        would lose indexed data: a source listing failed, or a source that has chunks in the
+        serving collection failed in the build (the summary says which). ``records`` is the
+        serving record holding the run's lock (Milvus only: aliases are a Milvus feature).
+        """
+        from stores.milvus import REBUILD_INFIX
+
+        store = self.store
+        if not isinstance(store, MilvusStore):
+            raise TypeError(f"a full rebuild switches a Milvus alias; {type(store).__name__} has none")
+        serving_records = records if records is not None else records_for(store)
+        serving = store.serving_collection()
+        for leftover in store.build_collections():  # from a rebuild that crashed before its switch
+            if leftover != serving:
+                self._drop_collection(store.with_collection(leftover))
+        build_store = store.with_collection(f"{store.config.collection}{REBUILD_INFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+        try:
+            return self._build_and_switch(store, build_store, serving, serving_records, progress)
+        finally:
+            build_store.close()
+
+    def _build_and_switch(self, store: Any, build_store: Any, serving: str | None, serving_records: RecordStore, progress: Progress | None) -> RunSummary:
+        from stores.records import MilvusRecords
+
+        tracker = ChangeTracker(MilvusRecords(build_store), build_store, self._fingerprint(), "full")
+        try:
+            summary = self._run(build_store, tracker, progress)
+            kept = [f"listing of {f.source_id!r}" for f in summary.failures if f.stage == "list"]
+            failed = {f.source_id for f in summary.failures if f.stage != "list"}
+            kept += sorted(store.sources_with_chunks(sorted(failed)))
+        except BaseException:
+            self._drop_collection(build_store)
+            raise
+        if kept:
+            self._drop_collection(build_store)
+            summary.notes.append(
+                f"full rebuild not switched: {store.config.collection!r} keeps serving {serving!r}, because the build "
+                f"failed for what that collection holds: {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}"
+            )
+            return summary
+        previous = store.switch_to(build_store.config.collection)
+        if previous is not None and previous != store.config.collection:  # a real collection of that name went in switch_to
+            self._drop_collection(store.with_collection(previous), records=False)
+        if isinstance(serving_records, MilvusRecords):
+            serving_records.drop()
+        summary.notes.append(f"full rebuild: {store.config.collection!r} now serves {build_store.config.collection!r} (was {previous!r})")
+        return summary
+
+    def reconcile(self, *, records: RecordStore | None = None, repair: bool = True) -> Any:
+        """Compare the record with the chunks in the collection and repair drift (see pipeline.reconcile).
+
+        Orphan chunks are deleted; sources whose record does not match their chunks are marked for
+        redo, which the next :meth:`reindex` does. Returns a ReconcileReport.
+        """
+        from pipeline.reconcile import reconcile
+
+        return reconcile(records if records is not None else records_for(self.store), self.store, repair=repair)
+
+    @staticmethod
+    def _drop_collection(store: Any, records: bool = True) -> None:
+        """Drop a collection that no name serves any more (and its record, unless dropped apart)."""
+        from stores.records import MilvusRecords
+
+        try:
+            if records:
+                MilvusRecords(store).drop()
+            store.drop()
+        finally:
+            store.close()
 
     def query(
         self,

@@ -43,6 +43,7 @@ from pipeline.errors import PipelineError, StoreSchemaError
 from pipeline.types import Chunk
 from stores import filters
 from stores.base import Store
+from stores.records import RECORDS_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ MAX_REQUEST_BYTES = 32 * 1024 * 1024
 # Source ids per delete expression: keeps each filter string small for the server's parser.
 QUERY_WINDOW = 16384  # Milvus' largest offset + limit for one query
 DELETE_BATCH_SIZE = 256
+REBUILD_INFIX = "__rebuild_"  # <collection>__rebuild_<UTC time>: a full rebuild's new collection
 
 _MILVUS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}\Z")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -981,6 +983,38 @@ class MilvusStore(Store):
                 iterator.close()
         return rows
 
+    def chunk_ids_by_source(self) -> dict[str, list[str]]:
+        """Every chunk id in the collection, grouped by source id (paged; for reconciling the record)."""
+        existing = self._existing()
+        if existing is None:
+            return {}
+        client, _ = existing
+        grouped: dict[str, list[str]] = {}
+        # pymilvus pages with an unescaped `id > "<last id>"`, safe because chunk ids are hex digests.
+        iterator = self._call(
+            "query", client.query_iterator, self.config.collection, batch_size=4096, filter="",
+            output_fields=["id", "source_id"], timeout=self.config.timeout_s,
+        )
+        try:
+            while page := self._call("query", iterator.next):
+                for row in page:
+                    grouped.setdefault(row["source_id"], []).append(row["id"])
+        finally:
+            iterator.close()
+        return grouped
+
+    def sources_with_chunks(self, source_ids: Sequence[str]) -> set[str]:
+        """Those of ``source_ids`` that have at least one chunk in the collection."""
+        existing = self._existing() if source_ids else None
+        if existing is None:
+            return set()
+        client, _ = existing
+        ids = list(dict.fromkeys(source_ids))
+        found: set[str] = set()
+        for start in range(0, len(ids), DELETE_BATCH_SIZE):
+            found.update(row["source_id"] for row in self._chunk_ids_of(client, ids[start : start + DELETE_BATCH_SIZE]))
+        return found
+
     def count(self) -> int:
         """Exact number of rows (a Strong-consistency count, whatever the configured level)."""
         existing = self._existing()
@@ -1102,6 +1136,60 @@ class MilvusStore(Store):
             return metric, sparse
         known = [self.config.vector_field, *self.config.sparse_fields()]
         raise ValueError(f"{self.where}: cannot search field {request.field!r}; the store's vector fields are {', '.join(known)}")
+
+    # ---- full rebuilds: a new collection behind an alias ----------------------------------
+
+    def serving_collection(self) -> str | None:
+        """The collection the configured name reads from: itself, or the target of the alias of
+        that name; None when neither exists."""
+        if self._lite_folder_missing():
+            return None
+        client = self._connect()
+        if not self._collection_exists(client):
+            return None
+        description = self._call("describe collection", client.describe_collection, self.config.collection, timeout=self.config.timeout_s)
+        return str(description.get("collection_name") or self.config.collection)
+
+    def with_collection(self, name: str) -> "MilvusStore":
+        """The same store settings writing to another collection (on the same shared client)."""
+        twin = type(self)(self.config.model_copy(update={"collection": name}))
+        twin.base_dir = self.base_dir
+        return twin
+
+    def build_collections(self) -> list[str]:
+        """Collections that full rebuilds of this name created (``<name>__rebuild_<time>``)."""
+        client = self._connect()
+        prefix = f"{self.config.collection}{REBUILD_INFIX}"
+        names = self._call("list collections", client.list_collections, timeout=self.config.timeout_s)
+        return sorted(name for name in names if name.startswith(prefix) and not name.endswith(RECORDS_SUFFIX))
+
+    def switch_to(self, target: str) -> str | None:
+        """Make the configured name an alias of ``target``; returns the collection it served before.
+
+        Once the name is an alias, the switch is one atomic ``alter_alias``: a query sees the old
+        collection or the new one. The first rebuild of a collection created under the name itself
+        must drop that collection before the name can become an alias, so queries in that moment
+        find no collection; the data is already in ``target`` by then.
+        """
+        client, name, timeout = self._connect(), self.config.collection, self.config.timeout_s
+        previous = self.serving_collection()
+        if previous is None:
+            self._call("create alias", client.create_alias, target, name, timeout=timeout)
+        elif previous != name:
+            self._call("alter alias", client.alter_alias, target, name, timeout=timeout)
+        else:
+            logger.warning("%s: replacing the collection with an alias of %r (queries fail until the alias exists)", self.where, target)
+            self._call("drop collection", client.drop_collection, name, timeout=timeout)
+            self._call("create alias", client.create_alias, target, name, timeout=timeout)
+        self._layout = None  # the next read describes and loads the new collection
+        return previous
+
+    def drop(self) -> None:
+        """Drop this collection (never an alias's target through the alias: name a collection)."""
+        client = self._connect()
+        if self._call("has_collection", client.has_collection, self.config.collection, timeout=self.config.timeout_s):
+            self._call("drop collection", client.drop_collection, self.config.collection, timeout=self.config.timeout_s)
+        self._layout = None
 
     def close(self) -> None:
         """Release this store's share of the client; the last user closes it (and unlocks a Lite folder)."""

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 Status = Literal["pending", "indexed", "failed"]
 
 # Rows of other kinds share the records collection under reserved ids no source id can take.
+RECORDS_SUFFIX = "_records"
 RUN_ROW_ID = "\x1frun"
 LOCK_ROW_ID = "\x1flock"
 
@@ -181,10 +182,27 @@ class MilvusRecords(RecordStore):
 
     def __init__(self, store: "MilvusStore"):
         self.store = store
-        self.name = f"{store.config.collection}_records"
+        # The record of the collection the store serves now (behind an alias after a full rebuild,
+        # the record follows the chunks); fixed here, so a rebuild's switch cannot move it mid-run.
+        self.name = f"{store.serving_collection() or store.config.collection}{RECORDS_SUFFIX}"
         self._ready = False
+        self._dropped = False
+
+    def drop(self) -> None:
+        """Drop the record with the collection it describes (after a full rebuild replaced both).
+        A lock held in it is gone with it: later lock writes and releases do nothing."""
+        client = self.store._connect()
+        if self.store._call("has_collection", client.has_collection, self.name, timeout=self.store.config.timeout_s):
+            self.store._call("drop records collection", client.drop_collection, self.name, timeout=self.store.config.timeout_s)
+        self._dropped = True
+
+    def release_lock(self, owner: str) -> None:
+        if not self._dropped:
+            super().release_lock(owner)
 
     def _client(self) -> Any:
+        if self._dropped:
+            raise RuntimeError(f"the index record {self.name!r} was dropped by a full rebuild")
         client = self.store._connect()
         if not self._ready:
             self._create_if_missing(client)
@@ -258,6 +276,8 @@ class MilvusRecords(RecordStore):
         return LockHolder(**json.loads(rows[0]["body"])) if rows else None
 
     def write_lock(self, holder: LockHolder | None) -> None:
+        if self._dropped:  # a heartbeat after a full rebuild dropped this record
+            return
         if holder is None:
             self.delete([LOCK_ROW_ID])
         else:

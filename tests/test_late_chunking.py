@@ -201,6 +201,8 @@ def test_windowed_vectors_stay_closer_to_one_pass_than_naive_ones(direct):
     assert (windowed_similarity > naive_similarity).all() and windowed_similarity.min() > 0.8
     assert windowed.windowed_documents == 1
     assert "1 document longer than one 64-token window" in " ".join(windowed.run_notes())
+    windowed.begin_run()  # the next run of a long-lived embedder reports only its own documents
+    assert windowed.windowed_documents == 0 and not any("late chunking" in note for note in windowed.run_notes())
 
 
 def _best_window_by_brute_force(token: int, bounds: list[tuple[int, int]], text_count: int) -> int:
