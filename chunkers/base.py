@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from pipeline.component import Component
 from pipeline.types import Chunk, ParsedDocument, chunk_id
@@ -18,6 +18,10 @@ class Chunker(Component):
 
     def chunk(self, document: ParsedDocument) -> list[Chunk]:
         return build_chunks(document, self.split(document))
+
+    def chunk_batch(self, documents: Sequence[ParsedDocument]) -> list[list[Chunk]]:
+        """Chunks of several documents; model-driven chunkers override it to batch their model work."""
+        return [self.chunk(document) for document in documents]
 
 
 def build_chunks(document: ParsedDocument, spans: Iterable[tuple[int, int]]) -> list[Chunk]:

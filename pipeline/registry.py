@@ -33,6 +33,8 @@ BUILTINS: dict[str, dict[str, str]] = {
     "chunker": {
         "recursive": "chunkers.recursive:RecursiveChunker",
         "token": "chunkers.token:TokenChunker",
+        "ppl": "chunkers.meta:PerplexityChunker",
+        "margin": "chunkers.meta:MarginSamplingChunker",
     },
     "embedder": {
         "huggingface": "embedders.huggingface:HuggingFaceEmbedder",

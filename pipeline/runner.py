@@ -27,7 +27,7 @@ from pipeline.incremental import ChangeTracker
 from pipeline.parse_pool import ParseOutcome, ParserPool
 from pipeline.report import Failure, FailureLog, Progress, RunSummary
 from pipeline.spec import RunnerConfig
-from pipeline.types import ChunkedDocument, SourceDocument
+from pipeline.types import Chunk, ChunkedDocument, ParsedDocument, SourceDocument
 from stores.base import Store
 
 log = logging.getLogger("rag_pipeline")
@@ -155,15 +155,20 @@ class LocalRunner:
         summary.documents_seen += len(batch)
         chunked: list[ChunkedDocument] = []
         started = time.monotonic()
+        parsed = []
         for outcome in batch:
             if outcome.parsed is None:
                 self._fail(failures, summary, outcome.source_id, outcome.stage, outcome.error or "unknown error", outcome.uri)
                 continue
             summary.add_time("parse", outcome.seconds)
-            try:
-                chunks = self.chunker.chunk(outcome.parsed)
-            except Exception as exc:
-                self._fail(failures, summary, outcome.source_id, "chunk", _reason(exc), outcome.uri)
+            parsed.append(outcome)
+        try:  # one call for the batch: a model-driven chunker runs its model over documents together
+            chunk_lists: list[list[Chunk] | Exception] = list(self.chunker.chunk_batch([outcome.parsed for outcome in parsed]))
+        except Exception:  # then document by document, to fail only the one that breaks it
+            chunk_lists = [self._chunk_one(outcome.parsed) for outcome in parsed]
+        for outcome, chunks in zip(parsed, chunk_lists, strict=True):
+            if isinstance(chunks, Exception):
+                self._fail(failures, summary, outcome.source_id, "chunk", _reason(chunks), outcome.uri)
                 continue
             if not chunks:
                 self._fail(failures, summary, outcome.source_id, "chunk", "no chunks: the document has no indexable text", outcome.uri)
@@ -185,6 +190,12 @@ class LocalRunner:
         summary.add_time("write", time.monotonic() - started)
         summary.documents_indexed += len(written)
         summary.chunks_written += sum(len(d.chunks) for d in written)
+
+    def _chunk_one(self, document: ParsedDocument) -> list[Chunk] | Exception:
+        try:
+            return self.chunker.chunk(document)
+        except Exception as exc:
+            return exc
 
     def _check_sparse_field(self) -> None:
         """The sparse stage and the store's learned sparse field come together, under one name."""

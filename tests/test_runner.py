@@ -56,6 +56,19 @@ def test_failures_are_recorded_and_never_stop_the_run(tmp_path):
     assert "documents: 6 seen, 1 indexed, 5 failed" in text and "failures.jsonl" in text
 
 
+def test_chunker_gets_the_batch_at_once_and_a_failing_document_fails_alone():
+    spec = base_spec()
+    spec["stages"]["source"]["documents"] = {"a.txt": "one", "b.txt": "BREAK it", "c.txt": "three"}
+    spec["stages"]["chunker"]["fail_on"] = "BREAK"
+    spec["runner"]["batch_size"] = 10
+    pipeline = Pipeline(spec, allowed_modules=PLUGINS)
+    summary = pipeline.ingest()
+    assert pipeline.chunker.batches == [3]  # one call for the whole batch (then one by one after its failure)
+    assert [(f.source_id, f.stage) for f in summary.failures] == [("mem/b.txt", "chunk")]
+    assert "cannot chunk text containing 'BREAK'" in summary.failures[0].reason
+    assert {row["source_id"] for row in pipeline.store.rows.values()} == {"mem/a.txt", "mem/c.txt"}
+
+
 def test_edited_document_loses_its_stale_chunks():
     pipeline = make({"a.txt": "one\ntwo\nthree"})
     pipeline.ingest()

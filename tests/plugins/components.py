@@ -91,9 +91,16 @@ class ElementChunker(Chunker):
 
     class Config(ComponentConfig):
         chunk_size: int = Field(100, ge=1)
+        fail_on: str | None = None
 
     def split(self, document: ParsedDocument) -> list[tuple[int, int]]:
+        if self.config.fail_on and self.config.fail_on in document.text:
+            raise ValueError(f"cannot chunk text containing {self.config.fail_on!r}")
         return [(e.start, e.end) for e in document.elements]
+
+    def chunk_batch(self, documents):
+        self.batches = [*getattr(self, "batches", []), len(documents)]
+        return super().chunk_batch(documents)
 
 
 class HashEmbedder(Embedder):
