@@ -321,13 +321,13 @@ class Agreement:
         )
 
 
-def our_chunkers(batch_size: int = 8) -> dict[str, Any]:
+def our_chunkers(batch_size: int = 8, quantize: str = "none") -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from chunkers.meta import MarginSamplingChunker, PerplexityChunker
 
     return {
-        "ppl": PerplexityChunker(threshold=0.0, target_size=None, batch_size=batch_size),
-        "margin": MarginSamplingChunker(threshold=0.0, target_size=None, batch_size=batch_size),
+        "ppl": PerplexityChunker(threshold=0.0, target_size=None, batch_size=batch_size, quantize=quantize),
+        "margin": MarginSamplingChunker(threshold=0.0, target_size=None, batch_size=batch_size, quantize=quantize),
     }
 
 

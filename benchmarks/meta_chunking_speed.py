@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", help=f"datasets folder (default ${DATASETS_ENV} or ../shared/datasets)")
     parser.add_argument("--lmchunker-python", help=f"python of the lmchunker environment (default ${LMCHUNKER_PYTHON_ENV})")
     parser.add_argument("--save", help="write both sides' boundaries and times to this JSON file")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none", help="our side's quantisation (the official runs fp32)")
     args = parser.parse_args(argv)
 
     texts = load_texts(datasets_dir(args.datasets), args.scifact, args.cmrc)
@@ -91,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    chunkers = our_chunkers(args.batch_size)
+    chunkers = our_chunkers(args.batch_size, args.quantize)
     lm = chunkers["ppl"].lm
     official = OfficialChunker(python, Path(lm.path), threads=args.threads)
     counter = ForwardCounter()
     documents = as_documents(texts)
     saved: dict = {"texts": [f"{t.language}/{t.id}" for t in texts], "official": {}, "ours": {}, "seconds": {}}
-    print(f"{len(texts)} texts ({args.scifact} SciFact, {args.cmrc} CMRC), model {lm.name} fp32, "
+    ours = "fp32" if args.quantize == "none" else f"fp32 weights, {args.quantize} linear layers"
+    print(f"{len(texts)} texts ({args.scifact} SciFact, {args.cmrc} CMRC), model {lm.name}, official fp32, ours {ours}, "
           f"threads ours {torch.get_num_threads()} / official {official.info['threads']}, blocks of {args.batch_size}")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     try:

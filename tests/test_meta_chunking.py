@@ -271,3 +271,11 @@ def test_target_size_in_tokens_of_another_tokenizer(ppl: PerplexityChunker) -> N
     assert all(size <= 20 for size in sizes), sizes
     assert len(spans) > len(ppl.split(document(TOPIC_TEXT)))  # topics of ~30 tokens do not fit
     assert_exact_cover(TOPIC_TEXT, spans)
+
+
+def test_int8_quantised_model_keeps_the_topic_boundaries(ppl: PerplexityChunker) -> None:
+    quantised = PerplexityChunker(quantize="int8")
+    assert quantised.lm is not ppl.lm and quantised.lm.packed is not None
+    assert quantised.split(document(TOPIC_TEXT)) == ppl.split(document(TOPIC_TEXT))
+    with pytest.raises(ValueError, match="int8"):
+        load_causal_lm(dtype="bfloat16", quantize="int8")
