@@ -44,6 +44,7 @@ def build_chunks(document: ParsedDocument, spans: Iterable[tuple[int, int]]) -> 
         # The heading path of the first element the chunk covers says where the chunk starts.
         headings = list(covered[0].heading_path) if covered else []
         metadata = {
+            **document.metadata,  # the source's and the parser's facts about the whole document
             "file_name": document.metadata.get("file_name", ""),
             "media_type": document.media_type,
             "page_numbers": pages,

@@ -466,7 +466,8 @@ class UnstructuredParser(Parser):
         if not document.content:
             raise ParseFailure("empty file (0 bytes)")
         extension = PurePosixPath(file_name).suffix.lower().lstrip(".")
-        metadata: dict[str, Any] = {"file_name": file_name}
+        # What the source knows (relative path, commit, ETag, URL ...) travels on to every chunk.
+        metadata: dict[str, Any] = {**document.metadata, "file_name": file_name}
         if extension in TEXT_EXTENSIONS or (not extension and document.media_type == "text/plain"):
             blocks = self._text(document.content, metadata)
         elif extension in MARKDOWN_EXTENSIONS or document.media_type == "text/markdown":

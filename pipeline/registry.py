@@ -26,6 +26,9 @@ BUILTINS: dict[str, dict[str, str]] = {
     "source": {
         "local": "connectors.local:LocalDirectorySource",
         "jsonl": "connectors.jsonl:JsonlSource",
+        "object-store": "connectors.object_store:ObjectStoreSource",
+        "web": "connectors.web:WebSource",
+        "git": "connectors.git:GitSource",
     },
     "parser": {
         "unstructured": "connectors.parsing:UnstructuredParser",

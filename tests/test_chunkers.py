@@ -587,3 +587,17 @@ def test_lone_surrogates_keep_offsets():
     spans = TokenChunker(chunk_size=6, chunk_overlap=2).split(document(text))
     assert_in_order(spans)
     assert_covers(text, spans)
+
+
+def test_chunks_carry_what_the_source_and_parser_know_about_the_document():
+    from connectors.parsing import UnstructuredParser
+    from pipeline.types import SourceDocument
+
+    source = SourceDocument(
+        "repo/docs/a.md", "git:repo/docs/a.md", "text/markdown", "h", b"# Title\n\nSome text here.",
+        {"file_name": "a.md", "relative_path": "docs/a.md", "commit": "0123abc"},
+    )
+    parsed = UnstructuredParser().parse(source)
+    [chunk] = RecursiveChunker(chunk_size=400, chunk_overlap=0).chunk(parsed)
+    assert chunk.metadata["commit"] == "0123abc" and chunk.metadata["relative_path"] == "docs/a.md"
+    assert chunk.metadata["headings"] == ["Title"] and chunk.metadata["media_type"] == "text/markdown"
