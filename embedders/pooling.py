@@ -82,6 +82,18 @@ def pool(method: Pooling, hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return pooler(hidden, attention_mask)
 
 
+def without_leading_tokens(attention_mask: Tensor, count: int) -> Tensor:
+    """The mask with each row's first ``count`` real tokens masked out, whichever side the padding is on.
+
+    Instructor and GritLM pool only the text's tokens, not the instruction in front of it; a row's
+    rank among its real tokens (a running sum of the mask) says which ones those are.
+    """
+    if count <= 0:
+        return attention_mask
+    rank = attention_mask.long().cumsum(dim=1)
+    return attention_mask * (rank > count).to(attention_mask.dtype)
+
+
 def l2_normalize(vectors: Tensor) -> Tensor:
     """Rows scaled to unit length; all-zero rows stay zero instead of becoming NaN."""
     norms = vectors.norm(dim=-1, keepdim=True).clamp(min=1e-12)

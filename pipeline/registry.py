@@ -42,6 +42,11 @@ BUILTINS: dict[str, dict[str, str]] = {
     "embedder": {
         "huggingface": "embedders.huggingface:HuggingFaceEmbedder",
         "late": "embedders.late:LateChunkingEmbedder",
+        "openai": "embedders.api:OpenAIEmbedder",
+        "cohere": "embedders.api:CohereEmbedder",
+        "jina": "embedders.api:JinaEmbedder",
+        "voyage": "embedders.api:VoyageEmbedder",
+        "mixedbread": "embedders.api:MixedbreadEmbedder",
     },
     "store": {
         "milvus": "stores.milvus:MilvusStore",

