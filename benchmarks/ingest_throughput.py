@@ -41,6 +41,21 @@ def write_corpus(corpus: Path, folder: Path, limit: int | None) -> int:
     return count
 
 
+def scifact_folder_spec(name: str, docs: Path, index: Path, runner: dict) -> dict:
+    """The benchmarks' spec: SciFact .txt files -> unstructured -> recursive 1000/100 -> MiniLM -> Milvus Lite."""
+    return {
+        "name": name,
+        "stages": {
+            "source": {"type": "local", "path": str(docs), "include": ["*.txt"]},
+            "parser": {"type": "unstructured"},
+            "chunker": {"type": "recursive", "chunk_size": 1000, "chunk_overlap": 100},
+            "embedder": {"type": "huggingface", "model": "all-MiniLM-L6-v2"},
+            "store": {"type": "milvus", "uri": str(index), "collection": "scifact"},
+        },
+        "runner": {"progress": "never", "failures_file": "", **runner},
+    }
+
+
 def pure_model_seconds(texts: list[str], batch_sizes: list[int]) -> tuple[float, int]:
     """Fastest time to embed ``texts`` with the bare encoder, and the batch size that gave it."""
     import torch
@@ -85,17 +100,7 @@ def main() -> None:
         docs = tmp_path / "scifact"
         docs.mkdir()
         n_docs = write_corpus(corpus, docs, args.limit)
-        spec = {
-            "name": "ingest-bench",
-            "stages": {
-                "source": {"type": "local", "path": str(docs), "include": ["*.txt"]},
-                "parser": {"type": "unstructured"},
-                "chunker": {"type": "recursive", "chunk_size": 1000, "chunk_overlap": 100},
-                "embedder": {"type": "huggingface", "model": "all-MiniLM-L6-v2"},
-                "store": {"type": "milvus", "uri": str(tmp_path / "bench.db"), "collection": "scifact"},
-            },
-            "runner": {"batch_size": args.batch_size, "parse_workers": args.parse_workers, "progress": "never", "failures_file": ""},
-        }
+        spec = scifact_folder_spec("ingest-bench", docs, tmp_path / "bench.db", {"batch_size": args.batch_size, "parse_workers": args.parse_workers})
         pipeline = Pipeline(spec, base_dir=tmp_path)
         started = time.perf_counter()
         summary = pipeline.ingest()

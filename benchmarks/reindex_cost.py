@@ -28,7 +28,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from ingest_throughput import write_corpus  # noqa: E402
+from ingest_throughput import scifact_folder_spec, write_corpus  # noqa: E402
 
 from pipeline import Pipeline  # noqa: E402
 
@@ -58,17 +58,7 @@ def main() -> None:
         docs = tmp_path / "scifact"
         docs.mkdir()
         n_docs = write_corpus(corpus, docs, args.limit)
-        spec = {
-            "name": "reindex-bench",
-            "stages": {
-                "source": {"type": "local", "path": str(docs), "include": ["*.txt"]},
-                "parser": {"type": "unstructured"},
-                "chunker": {"type": "recursive", "chunk_size": 1000, "chunk_overlap": 100},
-                "embedder": {"type": "huggingface", "model": "all-MiniLM-L6-v2"},
-                "store": {"type": "milvus", "uri": str(tmp_path / "bench.db"), "collection": "scifact"},
-            },
-            "runner": {"progress": "never", "failures_file": "", "cleanup": "full"},
-        }
+        spec = scifact_folder_spec("reindex-bench", docs, tmp_path / "bench.db", {"cleanup": "full"})
         with Pipeline(spec, base_dir=tmp_path) as pipeline:
             full_seconds, full = timed_reindex(pipeline)
             unchanged_seconds, unchanged = timed_reindex(pipeline)
