@@ -51,6 +51,9 @@ class RunnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_size: int = Field(32, ge=1, description="Documents parsed, chunked and embedded together.")
+    write_queue_depth: int = Field(
+        2, ge=1, description="Embedded batches waiting for the store writer, which runs beside the embedding; bounds memory."
+    )
     parse_workers: int = Field(1, ge=0, description="Parser worker processes; 0 parses in-process (no time/memory caps).")
     parse_timeout_s: float = Field(120.0, gt=0, description="A document whose parse takes longer is killed and recorded.")
     parse_memory_mb: int | None = Field(4096, ge=256, description="Address-space cap per parser worker; null for none.")

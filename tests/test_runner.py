@@ -117,3 +117,72 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert main(["ingest", str(path), "--allow-module", "tests.plugins", "--json"]) == EXIT_PARTIAL
     out = json.loads(capsys.readouterr().out)
     assert out["documents_failed"] == 1 and out["failures"][0]["stage"] == "parse"
+
+
+def test_writes_overlap_with_embedding_the_next_batch():
+    """The first batch's upsert can only finish once the second batch is being embedded."""
+    import threading
+
+    pipeline = make({"a.txt": "one", "b.txt": "two"}, batch_size=1)
+    second_batch_embedding = threading.Event()
+    embed_calls = []
+    embed_documents = pipeline.embedder.embed_documents
+
+    def embed_and_signal(texts):
+        embed_calls.append(list(texts))
+        if len(embed_calls) == 2:
+            second_batch_embedding.set()
+        return embed_documents(texts)
+
+    upsert = pipeline.store.upsert
+    overlapped = []
+
+    def upsert_after_next_embed(chunks):
+        overlapped.append(second_batch_embedding.wait(timeout=20))
+        return upsert(chunks)
+
+    pipeline.embedder.embed_documents = embed_and_signal
+    pipeline.store.upsert = upsert_after_next_embed
+    summary = pipeline.ingest()
+    assert summary.ok and pipeline.store.count() == 2
+    assert overlapped == [True, True]
+    assert "write wait" in summary.stage_seconds
+
+
+def test_write_behind_bounds_its_queue_and_reraises_writer_errors():
+    import threading
+
+    from pipeline.runner import WriteBehind
+
+    release = threading.Event()
+    written = []
+
+    def slow_write(batch):
+        release.wait(timeout=20)
+        written.append(batch)
+
+    writer = WriteBehind(slow_write, depth=2)
+    submitted = []
+
+    def submit_five():
+        for i in range(5):
+            writer.submit([i])
+            submitted.append(i)
+
+    feeder = threading.Thread(target=submit_five)
+    feeder.start()
+    feeder.join(timeout=1.0)
+    # one batch in the writer's hands, two queued: the fourth submit waits
+    assert feeder.is_alive() and submitted == [0, 1, 2]
+    release.set()
+    feeder.join(timeout=20)
+    writer.close()
+    assert written == [[0], [1], [2], [3], [4]]
+
+    def broken_write(batch):
+        raise OSError("disk full")
+
+    failing = WriteBehind(broken_write, depth=1)
+    failing.submit([1])
+    with pytest.raises(RuntimeError, match="the store writer stopped: OSError: disk full"):
+        failing.close()
