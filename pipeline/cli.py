@@ -3,7 +3,7 @@
 Exit codes: 0 success; 1 the run finished but some documents failed; 2 the spec (or for query and
 eval: a filter, mode or dataset) is invalid; 3 the run could not proceed (store unreachable, model
 missing, collection mismatch, nothing ingested yet); 4 reindex/reconcile/status: another run holds the
-collection's lock (or Milvus Lite's data folder is open in another process).
+collection's lock (or the Milvus Lite database is open in another process).
 """
 
 from __future__ import annotations

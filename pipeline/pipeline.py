@@ -14,7 +14,7 @@ from pipeline.query import Mode, QueryEngine, QueryResult
 from pipeline.report import Progress, RunSummary
 from pipeline.runner import LocalRunner
 from pipeline.spec import Spec, load_spec, parse_spec
-from stores.milvus import MilvusStore
+from stores.milvus import REBUILD_INFIX, MilvusStore
 from stores.records import RecordStore, records_for
 
 
@@ -150,56 +150,51 @@ class Pipeline:
         return self.ingest(progress=progress, tracker=tracker)
 
     def full_rebuild(self, *, progress: Progress | None = None, records: RecordStore | None = None) -> RunSummary:
-        """Build the whole index anew in a new collection, then point the collection name (an alias) at it.
+        """Build the whole index anew beside the served one, then switch queries over to it at once.
 
-        Queries read the old collection until one alias switch; the old collection and its record
-        are dropped after it. The switch is not made, and the new collection is dropped, when it
-        would lose indexed data: a source listing failed, or a source that has chunks in the
-        serving collection failed in the build (the summary says which). ``records`` is the
-        serving record holding the run's lock (Milvus only: aliases are a Milvus feature).
+        On a Milvus server (and Milvus Lite 3) the build is a new collection and the collection
+        name becomes an alias of it; on Milvus Lite 2.5, which has no aliases, the build is a new
+        database file that replaces the served file in one rename. Queries read the old index
+        until the switch; the old collection and its record are dropped after it. The switch is
+        not made, and the build is dropped, when it would lose indexed data: a source listing
+        failed, or a source that has chunks in the served index failed in the build (the summary
+        says which). ``records`` is the serving record holding the run's lock (Milvus only).
         """
-        from stores.milvus import REBUILD_INFIX
-
         store = self.store
         if not isinstance(store, MilvusStore):
             raise TypeError(f"a full rebuild switches a Milvus alias; {type(store).__name__} has none")
         serving_records = records if records is not None else records_for(store)
-        serving = store.serving_collection()
-        for leftover in store.build_collections():  # from a rebuild that crashed before its switch
-            if leftover != serving:
-                self._drop_collection(store.with_collection(leftover))
-        build_store = store.with_collection(f"{store.config.collection}{REBUILD_INFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
-        try:
-            return self._build_and_switch(store, build_store, serving, serving_records, progress)
-        finally:
-            build_store.close()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        if store.has_aliases:
+            build: _Build = _CollectionBuild(store, stamp)
+        else:
+            build = _FileBuild(store, stamp)
+        summary, switchable = self._build(store, build, progress)
+        if switchable:
+            summary.notes.append(build.switch(serving_records))
+        return summary
 
-    def _build_and_switch(self, store: Any, build_store: Any, serving: str | None, serving_records: RecordStore, progress: Progress | None) -> RunSummary:
+    def _build(self, store: MilvusStore, build: "_Build", progress: Progress | None) -> tuple[RunSummary, bool]:
+        """Run the build; drop it (the summary says why) when switching to it would lose indexed data."""
         from stores.records import MilvusRecords
 
-        tracker = ChangeTracker(MilvusRecords(build_store), build_store, self._fingerprint(), "full")
+        tracker = ChangeTracker(MilvusRecords(build.store), build.store, self._fingerprint(), "full")
         try:
-            summary = self._run(build_store, tracker, progress)
+            summary = self._run(build.store, tracker, progress)
             kept = [f"listing of {f.source_id!r}" for f in summary.failures if f.stage == "list"]
             failed = {f.source_id for f in summary.failures if f.stage != "list"}
             kept += sorted(store.sources_with_chunks(sorted(failed)))
         except BaseException:
-            self._drop_collection(build_store)
+            build.discard()
             raise
         if kept:
-            self._drop_collection(build_store)
+            build.discard()
             summary.notes.append(
-                f"full rebuild not switched: {store.config.collection!r} keeps serving {serving!r}, because the build "
-                f"failed for what that collection holds: {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}"
+                f"full rebuild not switched: {store.config.collection!r} keeps serving {build.serving!r}, because the build "
+                f"failed for what that index holds: {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}"
             )
-            return summary
-        previous = store.switch_to(build_store.config.collection)
-        if previous is not None and previous != store.config.collection:  # a real collection of that name went in switch_to
-            self._drop_collection(store.with_collection(previous), records=False)
-        if isinstance(serving_records, MilvusRecords):
-            serving_records.drop()
-        summary.notes.append(f"full rebuild: {store.config.collection!r} now serves {build_store.config.collection!r} (was {previous!r})")
-        return summary
+            return summary, False
+        return summary, True
 
     def reconcile(self, *, records: RecordStore | None = None, repair: bool = True) -> Any:
         """Compare the record with the chunks in the collection and repair drift (see pipeline.reconcile).
@@ -210,18 +205,6 @@ class Pipeline:
         from pipeline.reconcile import reconcile
 
         return reconcile(records if records is not None else records_for(self.store), self.store, repair=repair)
-
-    @staticmethod
-    def _drop_collection(store: Any, records: bool = True) -> None:
-        """Drop a collection that no name serves any more (and its record, unless dropped apart)."""
-        from stores.records import MilvusRecords
-
-        try:
-            if records:
-                MilvusRecords(store).drop()
-            store.drop()
-        finally:
-            store.close()
 
     def query(
         self,
@@ -246,7 +229,9 @@ class Pipeline:
 
     def validate(self) -> list[str]:
         """Problems that would stop a run, found without running it (the spec itself is already valid)."""
-        problems: list[str] = []
+        from pipeline.ray_runner import runner_problems
+
+        problems: list[str] = [f"runner: {p}" for p in runner_problems(self.spec.runner)]
         for source in self.sources:
             problems.extend(f"stages.source ({source.type_name}): {p}" for p in source.check())
         problems.extend(f"stages.parser: {p}" for p in self.parser.check())
@@ -274,3 +259,78 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Build:
+    """Where a full rebuild writes, and how queries are switched over to it."""
+
+    store: MilvusStore  # the build's store
+    serving: str | None  # what the configured name serves before the switch
+
+    def switch(self, serving_records: RecordStore) -> str:
+        """Make the build the served index; returns a note for the summary."""
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        raise NotImplementedError
+
+
+class _CollectionBuild(_Build):
+    """A new collection ``<name>__rebuild_<time>``; the name becomes an alias of it."""
+
+    def __init__(self, served: MilvusStore, stamp: str):
+        self.served = served
+        self.serving = served.serving_collection()
+        for leftover in served.build_collections():  # from a rebuild that crashed before its switch
+            if leftover != self.serving:
+                _drop_collection(served.with_collection(leftover))
+        self.store = served.with_collection(f"{served.config.collection}{REBUILD_INFIX}{stamp}")
+
+    def switch(self, serving_records: RecordStore) -> str:
+        from stores.records import MilvusRecords
+
+        try:
+            previous = self.served.switch_to(self.store.config.collection)
+        finally:
+            self.store.close()
+        if previous is not None and previous != self.served.config.collection:  # a real collection of that name went in switch_to
+            _drop_collection(self.served.with_collection(previous), records=False)
+        if isinstance(serving_records, MilvusRecords):
+            serving_records.drop()
+        return f"full rebuild: {self.served.config.collection!r} now serves {self.store.config.collection!r} (was {previous!r})"
+
+    def discard(self) -> None:
+        _drop_collection(self.store)
+
+
+class _FileBuild(_Build):
+    """A new Milvus Lite 2.5 database file beside the served one, moved over it by one rename."""
+
+    def __init__(self, served: MilvusStore, stamp: str):
+        self.served = served
+        self.serving = served.serving_collection()
+        for leftover in served.lite_build_files():  # from a rebuild that crashed before its switch
+            served.with_lite_path(leftover).delete_lite_file()
+        self.store = served.with_lite_path(served.lite_build_path(stamp))
+
+    def switch(self, serving_records: RecordStore) -> str:
+        # The served file's record goes with it: the build's own record, written under the same
+        # name, is the record of what is served now.
+        built = self.store.endpoint.lite_path
+        self.served.replace_lite_file(self.store)
+        return f"full rebuild: {self.served.endpoint.lite_path} replaced by the rebuilt database (built as {built.name})"
+
+    def discard(self) -> None:
+        self.store.delete_lite_file()
+
+
+def _drop_collection(store: MilvusStore, records: bool = True) -> None:
+    """Drop a collection that no name serves any more (and its record, unless dropped apart)."""
+    from stores.records import MilvusRecords
+
+    try:
+        if records:
+            MilvusRecords(store).drop()
+        store.drop()
+    finally:
+        store.close()

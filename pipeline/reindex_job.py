@@ -27,7 +27,7 @@ class LockHeldError(RuntimeError):
     """Another live run holds the collection's re-index lock."""
 
 
-# Milvus Lite's own refusal of a second process on the same data folder means the same thing.
+# Milvus Lite's own refusal of a second process on the same database means the same thing.
 LITE_IN_USE = "in use by another process"
 
 

@@ -1,4 +1,4 @@
-"""Milvus store: Milvus Lite (a local folder), a Milvus server, or Zilliz Cloud.
+"""Milvus store: Milvus Lite (a local .db path), a Milvus server, or Zilliz Cloud.
 
 One row per chunk::
 
@@ -9,9 +9,14 @@ One row per chunk::
     metadata     JSON                  chunk metadata plus its start/end character offsets
     <vector>     FLOAT_VECTOR          named after the embedder's vector field ("dense")
 
-The embedding model id and dimension are recorded as collection properties, so a spec whose
-embedder differs is refused before a single row is written (:class:`StoreSchemaError`), instead
-of mixing incomparable vectors into one index.
+The embedding model id and dimension are recorded with the collection (as collection properties,
+and as JSON in the schema description for engines that drop properties, such as Milvus Lite 2.5),
+so a spec whose embedder differs is refused before a single row is written
+(:class:`StoreSchemaError`), instead of mixing incomparable vectors into one index.
+
+Milvus Lite comes in two engines with different files: 2.5 (the C++ engine, the default here: fast
+search, real analyzers) keeps a database in one file and has no aliases, partitions or HNSW; 3.x
+(pure Python) keeps it in a folder and has all three, but scans rows on every search.
 
 Writes are upserts by chunk id, so re-running never duplicates; transient failures (connection
 loss, timeouts, rate limits) are retried with exponential backoff and jitter, which is safe because
@@ -21,6 +26,7 @@ by ``token_env`` only, and is scrubbed from every error message this module rais
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.metadata
 import json
@@ -41,7 +47,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.component import ComponentConfig, require
 from pipeline.errors import PipelineError, StoreSchemaError
 from pipeline.types import Chunk
-from stores import filters
+from stores import filters, server_features
 from stores.base import Store
 from stores.records import RECORDS_SUFFIX
 
@@ -55,6 +61,10 @@ PROPERTY_DIMENSION = "rag_pipeline.embedding_dimension"
 PROPERTY_SCHEMA_VERSION = "rag_pipeline.schema_version"
 PROPERTY_SPARSE_MODEL = "rag_pipeline.sparse_model"
 SCHEMA_VERSION = "1"
+# An escape sequence in a filter's string literal: \n, \r or \t after an even run of backslashes.
+_ESCAPE_IN_LITERAL = re.compile(r"(?<!\\)((?:\\\\)*)\\([nrt])")
+DESCRIPTION_KEY = "rag_pipeline"  # the same properties, as JSON in the schema description
+LITE2_INDEX_TYPES = ("AUTOINDEX", "FLAT", "IVF_FLAT")  # what Milvus Lite 2.5 can build
 
 ID_MAX_BYTES = 128
 SOURCE_ID_MAX_BYTES = 4096
@@ -221,7 +231,7 @@ class MilvusStoreConfig(ComponentConfig):
     uri: str = Field(
         "./milvus.db",
         description=(
-            "A local folder ending in .db (Milvus Lite, relative to the spec's folder), "
+            "A local path ending in .db (Milvus Lite, relative to the spec's folder: a file for Lite 2.5, a folder for Lite 3), "
             "or http(s)://, tcp:// or unix: for a Milvus server or Zilliz Cloud."
         ),
     )
@@ -262,7 +272,7 @@ class MilvusStoreConfig(ComponentConfig):
         if not value.endswith(".db"):
             raise ValueError(
                 f"{value!r} is neither a server address (http://, https://, tcp://, unix:) nor a Milvus Lite "
-                "folder: Milvus Lite paths must end in .db, e.g. ./index.db"
+                "path: Milvus Lite paths must end in .db, e.g. ./index.db"
             )
         return value
 
@@ -315,9 +325,9 @@ class MilvusStoreConfig(ComponentConfig):
 class Endpoint:
     """Where the collection lives, resolved against the spec's folder."""
 
-    uri: str  # what pymilvus is given: an absolute Lite folder path or the server URI
+    uri: str  # what pymilvus is given: an absolute Milvus Lite path or the server URI
     db_name: str
-    lite_path: Path | None  # the data folder for Milvus Lite, None for a server
+    lite_path: Path | None  # the Milvus Lite database (a file for 2.5, a folder for 3), None for a server
 
     def describe(self) -> str:
         where = str(self.lite_path) if self.lite_path else self.uri
@@ -325,7 +335,7 @@ class Endpoint:
 
 
 # --------------------------------------------------------------------------------------------
-# Clients: one per (endpoint, token) per process. Milvus Lite lets one process open a data folder
+# Clients: one per (endpoint, token) per process. Milvus Lite lets one process open a database
 # once, so the ingest path and a query path in the same service must share a client.
 
 
@@ -337,7 +347,7 @@ class _PooledClient:
 
 class _ClientPool:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered: opening a client asks whether its Lite file is in use
         self._entries: dict[tuple[str, str, str], _PooledClient] = {}
 
     @staticmethod
@@ -353,6 +363,10 @@ class _ClientPool:
                 entry = self._entries[key] = _PooledClient(open_client(), 0)
             entry.users += 1
             return entry.client
+
+    def in_use(self, lite_path: Path) -> bool:
+        with self._lock:
+            return any(uri == str(lite_path) for uri, _, _ in self._entries)
 
     def release(self, endpoint: Endpoint, token: str) -> None:
         key = self._key(endpoint, token)
@@ -389,7 +403,7 @@ def _lite_major_version() -> int:
 
 
 def _stop_lite_server(path: Path) -> None:
-    """Flush and unlock a Milvus Lite folder so other processes (or a later reopen) can use it."""
+    """Flush and unlock a Milvus Lite database so other processes (or a later reopen) can use it."""
     try:
         from milvus_lite.server_manager import server_manager_instance
     except ImportError:
@@ -397,22 +411,31 @@ def _stop_lite_server(path: Path) -> None:
     server_manager_instance.release_server(str(path))
 
 
-def _lite_folder_locked_elsewhere(path: Path) -> bool:
+def _lite_lock_file(path: Path) -> Path:
+    # Milvus Lite 3 locks <folder>/LOCK; 2.5 locks a hidden sibling of its file, .<name>.lock.
+    return path / "LOCK" if path.is_dir() else path.with_name(f".{path.name}.lock")
+
+
+def _lite_database_locked_elsewhere(path: Path) -> bool:
     """Whether another process holds Milvus Lite's lock on ``path`` (probed after a failed open)."""
-    lock_file = path / "LOCK"  # milvus_lite.db.LOCK_FILENAME
-    if not lock_file.is_file():
+    lock_file = _lite_lock_file(path)
+    if not lock_file.is_file() or _clients.in_use(path):
+        # In use here: a POSIX lock probe from this process would succeed, and closing the probe
+        # would drop this process's own lock.
         return False
     try:
         import fcntl
     except ImportError:  # Windows: Lite uses msvcrt locks there; give the generic message
         return False
+    # Lite 3 takes a flock, Lite 2.5 a POSIX record lock (lockf); the two do not see each other.
+    lock = fcntl.flock if path.is_dir() else fcntl.lockf
     fd = os.open(lock_file, os.O_RDWR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return True
     else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        lock(fd, fcntl.LOCK_UN)
         return False
     finally:
         os.close(fd)
@@ -457,6 +480,17 @@ def _json_default(value: Any) -> Any:
 # The existing collection, as described by Milvus.
 
 
+def _description_properties(description: Any) -> dict[str, str]:
+    """The properties a collection keeps as JSON in its schema description ({} for anything else)."""
+    try:
+        stored = json.loads(description) if isinstance(description, str) else None
+    except ValueError:
+        return {}
+    properties = stored.get(DESCRIPTION_KEY) if isinstance(stored, dict) else None
+    return {str(k): str(v) for k, v in properties.items()} if isinstance(properties, dict) else {}
+
+
+
 @dataclass(frozen=True)
 class CollectionLayout:
     """What an existing collection holds: enough to check it against a spec and to validate rows."""
@@ -472,12 +506,21 @@ class CollectionLayout:
             f["name"]: (getattr(f["type"], "name", str(f["type"])), dict(f.get("params") or {}), bool(f.get("is_primary")))
             for f in description.get("fields", [])
         }
-        properties = {str(k): str(v) for k, v in (description.get("properties") or {}).items()}
+        properties = {**_description_properties(description.get("description")), **{
+            str(k): str(v) for k, v in (description.get("properties") or {}).items()
+        }}
         bm25_outputs = {}
         for function in description.get("functions") or []:
             if getattr(function.get("type"), "name", str(function.get("type"))) in ("BM25", "1"):
                 for output in function.get("output_field_names") or []:
                     bm25_outputs[output] = (function.get("input_field_names") or [""])[0]
+        if not bm25_outputs:
+            # Milvus Lite 2.5 describes no functions, only flags their output fields; the BM25
+            # input is the analyzed text field, the only one this store creates.
+            analyzed = [f["name"] for f in description.get("fields", []) if str((f.get("params") or {}).get("enable_analyzer")).lower() == "true"]
+            for f in description.get("fields", []):
+                if f.get("is_function_output") and len(analyzed) == 1:
+                    bm25_outputs[f["name"]] = analyzed[0]
         return cls(fields=fields, properties=properties, metric=metric, bm25_outputs=bm25_outputs)
 
     def analyzer_params(self, name: str) -> dict[str, Any] | None:
@@ -625,6 +668,8 @@ class MilvusStore(Store):
     def _call(self, operation: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn`` with retries for transient failures; any final failure as a scrubbed MilvusStoreError."""
         tenacity = require("tenacity", purpose="retrying Milvus requests")
+        if isinstance(kwargs.get("filter"), str) and self.endpoint.lite_path is not None and _lite_major_version() < 3:
+            kwargs["filter"] = self._lite2_filter(kwargs["filter"])
 
         def log_retry(state: Any) -> None:
             error = state.outcome.exception()
@@ -654,7 +699,7 @@ class MilvusStore(Store):
         if self._client is not None:
             return self._client
         endpoint, token = self.endpoint, self._token()
-        self._check_lite_folder(endpoint)
+        self._check_lite_database(endpoint)
         client = self._call("connect", _clients.acquire, endpoint, token, lambda: self._open_client(endpoint, token))
         self._client, self._opened = client, (endpoint, token)
         return client
@@ -665,17 +710,24 @@ class MilvusStore(Store):
             # Milvus Lite serves gRPC inside this process and logs a traceback for every call it
             # does not implement (pymilvus probes AllocTimestamp and falls back by itself).
             logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+        # Probed before opening too: a failed open of Milvus Lite 2.5 deletes the lock file that
+        # the other process holds, and the probe after the failure would find nothing.
+        if endpoint.lite_path is not None and _lite_database_locked_elsewhere(endpoint.lite_path):
+            raise self._in_use_elsewhere(endpoint.lite_path)
         try:
             return pymilvus.MilvusClient(uri=endpoint.uri, token=token, db_name=endpoint.db_name, timeout=self.config.timeout_s)
         except pymilvus.exceptions.ConnectionConfigException as exc:
-            if endpoint.lite_path is not None and _lite_folder_locked_elsewhere(endpoint.lite_path):
-                raise MilvusStoreError(
-                    f"{self.where}: {endpoint.lite_path} is in use by another process (Milvus Lite allows one "
-                    "process per data folder); stop that process, or use a Milvus server for concurrent access"
-                ) from None
+            if endpoint.lite_path is not None and _lite_database_locked_elsewhere(endpoint.lite_path):
+                raise self._in_use_elsewhere(endpoint.lite_path) from None
             if endpoint.lite_path is not None:
-                raise MilvusStoreError(f"{self.where}: cannot open the Milvus Lite folder: {exc.message}") from None
+                raise MilvusStoreError(f"{self.where}: cannot open the Milvus Lite database: {exc.message}") from None
             raise
+
+    def _in_use_elsewhere(self, path: Path) -> MilvusStoreError:
+        return MilvusStoreError(
+            f"{self.where}: {path} is in use by another process (Milvus Lite allows one process per database); "
+            "stop that process, or use a Milvus server for concurrent access"
+        )
 
     def _warn_if_lite_ignores(self, analyzer_params: dict[str, Any]) -> None:
         filters_used = analyzer_params.get("filter") or []
@@ -686,17 +738,53 @@ class MilvusStore(Store):
                 "form used (a Milvus server or Milvus Lite 2.5 stems)", self.where, _lite_version(),
             )
 
-    def _check_lite_folder(self, endpoint: Endpoint) -> None:
+    def _check_lite_database(self, endpoint: Endpoint) -> None:
         path = endpoint.lite_path
-        # Milvus Lite 2.x keeps a collection in a single file, 3.x in a folder.
-        if path is not None and path.exists() and not path.is_dir() and _lite_major_version() >= 3:
+        if path is None or not path.exists():
+            return
+        # Milvus Lite 2.x keeps a database in a single file, 3.x in a folder; neither reads the other's.
+        if not path.is_dir() and _lite_major_version() >= 3:
             raise MilvusStoreError(
-                f"{self.where}: {path} is a file, but Milvus Lite 3 keeps its data in a folder "
+                f"{self.where}: {path} is a file, but Milvus Lite {_lite_version()} keeps its data in a folder "
                 "(a single-file .db comes from Milvus Lite 2.x, which this version cannot read); choose another uri"
             )
+        if path.is_dir() and _lite_major_version() < 3:
+            raise MilvusStoreError(
+                f"{self.where}: {path} is a folder, but Milvus Lite {_lite_version()} keeps its data in a single file "
+                "(a folder comes from Milvus Lite 3, which this version cannot read); choose another uri"
+            )
 
-    def _lite_folder_missing(self) -> bool:
-        """True for a Milvus Lite uri whose folder does not exist yet: nothing to read, nothing to create."""
+    def _lite2_filter(self, expression: str) -> str:
+        """A filter in the dialect of Milvus Lite 2.5's parser, which reads no escape but \\ and \".
+
+        It would silently match nothing for an escaped tab or line break, so a tab goes in raw
+        (which it reads) and a line break, which it cannot read in any form, is refused.
+        """
+
+        def unescape(match: re.Match[str]) -> str:
+            backslashes, letter = match.groups()
+            if letter != "t":
+                raise MilvusStoreError(
+                    f"{self.where}: Milvus Lite {_lite_version()} cannot match text containing a line break in a filter "
+                    "(a Milvus server or Milvus Lite 3 can); rename the source or use a server"
+                )
+            return backslashes + "\t"
+
+        return _ESCAPE_IN_LITERAL.sub(unescape, expression)
+
+    def _lite_problems(self) -> list[str]:
+        """Settings the installed Milvus Lite cannot serve (it answers them only mid-run otherwise)."""
+        if self.endpoint.lite_path is None or _lite_major_version() >= 3:
+            return []
+        if self.config.index.type not in LITE2_INDEX_TYPES:
+            return [
+                f"{self.where}: Milvus Lite {_lite_version()} builds only {', '.join(LITE2_INDEX_TYPES)} indexes, not "
+                f"{self.config.index.type}; use one of those, or a Milvus server (or Milvus Lite 3) for {self.config.index.type}"
+            ]
+        return []
+
+    def _lite_database_missing(self) -> bool:
+        """True for a Milvus Lite uri whose database does not exist yet: nothing to read, nothing to create."""
         path = self.endpoint.lite_path
         return path is not None and not path.exists()
 
@@ -734,11 +822,11 @@ class MilvusStore(Store):
         """Client and layout of the existing collection, loaded; None when it does not exist.
 
         Reads and writes work without ``prepare`` (a query service has no reason to call it), and
-        a missing Milvus Lite folder is not created just to find it empty.
+        a missing Milvus Lite database is not created just to find it empty.
         """
         if self._layout is not None:
             return self._client, self._layout
-        if self._lite_folder_missing():
+        if self._lite_database_missing():
             return None
         client = self._connect()
         if not self._collection_exists(client):
@@ -763,16 +851,26 @@ class MilvusStore(Store):
         return self._existing() is not None
 
     def check(self, dimension: int, model_id: str, sparse_model_id: str | None = None) -> list[str]:
-        """Problems that ``prepare`` would raise; creates nothing (not even a Milvus Lite folder)."""
-        if self._lite_folder_missing():
+        """Problems that ``prepare`` would raise; creates nothing (not even a Milvus Lite database)."""
+        if unsupported := self._lite_problems():
+            return unsupported
+        if self._lite_database_missing():
             return []
         try:
             client = self._connect()
+            if unsupported := self._server_problems(client):
+                return unsupported
             if not self._collection_exists(client):
                 return []
             return self._schema_problems(self._describe(client), dimension, model_id, sparse_model_id)
         except MilvusStoreError as exc:
             return [str(exc)]
+
+    def _server_problems(self, client: Any) -> list[str]:
+        """Features these settings need that the server's version lacks (Milvus Lite is no server)."""
+        if self.endpoint.lite_path is not None:
+            return []
+        return server_features.server_problems(client, self.config, self.config.uri, self.config.timeout_s)
 
     def prepare(self, dimension: int, model_id: str, sparse_model_id: str | None = None) -> None:
         """Create the collection, or check that the existing one fits; then load it.
@@ -784,10 +882,14 @@ class MilvusStore(Store):
             raise ValueError(f"{self.where}: the vector dimension must be a positive integer, got {dimension!r}")
         if not model_id:
             raise ValueError(f"{self.where}: the embedder reported no model id")
+        if unsupported := self._lite_problems():
+            raise MilvusStoreError("\n".join(unsupported))
         lite_path = self.endpoint.lite_path
         if lite_path is not None:
             lite_path.parent.mkdir(parents=True, exist_ok=True)
         client = self._connect()
+        if unsupported := self._server_problems(client):
+            raise MilvusStoreError("\n".join(unsupported))
         if self.config.db_name and not self._database_exists(client):
             self._call("create database", client.create_database, self.config.db_name, timeout=self.config.timeout_s)
         if not self._collection_exists(client):
@@ -802,8 +904,11 @@ class MilvusStore(Store):
     def _create(self, client: Any, dimension: int, model_id: str, sparse_model_id: str | None) -> None:
         pymilvus = require("pymilvus", purpose="the Milvus store")
         DataType = pymilvus.DataType
+        properties = {PROPERTY_MODEL: model_id, PROPERTY_DIMENSION: str(dimension), PROPERTY_SCHEMA_VERSION: SCHEMA_VERSION}
+        if self.config.learned_sparse is not None and sparse_model_id:
+            properties[PROPERTY_SPARSE_MODEL] = sparse_model_id
         schema = pymilvus.MilvusClient.create_schema(
-            auto_id=False, enable_dynamic_field=False, description=f"rag-pipeline chunks embedded with {model_id} ({dimension}-d)"
+            auto_id=False, enable_dynamic_field=False, description=json.dumps({DESCRIPTION_KEY: properties})
         )
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
         schema.add_field("source_id", DataType.VARCHAR, max_length=SOURCE_ID_MAX_BYTES)
@@ -833,9 +938,6 @@ class MilvusStore(Store):
         if learned is not None:
             schema.add_field(learned.field, DataType.SPARSE_FLOAT_VECTOR)
             index_params.add_index(learned.field, index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
-        properties = {PROPERTY_MODEL: model_id, PROPERTY_DIMENSION: str(dimension), PROPERTY_SCHEMA_VERSION: SCHEMA_VERSION}
-        if learned is not None and sparse_model_id:
-            properties[PROPERTY_SPARSE_MODEL] = sparse_model_id
         logger.info("creating %s for %d-d vectors from %s", self.where, dimension, model_id)
         try:
             self._call(
@@ -1142,7 +1244,7 @@ class MilvusStore(Store):
     def serving_collection(self) -> str | None:
         """The collection the configured name reads from: itself, or the target of the alias of
         that name; None when neither exists."""
-        if self._lite_folder_missing():
+        if self._lite_database_missing():
             return None
         client = self._connect()
         if not self._collection_exists(client):
@@ -1184,6 +1286,58 @@ class MilvusStore(Store):
         self._layout = None  # the next read describes and loads the new collection
         return previous
 
+    @property
+    def has_aliases(self) -> bool:
+        """Whether the engine can serve a name through an alias (Milvus Lite 2.5 has no aliases)."""
+        return self.endpoint.lite_path is None or _lite_major_version() >= 3
+
+    # Without aliases (Milvus Lite 2.5), a full rebuild writes a whole new database file beside the
+    # served one, under the same collection names, and then moves it over the served file.
+
+    def lite_build_path(self, stamp: str) -> Path:
+        path = self._lite_file()
+        return path.with_name(f"{path.stem}{REBUILD_INFIX}{stamp}{path.suffix}")
+
+    def lite_build_files(self) -> list[Path]:
+        """Database files that full rebuilds of this one created (``<name>__rebuild_<time>.db``)."""
+        path = self._lite_file()
+        return sorted(path.parent.glob(f"{glob.escape(path.stem)}{REBUILD_INFIX}*{path.suffix}"))
+
+    def with_lite_path(self, path: Path) -> "MilvusStore":
+        """The same store settings on another Milvus Lite file."""
+        twin = type(self)(self.config.model_copy(update={"uri": str(path)}))
+        twin.base_dir = self.base_dir
+        return twin
+
+    def replace_lite_file(self, build: "MilvusStore") -> None:
+        """Move ``build``'s database file over this one (one atomic rename), both closed first.
+
+        Every store of this process on either file must be closed: Milvus Lite flushes a file when
+        the last client lets go of it, and moving a file that a server still writes would lose data.
+        """
+        served, built = self._lite_file(), build._lite_file()
+        build.close()
+        self.close()
+        busy = [str(p) for p in (served, built) if _clients.in_use(p)]
+        if busy:
+            raise MilvusStoreError(f"{self.where}: cannot replace the database file: still open elsewhere in this process: {', '.join(busy)}")
+        os.replace(built, served)
+        _lite_lock_file(built).unlink(missing_ok=True)
+        logger.info("%s: now serves the rebuilt database (moved from %s)", self.where, built.name)
+
+    def delete_lite_file(self) -> None:
+        """Close and delete this store's Milvus Lite file (a build that is not switched in)."""
+        path = self._lite_file()
+        self.close()
+        path.unlink(missing_ok=True)
+        _lite_lock_file(path).unlink(missing_ok=True)
+
+    def _lite_file(self) -> Path:
+        path = self.endpoint.lite_path
+        if path is None or self.has_aliases:
+            raise TypeError(f"{self.where}: file rebuilds are for Milvus Lite 2.5 only; this engine has aliases")
+        return path
+
     def drop(self) -> None:
         """Drop this collection (never an alias's target through the alias: name a collection)."""
         client = self._connect()
@@ -1192,7 +1346,7 @@ class MilvusStore(Store):
         self._layout = None
 
     def close(self) -> None:
-        """Release this store's share of the client; the last user closes it (and unlocks a Lite folder)."""
+        """Release this store's share of the client; the last user closes it (and unlocks a Lite database)."""
         if self._opened is not None:
             endpoint, token = self._opened
             self._client = self._opened = self._layout = None

@@ -1,4 +1,4 @@
-"""Keeping a Milvus index right: full rebuilds behind an alias, reconcile, transient write failures.
+"""Keeping a Milvus index right: full rebuilds (behind an alias, or a new Lite file), reconcile, transient write failures.
 
 Runs against Milvus Lite with the in-memory test source, parser and hash embedder.
 """
@@ -33,7 +33,12 @@ def collections(store: MilvusStore) -> list[str]:
     return sorted(store._connect().list_collections())
 
 
-def test_rebuild_switches_the_alias_and_drops_the_old_collection_and_record(tmp_path):
+def rebuild_files(tmp_path) -> list[str]:
+    """Milvus Lite 2.5 builds beside the served file; none may be left once a rebuild is over."""
+    return sorted(p.name for p in tmp_path.glob("index__rebuild_*"))
+
+
+def test_rebuild_switches_to_the_new_index_and_drops_the_old_one_and_its_record(tmp_path):
     with milvus_pipeline(tmp_path, {"a.txt": "alpha\nbeta", "b.txt": "gamma"}) as pipeline:
         pipeline.reindex()
         store = pipeline.store
@@ -44,8 +49,13 @@ def test_rebuild_switches_the_alias_and_drops_the_old_collection_and_record(tmp_
         first = pipeline.full_rebuild()
         assert first.ok, first.format()
         serving = store.serving_collection()
-        assert serving.startswith("docs__rebuild_") and any("now serves" in note for note in first.notes)
-        # The real collection "docs" and its record are gone; only the build and its record remain.
+        if store.has_aliases:
+            # The name is now an alias of the build; the real collection "docs" and its record are gone.
+            assert serving.startswith("docs__rebuild_") and any("now serves" in note for note in first.notes)
+        else:
+            # Milvus Lite 2.5: the rebuilt database file replaced the served one.
+            assert serving == "docs" and any("replaced by the rebuilt database" in note for note in first.notes)
+            assert rebuild_files(tmp_path) == []
         assert collections(store) == sorted([serving, f"{serving}_records"])
         assert texts(store) == {"mem/a.txt": {"alpha", "delta"}, "mem/c.txt": {"epsilon"}}
         records = records_for(store)
@@ -53,12 +63,13 @@ def test_rebuild_switches_the_alias_and_drops_the_old_collection_and_record(tmp_
         assert {r.source_id for r in records.all()} == {"mem/a.txt", "mem/c.txt"}
         assert engine_before.query("epsilon", top_k=1).hits[0].source_id == "mem/c.txt"
 
-        # A second rebuild switches with one alter_alias and drops the first build.
+        # A second rebuild switches again (one alter_alias where there are aliases) and drops the first build.
         pipeline.sources[0].config.documents["d.txt"] = "zeta"
         second = pipeline.full_rebuild(records=records)
         assert second.ok
         newest = store.serving_collection()
-        assert newest != serving and collections(store) == sorted([newest, f"{newest}_records"])
+        assert collections(store) == sorted([newest, f"{newest}_records"])
+        assert newest != serving if store.has_aliases else rebuild_files(tmp_path) == []
         assert set(texts(store)) == {"mem/a.txt", "mem/c.txt", "mem/d.txt"}
         # The incremental job carries on from the rebuilt record: nothing to redo.
         assert pipeline.reindex().changes.unchanged == 3
@@ -74,11 +85,13 @@ def test_rebuild_that_would_lose_indexed_data_is_not_switched(tmp_path):
         assert store.serving_collection() == "docs"
         assert texts(store) == {"mem/a.txt": {"alpha"}, "mem/b.txt": {"beta"}}
         assert collections(store) == ["docs", "docs_records"]  # the failed build was dropped
+        assert rebuild_files(tmp_path) == []
 
         # A source that was never indexed may fail without blocking the switch.
-        pipeline.sources[0].config.documents = {"a.txt": "alpha", "b.txt": "beta", "new.txt": "<corrupt>"}
+        pipeline.sources[0].config.documents = {"a.txt": "ALPHA", "b.txt": "beta", "new.txt": "<corrupt>"}
         summary = pipeline.full_rebuild()
-        assert summary.documents_failed == 1 and store.serving_collection().startswith("docs__rebuild_")
+        assert summary.documents_failed == 1 and texts(store) == {"mem/a.txt": {"ALPHA"}, "mem/b.txt": {"beta"}}
+        assert store.serving_collection().startswith("docs__rebuild_") if store.has_aliases else rebuild_files(tmp_path) == []
 
 
 def test_listing_failure_keeps_the_serving_collection(tmp_path):
@@ -94,12 +107,19 @@ def test_leftover_of_a_crashed_rebuild_is_dropped_by_the_next(tmp_path):
     with milvus_pipeline(tmp_path, {"a.txt": "alpha"}) as pipeline:
         pipeline.reindex()
         store = pipeline.store
-        crashed = store.with_collection("docs__rebuild_20260101T000000")
-        crashed.prepare(pipeline.embedder.dimension, pipeline.embedder.model_id)
-        crashed.close()
-        assert "docs__rebuild_20260101T000000" in collections(store)
+        dimension, model = pipeline.embedder.dimension, pipeline.embedder.model_id
+        if store.has_aliases:
+            crashed = store.with_collection("docs__rebuild_20260101T000000")
+            crashed.prepare(dimension, model)
+            crashed.close()
+            assert "docs__rebuild_20260101T000000" in collections(store)
+        else:
+            crashed = store.with_lite_path(store.lite_build_path("20260101T000000"))
+            crashed.prepare(dimension, model)
+            crashed.close()
+            assert rebuild_files(tmp_path) == ["index__rebuild_20260101T000000.db"]
         pipeline.full_rebuild()
-        assert "docs__rebuild_20260101T000000" not in collections(store)
+        assert "docs__rebuild_20260101T000000" not in collections(store) and rebuild_files(tmp_path) == []
         assert len([name for name in collections(store) if not name.endswith("_records")]) == 1
 
 
@@ -119,7 +139,8 @@ def test_cli_full_rebuild(tmp_path, capsys):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert main(["reindex", str(path), "--full-rebuild", *[f"--allow-module={m}" for m in PLUGINS]]) == EXIT_OK
-    assert "now serves 'docs__rebuild_" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "now serves 'docs__rebuild_" in out or "replaced by the rebuilt database" in out
 
 
 def test_reconcile_deletes_orphans_and_redoes_sources_whose_chunks_drifted(tmp_path):

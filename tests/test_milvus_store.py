@@ -18,9 +18,10 @@ from pydantic import ValidationError
 from pipeline.errors import StoreSchemaError
 from pipeline.types import Chunk, chunk_id
 from stores import filters
-from stores.milvus import InvalidChunksError, MilvusStore, MilvusStoreError
+from stores.milvus import InvalidChunksError, MilvusStore, MilvusStoreError, _lite_major_version
 
 pytest.importorskip("milvus_lite")
+LITE_MAJOR = _lite_major_version()  # 2: the default engine (one file, FLAT/IVF); 3: a folder, HNSW
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 8
@@ -164,9 +165,9 @@ def test_reopen_after_close_reads_the_persisted_collection(open_store, tmp_path)
 
     # close() released the last client, so the Lite folder is unlocked and the next open reads
     # it back from disk (not loaded) instead of reusing a live in-process server.
-    from stores.milvus import _lite_folder_locked_elsewhere
+    from stores.milvus import _lite_database_locked_elsewhere
 
-    assert not _lite_folder_locked_elsewhere(tmp_path / "index.db")
+    assert not _lite_database_locked_elsewhere(tmp_path / "index.db")
     reopened = open_store()
     assert reopened.count() == 4  # loads the collection itself, without prepare
     assert reopened.search_dense(chunks[2].vectors["dense"], top_k=1)[0].id == chunks[2].id
@@ -207,12 +208,22 @@ def test_filters_and_deletes_hit_exactly_the_hostile_source(open_store):
     assert store.count() == len(HOSTILE_SOURCE_IDS)
 
     query = chunks[0].vectors["dense"]
-    for source_id in HOSTILE_SOURCE_IDS:
+    matchable = HOSTILE_SOURCE_IDS
+    if LITE_MAJOR < 3:
+        # Milvus Lite 2.5's filter parser reads no line break in any form: refused, never a silent miss.
+        matchable = [s for s in HOSTILE_SOURCE_IDS if "\n" not in s and "\r" not in s]
+        for source_id in set(HOSTILE_SOURCE_IDS) - set(matchable):
+            with pytest.raises(MilvusStoreError, match="cannot match text containing a line break"):
+                store.search_dense(query, top_k=50, filter_expr=filters.eq("source_id", source_id))
+            with pytest.raises(MilvusStoreError, match="cannot match text containing a line break"):
+                store.delete_sources([source_id])
+        assert store.count() == len(HOSTILE_SOURCE_IDS)
+    for source_id in matchable:
         hits = store.search_dense(query, top_k=50, filter_expr=filters.eq("source_id", source_id))
         assert [h.fields["source_id"] for h in hits] == [source_id]
 
     remaining = list(HOSTILE_SOURCE_IDS)
-    for source_id in HOSTILE_SOURCE_IDS:
+    for source_id in matchable:
         store.delete_sources([source_id])
         remaining.remove(source_id)
         assert store.count() == len(remaining), source_id
@@ -255,12 +266,16 @@ def test_bad_vectors_are_refused_per_document(open_store):
 
 
 def test_search_dense_returns_the_nearest_first(open_store):
-    store = open_store(index={"type": "HNSW", "metric": "COSINE", "params": {"M": 8, "efConstruction": 64}})
+    if LITE_MAJOR >= 3:
+        index, search_params = {"type": "HNSW", "metric": "COSINE", "params": {"M": 8, "efConstruction": 64}}, {"ef": 32}
+    else:
+        index, search_params = {"type": "IVF_FLAT", "metric": "COSINE", "params": {"nlist": 4}}, {"nprobe": 4}
+    store = open_store(index=index)
     store.prepare(DIM, MODEL)
     chunks = [make_chunk("a.md", i) for i in range(DIM)]
     store.upsert(chunks)
     query = chunks[5].vectors["dense"] + 0.2 * chunks[6].vectors["dense"]
-    hits = store.search_dense(query, top_k=3, search_params={"ef": 32})
+    hits = store.search_dense(query, top_k=3, search_params=search_params)
     assert [h.id for h in hits[:2]] == [chunks[5].id, chunks[6].id]
     assert hits[0].score > hits[1].score > hits[2].score
     assert hits[0].fields["chunk_index"] == 5
@@ -341,16 +356,31 @@ def test_a_folder_held_by_another_process_gets_a_clear_message(open_store, tmp_p
         """
     )
     child = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert "is in use by another process (Milvus Lite allows one process per data folder)" in child.stdout
+    assert "is in use by another process (Milvus Lite allows one process per database)" in child.stdout
 
 
-def test_a_single_file_db_from_milvus_lite_2_is_explained(open_store, tmp_path):
-    old = tmp_path / "old.db"
-    old.write_bytes(b"SQLite format 3\x00")
-    store = open_store(uri=str(old))
-    with pytest.raises(MilvusStoreError, match="is a file, but Milvus Lite 3 keeps its data in a folder"):
+def test_a_database_of_the_other_milvus_lite_generation_is_explained(open_store, tmp_path):
+    other = tmp_path / "other.db"
+    if LITE_MAJOR >= 3:  # Lite 2.5 keeps a database in one file, Lite 3 in a folder
+        other.write_bytes(b"SQLite format 3\x00")
+        message = r"is a file, but Milvus Lite 3\.[\d.]+ keeps its data in a folder"
+    else:
+        (other / "collections").mkdir(parents=True)
+        message = r"is a folder, but Milvus Lite 2\.[\d.]+ keeps its data in a single file"
+    store = open_store(uri=str(other))
+    with pytest.raises(MilvusStoreError, match=message):
         store.prepare(DIM, MODEL)
-    assert "is a file" in store.check(DIM, MODEL)[0]
+    assert re.search(message, store.check(DIM, MODEL)[0])
+
+
+@pytest.mark.skipif(LITE_MAJOR >= 3, reason="Milvus Lite 3 builds HNSW")
+def test_an_index_milvus_lite_cannot_build_is_refused_before_anything_is_created(open_store, tmp_path):
+    store = open_store(index={"type": "HNSW", "metric": "COSINE"})
+    message = r"Milvus Lite 2\.[\d.]+ builds only AUTOINDEX, FLAT, IVF_FLAT indexes, not HNSW"
+    assert re.search(message, store.check(DIM, MODEL)[0])
+    with pytest.raises(MilvusStoreError, match=message):
+        store.prepare(DIM, MODEL)
+    assert not (tmp_path / "index.db").exists()
 
 
 def test_relative_uri_is_resolved_against_the_spec_folder(tmp_path):
@@ -359,7 +389,7 @@ def test_relative_uri_is_resolved_against_the_spec_folder(tmp_path):
     assert store.endpoint.lite_path == tmp_path / "indexes" / "project.db"
     try:
         store.prepare(DIM, MODEL)
-        assert (tmp_path / "indexes" / "project.db").is_dir()
+        assert (tmp_path / "indexes" / "project.db").exists()
     finally:
         store.close()
 

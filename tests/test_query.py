@@ -26,7 +26,7 @@ DOCUMENTS = {
     "errors/zx9004": "Fault ZX9004: the flux capacitor overheated and the reactor shut down.",
     # Found by dense only: about tea, without one word of the query.
     "kitchen/steeping": "Steep the dried leaves in freshly boiled water for three minutes, then pour the hot drink.",
-    "kitchen/coffee": "Roasted coffee beans are ground and brewed with hot water to make espresso.",
+    "kitchen/coffee": "Roasted coffee beans are ground and pressed with hot water to make espresso.",
     "garden/roses": "Prune rose bushes in late winter, cutting above an outward-facing bud.",
     "cars/tyres": "Check tyre pressure monthly; under-inflated tyres wear faster and waste fuel.",
     "space/orbit": "A satellite in low Earth orbit circles the planet about every ninety minutes.",

