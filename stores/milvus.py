@@ -7,7 +7,8 @@ One row per chunk::
     chunk_index  INT64                 position of the chunk in its document
     text         VARCHAR               the chunk text (Milvus limits VARCHAR in UTF-8 *bytes*)
     metadata     JSON                  chunk metadata plus its start/end character offsets
-    <vector>     FLOAT_VECTOR          named after the embedder's vector field ("dense")
+    <vector>     FLOAT_VECTOR          named after the embedder's vector field ("dense"); FLOAT16_VECTOR
+                                       or BINARY_VECTOR with ``vector_storage: float16 | binary``
 
 The embedding model id and dimension are recorded with the collection (as collection properties,
 and as JSON in the schema description for engines that drop properties, such as Milvus Lite 2.5),
@@ -227,6 +228,20 @@ class IndexConfig(ComponentConfig):
     )
 
 
+# How the dense vectors are kept: Milvus field type, the bytes per dimension, and how a float
+# vector becomes a row value or query payload.
+VECTOR_FIELD_TYPES = {"float32": "FLOAT_VECTOR", "float16": "FLOAT16_VECTOR", "binary": "BINARY_VECTOR"}
+BINARY_INDEX = ("BIN_FLAT", "HAMMING")  # the binary index Milvus Lite builds too
+
+
+def encode_vector(values: list[float], storage: str) -> Any:
+    if storage == "float16":
+        return np.asarray(values, dtype=np.float16)
+    if storage == "binary":
+        return np.packbits(np.asarray(values) > 0).tobytes()  # one bit per dimension: its sign
+    return values
+
+
 class MilvusStoreConfig(ComponentConfig):
     uri: str = Field(
         "./milvus.db",
@@ -241,6 +256,13 @@ class MilvusStoreConfig(ComponentConfig):
     db_name: str | None = None
     collection: str = "documents"
     vector_field: str = Field("dense", description="Must match the embedder's vector field.")
+    vector_storage: Literal["float32", "float16", "binary"] = Field(
+        "float32",
+        description=(
+            "How dense vectors are kept: float32; float16 (half the memory); binary (the sign of each dimension, 32x "
+            "smaller, searched by Hamming distance with a BIN_FLAT index). Quality cost: benchmarks/retrieval_quality.py."
+        ),
+    )
     index: IndexConfig = Field(default_factory=IndexConfig)
     bm25: BM25Config | None = Field(None, description="Add Milvus' built-in BM25 sparse field ({} for the defaults).")
     learned_sparse: LearnedSparseConfig | None = Field(
@@ -300,6 +322,20 @@ class MilvusStoreConfig(ComponentConfig):
         if not _ENV_NAME.match(value):
             raise ValueError("token_env is the *name* of an environment variable (e.g. MILVUS_TOKEN), not the token")
         return value
+
+    @model_validator(mode="after")
+    def _binary_vectors_have_their_own_index(self) -> MilvusStoreConfig:
+        if self.vector_storage == "binary":
+            if self.index.type not in ("AUTOINDEX", "FLAT") or "metric" in self.index.model_fields_set:
+                raise ValueError(
+                    "binary vectors are searched by Hamming distance in a BIN_FLAT index: leave index.type at "
+                    "AUTOINDEX or FLAT and index.metric unset"
+                )
+        return self
+
+    def dense_index(self) -> tuple[str, str]:
+        """The dense field's index type and metric as Milvus builds them."""
+        return BINARY_INDEX if self.vector_storage == "binary" else (self.index.type, self.index.metric)
 
     @model_validator(mode="after")
     def _vector_fields_are_distinct(self) -> MilvusStoreConfig:
@@ -558,7 +594,7 @@ class CollectionLayout:
 
     def dimension(self, vector_field: str) -> int | None:
         kind, params, _ = self.fields.get(vector_field, ("", {}, False))
-        return int(params["dim"]) if kind == "FLOAT_VECTOR" and "dim" in params else None
+        return int(params["dim"]) if kind in VECTOR_FIELD_TYPES.values() and "dim" in params else None
 
     def max_bytes(self, name: str) -> int:
         return int(self.fields[name][1].get("max_length", VARCHAR_MAX_BYTES))
@@ -567,14 +603,14 @@ class CollectionLayout:
     def model_id(self) -> str | None:
         return self.properties.get(PROPERTY_MODEL)
 
-    def problems(self, where: str, vector_field: str, dimension: int, model_id: str, metric: str) -> list[str]:
+    def problems(self, where: str, vector_field: str, dimension: int, model_id: str, metric: str, vector_type: str = "FLOAT_VECTOR") -> list[str]:
         expected = {
             "id": "VARCHAR",
             "source_id": "VARCHAR",
             "chunk_index": "INT64",
             "text": "VARCHAR",
             "metadata": "JSON",
-            vector_field: "FLOAT_VECTOR",
+            vector_field: vector_type,
         }
         problems = []
         for name, kind in expected.items():
@@ -754,6 +790,10 @@ class MilvusStore(Store):
                 "(a folder comes from Milvus Lite 3, which this version cannot read); choose another uri"
             )
 
+    def _lite_engine(self) -> int | None:
+        """The Milvus Lite major version serving this store; None for a server."""
+        return None if self.endpoint.lite_path is None else _lite_major_version()
+
     def _lite2_filter(self, expression: str) -> str:
         """A filter in the dialect of Milvus Lite 2.5's parser, which reads no escape but \\ and \".
 
@@ -774,9 +814,15 @@ class MilvusStore(Store):
 
     def _lite_problems(self) -> list[str]:
         """Settings the installed Milvus Lite cannot serve (it answers them only mid-run otherwise)."""
-        if self.endpoint.lite_path is None or _lite_major_version() >= 3:
+        engine = self._lite_engine()
+        if engine is None:
             return []
-        if self.config.index.type not in LITE2_INDEX_TYPES:
+        if engine >= 3 and self.config.vector_storage != "float32":
+            return [
+                f"{self.where}: Milvus Lite {_lite_version()} stores only float32 vectors, not vector_storage "
+                f"{self.config.vector_storage}; use Milvus Lite 2.5 (the default) or a Milvus server"
+            ]
+        if engine < 3 and self.config.index.type not in LITE2_INDEX_TYPES:
             return [
                 f"{self.where}: Milvus Lite {_lite_version()} builds only {', '.join(LITE2_INDEX_TYPES)} indexes, not "
                 f"{self.config.index.type}; use one of those, or a Milvus server (or Milvus Lite 3) for {self.config.index.type}"
@@ -808,7 +854,9 @@ class MilvusStore(Store):
         return CollectionLayout.from_description(description, metric)
 
     def _schema_problems(self, layout: CollectionLayout, dimension: int, model_id: str, sparse_model_id: str | None = None) -> list[str]:
-        problems = layout.problems(self.where, self.config.vector_field, dimension, model_id, self.config.index.metric)
+        _, metric = self.config.dense_index()
+        vector_type = VECTOR_FIELD_TYPES[self.config.vector_storage]
+        problems = layout.problems(self.where, self.config.vector_field, dimension, model_id, metric, vector_type)
         return problems + layout.sparse_problems(self.where, self.config, sparse_model_id)
 
     def _load(self, client: Any) -> None:
@@ -833,7 +881,7 @@ class MilvusStore(Store):
             return None
         layout = self._describe(client)
         if layout.dimension(self.config.vector_field) is None:
-            raise StoreSchemaError(f"{self.where} has no FLOAT_VECTOR field {self.config.vector_field!r}")
+            raise StoreSchemaError(f"{self.where} has no dense vector field {self.config.vector_field!r}")
         self._load(client)
         self._layout = layout
         return client, layout
@@ -880,6 +928,8 @@ class MilvusStore(Store):
         """
         if isinstance(dimension, bool) or not isinstance(dimension, int) or dimension <= 0:
             raise ValueError(f"{self.where}: the vector dimension must be a positive integer, got {dimension!r}")
+        if self.config.vector_storage == "binary" and dimension % 8:
+            raise ValueError(f"{self.where}: binary vectors are stored 8 dimensions per byte; {dimension} is not a multiple of 8")
         if not model_id:
             raise ValueError(f"{self.where}: the embedder reported no model id")
         if unsupported := self._lite_problems():
@@ -920,10 +970,12 @@ class MilvusStore(Store):
             self._warn_if_lite_ignores(bm25.analyzer_params)
         schema.add_field("text", DataType.VARCHAR, max_length=self.config.text_max_length, **text_options)
         schema.add_field("metadata", DataType.JSON)
-        schema.add_field(self.config.vector_field, DataType.FLOAT_VECTOR, dim=dimension)
+        schema.add_field(self.config.vector_field, getattr(DataType, VECTOR_FIELD_TYPES[self.config.vector_storage]), dim=dimension)
         index_params = client.prepare_index_params()
-        index = self.config.index
-        index_params.add_index(self.config.vector_field, index_type=index.type, metric_type=index.metric, params=dict(index.params))
+        index_type, metric = self.config.dense_index()
+        if index_type == "AUTOINDEX" and self.config.vector_storage == "float16" and self._lite_engine() == 2:
+            index_type = "FLAT"  # Milvus Lite 2.5 accepts AUTOINDEX on a float16 field but builds no index
+        index_params.add_index(self.config.vector_field, index_type=index_type, metric_type=metric, params=dict(self.config.index.params))
         if bm25 is not None:
             schema.add_field(bm25.field, DataType.SPARSE_FLOAT_VECTOR)
             schema.add_function(
@@ -1022,7 +1074,7 @@ class MilvusStore(Store):
             "chunk_index": int(chunk.index),
             "text": chunk.text,
             "metadata": metadata,
-            self.config.vector_field: vector,
+            self.config.vector_field: encode_vector(vector, self.config.vector_storage),
             **sparse,
         }
         sparse_bytes = sum(8 * len(v) for v in sparse.values())
@@ -1147,9 +1199,9 @@ class MilvusStore(Store):
         query = _vector_problem_or_list(vector, layout.dimension(self.config.vector_field))
         if isinstance(query, str):
             raise ValueError(f"{self.where}: query vector {query}")
-        params = {"metric_type": layout.metric or self.config.index.metric, "params": dict(search_params or {})}
+        params = {"metric_type": layout.metric or self.config.dense_index()[1], "params": dict(search_params or {})}
         results = self._call(
-            "search", client.search, self.config.collection, data=[query], anns_field=self.config.vector_field,
+            "search", client.search, self.config.collection, data=[encode_vector(query, self.config.vector_storage)], anns_field=self.config.vector_field,
             limit=top_k, filter=filter_expr or "", output_fields=list(output_fields), search_params=params,
             consistency_level=self.config.consistency_level, timeout=self.config.timeout_s,
         )
@@ -1175,7 +1227,8 @@ class MilvusStore(Store):
             search_params={"metric_type": metric, "params": dict(search_params or {})},
             consistency_level=self.config.consistency_level, timeout=self.config.timeout_s,
         )
-        return [Hit(str(hit["id"]), _higher_is_better(metric, float(hit["distance"])), dict(hit.get("entity") or {})) for hit in results[0]]
+        dimension = layout.dimension(self.config.vector_field) or 1
+        return [Hit(str(hit["id"]), _higher_is_better(metric, float(hit["distance"]), dimension), dict(hit.get("entity") or {})) for hit in results[0]]
 
     def hybrid_search(
         self,
@@ -1225,7 +1278,7 @@ class MilvusStore(Store):
             query = _vector_problem_or_list(request.data, layout.dimension(self.config.vector_field))
             if isinstance(query, str):
                 raise ValueError(f"{self.where}: query vector {query}")
-            return layout.metric or self.config.index.metric, query
+            return layout.metric or self.config.dense_index()[1], encode_vector(query, self.config.vector_storage)
         metric = self.config.sparse_fields().get(request.field)
         if metric == "BM25":
             if not isinstance(request.data, str) or not request.data.strip():
@@ -1367,7 +1420,9 @@ def _vector_problem_or_list(vector: Any, dimension: int | None) -> list[float] |
     return array.tolist()
 
 
-def _higher_is_better(metric: str, distance: float) -> float:
+def _higher_is_better(metric: str, distance: float, dimension: int) -> float:
+    if metric == "HAMMING":  # differing bits: reported as the share of bits that agree
+        return 1.0 - distance / dimension
     if metric == "BM25":
         # A Milvus server reports BM25 scores as they are (positive); Milvus Lite 3 negates them.
         return abs(distance)

@@ -24,10 +24,16 @@ if TYPE_CHECKING:
 
 Status = Literal["pending", "indexed", "failed"]
 
-# Rows of other kinds share the records collection under reserved ids no source id can take.
+# A source's row is keyed by a digest of its id, never the id itself: source ids can hold quotes
+# and control characters that some engines mishandle in primary keys (Milvus Lite 2.5 fails an
+# upsert whose key holds a quote). The run and lock rows take ids no digest key can.
 RECORDS_SUFFIX = "_records"
-RUN_ROW_ID = "\x1frun"
-LOCK_ROW_ID = "\x1flock"
+RUN_ROW_ID = "run"
+LOCK_ROW_ID = "lock"
+
+
+def source_row_id(source_id: str) -> str:
+    return "source:" + hashlib.sha256(source_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -241,9 +247,10 @@ class MilvusRecords(RecordStore):
     def get(self, source_ids: Sequence[str]) -> dict[str, SourceRecord]:
         found: dict[str, SourceRecord] = {}
         for start in range(0, len(source_ids), 200):
-            ids = list(source_ids[start:start + 200])
+            ids = [source_row_id(source_id) for source_id in source_ids[start:start + 200]]
             for row in self._query(filters.all_of(filters.eq("kind", "source"), filters.in_list("id", ids))):
-                found[row["id"]] = SourceRecord.from_json(row["body"])
+                record = SourceRecord.from_json(row["body"])
+                found[record.source_id] = record
         return found
 
     def in_scope(self, scope: str) -> list[SourceRecord]:
@@ -255,13 +262,16 @@ class MilvusRecords(RecordStore):
 
     def put(self, records: Sequence[SourceRecord]) -> None:
         if records:
-            rows = [{"id": r.source_id, "kind": "source", "scope": r.scope, "body": r.to_json(), "dummy": self._DUMMY} for r in records]
+            rows = [{"id": source_row_id(r.source_id), "kind": "source", "scope": r.scope, "body": r.to_json(), "dummy": self._DUMMY} for r in records]
             self._upsert(rows)
 
     def delete(self, source_ids: Sequence[str]) -> None:
         if source_ids:
-            client = self._client()
-            self.store._call("delete records", client.delete, self.name, ids=list(source_ids), timeout=self.store.config.timeout_s)
+            self._delete_rows([source_row_id(source_id) for source_id in source_ids])
+
+    def _delete_rows(self, row_ids: list[str]) -> None:
+        client = self._client()
+        self.store._call("delete records", client.delete, self.name, ids=row_ids, timeout=self.store.config.timeout_s)
 
     def put_run(self, summary: dict[str, Any]) -> None:
         body = json.dumps(summary, sort_keys=True, default=str)  # a compact summary: counts, no failure list
@@ -279,7 +289,7 @@ class MilvusRecords(RecordStore):
         if self._dropped:  # a heartbeat after a full rebuild dropped this record
             return
         if holder is None:
-            self.delete([LOCK_ROW_ID])
+            self._delete_rows([LOCK_ROW_ID])
         else:
             self._upsert([{"id": LOCK_ROW_ID, "kind": "lock", "scope": "", "body": json.dumps(asdict(holder)), "dummy": self._DUMMY}])
 

@@ -42,6 +42,7 @@ COSINE_METRIC = Feature("the COSINE metric", (2, 3, 0))
 SPARSE_VECTORS = Feature("sparse float vectors", (2, 4, 0))
 HYBRID_SEARCH = Feature("hybrid_search", (2, 4, 0))
 BM25_FUNCTION = Feature("the built-in BM25 function", (2, 5, 0))
+FLOAT16_VECTORS = Feature("float16 vector fields", (2, 4, 0))
 
 # "v2.3.5-lite", "2.5.4", "v2.4.0-rc.1"; Zilliz Cloud answers with a product name that says which
 # Milvus it is compatible with, e.g. "Zilliz Cloud Vector Database(Compatible with Milvus 2.5)".
@@ -68,8 +69,10 @@ def supports(reported: str, feature: Feature) -> bool:
 def required_features(config: Any) -> list[tuple[str, Feature]]:
     """What a MilvusStoreConfig asks of the server: (which setting asks, the feature), in spec order."""
     required = [("the store", UPSERT)]  # every write is an upsert by chunk id
-    if config.index.metric == "COSINE":
+    if config.index.metric == "COSINE" and config.vector_storage != "binary":
         required.append(("the store's index metric", COSINE_METRIC))
+    if config.vector_storage == "float16":
+        required.append(("the store's vector_storage float16", FLOAT16_VECTORS))
     if config.bm25 is not None:
         required.append(("the store's bm25 field", SPARSE_VECTORS))
         required.append(("the store's bm25 field", BM25_FUNCTION))
@@ -127,6 +130,7 @@ def public_uri(uri: str) -> str:
 __all__ = [
     "BM25_FUNCTION",
     "COSINE_METRIC",
+    "FLOAT16_VECTORS",
     "Feature",
     "HYBRID_SEARCH",
     "SPARSE_VECTORS",

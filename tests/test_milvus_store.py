@@ -547,3 +547,44 @@ def test_sparse_field_names_are_validated():
         MilvusStore(learned_sparse={"field": "text"})
     with pytest.raises(ValidationError):
         MilvusStore(bm25={"analyzer": "klingon"})
+
+
+# -- compact vector storage ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(LITE_MAJOR >= 3, reason="Milvus Lite 3 stores only float32 vectors")
+@pytest.mark.parametrize(("storage", "field_type"), [("float16", "FLOAT16_VECTOR"), ("binary", "BINARY_VECTOR")])
+def test_compact_vector_storage_finds_the_nearest_and_keeps_its_field_type(open_store, storage, field_type):
+    import dataclasses
+
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((24, 16)).astype(np.float32)
+    store = open_store(vector_storage=storage, bm25={})
+    store.prepare(16, MODEL)
+    chunks = [dataclasses.replace(make_chunk("a.md", i), vectors={"dense": vectors[i]}) for i in range(24)]
+    store.upsert(chunks)
+    fields = {f["name"]: f["type"].name for f in store._connect().describe_collection("docs")["fields"]}
+    assert fields["dense"] == field_type
+
+    for target in (3, 17):
+        query = vectors[target] + 0.05 * rng.standard_normal(16).astype(np.float32)
+        hits = store.search(SearchRequest("dense", query, 5))
+        assert hits[0].id == chunks[target].id
+        assert all(0 < hit.score <= 1.0 for hit in hits) and hits[0].score >= hits[-1].score
+    fused = store.hybrid_search([SearchRequest("dense", vectors[9], 5), SearchRequest("bm25", "chunk 9 of a.md", 5)], RRFFusion(), top_k=3)
+    assert fused[0].id == chunks[9].id
+
+    with pytest.raises(StoreSchemaError, match=f"field 'dense' is {field_type}, the store writes FLOAT_VECTOR"):
+        open_store(bm25={}).prepare(16, MODEL)
+
+
+def test_binary_storage_settings_are_checked(open_store):
+    with pytest.raises(ValidationError, match="binary vectors are searched by Hamming distance"):
+        MilvusStore(vector_storage="binary", index={"type": "IVF_FLAT"})
+    with pytest.raises(ValidationError, match="leave index.type at AUTOINDEX or FLAT and index.metric unset"):
+        MilvusStore(vector_storage="binary", index={"metric": "IP"})
+    if LITE_MAJOR < 3:
+        with pytest.raises(ValueError, match="12 is not a multiple of 8"):
+            open_store(vector_storage="binary").prepare(12, MODEL)
+    else:
+        assert "stores only float32 vectors, not vector_storage binary" in open_store(vector_storage="binary").check(16, MODEL)[0]

@@ -99,3 +99,10 @@ def test_a_server_that_will_not_tell_its_version_is_trusted():
 def test_milvus_lite_is_not_asked_for_a_server_version(tmp_path):
     store = MilvusStore(uri=str(tmp_path / "index.db"), bm25={})
     assert store._server_problems(_Client("v2.3.5-lite")) == []
+
+
+def test_float16_vectors_need_2_4_and_binary_vectors_run_on_2_3():
+    (problem,) = unsupported("v2.3.5-lite", config(vector_storage="float16"), SERVER)
+    assert "vector_storage float16 needs Milvus >= 2.4 (float16 vector fields)" in problem
+    assert unsupported("v2.4.0", config(vector_storage="float16"), SERVER) == []
+    assert unsupported("v2.3.5-lite", config(vector_storage="binary"), SERVER) == []
