@@ -1,6 +1,6 @@
 """Ingest throughput on SciFact: the whole pipeline versus the pure model time for the same chunks.
 
-    python benchmarks/ingest_throughput.py [--limit N] [--datasets DIR]
+    python benchmarks/ingest_throughput.py [--limit N] [--datasets DIR] [--runner local|ray] [--ray-embed-actors N]
 
 Writes SciFact's abstracts (title + text, as BEIR joins them) to a folder of .txt files, ingests
 it into a fresh Milvus Lite index with the spec below (local source -> unstructured parser ->
@@ -8,6 +8,12 @@ recursive chunker -> packaged all-MiniLM-L6-v2 -> Milvus Lite), then embeds the 
 calling the encoder directly (tokenizer + model forward + pooling, length-sorted batches, the best
 of several batch sizes) in the same process. Prints documents/s and chunks/s per stage and
 ``pipeline X s vs pure model time Y s: ratio Z``.
+
+``--runner ray`` runs the same spec on a local Ray instance (or the cluster in RAY_ADDRESS). Ray is
+started before the clock starts (a cluster is normally up already) and its start time is printed
+apart; the actors' and tasks' start-up in each run is part of the pipeline time. Ray gives an
+actor as many torch threads as CPUs it reserves (OMP_NUM_THREADS), so the spec sets the embedder's
+``num_threads`` to the thread count the pure model timing uses, in both runners.
 """
 
 from __future__ import annotations
@@ -82,12 +88,39 @@ def pure_model_seconds(texts: list[str], batch_sizes: list[int]) -> tuple[float,
     return run(best, ordered), best
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def runner_settings(args: argparse.Namespace) -> dict:
+    settings: dict = {"batch_size": args.batch_size, "parse_workers": args.parse_workers}
+    if args.runner == "ray":
+        settings["type"] = "ray"
+        if args.ray_embed_actors is not None:
+            settings["ray"] = {"embed_actors": args.ray_embed_actors}
+    return settings
+
+
+def start_ray(spec: dict) -> float:
+    """Start (or attach to) Ray the way the runner would, before the timed run; returns the seconds it took."""
+    from pipeline.ray_runner import connect, import_ray
+    from pipeline.spec import RunnerConfig
+
+    started = time.perf_counter()
+    connect(import_ray(), RunnerConfig.model_validate(spec["runner"]).ray)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", type=Path, default=Path(os.environ.get("RAG_PIPELINE_DATASETS", ROOT.parent / "shared" / "datasets")))
     parser.add_argument("--limit", type=int, default=None, help="only the first N abstracts")
     parser.add_argument("--parse-workers", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=256, help="documents per pipeline batch")
+    parser.add_argument("--runner", choices=["local", "ray"], default="local", help="which runner ingests")
+    parser.add_argument("--ray-embed-actors", type=int, default=None, help="embed actors of the Ray runner (default: its own choice)")
     args = parser.parse_args()
 
     corpus = args.datasets / "scifact" / "corpus.jsonl"
@@ -100,8 +133,10 @@ def main() -> None:
         docs = tmp_path / "scifact"
         docs.mkdir()
         n_docs = write_corpus(corpus, docs, args.limit)
-        spec = scifact_folder_spec("ingest-bench", docs, tmp_path / "bench.db", {"batch_size": args.batch_size, "parse_workers": args.parse_workers})
+        spec = scifact_folder_spec("ingest-bench", docs, tmp_path / "bench.db", runner_settings(args))
+        spec["stages"]["embedder"]["num_threads"] = torch_threads()
         pipeline = Pipeline(spec, base_dir=tmp_path)
+        ray_start_seconds = start_ray(spec) if args.runner == "ray" else None
         started = time.perf_counter()
         summary = pipeline.ingest()
         pipeline_seconds = time.perf_counter() - started
@@ -119,7 +154,8 @@ def main() -> None:
         pipeline.close()
 
     print(f"corpus: SciFact, {n_docs} documents, {summary.chunks_written} chunks (recursive 1000/100), all-MiniLM-L6-v2, Milvus Lite")
-    print(f"cpu threads: torch {__import__('torch').get_num_threads()}, cores {os.cpu_count()}")
+    print(f"cpu threads: torch {torch_threads()}, cores {os.cpu_count()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"runner: {args.runner}" + (f" (Ray started in {ray_start_seconds:.1f} s before the clock; not counted)" if ray_start_seconds is not None else ""))
     for stage, seconds in summary.stage_seconds.items():
         rate = f"{n_docs / seconds:.0f} documents/s, {summary.chunks_written / seconds:.0f} chunks/s" if seconds else "-"
         print(f"  {stage:<11} {seconds:7.1f} s  ({rate})")

@@ -28,6 +28,8 @@ from pipeline.types import ParsedDocument, SourceDocument
 log = logging.getLogger("rag_pipeline.parse")
 
 _POLL_S = 0.25
+_READY = "ready"  # a worker's first message: its parser is built, so a document's clock can start
+_STARTUP_TIMEOUT_S = 300.0  # a worker that cannot even import its parser is broken, not slow
 
 
 @dataclass
@@ -72,6 +74,7 @@ def parse_one(parser: Parser, source: SourceDocument) -> tuple[ParsedDocument | 
 
 def _worker_main(conn: Connection, target: str, settings: dict[str, Any], base_dir: str) -> None:
     parser = _build_parser(target, settings, base_dir)
+    conn.send(_READY)
     while True:
         try:
             source = conn.recv()
@@ -91,6 +94,9 @@ class _Worker:
         child.close()
         self.task: SourceDocument | None = None
         self.started = 0.0
+        # A fresh worker spends seconds importing its parser (more on a loaded machine); that time
+        # is not the document's, so its clock restarts when the worker says it is ready.
+        self.ready = False
 
     def assign(self, source: SourceDocument) -> None:
         self.task = source
@@ -210,7 +216,11 @@ class ParserPool:
                     source, elapsed = worker.task, now - worker.started
                     if worker.conn in ready:
                         try:
-                            parsed, error = worker.conn.recv()
+                            message = worker.conn.recv()
+                            if message == _READY:
+                                worker.ready, worker.started = True, now
+                                continue
+                            parsed, error = message
                         except (EOFError, OSError):
                             worker.process.join(1)
                             code = worker.process.exitcode
@@ -226,7 +236,9 @@ class ParserPool:
                             return
                         continue
                     reason = None
-                    if elapsed > self.timeout_s:
+                    if not worker.ready and elapsed > _STARTUP_TIMEOUT_S:
+                        reason = f"the parser process did not start within {_STARTUP_TIMEOUT_S:g} s and was killed"
+                    elif worker.ready and elapsed > self.timeout_s:
                         reason = f"parse timed out after {self.timeout_s:g} s; the parser process was killed"
                     elif self.memory_mb is not None and worker.resident_mb() > self.memory_mb:
                         reason = f"parser used more than {self.memory_mb} MB of memory; the parser process was killed"

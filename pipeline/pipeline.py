@@ -124,7 +124,12 @@ class Pipeline:
 
     def _run(self, store: Any, tracker: ChangeTracker | None, progress: Progress | None) -> RunSummary:
         with self._ingest_lock:
-            runner = LocalRunner(
+            runner_class: type[Any] = LocalRunner
+            if self.spec.runner.type == "ray":
+                from pipeline.ray_runner import RayRunner  # ray itself is imported only when the run starts
+
+                runner_class = RayRunner
+            runner = runner_class(
                 self.sources,
                 self.parser,
                 self.chunker,

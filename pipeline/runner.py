@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from chunkers.base import Chunker
 from connectors.base import Parser, Source
@@ -48,6 +48,17 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
         yield batch
+
+
+class StageBook(Protocol):
+    """Where a step's time and failures go: the run's :class:`RunBook`, or a batch's ledger kept on
+    a remote worker and replayed into the run's book by the driver (:mod:`pipeline.ray_runner`)."""
+
+    def time(self, stage: str, seconds: float) -> None: ...
+
+    def fail(self, failure: DocumentFailure) -> None: ...
+
+    def step(self, stage: str, action: Callable[[], StageResult]) -> list[ChunkedDocument]: ...
 
 
 class RunBook:
@@ -172,10 +183,10 @@ class LocalRunner:
             writer = WriteBehind(lambda documents: book.indexed(book.step("write", lambda: self.writer.write(documents))), config.write_queue_depth)
             try:
                 waited = time.monotonic()
-                for batch in batched(pool.imap(self._read_all(book)), config.batch_size):
+                for batch in batched(pool.imap(read_sources(self.sources, self.tracker, book)), config.batch_size):
                     book.time("parse wait", time.monotonic() - waited)
                     summary.documents_seen += len(batch)
-                    embedded = self._chunk_and_embed(batch, book)
+                    embedded = chunk_and_embed(self.models, batch, book)
                     waited = time.monotonic()
                     writer.submit(embedded)
                     book.time("write wait", time.monotonic() - waited)
@@ -184,10 +195,7 @@ class LocalRunner:
             finally:
                 writer.close()
             if self.tracker is not None:
-                summary.changes = self.tracker.counts
-                self.tracker.remove_unlisted()
-                summary.seconds = time.monotonic() - started
-                self.tracker.save_run(summary.run_record())
+                record_run(self.tracker, summary, started)
         finally:
             progress.close()
             failures.close()
@@ -202,50 +210,59 @@ class LocalRunner:
         except Exception:  # the first embed call reports the same problem, per document
             log.debug("embedder warm-up failed", exc_info=True)
 
-    def _chunk_and_embed(self, batch: list[ParseOutcome], book: RunBook) -> list[ChunkedDocument]:
-        parsed = []
-        for outcome in batch:
-            if outcome.parsed is None:
-                book.fail(DocumentFailure(outcome.source_id, outcome.uri, outcome.stage, outcome.error or "unknown error"))
-            else:
-                book.time("parse", outcome.seconds)
-                parsed.append(outcome.parsed)
-        models = self.models
-        documents = book.step("chunk", lambda: models.chunk(parsed))
-        documents = book.step("embed", lambda: models.embed(documents))
-        if models.sparse is not None:
-            documents = book.step("sparse embed", lambda: models.sparse_embed(documents))
-        return documents
 
-    def _read_all(self, book: RunBook) -> Iterator[SourceDocument | ParseOutcome]:
-        """Runs in the parser pool's feeder thread: list and read lazily, failures as outcomes."""
-        tracker = self.tracker
-        for source in self.sources:
-            if tracker is not None:
-                tracker.begin_listing(source.scope)
-            listing = iter(source.list())
-            while True:
-                started = time.monotonic()
-                try:
-                    ref = next(listing)
-                except StopIteration:
-                    break
-                except Exception as exc:  # a listing error ends this source, not the run
-                    if tracker is not None:
-                        tracker.listing_failed(source.scope)
-                    yield ParseOutcome(source.scope or type(source).__name__, "", None, describe_error(exc), 0.0, stage="list")
-                    break
-                if tracker is not None and not tracker.should_read(ref, source.scope):
-                    continue
-                try:
-                    document = source.load(ref)
-                except Exception as exc:
-                    yield ParseOutcome(ref.source_id, ref.uri, None, describe_error(exc), 0.0, stage="read")
-                    continue
-                finally:
-                    book.time("read", time.monotonic() - started)
-                if tracker is None or tracker.should_process(document):
-                    yield document
+def chunk_and_embed(models: ChunkAndEmbed, outcomes: Sequence[ParseOutcome], book: StageBook) -> list[ChunkedDocument]:
+    """Record the batch's parse failures and times, then chunk, embed and sparse-embed the rest."""
+    parsed = []
+    for outcome in outcomes:
+        if outcome.parsed is None:
+            book.fail(DocumentFailure(outcome.source_id, outcome.uri, outcome.stage, outcome.error or "unknown error"))
+        else:
+            book.time("parse", outcome.seconds)
+            parsed.append(outcome.parsed)
+    documents = book.step("chunk", lambda: models.chunk(parsed))
+    documents = book.step("embed", lambda: models.embed(documents))
+    if models.sparse is not None:
+        documents = book.step("sparse embed", lambda: models.sparse_embed(documents))
+    return documents
+
+
+def read_sources(sources: Sequence[Source], tracker: ChangeTracker | None, book: RunBook) -> Iterator[SourceDocument | ParseOutcome]:
+    """List and read lazily (in the runner's feeder thread), skipping what the tracker calls unchanged; failures as outcomes."""
+    for source in sources:
+        if tracker is not None:
+            tracker.begin_listing(source.scope)
+        listing = iter(source.list())
+        while True:
+            started = time.monotonic()
+            try:
+                ref = next(listing)
+            except StopIteration:
+                break
+            except Exception as exc:  # a listing error ends this source, not the run
+                if tracker is not None:
+                    tracker.listing_failed(source.scope)
+                yield ParseOutcome(source.scope or type(source).__name__, "", None, describe_error(exc), 0.0, stage="list")
+                break
+            if tracker is not None and not tracker.should_read(ref, source.scope):
+                continue
+            try:
+                document = source.load(ref)
+            except Exception as exc:
+                yield ParseOutcome(ref.source_id, ref.uri, None, describe_error(exc), 0.0, stage="read")
+                continue
+            finally:
+                book.time("read", time.monotonic() - started)
+            if tracker is None or tracker.should_process(document):
+                yield document
+
+
+def record_run(tracker: ChangeTracker, summary: RunSummary, started: float) -> None:
+    """End of a tracked run, after every write: remove unlisted sources, then keep the run's summary in the record."""
+    summary.changes = tracker.counts
+    tracker.remove_unlisted()
+    summary.seconds = time.monotonic() - started
+    tracker.save_run(summary.run_record())
 
 
 def prepare_store(store: Store, embedder: Embedder, sparse: SparseEncoder | None) -> None:

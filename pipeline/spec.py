@@ -13,6 +13,7 @@ Shape::
       sparse:   {type: splade}                     # optional: learned sparse vectors at ingest
     runner:
       batch_size: 32
+      type: local                                  # or ray: the same stages on a Ray cluster
     query:                                         # optional: the query path's defaults
       mode: hybrid
       top_k: 10
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline import registry
 from pipeline.component import Component, ComponentConfig
@@ -47,14 +48,50 @@ OPTIONAL_STAGES = ("sparse",)  # absent unless the spec names them
 DEFAULT_TYPES = {"parser": "unstructured", "chunker": "recursive", "embedder": "huggingface", "store": "milvus"}
 
 
+class RaySettings(BaseModel):
+    """Where and how wide the Ray runner runs (``runner: {type: ray, ray: {...}}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(
+        None,
+        description="Cluster to run on: 'ray://<head>:10001' (Ray Client), or 'auto' / '<head>:6379' from a node of the cluster; "
+        "null: the RAY_ADDRESS environment variable if set, else a new local instance. Every worker needs the project and its models installed.",
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local instance the runner starts (default: all cores); a cluster brings its own.")
+    embed_actors: int | None = Field(
+        None, ge=1, description="Actors holding the chunker and embedder models; default: one per GPU when the embed actors use GPUs, else 1."
+    )
+    embed_cpus: float = Field(1.0, gt=0, description="CPUs each embed actor reserves; on CPU workers torch uses that many threads.")
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs each embed actor reserves; default: 1 when the cluster has GPUs and the embedder's device is auto or cuda, else 0."
+    )
+    parse_concurrency: int | None = Field(
+        None, ge=1, description="Parse tasks running at once, one CPU each; default: the cluster's CPUs left after the embed actors, at least 1."
+    )
+    parse_batch_size: int = Field(8, ge=1, description="Documents a parse task takes from the driver at a time and hands on as one block.")
+
+    @model_validator(mode="after")
+    def _num_cpus_only_for_a_local_instance(self) -> "RaySettings":
+        if self.num_cpus is not None and self.address not in (None, "local"):
+            raise ValueError(f"num_cpus sizes a local instance; the cluster at {self.address!r} brings its own CPUs")
+        return self
+
+
 class RunnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    type: Literal["local", "ray"] = Field(
+        "local", description="local: threads and parser processes on this machine; ray: the same stages on Ray Data (pip install '.[ray]')."
+    )
+    ray: RaySettings = Field(default_factory=RaySettings, description="Settings of the Ray runner (type: ray).")
     batch_size: int = Field(32, ge=1, description="Documents parsed, chunked and embedded together.")
     write_queue_depth: int = Field(
         2, ge=1, description="Embedded batches waiting for the store writer, which runs beside the embedding; bounds memory."
     )
-    parse_workers: int = Field(1, ge=0, description="Parser worker processes; 0 parses in-process (no time/memory caps).")
+    parse_workers: int = Field(
+        1, ge=0, description="Parser worker processes (with the Ray runner: one per parse task when above 0); 0 parses in-process (no time/memory caps)."
+    )
     parse_timeout_s: float = Field(120.0, gt=0, description="A document whose parse takes longer is killed and recorded.")
     parse_memory_mb: int | None = Field(4096, ge=256, description="Address-space cap per parser worker; null for none.")
     failures_file: str | None = Field(None, description="JSONL file of per-document failures (default: <store name>.failures.jsonl next to the spec).")
@@ -64,6 +101,12 @@ class RunnerConfig(BaseModel):
         description="none: only add/update; incremental: also delete stale chunks of changed sources; "
         "full: also delete sources no longer listed (per source root, only after a complete listing).",
     )
+
+    @model_validator(mode="after")
+    def _ray_settings_need_the_ray_runner(self) -> "RunnerConfig":
+        if self.type != "ray" and "ray" in self.model_fields_set:
+            raise ValueError("runner.ray settings apply only with runner type: ray")
+        return self
 
 
 class SpecModel(BaseModel):
