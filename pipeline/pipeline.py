@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,7 @@ class Pipeline:
         """
         store = self.store
         if not isinstance(store, MilvusStore):
-            raise TypeError(f"a full rebuild switches a Milvus alias; {type(store).__name__} has none")
+            raise TypeError(f"a full rebuild switches a Milvus index (alias or Lite database file); {type(store).__name__} is not one")
         serving_records = records if records is not None else records_for(store)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         if store.has_aliases:
@@ -266,18 +267,19 @@ class Pipeline:
         self.close()
 
 
-class _Build:
+class _Build(ABC):
     """Where a full rebuild writes, and how queries are switched over to it."""
 
     store: MilvusStore  # the build's store
     serving: str | None  # what the configured name serves before the switch
 
+    @abstractmethod
     def switch(self, serving_records: RecordStore) -> str:
         """Make the build the served index; returns a note for the summary."""
-        raise NotImplementedError
 
+    @abstractmethod
     def discard(self) -> None:
-        raise NotImplementedError
+        """Drop the build, which is not switched in."""
 
 
 class _CollectionBuild(_Build):

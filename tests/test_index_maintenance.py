@@ -123,10 +123,10 @@ def test_leftover_of_a_crashed_rebuild_is_dropped_by_the_next(tmp_path):
         assert len([name for name in collections(store) if not name.endswith("_records")]) == 1
 
 
-def test_rebuild_of_a_store_without_aliases_is_refused(tmp_path):
+def test_rebuild_of_a_store_that_is_not_milvus_is_refused(tmp_path):
     spec = base_spec()
     spec["stages"]["source"]["documents"] = {"a.txt": "alpha"}
-    with Pipeline(spec, allowed_modules=PLUGINS) as pipeline, pytest.raises(TypeError, match="alias"):
+    with Pipeline(spec, allowed_modules=PLUGINS) as pipeline, pytest.raises(TypeError, match="switches a Milvus index"):
         pipeline.full_rebuild()
 
 
