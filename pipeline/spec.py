@@ -93,7 +93,7 @@ class RunnerConfig(BaseModel):
         1, ge=0, description="Parser worker processes (with the Ray runner: one per parse task when above 0); 0 parses in-process (no time/memory caps)."
     )
     parse_timeout_s: float = Field(120.0, gt=0, description="A document whose parse takes longer is killed and recorded.")
-    parse_memory_mb: int | None = Field(4096, ge=256, description="Address-space cap per parser worker; null for none.")
+    parse_memory_mb: int | None = Field(4096, ge=256, description="Resident-memory cap per parser worker (a worker above it is killed); null for none.")
     failures_file: str | None = Field(None, description="JSONL file of per-document failures (default: <store name>.failures.jsonl next to the spec).")
     progress: Literal["auto", "always", "never"] = "auto"
     cleanup: Literal["none", "incremental", "full"] = Field(

@@ -704,8 +704,8 @@ class MilvusStore(Store):
     def _call(self, operation: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn`` with retries for transient failures; any final failure as a scrubbed MilvusStoreError."""
         tenacity = require("tenacity", purpose="retrying Milvus requests")
-        if isinstance(kwargs.get("filter"), str) and self.endpoint.lite_path is not None and _lite_major_version() < 3:
-            kwargs["filter"] = self._lite2_filter(kwargs["filter"])
+        if isinstance(kwargs.get("filter"), str):
+            kwargs["filter"] = self._engine_filter(kwargs["filter"])
 
         def log_retry(state: Any) -> None:
             error = state.outcome.exception()
@@ -793,6 +793,10 @@ class MilvusStore(Store):
     def _lite_engine(self) -> int | None:
         """The Milvus Lite major version serving this store; None for a server."""
         return None if self.endpoint.lite_path is None else _lite_major_version()
+
+    def _engine_filter(self, expression: str) -> str:
+        """A filter expression in the dialect of the engine serving this store."""
+        return self._lite2_filter(expression) if self._lite_engine() == 2 else expression
 
     def _lite2_filter(self, expression: str) -> str:
         """A filter in the dialect of Milvus Lite 2.5's parser, which reads no escape but \\ and \".
@@ -1256,7 +1260,7 @@ class MilvusStore(Store):
             branches.append(
                 pymilvus.AnnSearchRequest(
                     data=[data], anns_field=request.field, param={"metric_type": metric, "params": {}},
-                    limit=request.limit, expr=filter_expr or None,
+                    limit=request.limit, expr=self._engine_filter(filter_expr) if filter_expr else None,
                 )
             )
         if isinstance(fusion, RRFFusion):

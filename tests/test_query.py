@@ -121,7 +121,14 @@ def test_filters_restrict_results(ingested):
     ['cars/tyres" or source_id != "', "cars/tyres' or 1==1 or '", '" or 1==1 or "', "cars/tyres\\", "cars/tyres\n"],
 )
 def test_a_hostile_filter_value_cannot_widen_a_query(ingested, hostile):
+    from stores.milvus import MilvusStoreError, _lite_major_version
+
     for mode in ("dense", "bm25", "hybrid"):
+        if "\n" in hostile and _lite_major_version() < 3:
+            # Milvus Lite 2.5 cannot express a line break in a filter: refused, never a silent or wider match.
+            with pytest.raises(MilvusStoreError, match="cannot match text containing a line break"):
+                ingested.query("hot water tyres", mode=mode, top_k=6, filters={"source_id": hostile})
+            continue
         assert ingested.query("hot water tyres", mode=mode, top_k=6, filters={"source_id": hostile}).hits == []
 
 
