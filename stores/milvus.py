@@ -385,6 +385,7 @@ class _ClientPool:
     def __init__(self) -> None:
         self._lock = threading.RLock()  # re-entered: opening a client asks whether its Lite file is in use
         self._entries: dict[tuple[str, str, str], _PooledClient] = {}
+        self._lite_locks: dict[str, int] = {}  # Milvus Lite path -> our lock's file descriptor
 
     @staticmethod
     def _key(endpoint: Endpoint, token: str) -> tuple[str, str, str]:
@@ -404,6 +405,35 @@ class _ClientPool:
         with self._lock:
             return any(uri == str(lite_path) for uri, _, _ in self._entries)
 
+    def hold_lite_lock(self, lite_path: Path) -> bool:
+        """Take this process's lock on a Milvus Lite database; False when another process holds it.
+
+        Our own lock, beside Lite's: Milvus Lite 2.5 deletes its lock file when an open fails, so
+        a third process could then open a database that the first still writes. An flock is
+        released by the kernel when its process ends, however it ends.
+        """
+        with self._lock:
+            if str(lite_path) in self._lite_locks:
+                return True
+            try:
+                import fcntl
+            except ImportError:  # Windows: rely on Milvus Lite's own lock
+                return True
+            fd = os.open(_own_lock_file(lite_path), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            self._lite_locks[str(lite_path)] = fd
+            return True
+
+    def drop_lite_lock(self, lite_path: Path) -> None:
+        with self._lock:
+            fd = self._lite_locks.pop(str(lite_path), None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+
     def release(self, endpoint: Endpoint, token: str) -> None:
         key = self._key(endpoint, token)
         with self._lock:
@@ -419,7 +449,10 @@ class _ClientPool:
             entry.client.close()
         finally:
             if endpoint.lite_path is not None and not still_used:
-                _stop_lite_server(endpoint.lite_path)
+                try:
+                    _stop_lite_server(endpoint.lite_path)
+                finally:
+                    self.drop_lite_lock(endpoint.lite_path)
 
 
 _clients = _ClientPool()
@@ -445,6 +478,10 @@ def _stop_lite_server(path: Path) -> None:
     except ImportError:
         return
     server_manager_instance.release_server(str(path))
+
+
+def _own_lock_file(path: Path) -> Path:
+    return path.with_name(f".{path.name}.rag-pipeline.lock")
 
 
 def _lite_lock_file(path: Path) -> Path:
@@ -746,13 +783,15 @@ class MilvusStore(Store):
             # Milvus Lite serves gRPC inside this process and logs a traceback for every call it
             # does not implement (pymilvus probes AllocTimestamp and falls back by itself).
             logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
-        # Probed before opening too: a failed open of Milvus Lite 2.5 deletes the lock file that
-        # the other process holds, and the probe after the failure would find nothing.
-        if endpoint.lite_path is not None and _lite_database_locked_elsewhere(endpoint.lite_path):
+        # Our own lock first: a failed open of Milvus Lite 2.5 deletes the lock file that the other
+        # process holds, so probing Lite's lock after the failure could find nothing.
+        if endpoint.lite_path is not None and not _clients.hold_lite_lock(endpoint.lite_path):
             raise self._in_use_elsewhere(endpoint.lite_path)
         try:
             return pymilvus.MilvusClient(uri=endpoint.uri, token=token, db_name=endpoint.db_name, timeout=self.config.timeout_s)
         except pymilvus.exceptions.ConnectionConfigException as exc:
+            if endpoint.lite_path is not None and not _clients.in_use(endpoint.lite_path):
+                _clients.drop_lite_lock(endpoint.lite_path)
             if endpoint.lite_path is not None and _lite_database_locked_elsewhere(endpoint.lite_path):
                 raise self._in_use_elsewhere(endpoint.lite_path) from None
             if endpoint.lite_path is not None:
@@ -1380,6 +1419,7 @@ class MilvusStore(Store):
             raise MilvusStoreError(f"{self.where}: cannot replace the database file: still open elsewhere in this process: {', '.join(busy)}")
         os.replace(built, served)
         _lite_lock_file(built).unlink(missing_ok=True)
+        _own_lock_file(built).unlink(missing_ok=True)
         logger.info("%s: now serves the rebuilt database (moved from %s)", self.where, built.name)
 
     def delete_lite_file(self) -> None:
@@ -1388,6 +1428,7 @@ class MilvusStore(Store):
         self.close()
         path.unlink(missing_ok=True)
         _lite_lock_file(path).unlink(missing_ok=True)
+        _own_lock_file(path).unlink(missing_ok=True)
 
     def _lite_file(self) -> Path:
         path = self.endpoint.lite_path
