@@ -180,7 +180,8 @@ ANALYZER_PRESETS: dict[str, dict[str, Any]] = {
         "tokenizer": "standard",
         "filter": ["lowercase", {"type": "stop", "stop_words": list(ENGLISH_STOP_WORDS)}, {"type": "stemmer", "language": "english"}],
     },
-    "jieba": {"tokenizer": {"type": "jieba", "mode": "search"}, "filter": ["lowercase"]},
+    # The string form: Milvus Lite 2.5 refuses the {"type": "jieba", ...} mapping that newer servers take.
+    "jieba": {"tokenizer": "jieba", "filter": ["lowercase"]},
 }
 
 

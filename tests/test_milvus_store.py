@@ -588,3 +588,14 @@ def test_binary_storage_settings_are_checked(open_store):
             open_store(vector_storage="binary").prepare(12, MODEL)
     else:
         assert "stores only float32 vectors, not vector_storage binary" in open_store(vector_storage="binary").check(16, MODEL)[0]
+
+
+def test_chinese_bm25_with_the_jieba_analyzer(open_store):
+    store = open_store(bm25={"analyzer": "jieba"})
+    store.prepare(DIM, MODEL)
+    tea = make_chunk("tea.md", 0, text="绿茶应该用八十摄氏度的水冲泡两分钟。")
+    coffee = make_chunk("coffee.md", 0, text="咖啡豆需要先研磨再用热水萃取。")
+    store.upsert([tea, coffee])
+    hits = store.search(SearchRequest("bm25", "绿茶用多少度的水冲泡？", 5))
+    assert hits[0].id == tea.id and hits[0].score > 0
+    assert [h.id for h in store.search(SearchRequest("bm25", "研磨咖啡豆", 5))][:1] == [coffee.id]
