@@ -80,7 +80,7 @@ def load_beir(folder: Path, split: str = "test") -> BeirDataset:
         for line in handle:
             if line.strip():
                 record = json.loads(line)
-                if str(record["_id"]) in qrels:
+                if str(record["_id"]) in qrels and str(record.get("text") or "").strip():  # real sets hold empty ones
                     queries[str(record["_id"])] = record["text"]
     missing = len(set(qrels) - set(queries))
     if missing:

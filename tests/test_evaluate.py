@@ -103,3 +103,13 @@ def test_cli_eval(tmp_path):
     assert report["results"][0]["mode"] == "bm25" and report["results"][0]["metrics"]["R@100"] == 1.0
     missing = subprocess.run(command[:6] + ["--beir", str(tmp_path / "nowhere")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "is not a BEIR dataset" in missing.stderr
+
+
+def test_judged_queries_with_empty_text_are_skipped(tmp_path):
+    folder = write_beir(tmp_path / "tiny")
+    with (folder / "queries.jsonl").open("a") as queries:  # cmrc2018-zh's trial split holds two such queries
+        queries.write(json.dumps({"_id": "q-empty", "text": "  "}) + "\n")
+    with (folder / "qrels" / "test.tsv").open("a") as qrels:
+        qrels.write("q-empty\td1\t1\n")
+    dataset = load_beir(folder)
+    assert set(dataset.queries) == {"q1", "q2", "q3"} and "q-empty" not in dataset.qrels
