@@ -788,8 +788,12 @@ class MilvusStore(Store):
         # process holds, so probing Lite's lock after the failure could find nothing.
         if endpoint.lite_path is not None and not _clients.hold_lite_lock(endpoint.lite_path):
             raise self._in_use_elsewhere(endpoint.lite_path)
+        # pymilvus pings every 10 s; Milvus Lite's gRPC server allows one ping per 5 minutes and
+        # answers more with GOAWAY "too_many_pings", logged as an error on stderr during any pause
+        # longer than half a minute (a long embedding batch). Pings are pointless on a local socket.
+        options = {"grpc_options": {"grpc.keepalive_time_ms": 300_000}} if endpoint.lite_path is not None else {}
         try:
-            return pymilvus.MilvusClient(uri=endpoint.uri, token=token, db_name=endpoint.db_name, timeout=self.config.timeout_s)
+            return pymilvus.MilvusClient(uri=endpoint.uri, token=token, db_name=endpoint.db_name, timeout=self.config.timeout_s, **options)
         except pymilvus.exceptions.ConnectionConfigException as exc:
             if endpoint.lite_path is not None and not _clients.in_use(endpoint.lite_path):
                 _clients.drop_lite_lock(endpoint.lite_path)

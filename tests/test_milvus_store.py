@@ -358,6 +358,25 @@ def test_a_folder_held_by_another_process_gets_a_clear_message(open_store, tmp_p
     assert "is in use by another process (Milvus Lite allows one process per database)" in child.stdout
 
 
+def test_an_idle_lite_connection_logs_no_grpc_errors(tmp_path):
+    # Left at pymilvus's 10 s keepalive, Milvus Lite answers the third idle ping with GOAWAY
+    # "too_many_pings", which gRPC logs as an error on stderr (seen during long embedding batches).
+    script = textwrap.dedent(
+        f"""
+        import time
+        from stores.milvus import MilvusStore
+        store = MilvusStore(uri={str(tmp_path / 'index.db')!r}, collection="docs")
+        store.prepare({DIM}, {MODEL!r})
+        time.sleep(40)
+        print("rows", store.count())
+        store.close()
+        """
+    )
+    child = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert "rows 0" in child.stdout, child.stderr
+    assert "too_many_pings" not in child.stderr and "GOAWAY" not in child.stderr, child.stderr
+
+
 def test_a_database_of_the_other_milvus_lite_generation_is_explained(open_store, tmp_path):
     other = tmp_path / "other.db"
     if LITE_MAJOR >= 3:  # Lite 2.5 keeps a database in one file, Lite 3 in a folder
