@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pipeline.component import require
 
 # The local source's pattern rules are the project's one definition of include/exclude globs.
-from connectors.local import _Pattern
+from connectors.local import PathPattern
 
 # Environment variables whose values are secrets in every context: wherever such a value shows
 # up in a message (a library echoing a token, a signed URL), it is replaced.
@@ -177,12 +177,12 @@ class PathFilter:
         self._exclude_text = list(exclude)
 
     @cached_property
-    def _include(self) -> list[_Pattern]:
-        return [_Pattern.parse(p) for p in self._include_text]
+    def _include(self) -> list[PathPattern]:
+        return [PathPattern.parse(p) for p in self._include_text]
 
     @cached_property
-    def _exclude(self) -> list[_Pattern]:
-        return [_Pattern.parse(p) for p in self._exclude_text]
+    def _exclude(self) -> list[PathPattern]:
+        return [PathPattern.parse(p) for p in self._exclude_text]
 
     def wants(self, relative: str) -> bool:
         """True for a file that some include pattern matches and no exclude pattern does."""

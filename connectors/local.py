@@ -143,13 +143,15 @@ def _glob_to_regex(pattern: str) -> re.Pattern[str]:
 
 
 @dataclass(frozen=True)
-class _Pattern:
+class PathPattern:
+    """An include/exclude glob (``*``, ``**``, ``?``, ``[...]``) matched against paths relative to a source's root."""
+
     regex: re.Pattern[str]
     by_name: bool  # no "/" in the pattern: match the last path component only
     below: re.Pattern[str] | None  # for "<dir pattern>/**": the directories whose whole content it matches
 
     @classmethod
-    def parse(cls, text: str) -> "_Pattern":
+    def parse(cls, text: str) -> "PathPattern":
         # A trailing "/" (a directory hint in .gitignore) and a leading "/" (anchored at the
         # folder) change nothing here: path patterns are always relative to the folder.
         pattern = text.strip().rstrip("/")
@@ -227,12 +229,12 @@ class LocalDirectorySource(Source):
         return f"{self.namespace}/"
 
     @cached_property
-    def _include(self) -> list[_Pattern]:
-        return [_Pattern.parse(p) for p in self.config.include]
+    def _include(self) -> list[PathPattern]:
+        return [PathPattern.parse(p) for p in self.config.include]
 
     @cached_property
-    def _exclude(self) -> list[_Pattern]:
-        return [_Pattern.parse(p) for p in self.config.exclude]
+    def _exclude(self) -> list[PathPattern]:
+        return [PathPattern.parse(p) for p in self.config.exclude]
 
     def check(self) -> list[str]:
         root = self.root
