@@ -76,7 +76,12 @@ log = logging.getLogger("rag_pipeline.embed")
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 # Settings that change how fast vectors are made, never which vectors: left out of the fingerprint.
-SPEED_ONLY_SETTINGS = ("batch_size", "device", "num_threads")
+SPEED_ONLY_SETTINGS = ("batch_size", "max_batch_tokens", "device", "num_threads")
+# Padded tokens per forward pass on a CPU unless the spec says otherwise. Attention holds
+# texts x heads x tokens^2 scores; past about this size a CPU spends its time on page faults
+# for those buffers (benchmarks/ingest_throughput.py: MiniLM on 256-token chunks ran about 20%
+# slower at 64 texts per pass than at 4-16, with 5x the system time).
+CPU_BATCH_TOKENS = 4096
 # Settings that only affect queries: changing them must not force documents to be re-embedded.
 QUERY_ONLY_SETTINGS = ("query_prefix", "query_task")
 # Settings whose effect the fingerprint records as resolved conventions instead of as spelled.
@@ -120,7 +125,10 @@ class HuggingFaceConfig(ComponentConfig):
     document_task: str | None = Field(None, description="Task adapter for documents (jina-embeddings-v3: retrieval.passage); '' for none.")
     dimensions: int | None = Field(None, ge=1, description="Keep the first N vector components, then renormalise (Matryoshka models).")
     allow_untrained_dimensions: bool = Field(False, description="Allow dimensions on a model not trained for truncation (quality drops).")
-    batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
+    batch_size: int = Field(64, ge=1, description="Most texts per forward pass.")
+    max_batch_tokens: int | None = Field(
+        None, ge=1, description=f"Most padded tokens (texts x longest) per forward pass. Default: {CPU_BATCH_TOKENS} on a CPU, no limit elsewhere."
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|(cuda|xpu|npu|hpu)(:\d+)?)$", description="auto picks cuda, then mps, then cpu.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Half precision is for CUDA only.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (process-wide); default: torch's own choice.")
@@ -282,6 +290,20 @@ class LoadedEncoder:
         special = encoded["special_tokens_mask"]
         trailing = len(special) - len(list(_strip_trailing(special)))
         return len(encoded["input_ids"]) - trailing
+
+
+def token_budget_batches(lengths: Sequence[int], max_texts: int, max_tokens: int) -> list[list[int]]:
+    """Indexes grouped longest first, each group within ``max_texts`` texts and ``max_tokens``
+    padded tokens (texts x its longest); a text longer than ``max_tokens`` goes alone."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    for i in order:
+        batch = batches[-1] if batches else None
+        if batch is None or len(batch) >= max_texts or (len(batch) + 1) * lengths[batch[0]] > max_tokens:
+            batches.append([i])
+        else:
+            batch.append(i)
+    return batches
 
 
 def _strip_trailing(flags: Sequence[int]) -> Sequence[int]:
@@ -467,16 +489,28 @@ class HuggingFaceEmbedder(Embedder):
         task = conventions.query_task if side == "query" else conventions.document_task
         skip = 0 if conventions.pool_prefix_tokens else self._prefix_tokens(encoder, prefix)
         prefixed = [prefix + text for text in texts]
-        order = sorted(range(len(prefixed)), key=lambda i: len(prefixed[i]), reverse=True)
         vectors = np.empty((len(prefixed), self.dimension), dtype=np.float32)
         truncated = 0
-        batch_size = self.config.batch_size
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in self._batches(encoder, prefixed):
             batch_vectors, cut = encoder.embed([prefixed[i] for i in rows], skip_leading_tokens=skip, task=task)
             vectors[rows] = batch_vectors
             truncated += cut
         return vectors, truncated
+
+    def _batches(self, encoder: LoadedEncoder, texts: Sequence[str]) -> list[list[int]]:
+        """Indexes of ``texts`` per forward pass, longest first, so each pass pads little."""
+        if len(texts) == 1:  # a query: nothing to group
+            return [[0]]
+        budget = self.config.max_batch_tokens
+        if budget is None and encoder.device == "cpu":
+            budget = CPU_BATCH_TOKENS
+        if budget is None:  # character length is close enough to sort by, and costs no tokenizing
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+            size = self.config.batch_size
+            return [order[start : start + size] for start in range(0, len(order), size)]
+        cut = encoder.max_length is not None
+        lengths = [len(ids) for ids in encoder.tokenizer(list(texts), truncation=cut, max_length=encoder.max_length, verbose=False)["input_ids"]]
+        return token_budget_batches(lengths, self.config.batch_size, budget)
 
     def _prefix_tokens(self, encoder: LoadedEncoder, prefix: str) -> int:
         with self._lock:

@@ -56,7 +56,7 @@ def minilm() -> HuggingFaceEmbedder:
 
 @pytest.fixture(scope="module")
 def minilm_vectors(minilm) -> np.ndarray:
-    """TEXTS embedded with the defaults (batch size 64: one batch)."""
+    """TEXTS embedded with the defaults (one batch: 10 texts of at most 256 tokens fit the CPU's 4,096)."""
     return minilm.embed_documents(TEXTS)
 
 
@@ -99,6 +99,37 @@ def test_length_sorted_batches_return_input_order(minilm_vectors):
 def test_batch_size_does_not_change_vectors(minilm_vectors, batch_size):
     got = HuggingFaceEmbedder(device="cpu", batch_size=batch_size).embed_documents(TEXTS)
     np.testing.assert_allclose(got, minilm_vectors, atol=1e-5)
+
+
+def test_token_budget_batches_keep_both_limits_and_cover_every_text():
+    lengths = [5, 300, 40, 40, 41, 7, 7, 7, 7, 7, 1]
+    batches = huggingface.token_budget_batches(lengths, max_texts=4, max_tokens=100)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert batches[0] == [1]  # longer than the budget: alone
+    for batch in batches:
+        assert len(batch) <= 4
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 100
+    flat = [lengths[i] for batch in batches for i in batch]
+    assert flat == sorted(flat, reverse=True)  # longest first: each batch pads little
+    assert [len(b) for b in batches] == [1, 2, 2, 4, 2]
+
+
+def test_max_batch_tokens_bounds_every_forward_pass(minilm_vectors, minilm_tokenizer, monkeypatch):
+    passes: list[list[str]] = []
+    real_embed = huggingface.LoadedEncoder.embed
+
+    def spy(self, texts, **options):
+        passes.append(list(texts))
+        return real_embed(self, texts, **options)
+
+    monkeypatch.setattr(huggingface.LoadedEncoder, "embed", spy)
+    got = HuggingFaceEmbedder(device="cpu", max_batch_tokens=64).embed_documents(TEXTS)
+    np.testing.assert_allclose(got, minilm_vectors, atol=1e-5)
+    assert sorted(text for batch in passes for text in batch) == sorted(TEXTS)
+    for batch in passes:
+        tokens = [len(ids) for ids in minilm_tokenizer(batch, truncation=True, max_length=256)["input_ids"]]
+        assert len(batch) == 1 or len(batch) * max(tokens) <= 64, (batch, tokens)
+    assert len(passes) > 2
 
 
 def test_prefixes_reach_the_model(minilm_tokenizer):
@@ -206,7 +237,7 @@ def test_to_dict_from_dict_round_trip():
 def test_fingerprint_ignores_speed_and_query_settings():
     base = HuggingFaceEmbedder().fingerprint_settings()
     assert base == {"type": "huggingface", "model": MINILM_HUB_ID}
-    assert HuggingFaceEmbedder(batch_size=2, device="cpu", num_threads=1, query_prefix="q: ").fingerprint_settings() == base
+    assert HuggingFaceEmbedder(batch_size=2, max_batch_tokens=512, device="cpu", num_threads=1, query_prefix="q: ").fingerprint_settings() == base
     assert HuggingFaceEmbedder(document_prefix="passage: ").fingerprint_settings() != base
     assert HuggingFaceEmbedder(max_length=64).fingerprint_settings() != base
 
@@ -218,6 +249,7 @@ def test_fingerprint_ignores_speed_and_query_settings():
         ({"pooling": "median"}, "pooling"),
         ({"device": "gpu"}, "device"),
         ({"batch_size": 0}, "batch_size"),
+        ({"max_batch_tokens": 0}, "max_batch_tokens"),
         ({"model_name": "x"}, "model_name"),
     ],
 )
