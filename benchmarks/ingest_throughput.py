@@ -1,6 +1,6 @@
 """Ingest throughput on SciFact: the whole pipeline versus the pure model time for the same chunks.
 
-    python benchmarks/ingest_throughput.py [--limit N] [--datasets DIR] [--runner local|ray] [--ray-embed-actors N]
+    python benchmarks/ingest_throughput.py [--limit N] [--datasets DIR] [--runner local|ray|local,ray] [--ray-embed-actors N]
 
 Writes SciFact's abstracts (title + text, as BEIR joins them) to a folder of .txt files, ingests
 it into a fresh Milvus Lite index with the spec below (local source -> unstructured parser ->
@@ -9,8 +9,9 @@ calling the encoder directly (tokenizer + model forward + pooling, length-sorted
 of several batch sizes) in the same process. Prints documents/s and chunks/s per stage and
 ``pipeline X s vs pure model time Y s: ratio Z``.
 
-``--runner ray`` runs the same spec on a local Ray instance (or the cluster in RAY_ADDRESS). Ray is
-started before the clock starts (a cluster is normally up already) and its start time is printed
+``--runner local,ray`` ingests with each runner in turn (each into its own fresh index), then
+times the pure model once, so both ratios share one baseline. ``--runner ray`` runs the same spec
+on a local Ray instance (or the cluster in RAY_ADDRESS). Ray is started before the clock starts (a cluster is normally up already) and its start time is printed
 apart; the actors' and tasks' start-up in each run is part of the pipeline time. Ray gives an
 actor as many torch threads as CPUs it reserves (OMP_NUM_THREADS), so the spec sets the embedder's
 ``num_threads`` to the thread count the pure model timing uses, in both runners.
@@ -94,9 +95,9 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def runner_settings(args: argparse.Namespace) -> dict:
+def runner_settings(runner: str, args: argparse.Namespace) -> dict:
     settings: dict = {"batch_size": args.batch_size, "parse_workers": args.parse_workers}
-    if args.runner == "ray":
+    if runner == "ray":
         settings["type"] = "ray"
         if args.ray_embed_actors is not None:
             settings["ray"] = {"embed_actors": args.ray_embed_actors}
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N abstracts")
     parser.add_argument("--parse-workers", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=256, help="documents per pipeline batch")
-    parser.add_argument("--runner", choices=["local", "ray"], default="local", help="which runner ingests")
+    parser.add_argument("--runner", default="local", help="which runners ingest, one after the other: local, ray or local,ray")
     parser.add_argument("--ray-embed-actors", type=int, default=None, help="embed actors of the Ray runner (default: its own choice)")
     args = parser.parse_args()
 
@@ -128,19 +129,30 @@ def main() -> None:
         print(f"SciFact not found at {corpus}; set --datasets or RAG_PIPELINE_DATASETS")
         return
 
+    runners = [name.strip() for name in args.runner.split(",") if name.strip()]
+    unknown = sorted(set(runners) - {"local", "ray"})
+    if unknown or not runners:
+        parser.error(f"--runner takes local, ray or local,ray, not {args.runner!r}")
+
+    runs: list[tuple[str, float, object, float | None]] = []  # runner, seconds, summary, Ray start-up
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
         tmp_path = Path(tmp)
         docs = tmp_path / "scifact"
         docs.mkdir()
         n_docs = write_corpus(corpus, docs, args.limit)
-        spec = scifact_folder_spec("ingest-bench", docs, tmp_path / "bench.db", runner_settings(args))
-        spec["stages"]["embedder"]["num_threads"] = torch_threads()
-        pipeline = Pipeline(spec, base_dir=tmp_path)
-        ray_start_seconds = start_ray(spec) if args.runner == "ray" else None
-        started = time.perf_counter()
-        summary = pipeline.ingest()
-        pipeline_seconds = time.perf_counter() - started
-        assert summary.documents_failed == 0, summary.format()
+        for runner in runners:
+            spec = scifact_folder_spec("ingest-bench", docs, tmp_path / f"{runner}.db", runner_settings(runner, args))
+            spec["stages"]["embedder"]["num_threads"] = torch_threads()
+            pipeline = Pipeline(spec, base_dir=tmp_path)
+            ray_start_seconds = start_ray(spec) if runner == "ray" else None
+            started = time.perf_counter()
+            summary = pipeline.ingest()
+            seconds = time.perf_counter() - started
+            assert summary.documents_failed == 0, summary.format()
+            runs.append((runner, seconds, summary, ray_start_seconds))
+            print(f"{runner}: {seconds:.1f} s", flush=True)
+            if runner != runners[-1]:
+                pipeline.close()
 
         # The same chunk texts, produced again (untimed) by the same parser and chunker.
         from pipeline.parse_pool import parse_one
@@ -149,21 +161,20 @@ def main() -> None:
         for ref in pipeline.sources[0].list():
             parsed, error = parse_one(pipeline.parser, pipeline.sources[0].load(ref))
             texts.extend(c.text for c in pipeline.chunker.chunk(parsed))
-        assert len(texts) == summary.chunks_written, (len(texts), summary.chunks_written)
+        assert all(len(texts) == summary.chunks_written for _, _, summary, _ in runs), (len(texts), [r[2].chunks_written for r in runs])
         model_seconds, best_batch = pure_model_seconds(texts, [16, 32, 64, 128])
         pipeline.close()
 
-    print(f"corpus: SciFact, {n_docs} documents, {summary.chunks_written} chunks (recursive 1000/100), all-MiniLM-L6-v2, Milvus Lite")
+    print(f"corpus: SciFact, {n_docs} documents, {len(texts)} chunks (recursive 1000/100), all-MiniLM-L6-v2, Milvus Lite")
     print(f"cpu threads: torch {torch_threads()}, cores {os.cpu_count()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"runner: {args.runner}" + (f" (Ray started in {ray_start_seconds:.1f} s before the clock; not counted)" if ray_start_seconds is not None else ""))
-    for stage, seconds in summary.stage_seconds.items():
-        rate = f"{n_docs / seconds:.0f} documents/s, {summary.chunks_written / seconds:.0f} chunks/s" if seconds else "-"
-        print(f"  {stage:<11} {seconds:7.1f} s  ({rate})")
-    print(f"pipeline: {n_docs / pipeline_seconds:.1f} documents/s, {summary.chunks_written / pipeline_seconds:.1f} chunks/s")
-    print(
-        f"pipeline {pipeline_seconds:.1f} s vs pure model time {model_seconds:.1f} s (batch {best_batch}): "
-        f"ratio {pipeline_seconds / model_seconds:.2f}"
-    )
+    for runner, seconds, summary, ray_start_seconds in runs:
+        print(f"runner: {runner}" + (f" (Ray started in {ray_start_seconds:.1f} s before the clock; not counted)" if ray_start_seconds is not None else ""))
+        for stage, stage_seconds in summary.stage_seconds.items():
+            rate = f"{n_docs / stage_seconds:.0f} documents/s, {summary.chunks_written / stage_seconds:.0f} chunks/s" if stage_seconds else "-"
+            print(f"  {stage:<11} {stage_seconds:7.1f} s  ({rate})")
+        print(f"  whole run: {n_docs / seconds:.1f} documents/s, {summary.chunks_written / seconds:.1f} chunks/s")
+    for runner, seconds, _, _ in runs:
+        print(f"{runner} pipeline {seconds:.1f} s vs pure model time {model_seconds:.1f} s (batch {best_batch}): ratio {seconds / model_seconds:.2f}")
 
 
 if __name__ == "__main__":
