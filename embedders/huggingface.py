@@ -78,9 +78,10 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # Settings that change how fast vectors are made, never which vectors: left out of the fingerprint.
 SPEED_ONLY_SETTINGS = ("batch_size", "max_batch_tokens", "device", "num_threads")
 # Padded tokens per forward pass on a CPU unless the spec says otherwise. Attention holds
-# texts x heads x tokens^2 scores; past about this size a CPU spends its time on page faults
-# for those buffers (benchmarks/ingest_throughput.py: MiniLM on 256-token chunks ran about 20%
-# slower at 64 texts per pass than at 4-16, with 5x the system time).
+# texts x heads x tokens^2 scores, and past about this size a CPU loses time to page faults on
+# those buffers: MiniLM on 1,000-character SciFact chunks (256 tokens) on 2 cores took the same
+# time at 4, 8 or 16 texts per pass, 15% longer at 32 and about 20% longer at 64, with 5x the
+# system time.
 CPU_BATCH_TOKENS = 4096
 # Settings that only affect queries: changing them must not force documents to be re-embedded.
 QUERY_ONLY_SETTINGS = ("query_prefix", "query_task")
