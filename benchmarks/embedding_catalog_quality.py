@@ -145,6 +145,9 @@ def evaluate(
         print(summary.format(), flush=True)
         if cutting is not None:
             print(f"{name}: {cutting.reused} document vectors cut from {run.documents_from}'s, the rest ran through the model", flush=True)
+            sample = list(recorded[run.documents_from])[:16]
+            difference = np.abs(cutting.embed(sample)[0] - cutting._encoder.embed(sample)[0]).max()
+            print(f"{name}: cut vectors vs the model's own for {len(sample)} texts: largest difference {difference:.2e}", flush=True)
             embedder._encoder = cutting._encoder  # queries run through the model
         engine = pipeline.query_engine
         progress = lambda message: print(f"{name}: {message}", file=sys.stderr, flush=True)  # noqa: E731
