@@ -39,10 +39,12 @@ pip=("$venv/bin/pip" install --quiet --disable-pip-version-check)
 # The engine last: langchain-milvus declares milvus-lite>=3.1, which 2.5.1 does not meet on paper,
 # but pymilvus 3.0.2 drives either engine through milvus_lite.server_manager.
 if [[ "$MILVUS_LITE" != "3.2.2" ]]; then
-    "${pip[@]}" --no-deps "milvus-lite==$MILVUS_LITE"
+    # Milvus Lite 2.5 imports pkg_resources, which setuptools 81 removed (as in pyproject.toml).
+    "${pip[@]}" --no-deps "milvus-lite==$MILVUS_LITE" "setuptools>=69,<81"
 fi
 
 "$venv/bin/python" - <<'EOF'
 import importlib.metadata as m
 print("anchors environment:", ", ".join(f"{n} {m.version(n)}" for n in ("pymilvus", "milvus-lite", "torch", "llama-index-core", "langchain-core")))
+import milvus_lite  # noqa: F401  (fails here, not mid-benchmark, if the engine cannot load)
 EOF

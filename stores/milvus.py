@@ -72,6 +72,8 @@ SOURCE_ID_MAX_BYTES = 4096
 VARCHAR_MAX_BYTES = 65535  # Milvus' ceiling for a VARCHAR field
 SCALAR_FIELDS = ("id", "source_id", "chunk_index", "text", "metadata")
 DEFAULT_OUTPUT_FIELDS = ("source_id", "chunk_index", "text", "metadata")
+QUERY_PAGE_ROWS = 4096
+QUERY_PAGE_VECTOR_BYTES = 1 << 20
 
 # Requests stay well under the server's default 64 MiB gRPC message limit whatever the batch size.
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -1187,23 +1189,34 @@ class MilvusStore(Store):
 
     def chunk_ids_by_source(self) -> dict[str, list[str]]:
         """Every chunk id in the collection, grouped by source id (paged; for reconciling the record)."""
+        grouped: dict[str, list[str]] = {}
+        for row in self.rows(["id", "source_id"]):
+            grouped.setdefault(row["source_id"], []).append(row["id"])
+        return grouped
+
+    def rows(self, output_fields: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """Every row of the collection with ``output_fields``, paged, in no particular order.
+
+        Vector fields come back as Milvus returns them (a list of floats for float vectors).
+        """
         existing = self._existing()
         if existing is None:
-            return {}
-        client, _ = existing
-        grouped: dict[str, list[str]] = {}
+            return
+        client, layout = existing
+        vector_bytes = sum(4 * (layout.dimension(name) or 0) for name in output_fields)
+        # Milvus Lite 2.5 stalls until the deadline, instead of answering, on a page of 4,096 rows
+        # of 768-dimension vectors (12.6 MB); 4.6 MB pages still work.
+        page_size = max(1, min(QUERY_PAGE_ROWS, QUERY_PAGE_VECTOR_BYTES // vector_bytes)) if vector_bytes else QUERY_PAGE_ROWS
         # pymilvus pages with an unescaped `id > "<last id>"`, safe because chunk ids are hex digests.
         iterator = self._call(
-            "query", client.query_iterator, self.config.collection, batch_size=4096, filter="",
-            output_fields=["id", "source_id"], timeout=self.config.timeout_s,
+            "query", client.query_iterator, self.config.collection, batch_size=page_size, filter="",
+            output_fields=list(output_fields), timeout=self.config.timeout_s,
         )
         try:
             while page := self._call("query", iterator.next):
-                for row in page:
-                    grouped.setdefault(row["source_id"], []).append(row["id"])
+                yield from page
         finally:
             iterator.close()
-        return grouped
 
     def sources_with_chunks(self, source_ids: Sequence[str]) -> set[str]:
         """Those of ``source_ids`` that have at least one chunk in the collection."""

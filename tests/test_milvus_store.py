@@ -283,9 +283,33 @@ def test_search_dense_returns_the_nearest_first(open_store):
         store.search_dense([1.0, 0.0, 0.0])
 
 
+def test_rows_reads_every_row_back_with_wide_vectors(open_store):
+    # 4,200 rows of 768-d vectors: one page of 4,096 of them (12.6 MB) stalled Milvus Lite 2.5
+    # until the deadline; the store pages by vector size.
+    store = open_store(timeout_s=20)
+    dim = 768
+    store.prepare(dim, MODEL)
+    rng = np.random.default_rng(0)
+    chunks = []
+    for index in range(4200):
+        chunk = make_chunk(f"s{index % 7}.md", index)
+        chunk.vectors = {"dense": rng.standard_normal(dim).astype(np.float32)}
+        chunks.append(chunk)
+    store.upsert(chunks)
+    rows = {row["id"]: row for row in store.rows(["id", "source_id", "dense"])}
+    assert len(rows) == 4200
+    for chunk in chunks:
+        assert rows[chunk.id]["source_id"] == chunk.source_id
+        np.testing.assert_array_equal(np.asarray(rows[chunk.id]["dense"], dtype=np.float32), chunk.vectors["dense"])
+    assert {source: sorted(ids) for source, ids in store.chunk_ids_by_source().items()} == {
+        f"s{n}.md": sorted(c.id for c in chunks if c.source_id == f"s{n}.md") for n in range(7)
+    }
+
+
 def test_reads_of_a_missing_collection(open_store):
     store = open_store()
     assert store.count() == 0
+    assert list(store.rows(["id", "dense"])) == []
     store.delete_sources(["a.md"])
     with pytest.raises(MilvusStoreError, match="does not exist; run an ingest first"):
         store.search_dense(np.ones(DIM))
