@@ -50,6 +50,21 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
+def outcome_batches(outcomes: Iterable[ParseOutcome], max_documents: int, max_chars: int) -> Iterator[list[ParseOutcome]]:
+    """Batches of at most ``max_documents`` parse outcomes, closed early once their parsed text
+    reaches ``max_chars`` (a batch holds at least one document, however long)."""
+    batch: list[ParseOutcome] = []
+    chars = 0
+    for outcome in outcomes:
+        batch.append(outcome)
+        chars += len(outcome.parsed.text) if outcome.parsed is not None else 0
+        if len(batch) >= max_documents or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
 class StageBook(Protocol):
     """Where a step's time and failures go: the run's :class:`RunBook`, or a batch's ledger kept on
     a remote worker and replayed into the run's book by the driver (:mod:`pipeline.ray_runner`)."""
@@ -183,7 +198,7 @@ class LocalRunner:
             writer = WriteBehind(lambda documents: book.indexed(book.step("write", lambda: self.writer.write(documents))), config.write_queue_depth)
             try:
                 waited = time.monotonic()
-                for batch in batched(pool.imap(read_sources(self.sources, self.tracker, book)), config.batch_size):
+                for batch in outcome_batches(pool.imap(read_sources(self.sources, self.tracker, book)), config.batch_size, config.max_batch_chars):
                     book.time("parse wait", time.monotonic() - waited)
                     summary.documents_seen += len(batch)
                     embedded = chunk_and_embed(self.models, batch, book)

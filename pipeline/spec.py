@@ -85,7 +85,12 @@ class RunnerConfig(BaseModel):
         "local", description="local: threads and parser processes on this machine; ray: the same stages on Ray Data (pip install '.[ray]')."
     )
     ray: RaySettings = Field(default_factory=RaySettings, description="Settings of the Ray runner (type: ray).")
-    batch_size: int = Field(32, ge=1, description="Documents parsed, chunked and embedded together.")
+    # Large batches let the embedder sort more chunks by length (less padding): on SciFact with
+    # MiniLM on a 2-core CPU, 256 documents per batch ingested 1.20x faster than 32.
+    batch_size: int = Field(256, ge=1, description="Documents parsed, chunked and embedded together.")
+    max_batch_chars: int = Field(
+        4_000_000, ge=1, description="Local runner: a batch closes early once its documents' parsed text reaches this many characters (bounds memory)."
+    )
     write_queue_depth: int = Field(
         2, ge=1, description="Embedded batches waiting for the store writer, which runs beside the embedding; bounds memory."
     )

@@ -186,3 +186,21 @@ def test_write_behind_bounds_its_queue_and_reraises_writer_errors():
     failing.submit([1])
     with pytest.raises(RuntimeError, match="the store writer stopped: OSError: disk full"):
         failing.close()
+
+
+def test_batches_close_at_the_document_count_or_the_text_budget():
+    from pipeline.parse_pool import ParseOutcome
+    from pipeline.runner import outcome_batches
+    from pipeline.types import ParsedDocument
+
+    def outcome(name: str, chars: int | None) -> ParseOutcome:
+        parsed = None if chars is None else ParsedDocument(name, name, "text/plain", "", "x" * chars, ())
+        return ParseOutcome(name, name, parsed, None if parsed else "broken", 0.0)
+
+    outcomes = [outcome("a", 10), outcome("b", 10), outcome("failed", None), outcome("c", 10), outcome("huge", 500), outcome("d", 10)]
+    names = lambda batches: [[o.source_id for o in batch] for batch in batches]  # noqa: E731
+    assert names(outcome_batches(outcomes, 3, 1_000)) == [["a", "b", "failed"], ["c", "huge", "d"]]
+    # 25 characters close a batch; a failed parse counts as a document without text; a document
+    # over the budget closes the batch it joins.
+    assert names(outcome_batches(outcomes, 10, 25)) == [["a", "b", "failed", "c"], ["huge"], ["d"]]
+    assert names(outcome_batches([], 3, 25)) == []
