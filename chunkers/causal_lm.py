@@ -597,7 +597,7 @@ def load_causal_lm(
     """The model in eval mode on ``device``, loaded once per process for each setting.
 
     ``quantize="int8"`` replaces the linear layers by dynamically quantised int8 ones (CPU only):
-    about 2.6x faster PPL chunking on a CPU, but the losses move enough to change boundaries
+    about 1.6x faster PPL chunking on a 2-core AVX2 CPU, but the losses move enough to change boundaries
     (80% of sentence ends agreed with fp32 on benchmarks/meta_chunking_speed.py's corpus), so it
     trades fidelity for speed.
     """

@@ -227,7 +227,7 @@ class LMChunkerConfig(ComponentConfig):
     model: str = DEFAULT_CAUSAL_LM  # hub id or local folder of any causal LM
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", "mps" or "auto"
-    quantize: Literal["none", "int8"] = "none"  # int8 (CPU): ~2.6x faster, but it moves boundaries (80% agreement in benchmarks/meta_chunking_speed.py)
+    quantize: Literal["none", "int8"] = "none"  # int8 (CPU): ~1.6x faster, but it moves boundaries (80% agreement in benchmarks/meta_chunking_speed.py)
     max_sentence_tokens: int = Field(256, ge=8)  # longer sentences are cut at token boundaries
     target_size: int | None = Field(None, ge=0)  # tokens of size_tokenizer per chunk; 0 or None: no fitting
     size_tokenizer: str | None = None  # hub id or folder (e.g. the embedder's); None: the LM's tokenizer
