@@ -29,8 +29,9 @@ Published nDCG@10 on SciFact (test), from the MTEB results repository
 0.6557. The issue's bar: within 0.02.
 
 Indexes are kept under ``--index-dir`` (one Milvus Lite folder per run); each run is a ``reindex``,
-so an interrupted run picks up where it stopped and a finished one is only scored again. On a loaded 2-core CPU, mpnet embeds about one
-abstract per second: budget hours for the mpnet runs, minutes for MiniLM.
+so an interrupted run picks up where it stopped and a finished one is only scored again. On a
+2-core CPU, mpnet embeds one to one and a half abstracts per second: budget about an hour for the
+mpnet run, minutes for MiniLM.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ padded tokens) in the same process. Prints documents/s and chunks/s per stage an
 times the pure model once, so both ratios share one baseline. ``--runner ray`` runs the same spec
 on a local Ray instance (or the cluster in RAY_ADDRESS). Ray is started before the clock starts (a
 cluster is normally up already) and its start time is printed apart; the actors' and tasks'
-start-up in each run is part of the pipeline time. Ray gives an
-actor as many torch threads as CPUs it reserves (OMP_NUM_THREADS), so the spec sets the embedder's
-``num_threads`` to the thread count the pure model timing uses, in both runners.
+start-up in each run is part of the pipeline time. Ray gives an actor as many torch threads as CPUs
+it reserves (OMP_NUM_THREADS), so the spec sets the embedder's ``num_threads`` to the thread count
+the pure model timing uses, in both runners.
 """
 
 from __future__ import annotations
