@@ -31,3 +31,7 @@ class StageError(PipelineError):
 
 class StoreSchemaError(PipelineError):
     """An existing collection does not match what the spec would write into it."""
+
+
+class ParserStartupError(PipelineError):
+    """Parser worker processes exit before they can parse anything: no document could be parsed."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.base import ParseFailure, Parser
+from pipeline.errors import ParserStartupError
 from pipeline.types import ParsedDocument, SourceDocument
 
 log = logging.getLogger("rag_pipeline.parse")
@@ -30,6 +31,7 @@ log = logging.getLogger("rag_pipeline.parse")
 _POLL_S = 0.25
 _READY = "ready"  # a worker's first message: its parser is built, so a document's clock can start
 _STARTUP_TIMEOUT_S = 300.0  # a worker that cannot even import its parser is broken, not slow
+_STARTUP_ATTEMPTS = 3  # fresh workers in a row that exit before they are ready: the parser cannot start
 
 
 @dataclass
@@ -182,6 +184,7 @@ class ParserPool:
         base_dir = str(self.parser.base_dir)
         pool: list[_Worker] = []
         exhausted = False
+        startup_exits = 0  # workers in a row that exited before they were ready
 
         def put(item: Any) -> bool:
             while not stop.is_set():
@@ -219,11 +222,22 @@ class ParserPool:
                             message = worker.conn.recv()
                             if message == _READY:
                                 worker.ready, worker.started = True, now
+                                startup_exits = 0
                                 continue
                             parsed, error = message
                         except (EOFError, OSError):
                             worker.process.join(1)
                             code = worker.process.exitcode
+                            if not worker.ready:
+                                # The worker never read the document, so it is not the document's
+                                # fault: a fresh worker takes it, unless the parser cannot start.
+                                worker.kill()
+                                startup_exits += 1
+                                if startup_exits >= _STARTUP_ATTEMPTS:
+                                    raise ParserStartupError(_startup_failure(self._target, startup_exits, code)) from None
+                                pool[i] = _Worker(ctx, self._target, settings, base_dir)
+                                pool[i].assign(source)
+                                continue
                             reason = f"parser process died (exit code {code})"
                             if code is not None and code < 0:
                                 reason = f"parser process was killed by signal {-code} (often the system running out of memory)"
@@ -260,6 +274,16 @@ class ParserPool:
                     worker.process.join(2)
                 worker.kill()
             put(_DONE)
+
+
+def _startup_failure(target: str, attempts: int, exit_code: int | None) -> str:
+    return (
+        f"parse: {attempts} parser worker processes in a row exited before their parser {target} was ready "
+        f"(last exit code {exit_code}), so no document can be parsed; the workers' own error is on stderr above. "
+        "A common cause: a Python script that runs the pipeline without an `if __name__ == \"__main__\":` guard. "
+        "Workers start with the 'spawn' method, which imports the script again and so runs the pipeline again. "
+        "Put the call under the guard, or set runner.parse_workers: 0 to parse in the calling process (no time or memory caps)."
+    )
 
 
 _DONE = object()

@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -100,6 +102,58 @@ def test_worker_pool_memory_cap():
     (outcome,) = list(pool.imap([source]))
     assert outcome.parsed is None
     assert outcome.error == "parser used more than 1 MB of memory; the parser process was killed"
+
+
+GUARDLESS_SCRIPT = """
+from pipeline import Pipeline
+from tests.plugins.components import PLUGINS, base_spec
+
+spec = base_spec()
+spec["stages"]["source"]["documents"] = {"a.txt": "one", "b.txt": "two"}
+spec["runner"]["parse_workers"] = 1
+print(Pipeline(spec, allowed_modules=PLUGINS).ingest().format())
+"""
+
+
+def test_script_without_main_guard_gets_a_clear_error_not_a_failure_per_document(tmp_path):
+    """Spawned parser workers import such a script again and die starting; the run stops at once."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "index_docs.py"
+    script.write_text(GUARDLESS_SCRIPT)
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(script)], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("pipeline.errors.ParserStartupError: parse: 3 parser worker processes in a row exited")
+    assert 'if __name__ == "__main__":' in last_line and "parse_workers: 0" in last_line
+    assert "documents:" not in done.stdout  # no run summary: nothing was recorded as parsed or failed
+
+
+def test_worker_that_dies_starting_does_not_fail_the_document(monkeypatch):
+    """One worker exiting before its parser is ready is retried with a fresh one; the document parses."""
+    from pipeline import parse_pool
+    from pipeline.parse_pool import ParserPool
+    from pipeline.types import SourceDocument
+    from tests.plugins.components import LineParser
+
+    real_worker = parse_pool._Worker
+    started = []
+
+    def first_dies_starting(ctx, target, settings, base_dir):
+        started.append(target)
+        if len(started) == 1:  # a parser class that cannot be imported: the worker exits before it is ready
+            target = "tests.plugins.no_such_module:LineParser"
+        return real_worker(ctx, target, settings, base_dir)
+
+    monkeypatch.setattr(parse_pool, "_Worker", first_dies_starting)
+    pool = ParserPool(LineParser(), workers=1, timeout_s=60)
+    source = SourceDocument("mem/x", "memory:x", "text/plain", "h", b"alpha\nbeta")
+    (outcome,) = list(pool.imap([source]))
+    assert outcome.error is None and [e.text for e in outcome.parsed.elements] == ["alpha", "beta"]
+    assert len(started) == 2
 
 
 def test_cli_exit_codes(tmp_path, capsys):
