@@ -4,7 +4,8 @@ Parsers are the stage most likely to hang or blow up on one file (unstructured #
 23 MB PDF). Each document is parsed in a worker process; the parent watches the clock and the
 worker's resident memory and kills a worker that passes either cap, records the document as
 failed, and starts a fresh worker. A background thread feeds the workers, so parsing runs while
-the main thread embeds the previous batch; the result queue is bounded, so memory stays flat.
+the main thread embeds the previous batch; the parsed documents waiting for the consumer are
+bounded in number and in characters, so memory stays flat on corpora of long documents too.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class ParseOutcome:
     @classmethod
     def of(cls, source: SourceDocument, parsed: ParsedDocument | None, error: str | None, seconds: float) -> "ParseOutcome":
         return cls(source.source_id, source.uri, parsed, error, seconds)
+
+    @property
+    def chars(self) -> int:
+        return len(self.parsed.text) if self.parsed is not None else 0
 
 
 def _build_parser(target: str, settings: dict[str, Any], base_dir: str) -> Parser:
@@ -120,8 +125,36 @@ class _Worker:
         self.conn.close()
 
 
+class _CharBudget:
+    """Characters of parsed text handed over but not yet taken by the consumer. The feeder waits
+    while taking another document would pass ``limit``; one document is always let through."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.pending = 0
+        self.changed = threading.Condition()
+
+    def take(self, chars: int, stop: threading.Event) -> bool:
+        with self.changed:
+            while self.limit is not None and self.pending and self.pending + chars > self.limit:
+                if stop.is_set():
+                    return False
+                self.changed.wait(0.2)
+            self.pending += chars
+            return True
+
+    def give_back(self, chars: int) -> None:
+        with self.changed:
+            self.pending -= chars
+            self.changed.notify_all()
+
+
 class ParserPool:
-    """Parse documents in ``workers`` processes; ``workers=0`` parses in the calling thread (no caps)."""
+    """Parse documents in ``workers`` processes; ``workers=0`` parses in the calling thread (no caps).
+
+    At most ``max_pending`` parsed documents, holding at most ``max_pending_chars`` characters of
+    text (None: no limit), wait for the consumer while the workers parse ahead.
+    """
 
     def __init__(
         self,
@@ -130,12 +163,14 @@ class ParserPool:
         timeout_s: float = 120.0,
         memory_mb: int | None = None,
         max_pending: int = 64,
+        max_pending_chars: int | None = None,
     ):
         self.parser = parser
         self.workers = workers
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
         self.max_pending = max_pending
+        self.max_pending_chars = max_pending_chars
         cls = type(parser)
         self._target = f"{cls.__module__}:{cls.__qualname__}"
 
@@ -155,8 +190,9 @@ class ParserPool:
                 yield ParseOutcome.of(item, parsed, error, time.monotonic() - started)
             return
         results: queue.Queue[Any] = queue.Queue(maxsize=self.max_pending)
+        budget = _CharBudget(self.max_pending_chars)
         stop = threading.Event()
-        feeder = threading.Thread(target=self._run, args=(iter(sources), results, stop), name="parser-pool", daemon=True)
+        feeder = threading.Thread(target=self._run, args=(iter(sources), results, budget, stop), name="parser-pool", daemon=True)
         feeder.start()
         try:
             while True:
@@ -165,6 +201,7 @@ class ParserPool:
                     break
                 if isinstance(item, BaseException):
                     raise item
+                budget.give_back(item.chars)
                 yield item
         finally:
             stop.set()
@@ -178,7 +215,9 @@ class ParserPool:
 
     # -- background thread -------------------------------------------------------------------
 
-    def _run(self, sources: Iterator[SourceDocument | ParseOutcome], results: queue.Queue[Any], stop: threading.Event) -> None:
+    def _run(
+        self, sources: Iterator[SourceDocument | ParseOutcome], results: queue.Queue[Any], budget: _CharBudget, stop: threading.Event
+    ) -> None:
         ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch threads exist
         settings = self.parser.to_dict()
         base_dir = str(self.parser.base_dir)
@@ -187,6 +226,8 @@ class ParserPool:
         startup_exits = 0  # workers in a row that exited before they were ready
 
         def put(item: Any) -> bool:
+            if isinstance(item, ParseOutcome) and not budget.take(item.chars, stop):
+                return False
             while not stop.is_set():
                 try:
                     results.put(item, timeout=0.2)

@@ -191,6 +191,7 @@ class LocalRunner:
                 timeout_s=config.parse_timeout_s,
                 memory_mb=config.parse_memory_mb,
                 max_pending=max(2 * config.batch_size, 8),
+                max_pending_chars=config.max_batch_chars,
             )
             # Model loading overlaps with the parser workers' start-up and the first batch.
             warm_up = threading.Thread(target=self._warm_up, name="embedder-warm-up", daemon=True)

@@ -89,7 +89,8 @@ class RunnerConfig(BaseModel):
     # MiniLM on a 2-core CPU, 256 documents per batch ingested 1.20x faster than 32.
     batch_size: int = Field(256, ge=1, description="Documents parsed, chunked and embedded together.")
     max_batch_chars: int = Field(
-        4_000_000, ge=1, description="Local runner: a batch closes early once its documents' parsed text reaches this many characters (bounds memory)."
+        4_000_000, ge=1, description="Local runner: a batch closes early once its documents' parsed text reaches this many characters; "
+        "parsed documents waiting for the next batch hold at most as many (bounds memory).",
     )
     write_queue_depth: int = Field(
         2, ge=1, description="Embedded batches waiting for the store writer, which runs beside the embedding; bounds memory."

@@ -104,6 +104,37 @@ def test_worker_pool_memory_cap():
     assert outcome.error == "parser used more than 1 MB of memory; the parser process was killed"
 
 
+def test_worker_pool_parses_ahead_only_up_to_its_character_budget():
+    """Parsed documents wait for a slow consumer up to ``max_pending_chars``, not ``max_pending``."""
+    import time
+
+    from pipeline.parse_pool import ParserPool
+    from pipeline.types import SourceDocument
+    from tests.plugins.components import LineParser
+
+    pulled = []
+
+    def sources(count):
+        for number in range(count):
+            pulled.append(number)
+            yield SourceDocument(f"mem/{number}", f"memory:{number}", "text/plain", "h", b"x" * 1000)
+
+    def pulled_while_consumer_waits(pool):
+        outcomes = pool.imap(sources(40))
+        first = next(outcomes)
+        time.sleep(3)  # the consumer is busy; the feeder parses ahead as far as it may
+        ahead = len(pulled)
+        rest = list(outcomes)
+        assert first.error is None and len(rest) == 39 and all(outcome.error is None for outcome in rest)
+        pulled.clear()
+        return ahead
+
+    # Room for two waiting documents by characters: the taken one, two queued, one in the feeder's
+    # hand waiting for room, one in the worker.
+    assert pulled_while_consumer_waits(ParserPool(LineParser(), workers=1, max_pending=64, max_pending_chars=2000)) <= 5
+    assert pulled_while_consumer_waits(ParserPool(LineParser(), workers=1, max_pending=64)) == 40
+
+
 GUARDLESS_SCRIPT = """
 from pipeline import Pipeline
 from tests.plugins.components import PLUGINS, base_spec
