@@ -360,6 +360,21 @@ class MilvusStoreConfig(ComponentConfig):
         return out
 
 
+class _LiteIteratorTimestampFilter(logging.Filter):
+    """Drops pymilvus's "failed to get mvccTs from milvus server" warning. Milvus Lite returns no
+    session timestamp for a query iterator, so pymilvus warns once per iterator and pages at the
+    client's clock instead, which is exact for a database that one process holds."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to get mvccTs" not in record.getMessage()
+
+
+def _quiet_lite_iterator_timestamp_warning() -> None:
+    iterator_log = logging.getLogger("pymilvus.client.iterator.query_iterator")
+    if not any(isinstance(existing, _LiteIteratorTimestampFilter) for existing in iterator_log.filters):
+        iterator_log.addFilter(_LiteIteratorTimestampFilter())
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where the collection lives, resolved against the spec's folder."""
@@ -1207,6 +1222,8 @@ class MilvusStore(Store):
         # Milvus Lite 2.5 stalls until the deadline, instead of answering, on a page of 4,096 rows
         # of 768-dimension vectors (12.6 MB); 4.6 MB pages still work.
         page_size = max(1, min(QUERY_PAGE_ROWS, QUERY_PAGE_VECTOR_BYTES // vector_bytes)) if vector_bytes else QUERY_PAGE_ROWS
+        if self.endpoint.lite_path is not None:
+            _quiet_lite_iterator_timestamp_warning()
         # pymilvus pages with an unescaped `id > "<last id>"`, safe because chunk ids are hex digests.
         iterator = self._call(
             "query", client.query_iterator, self.config.collection, batch_size=page_size, filter="",
