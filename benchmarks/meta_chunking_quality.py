@@ -105,8 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lm_chunked: dict[str, list[ChunkedDocument]] = {}
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         lm_chunked[name], seconds = chunk_all(chunkers[name], documents)
-        tokens = sum(len(d.text) for d in documents)
-        print(f"{name}: chunked {len(documents)} documents ({tokens:,} characters) in {seconds:.1f} s", flush=True)
+        characters = sum(len(d.text) for d in documents)
+        print(f"{name}: chunked {len(documents)} documents ({characters:,} characters) in {seconds:.1f} s", flush=True)
     target_mean = statistics.fmean(mean_length(chunked) for chunked in lm_chunked.values())
     recursive, size = recursive_matching(documents, target_mean)
     print(f"recursive: chunk_size {size} chars (overlap 0) gives the LM chunkers' mean length, {target_mean:.0f} chars")
