@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from late_chunking import DEFAULT_DATASETS  # noqa: E402
-from meta_chunking_quality import EMBEDDER_TOKENIZER, chunk_all, mean_length, recursive_matching  # noqa: E402
+from meta_chunking_quality import EMBEDDER_TOKENIZER, chunk_all, mean_length, recursive_matching, size_matching  # noqa: E402
 
 from chunkers.meta import MarginSamplingChunker, PerplexityChunker, fit_to_target  # noqa: E402
 from chunkers.sentences import split_sentences  # noqa: E402
@@ -89,17 +89,7 @@ def sentence_packing(documents: Sequence[ParsedDocument], target_mean: float) ->
             out.append(ChunkedDocument(document, chunks))
         return out
 
-    best: tuple[float, int, list[ChunkedDocument]] | None = None
-    low, high = 8, 1024
-    while low <= high:
-        target = (low + high) // 2
-        chunked = packed(target)
-        mean = mean_length(chunked)
-        if best is None or abs(mean - target_mean) < best[0]:
-            best = (abs(mean - target_mean), target, chunked)
-        low, high = (target + 1, high) if mean < target_mean else (low, target - 1)
-    assert best is not None
-    return best[2], best[1]
+    return size_matching(packed, 8, 1024, target_mean)
 
 
 def scores(chunked: Sequence[ChunkedDocument], starts: dict[str, list[int]]) -> dict[str, float]:

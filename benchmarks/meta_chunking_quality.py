@@ -21,7 +21,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,20 +55,29 @@ def mean_length(documents: Sequence[ChunkedDocument]) -> float:
     return statistics.fmean(len(c.text) for d in documents for c in d.chunks)
 
 
-def recursive_matching(documents: Sequence[ParsedDocument], target_mean: float) -> tuple[list[ChunkedDocument], int]:
-    """Recursive chunks whose mean length is closest to ``target_mean`` characters (size searched)."""
+def size_matching(chunk_at: Callable[[int], list[ChunkedDocument]], low: int, high: int, target_mean: float) -> tuple[list[ChunkedDocument], int]:
+    """The chunks ``chunk_at(size)`` whose mean length is closest to ``target_mean`` characters, and
+    that size: a binary search over ``low..high``, the mean length growing with the size."""
     best: tuple[float, int, list[ChunkedDocument]] | None = None
-    low, high = 50, 4000
     while low <= high:
         size = (low + high) // 2
-        chunker = RecursiveChunker(chunk_size=size, chunk_overlap=0)
-        chunked = [ChunkedDocument(d, chunks) for d in documents if (chunks := chunker.chunk(d))]
+        chunked = chunk_at(size)
         mean = mean_length(chunked)
         if best is None or abs(mean - target_mean) < best[0]:
             best = (abs(mean - target_mean), size, chunked)
         low, high = (size + 1, high) if mean < target_mean else (low, size - 1)
     assert best is not None
     return best[2], best[1]
+
+
+def recursive_matching(documents: Sequence[ParsedDocument], target_mean: float) -> tuple[list[ChunkedDocument], int]:
+    """Recursive chunks whose mean length is closest to ``target_mean`` characters (size searched)."""
+
+    def chunk_at(size: int) -> list[ChunkedDocument]:
+        chunker = RecursiveChunker(chunk_size=size, chunk_overlap=0)
+        return [ChunkedDocument(d, chunks) for d in documents if (chunks := chunker.chunk(d))]
+
+    return size_matching(chunk_at, 50, 4000, target_mean)
 
 
 def evaluate(label: str, embedder: HuggingFaceEmbedder, corpus: Corpus, documents: list[ChunkedDocument]) -> dict[str, float]:

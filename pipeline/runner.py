@@ -57,7 +57,7 @@ def outcome_batches(outcomes: Iterable[ParseOutcome], max_documents: int, max_ch
     chars = 0
     for outcome in outcomes:
         batch.append(outcome)
-        chars += len(outcome.parsed.text) if outcome.parsed is not None else 0
+        chars += outcome.chars
         if len(batch) >= max_documents or chars >= max_chars:
             yield batch
             batch, chars = [], 0
