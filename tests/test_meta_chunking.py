@@ -274,8 +274,17 @@ def test_target_size_in_tokens_of_another_tokenizer(ppl: PerplexityChunker) -> N
 
 
 def test_int8_quantised_model_keeps_the_topic_boundaries(ppl: PerplexityChunker) -> None:
+    # int8 kernels differ by CPU (AVX2 on AMD, VNNI/AMX on Intel), and so do the losses near a
+    # tie: assert what int8 guarantees, not bit-equal boundaries. Chunks stay exact and end at
+    # sentence ends; each topic change is found, give or take one sentence.
     quantised = PerplexityChunker(quantize="int8")
     assert quantised.lm is not ppl.lm and quantised.lm.packed is not None
-    assert quantised.split(document(TOPIC_TEXT)) == ppl.split(document(TOPIC_TEXT))
+    spans = quantised.split(document(TOPIC_TEXT))
+    assert_exact_cover(TOPIC_TEXT, spans)
+    ends = sorted(sentence_ends(TOPIC_TEXT))
+    chunk_ends = [ends.index(end) for _, end in spans]  # each chunk end as a sentence number
+    topic_changes = [2, 5]  # the last sentences of the first two topics
+    assert all(min(abs(found - change) for found in chunk_ends) <= 1 for change in topic_changes), spans
+    assert len(spans) <= 2 * len(TOPICS), spans
     with pytest.raises(ValueError, match="int8"):
         load_causal_lm(dtype="bfloat16", quantize="int8")
