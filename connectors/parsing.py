@@ -7,9 +7,14 @@ Routes, by file name (then by unstructured's own file-type detection):
   is slow; ``text_parser: unstructured`` opts back in.
 * Markdown: unstructured's partitioner when its ``md`` extra is installed, else a native parser
   (headings, lists, code, tables) so Markdown works on a minimal install (``markdown_parser``).
+* OpenDocument presentations and spreadsheets (``.odp``, ``.ods``), which unstructured cannot
+  read: a native reader of their content.xml (:mod:`connectors.opendocument`).
 * everything else (PDF, DOCX, PPTX, XLSX, HTML, EML, MSG, EPUB, ODT, RTF, CSV, JSON ...):
   unstructured, offline (see :mod:`connectors.unstructured_setup`), PDFs with the ``fast``
-  (pdfminer) strategy by default.
+  (pdfminer) strategy by default. Around it: Office Open XML files are repaired in memory
+  first (Strict OOXML, DOCX text boxes: :mod:`connectors.office`), legacy DOC/PPT files are
+  converted by LibreOffice when it is installed, and a PDF that unstructured returns empty has
+  its text layer read by pdfminer directly (:mod:`connectors.pdf_text`) before it is called a scan.
 
 The parsed text is the elements' texts joined with a blank line, so every element has exact
 offsets into it. ``heading_path`` comes from the headings above an element (itself included when
@@ -26,6 +31,7 @@ from __future__ import annotations
 import codecs
 import importlib.util
 import io
+import logging
 import re
 import shutil
 from collections.abc import Iterable, Iterator
@@ -35,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from connectors.base import ParseFailure, Parser
+from connectors.base import EmptyDocument, ParseFailure, Parser, empty_document
 from pipeline.component import ComponentConfig, MissingDependencyError
 from pipeline.types import Element, ParsedDocument, SourceDocument
 
@@ -49,6 +55,8 @@ TABLE_HTML_MAX_CHARS = 16_384
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
 _CJK_SENTENCE_MARKS = re.compile(r"[。，；！？、]")
 _SENTENCE_END = (".", ",", ";", "。", "，", "；", "、")
+
+log = logging.getLogger("rag_pipeline.parser")
 
 
 # -- blocks: what a route produces, before offsets and headings --------------------------------
@@ -457,30 +465,49 @@ class UnstructuredParser(Parser):
                 "parser: strategy hi_res downloads its layout model from the Hugging Face hub on first use; "
                 "without access (or a filled HF cache) every PDF fails after retries"
             )
+        self._warn_without_libreoffice()
         return problems
+
+    @staticmethod
+    def _warn_without_libreoffice() -> None:
+        """Say that .doc/.ppt files will fail. A warning, not a problem: a problem stops
+        `validate` and the run, and most corpora have no legacy Office files at all."""
+        from connectors.office import LIBREOFFICE_INSTALL_HINT, libreoffice_command
+
+        if libreoffice_command() is None:
+            log.warning("parser: legacy .doc and .ppt files will fail: LibreOffice (soffice) is not installed; %s", LIBREOFFICE_INSTALL_HINT)
 
     # -- parse -----------------------------------------------------------------------------
 
     def parse(self, document: SourceDocument) -> ParsedDocument:
+        # imported here: these modules build on this one's Block
+        from connectors.opendocument import opendocument_blocks, opendocument_kind
+
         file_name = _file_name(document)
-        if not document.content:
-            raise ParseFailure("empty file (0 bytes)")
         extension = PurePosixPath(file_name).suffix.lower().lstrip(".")
         # What the source knows (relative path, commit, ETag, URL ...) travels on to every chunk.
         metadata: dict[str, Any] = {**document.metadata, "file_name": file_name}
-        if extension in TEXT_EXTENSIONS or (not extension and document.media_type == "text/plain"):
-            blocks = self._text(document.content, metadata)
-        elif extension in MARKDOWN_EXTENSIONS or document.media_type == "text/markdown":
-            blocks = self._markdown(document.content, file_name, metadata)
-        else:
-            blocks = self._unstructured(document.content, file_name, metadata)
+        try:
+            if not document.content:
+                raise EmptyDocument("empty file (0 bytes)")
+            if extension in TEXT_EXTENSIONS or (not extension and document.media_type == "text/plain"):
+                blocks = self._text(document.content, metadata)
+            elif extension in MARKDOWN_EXTENSIONS or document.media_type == "text/markdown":
+                blocks = self._markdown(document.content, file_name, metadata)
+            elif (kind := opendocument_kind(document.content, extension)) is not None:
+                metadata["parser"] = "native-opendocument"
+                blocks = opendocument_blocks(document.content, kind, self.config.table_html)
+            else:
+                blocks = self._unstructured(document.content, file_name, metadata)
+        except EmptyDocument as exc:  # indexed with no chunks, so an emptied file loses its old ones
+            return empty_document(document, str(exc), metadata)
         return assemble(document, blocks, self.heading_rule, metadata)
 
     def _decode(self, content: bytes, metadata: dict[str, Any]) -> str:
         text, encoding = decode_text(content, self.config.encoding)
         metadata["encoding"] = encoding
         if not text.strip():
-            raise ParseFailure("no text: the document is empty or contains only whitespace")
+            raise EmptyDocument("no text: the document is empty or contains only whitespace")
         return text
 
     def _text(self, content: bytes, metadata: dict[str, Any]) -> list[Block]:
@@ -568,7 +595,7 @@ class _UnstructuredCall:
             raise ParseFailure(f"cannot tell the file type: {_first_line(exc)}") from exc
         file_type = self.file_type
         if file_type == FileType.EMPTY:
-            raise ParseFailure("no text: the document is empty or contains only whitespace")
+            raise EmptyDocument("no text: the document is empty or contains only whitespace")
         if not file_type.is_partitionable or file_type.partitioner_shortname == "audio":
             kind = "unknown" if file_type == FileType.UNK else file_type.name
             named = FileType.from_extension(PurePosixPath(self.file_name).suffix.lower())
@@ -605,6 +632,7 @@ class _UnstructuredCall:
 
         strategy = self._strategy()
         self._check_requirements(strategy)
+        self._prepare_office_file(metadata)
         options: dict[str, Any] = {}
         content = self.content
         if self.file_type.name == "PDF":
@@ -655,11 +683,6 @@ class _UnstructuredCall:
             extra = file_type.extra_name
             command = f"pip install 'unstructured[{extra}]'" if extra else f"pip install {' '.join(missing)}"
             raise ParseFailure(f"{file_type.name} files need {', '.join(missing)}, which is not installed; run: {command}")
-        if file_type.name in ("DOC", "PPT") and not shutil.which("soffice"):
-            raise ParseFailure(
-                f"legacy {file_type.name} files need LibreOffice (soffice) to convert them; "
-                f"install libreoffice, or save them as {file_type.name}X"
-            )
         is_image = file_type.partitioner_shortname == "image"
         if is_image or (strategy == "ocr_only" and file_type.name == "PDF"):
             what = "images (OCR)" if is_image else "OCR of PDFs"
@@ -669,6 +692,25 @@ class _UnstructuredCall:
                 raise ParseFailure(f"{what} need {' and '.join(tools)}, not installed here (apt install tesseract-ocr poppler-utils)")
             if importlib.util.find_spec("unstructured_pytesseract") is None:
                 raise ParseFailure(f"{what} need unstructured-pytesseract; run: pip install unstructured-pytesseract")
+
+    def _prepare_office_file(self, metadata: dict[str, Any]) -> None:
+        """Legacy DOC/PPT converted to DOCX/PPTX by LibreOffice (unstructured would call it too,
+        but one document at a time, without a timeout, and with failures only in its log), then
+        an OOXML file repaired where python-docx/-pptx or openpyxl would misread it (see
+        connectors.office)."""
+        from unstructured.file_utils.model import FileType
+
+        from connectors.office import convert_with_libreoffice, repair_ooxml
+
+        if self.file_type.name in ("DOC", "PPT"):
+            target = f"{self.file_type.name}X"
+            self.content = convert_with_libreoffice(self.content, self.file_type.name, target.lower())
+            metadata["converted_from"] = self.file_type.name
+            self.file_type = FileType[target]
+        if self.file_type.name in ("DOCX", "PPTX", "XLSX"):
+            self.content, repairs = repair_ooxml(self.content)
+            if repairs:
+                metadata["repairs"] = repairs
 
     def _check_pdf(self) -> None:
         """Refuse encrypted PDFs with a clear reason, and note why a PDF looks damaged.
@@ -704,6 +746,8 @@ class _UnstructuredCall:
         languages = next((e.metadata.languages for e in elements if e.metadata.languages), None)
         metadata["languages"] = list(languages) if languages else list(self.config.languages)
         if not any(b.text.strip() for b in blocks):
+            if self.file_type is not None and self.file_type.name == "PDF":
+                return self._pdf_text_layer(metadata)
             raise ParseFailure(self._why_empty())
         return blocks
 
@@ -728,13 +772,46 @@ class _UnstructuredCall:
             metadata=block_metadata,
         )
 
-    def _why_empty(self) -> str:
+    def _pdf_text_layer(self, metadata: dict[str, Any]) -> list[Block]:
+        """unstructured found no text in a PDF: read its text layer with pdfminer directly (see
+        connectors.pdf_text) and, when there is none either, say why."""
+        from connectors.pdf_text import read_pdf_text
+
+        try:
+            found = read_pdf_text(self.content)
+        except Exception as exc:  # pdfminer raises many types on damaged files
+            raise ParseFailure(self.damage or f"cannot read the PDF's text layer (pdfminer: {_first_line(exc)})") from exc
+        if not found.blocks:
+            raise ParseFailure(self._why_no_pdf_text(found.images))
+        metadata["parser"] = "pdfminer"
+        metadata["fallback_reason"] = self._why_unstructured_missed_pdf_text()
+        return found.blocks
+
+    def _why_no_pdf_text(self, images: int) -> str:
         if self.damage:
             return self.damage
+        if self.config.strategy != "fast":
+            return "no text found, not even by OCR"
+        if images:
+            return "no text layer in this PDF, only images (a scan); strategy auto or ocr_only can read it with tesseract installed"
+        return "no text: the PDF's pages have neither a text layer nor images (blank pages, or text drawn as outlines)"
+
+    def _why_unstructured_missed_pdf_text(self) -> str:
+        unexplained = "unstructured returned no text; the text layer was read with pdfminer"
+        try:
+            from unstructured.partition.pdf import is_pdf_too_complex
+        except ImportError:  # an unstructured version without this heuristic (pyproject allows >=0.18)
+            return unexplained
+        if not is_pdf_too_complex(file=self.content):
+            return unexplained
+        return (
+            "unstructured takes this PDF for a vector drawing (a page with over 10,000 drawing operations, "
+            "or an oversized content stream) and skips it; its text layer was read with pdfminer"
+        )
+
+    def _why_empty(self) -> str:
         name = self.file_type.name if self.file_type is not None else ""
-        if name == "PDF" and self.config.strategy == "fast":
-            return "no text layer in this PDF (a scan?); strategy auto or ocr_only can read it with tesseract installed"
-        if name == "PDF" or (self.file_type is not None and self.file_type.partitioner_shortname == "image"):
+        if self.file_type is not None and self.file_type.partitioner_shortname == "image":
             return "no text found, not even by OCR"
         if name in ("EML", "MSG") and self._email_is_encrypted():
             return "encrypted email: its body cannot be read without the recipient's key"

@@ -2,14 +2,36 @@
 # Create .venv and install rag-pipeline with everything the offline defaults need.
 #   bash scripts/install.sh          # the project
 #   bash scripts/install.sh --dev    # the project plus the test tools (and the shipped mpnet for the catalog tests)
+#   bash scripts/install.sh --libreoffice   # also LibreOffice (Debian/Ubuntu apt), to parse legacy .doc and .ppt
+# The options combine: bash scripts/install.sh --dev --libreoffice
 # Re-running it is cheap: pip skips what is already installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 extras=""
-if [ "${1:-}" = "--dev" ]; then
-  extras="[dev]"
+libreoffice=""
+for option in "$@"; do
+  case "$option" in
+    --dev) extras="[dev]" ;;
+    --libreoffice) libreoffice=1 ;;
+    *) echo "unknown option $option (expected --dev and/or --libreoffice)" >&2; exit 2 ;;
+  esac
+done
+
+if [ -n "$libreoffice" ]; then
+  # The -nogui packages: the converter without the desktop (no X libraries), which is all
+  # the parser runs (soffice --headless --convert-to).
+  if ! command -v apt-get >/dev/null; then
+    echo "--libreoffice installs with apt-get (Debian/Ubuntu); install LibreOffice with your system's package manager" >&2
+    exit 2
+  fi
+  sudo=()
+  if [ "$(id -u)" -ne 0 ]; then
+    sudo=(sudo)
+  fi
+  "${sudo[@]}" apt-get update -q
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libreoffice-writer-nogui libreoffice-impress-nogui
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -76,6 +76,9 @@ def test_example_docs_parse_or_fail_with_a_clear_reason(datasets_dir: Path) -> N
     assert not died, "parser workers crashed:\n" + "\n".join(died)
     for outcome in parsed:
         doc = outcome.parsed
-        assert doc is not None and doc.text.strip() and doc.metadata["file_name"]
+        assert doc is not None and doc.metadata["file_name"]
+        # An empty file parses to an empty document (its old chunks are then deleted); no other
+        # file may come back without text.
+        assert doc.text.strip() or "empty" in doc.metadata, outcome.source_id
         assert all(doc.text[e.start : e.end] == e.text for e in doc.elements), outcome.source_id
     assert len(parsed) >= MIN_PARSED
