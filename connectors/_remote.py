@@ -5,7 +5,8 @@
   spans directories), so a spec means the same thing whichever connector it configures.
 * :func:`scrub_url` and :func:`redact` keep credentials out of everything a connector says:
   source ids, URIs, metadata, log lines and error messages. A connector passes every message it
-  builds from a library's exception through :func:`redact` before raising or logging it.
+  builds from a library's exception through :func:`redact` before raising or logging it; the
+  credential values it knows go to :mod:`pipeline.secrets`, whose scrubber :func:`redact` applies.
 * :func:`credential_keys` finds settings that look like key material, so a spec that holds
   credentials is refused instead of being stored, logged or committed with them.
 * :func:`retrying` is the tenacity policy for transient failures (throttling, 5xx, timeouts).
@@ -22,12 +23,13 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.component import require
+from pipeline.secrets import REDACTED, register_secret, scrub
 
 # The local source's pattern rules are the project's one definition of include/exclude globs.
 from connectors.local import PathPattern
 
 # Environment variables whose values are secrets in every context: wherever such a value shows
-# up in a message (a library echoing a token, a signed URL), it is replaced.
+# up in a message (a library echoing a token, a signed URL), it is replaced (pipeline.secrets).
 SECRET_ENV_VARS = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -43,7 +45,6 @@ SECRET_ENV_VARS = (
     "GH_TOKEN",
     "GITLAB_TOKEN",
 )
-REDACTED = "***"
 
 # Setting names that carry key material in fsspec's backends (s3fs, gcsfs, adlfs) and botocore.
 _CREDENTIAL_KEY = re.compile(
@@ -97,22 +98,36 @@ def url_has_credentials(url: str) -> bool:
     return scrub_url(url) != url
 
 
-def known_secrets(extra: Iterable[str] = ()) -> list[str]:
-    """Secret values to mask: the standard credential environment variables plus ``extra``."""
-    values = [os.environ.get(name, "") for name in SECRET_ENV_VARS]
-    # Short values would mask ordinary words; real keys and tokens are long.
-    return sorted({v for v in [*values, *extra] if v and len(v) >= 6}, key=len, reverse=True)
+# Parts of an Azure connection string that are key material. The rest names public things (the
+# protocol, the account, the endpoint suffix); registered whole, its pieces would blank them in
+# every URL a message quotes, since pieces of a secret are scrubbed too.
+_CONNECTION_STRING_KEYS = frozenset({"accountkey", "sharedaccesssignature", "sharedaccesskey"})
+
+
+def _register_environment_secrets() -> None:
+    for name in SECRET_ENV_VARS:
+        value = os.environ.get(name)
+        if value and name == "AZURE_STORAGE_CONNECTION_STRING":
+            parts = (part.partition("=") for part in value.split(";"))
+            register_secret(*(secret for key, _, secret in parts if key.strip().lower() in _CONNECTION_STRING_KEYS))
+        else:
+            register_secret(value)
 
 
 def redact(text: str, extra_secrets: Iterable[str] = ()) -> str:
-    """``text`` with URL userinfo, signed-URL parameters and known secret values replaced by ``***``."""
+    """``text`` with URL userinfo, signed-URL parameters, credential headers and secret values replaced by ``***``.
+
+    The values of the credential environment variables and ``extra_secrets`` are registered as
+    secrets (read now: a library may have picked them up since the last call), then
+    :func:`pipeline.secrets.scrub` removes every registered secret in any form it knows.
+    """
+    _register_environment_secrets()
+    register_secret(*extra_secrets)
     text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
     text = _SECRET_QUERY.sub(lambda m: f"{m.group('name')}{REDACTED}", text)
     for header in _SECRET_HEADERS:
         text = header.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
-    for secret in known_secrets(extra_secrets):
-        text = text.replace(secret, REDACTED)
-    return text
+    return scrub(text)
 
 
 class RedactingFilter(logging.Filter):
@@ -135,8 +150,10 @@ def guard_library_logs(*prefixes: str) -> None:
     SDKs print request headers at DEBUG level (botocore prints the session token and the
     Authorization header), and a ``-v`` run turns DEBUG on for everything. A filter only sees
     records logged on its own logger, so it goes on every existing logger under each prefix;
-    call this after the library is imported.
+    call this after the library is imported. The credentials the SDKs read from the environment
+    are registered as secrets here, so the root logger's scrubbing filter knows them too.
     """
+    _register_environment_secrets()
     names = [n for n in logging.root.manager.loggerDict if any(n == p or n.startswith(f"{p}.") for p in prefixes)]
     for name in {*names, *prefixes}:
         logger = logging.getLogger(name)

@@ -6,9 +6,11 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+
+from pipeline.secrets import scrub
 
 if TYPE_CHECKING:
     from pipeline.incremental import ChangeCounts
@@ -42,6 +44,9 @@ class FailureLog:
             path.unlink(missing_ok=True)
 
     def record(self, failure: Failure) -> None:
+        # Scrubbed once here, so the log line, the file and the run summary all carry the clean text;
+        # the ids too, since a source's URI can hold a credential a connector did not recognise.
+        failure = replace(failure, source_id=scrub(failure.source_id), reason=scrub(failure.reason), uri=scrub(failure.uri))
         self.failures.append(failure)
         log.warning("%s: %s failed: %s", failure.source_id, failure.stage, failure.reason)
         if self.path is None:
@@ -62,6 +67,7 @@ class FailureLog:
 class RunSummary:
     documents_seen: int = 0
     documents_indexed: int = 0
+    documents_empty: int = 0  # indexed with no chunks: the source holds no text (its old chunks were deleted)
     documents_failed: int = 0
     chunks_written: int = 0
     seconds: float = 0.0
@@ -79,9 +85,10 @@ class RunSummary:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
     def to_dict(self) -> dict[str, Any]:
+        """The summary as JSON-ready data, every text scrubbed (the CLI prints it with ``--json``)."""
         out = asdict(self)
         out["failures"] = [asdict(f) for f in self.failures]
-        return out
+        return _scrubbed(out)
 
     def run_record(self) -> dict[str, Any]:
         """The compact summary kept as 'last run' in the index record (counts, not the failure list)."""
@@ -90,6 +97,7 @@ class RunSummary:
             "seconds": round(self.seconds, 3),
             "documents_seen": self.documents_seen,
             "documents_indexed": self.documents_indexed,
+            "documents_empty": self.documents_empty,
             "documents_failed": self.documents_failed,
             "chunks_written": self.chunks_written,
             "changes": asdict(self.changes) if self.changes is not None else None,
@@ -105,7 +113,9 @@ class RunSummary:
     def format(self) -> str:
         rate = self.documents_seen / self.seconds if self.seconds else 0.0
         lines = [
-            f"documents: {self.documents_seen} seen, {self.documents_indexed} indexed, {self.documents_failed} failed",
+            f"documents: {self.documents_seen} seen, {self.documents_indexed} indexed"
+            + (f" ({self.documents_empty} empty, with no chunks)" if self.documents_empty else "")
+            + f", {self.documents_failed} failed",
             f"chunks written: {self.chunks_written}",
         ]
         if self.changes is not None:
@@ -124,7 +134,18 @@ class RunSummary:
                 lines.append(f"  {count:5d}  {reason}")
             if self.failures_file:
                 lines.append(f"every failure is listed in {self.failures_file}")
-        return "\n".join(lines)
+        return scrub("\n".join(lines))
+
+
+def _scrubbed(value: Any) -> Any:
+    """``value`` with every string in it (at any depth of dicts and lists) scrubbed."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {key: _scrubbed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(item) for item in value]
+    return value
 
 
 class Progress:

@@ -8,6 +8,7 @@ slow answers, malformed bodies), and records every request it got.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -400,8 +401,25 @@ def test_bad_request_fails_fast_with_the_server_reason(serve):
     api.script.append(json_reply({"error": {"message": f"dimensions must be <= 3072 (key {KEY})"}}, 400))
     with pytest.raises(EmbeddingApiError, match=r"OpenAI: HTTP 400 Bad Request \(not retried\): .*dimensions must be <= 3072") as raised:
         OpenAIEmbedder(base_url=api.url, dimensions=DIM).embed_documents(["a"])
-    assert KEY not in str(raised.value) and "[redacted]" in str(raised.value)
+    assert KEY not in str(raised.value) and "(key ***)" in str(raised.value)
     assert len(api.seen) == 1
+
+
+def test_a_key_echoed_escaped_or_in_pieces_is_scrubbed_from_errors_and_retry_logs(serve, caplog):
+    # The server writes the key as JSON \u escapes, quotes both ends of it, and echoes a Basic auth header.
+    escaped = "".join(f"\\u{ord(c):04x}" for c in KEY)
+    auth = base64.b64encode(f"key:{KEY}".encode()).decode()
+    body = f'{{"error": {{"message": "{escaped}", "hint": "{KEY[:10]}...{KEY[-10:]}", "auth": "Basic {auth}"}}}}'.encode()
+    api = serve()
+    api.script.extend([(503, {"Content-Type": "application/json"}, body), (400, {"Content-Type": "application/json"}, body)])
+    with caplog.at_level(logging.WARNING, logger="rag_pipeline.embed"), pytest.raises(EmbeddingApiError) as raised:
+        OpenAIEmbedder(base_url=api.url, dimensions=DIM, **FAST).embed_documents(["a"])
+    message, logged = str(raised.value), caplog.text
+    assert "HTTP 400" in message and '"message": "***"' in message and '"hint": "***...***"' in message
+    assert "HTTP 503" in logged and '"hint": "***...***"' in logged
+    for text in (message, logged):
+        assert "\\u0073\\u006b" not in text and KEY[:8] not in text and KEY[-8:] not in text
+        assert auth[8:20] not in text  # characters set by the key's bytes alone
 
 
 # -- malformed answers ------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from embedders.api.transport import ApiTransport, EmbeddingApiError, MalformedRe
 from embedders.base import Embedder
 from embedders.catalog import find_family
 from pipeline.component import ComponentConfig
+from pipeline.secrets import register_secret
 
 Side = Literal["query", "document"]
 
@@ -286,6 +287,7 @@ class ApiEmbedder(Embedder):
                 f"the API key is read from the environment variable {variable}, which is not set; export it, or set "
                 f"api_key_env to the variable that holds the key (null for a server without authentication)",
             )
+        register_secret(key)  # from now on every error text and log line is scrubbed of it
         return key
 
     @property

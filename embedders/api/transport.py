@@ -11,8 +11,10 @@
   the limits and returns the parsed JSON body.
 
 The API key is read from the environment by the caller and handed to ``post_json`` per request; it
-is never stored here, logged, or put into an exception: error texts built from server answers are
-scrubbed of it, and auth failures carry no server text at all.
+is never stored here, logged, or put into an exception: the caller registers it with
+:mod:`pipeline.secrets`, error texts built from server answers go through its scrubber (which also
+finds the key JSON-escaped, percent-encoded, base64-encoded or in pieces), and auth failures carry
+no server text at all.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 from pipeline.component import require
 from pipeline.errors import PipelineError
+from pipeline.secrets import scrub
 
 log = logging.getLogger("rag_pipeline.embed")
 
@@ -173,11 +176,10 @@ class CallStats:
         self.retried[reason] = self.retried.get(reason, 0) + 1
 
 
-def scrub(text: str, secret: str | None) -> str:
-    """``text`` with ``secret`` blanked out, squeezed to one line and cut to 300 characters."""
-    if secret:
-        text = text.replace(secret, "[redacted]")
-    text = " ".join(text.split())
+def excerpt(text: str) -> str:
+    """A server's answer for a message: scrubbed of every registered secret (before the cut, so the
+    cut cannot leave a piece too short to be recognised), squeezed to one line, cut to 300 characters."""
+    text = " ".join(scrub(text).split())
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -239,11 +241,11 @@ class ApiTransport:
                 reason, wait = "connection", self.policy.backoff(attempt)
             else:
                 if response.is_success:
-                    return self._json(response, api_key)
+                    return self._json(response)
                 status = response.status_code
                 if status not in RETRIED_STATUSES:
-                    raise self._refusal(response, api_key)
-                last_problem = f"{status_text(status)}: {scrub(response.text, api_key)}" if response.text else status_text(status)
+                    raise self._refusal(response)
+                last_problem = f"{status_text(status)}: {excerpt(response.text)}" if response.text else status_text(status)
                 reason = "rate limited" if status == 429 else f"HTTP {status}"
                 wait = self._wait_for(response, attempt, last_problem)
             if attempt == self.policy.max_retries:
@@ -272,21 +274,21 @@ class ApiTransport:
             self.limiter.pause(wait)  # the whole account is limited, not just this worker
         return wait
 
-    def _refusal(self, response: Any, api_key: str | None) -> EmbeddingApiError:
+    def _refusal(self, response: Any) -> EmbeddingApiError:
         status = response.status_code
         if status in AUTH_STATUSES:
             # No server text: some providers echo part of the key back.
             return EmbeddingApiError(
                 self.provider, f"{status_text(status)}: the API refused {self.key_hint}; check that it is valid and allowed to use this model", status
             )
-        detail = scrub(response.text, api_key) if response.text else "no details"
+        detail = excerpt(response.text) if response.text else "no details"
         return EmbeddingApiError(self.provider, f"{status_text(status)} (not retried): {detail}", status)
 
-    def _json(self, response: Any, api_key: str | None) -> Any:
+    def _json(self, response: Any) -> Any:
         try:
             return response.json()
         except ValueError:
             kind = response.headers.get("content-type", "no content type")
             raise MalformedResponse(
-                self.provider, f"answered {status_text(response.status_code)} with a body that is not JSON ({kind}): {scrub(response.text, api_key)!r}"
+                self.provider, f"answered {status_text(response.status_code)} with a body that is not JSON ({kind}): {excerpt(response.text)!r}"
             ) from None
