@@ -46,11 +46,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from chunkers.base import Chunker, build_chunks
+from chunkers.base import Chunker
 from chunkers.causal_lm import DEFAULT_CAUSAL_LM, CausalLM, common_prefix_length, load_causal_lm
 from chunkers.sentences import detect_language, split_sentences
 from pipeline.component import ComponentConfig, require
-from pipeline.types import Chunk, ParsedDocument
+from pipeline.types import ParsedDocument
 
 Span = tuple[int, int]
 Language = Literal["en", "zh"]
@@ -264,11 +264,8 @@ class LMChunker(Chunker):
     def split(self, document: ParsedDocument) -> list[Span]:
         return self.split_batch([document])[0]
 
-    def chunk_batch(self, documents: Sequence[ParsedDocument]) -> list[list[Chunk]]:
-        """Chunks of several documents, their LM work batched together (faster than one by one)."""
-        return [build_chunks(document, spans) for document, spans in zip(documents, self.split_batch(documents))]
-
     def split_batch(self, documents: Sequence[ParsedDocument]) -> list[list[Span]]:
+        """Spans of several documents, their LM work batched together (faster than one by one)."""
         if not documents:
             return []
         lm = self.lm

@@ -19,6 +19,7 @@ LangChain's list. ``language`` picks LangChain's separators for a language (``ma
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -68,45 +69,51 @@ class SeparatorSplitter:
     chunk_size: int
     chunk_overlap: int
 
-    def split(self, region: Span) -> list[Span]:
+    def split(self, region: Span) -> Iterator[Span]:
         return self._split(region, 0)
 
-    def _split(self, region: Span, first_level: int) -> list[Span]:
+    def _split(self, region: Span, first_level: int) -> Iterator[Span]:
         level, pieces = self._pieces_at_first_separator(region, first_level)
         can_go_deeper = level is not None and self.patterns[level] is not None and level + 1 < len(self.patterns)
 
-        def split_oversized(piece: Span) -> list[Span]:
-            return self._split(piece, level + 1) if can_go_deeper else [piece]
+        def split_oversized(piece: Span) -> Iterator[Span]:
+            return self._split(piece, level + 1) if can_go_deeper else iter([piece])
 
         return pack_pieces(pieces, self.chunk_size, self.chunk_overlap, char_length, split_oversized)
 
-    def _pieces_at_first_separator(self, region: Span, first_level: int) -> tuple[int | None, list[Span]]:
-        """The region cut at the first separator (from ``first_level`` on) that occurs in it."""
+    def _pieces_at_first_separator(self, region: Span, first_level: int) -> tuple[int | None, Iterator[Span]]:
+        """The region cut at the first separator (from ``first_level`` on) that occurs in it.
+
+        Pieces are generated as they are consumed: a document without paragraph breaks is cut at
+        every space, and listing those millions of pieces would cost gigabytes.
+        """
         start, end = region
-        # Search a copy of the region, as LangChain does, so lookarounds cannot see past its edges.
+        # Search a copy of the region, as LangChain does, so lookarounds cannot see past its edges
+        # (for the whole text the slice is the text itself, not a copy).
         segment = self.text[start:end]
         for level in range(first_level, len(self.patterns)):
             pattern = self.patterns[level]
             if pattern is None:
-                return level, [(start + i, start + i + 1) for i in range(len(segment))]
+                return level, ((i, i + 1) for i in range(start, end))
             if pattern.search(segment):
-                cuts = [(m.start(), m.end()) for m in pattern.finditer(segment)]
-                return level, [(start + a, start + b) for a, b in self._pieces_between(cuts, len(segment))]
-        return None, [region]
+                cuts = ((start + m.start(), start + m.end()) for m in pattern.finditer(segment))
+                return level, self._pieces_between(cuts, region)
+        return None, iter([region])
 
-    def _pieces_between(self, cuts: list[Span], length: int) -> list[Span]:
-        """Pieces of a segment cut at separator matches; the separator goes where ``keep`` says."""
-        if self.keep == "start":
-            bounds = [0, *(a for a, _ in cuts), length]
-            pieces = list(zip(bounds, bounds[1:]))
-        elif self.keep == "end":
-            bounds = [0, *(b for _, b in cuts), length]
-            pieces = list(zip(bounds, bounds[1:]))
-        else:
-            starts = [0, *(b for _, b in cuts)]
-            ends = [*(a for a, _ in cuts), length]
-            pieces = list(zip(starts, ends))
-        return [(a, b) for a, b in pieces if a < b]
+    def _pieces_between(self, cuts: Iterator[Span], region: Span) -> Iterator[Span]:
+        """Pieces of a region cut at separator matches; the separator goes where ``keep`` says."""
+        piece_start, end = region
+        for cut_start, cut_end in cuts:
+            if self.keep == "start":
+                piece, piece_start = (piece_start, cut_start), cut_start
+            elif self.keep == "end":
+                piece, piece_start = (piece_start, cut_end), cut_end
+            else:
+                piece, piece_start = (piece_start, cut_start), cut_end
+            if piece[0] < piece[1]:
+                yield piece
+        if piece_start < end:
+            yield piece_start, end
 
 
 class RecursiveChunker(Chunker):

@@ -16,9 +16,11 @@ The shared plan (:func:`plan_spans`):
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import groupby
 
 from pydantic import Field, model_validator
 
@@ -29,7 +31,10 @@ Span = tuple[int, int]
 # Size of text[start:end] in the chunker's unit (characters or tokens).
 Measure = Callable[[int, int], int]
 # A chunker's own way of cutting one region that is too large into spans.
-RegionSplitter = Callable[[Span], list[Span]]
+RegionSplitter = Callable[[Span], Iterable[Span]]
+
+# \S is exactly "not str.isspace()", so a span is blank for it exactly when its text strips to "".
+_NON_SPACE = re.compile(r"\S")
 
 # unstructured's category for headings; a new section starts at each of them.
 HEADING_CATEGORIES = frozenset({"Title"})
@@ -61,42 +66,37 @@ def char_length(start: int, end: int) -> int:
     return end - start
 
 
-def merge_pieces(pieces: Sequence[Span], limit: int, overlap: int, measure: Measure) -> list[Span]:
+def merge_pieces(pieces: Iterable[Span], limit: int, overlap: int, measure: Measure) -> Iterator[Span]:
     """Greedily join consecutive pieces into spans no larger than ``limit``.
 
     When a piece no longer fits, the current span is emitted and the next one starts with the
     trailing pieces of it that together measure at most ``overlap`` (and still leave room for the
     new piece). This is the merge rule of LangChain's text splitters, applied to positions: the size
     of a run is measured on the real text between its first and last piece, separators included.
+    Pieces are consumed as they come and spans yielded as they close, so a document of millions of
+    words never has its words listed at once.
     """
-    spans: list[Span] = []
     run: deque[Span] = deque()
     for piece in pieces:
         if run and measure(run[0][0], piece[1]) > limit:
-            spans.append((run[0][0], run[-1][1]))
+            yield run[0][0], run[-1][1]
             while run and (measure(run[0][0], run[-1][1]) > overlap or measure(run[0][0], piece[1]) > limit):
                 run.popleft()
         run.append(piece)
     if run:
-        spans.append((run[0][0], run[-1][1]))
-    return spans
+        yield run[0][0], run[-1][1]
 
 
 def pack_pieces(
-    pieces: Sequence[Span], limit: int, overlap: int, measure: Measure, split_oversized: RegionSplitter
-) -> list[Span]:
+    pieces: Iterable[Span], limit: int, overlap: int, measure: Measure, split_oversized: RegionSplitter
+) -> Iterator[Span]:
     """Merge runs of pieces that fit; cut each piece that does not fit with ``split_oversized``."""
-    spans: list[Span] = []
-    fitting: list[Span] = []
-    for piece in pieces:
-        if measure(*piece) <= limit:
-            fitting.append(piece)
-            continue
-        spans.extend(merge_pieces(fitting, limit, overlap, measure))
-        fitting = []
-        spans.extend(split_oversized(piece))
-    spans.extend(merge_pieces(fitting, limit, overlap, measure))
-    return spans
+    for fits, run in groupby(pieces, key=lambda piece: measure(*piece) <= limit):
+        if fits:
+            yield from merge_pieces(run, limit, overlap, measure)
+        else:
+            for piece in run:
+                yield from split_oversized(piece)
 
 
 def checked_elements(document: ParsedDocument) -> list[Span]:
@@ -169,17 +169,25 @@ def plan_spans(document: ParsedDocument, config: SpanChunkingConfig, measure: Me
     text = document.text
     regions = heading_sections(document) if config.split_on_headings else [(0, len(text))]
     elements = checked_elements(document) if config.respect_elements else []
-    spans: list[Span] = []
-    for region in regions:
-        if config.respect_elements:
-            blocks = element_blocks(text, elements, region)
-            spans.extend(pack_pieces(blocks, config.chunk_size, config.chunk_overlap, measure, split_region))
-        else:
-            spans.extend(split_region(region))
-    return tidy_spans(text, spans, config.strip_whitespace)
+
+    def region_spans() -> Iterator[Span]:
+        for region in regions:
+            if config.respect_elements:
+                blocks = element_blocks(text, elements, region)
+                yield from pack_pieces(blocks, config.chunk_size, config.chunk_overlap, measure, split_region)
+            else:
+                yield from split_region(region)
+
+    # Spans are tidied as the splitter yields them: only the kept spans are ever listed.
+    return tidy_spans(text, region_spans(), config.strip_whitespace)
 
 
-def tidy_spans(text: str, spans: Sequence[Span], strip_whitespace: bool) -> list[Span]:
+def has_text(text: str, span: Span) -> bool:
+    """Whether ``text[start:end]`` holds a non-whitespace character (searched in place, no copy)."""
+    return _NON_SPACE.search(text, *span) is not None
+
+
+def tidy_spans(text: str, spans: Iterable[Span], strip_whitespace: bool) -> list[Span]:
     """Trim (when asked), then drop spans that hold only whitespace or lie inside a neighbour.
 
     A chunk inside its neighbour adds no text. It happens when the overlap carried into a chunk is
@@ -191,7 +199,7 @@ def tidy_spans(text: str, spans: Sequence[Span], strip_whitespace: bool) -> list
         if strip_whitespace:
             span = trim_whitespace(text, span)
         start, end = span
-        if not text[start:end].strip():
+        if not has_text(text, span):
             continue
         if tidy and tidy[-1][0] <= start and end <= tidy[-1][1]:
             continue

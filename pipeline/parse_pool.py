@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,10 @@ _POLL_S = 0.25
 _READY = "ready"  # a worker's first message: its parser is built, so a document's clock can start
 _STARTUP_TIMEOUT_S = 300.0  # a worker that cannot even import its parser is broken, not slow
 _STARTUP_ATTEMPTS = 3  # fresh workers in a row that exit before they are ready: the parser cannot start
+# A parsed document comes back in parts (see send_parsed) of at most this many characters of text
+# or elements, so neither process ever holds the whole document pickled beside the document.
+_TEXT_PIECE_CHARS = 1 << 23
+_ELEMENT_BATCH = 4096
 
 
 @dataclass
@@ -79,18 +83,67 @@ def parse_one(parser: Parser, source: SourceDocument) -> tuple[ParsedDocument | 
         return None, _describe_exception(exc)
 
 
+def send_source(conn: Connection, source: SourceDocument) -> None:
+    """Send a document to a worker: its identity pickled, its bytes raw. Pickling the bytes would
+    copy them into the pickle on this side and out of it on the other (twice the file, each side)."""
+    conn.send(without_content(source))
+    conn.send_bytes(source.content)
+
+
+def receive_source(conn: Connection) -> SourceDocument | None:
+    """The next document sent with :func:`send_source`; None when the pool says stop."""
+    identity = conn.recv()
+    if identity is None:
+        return None
+    return replace(identity, content=conn.recv_bytes())
+
+
+def without_content(source: SourceDocument) -> SourceDocument:
+    return replace(source, content=b"")
+
+
+def send_parsed(conn: Connection, parsed: ParsedDocument | None, error: str | None) -> None:
+    """Send a parse result: a header (the document without text and elements, the error, how many
+    parts follow), then the text as UTF-8 pieces and the elements in batches. Pickled whole, a
+    100 MB document of paragraphs is a 200 MB pickle (its text, and its elements' texts again) in
+    this process and in the receiving one, on top of the document itself."""
+    if parsed is None:
+        conn.send((None, error, 0, 0))
+        return
+    text, elements = parsed.text, parsed.elements
+    pieces = range(0, len(text), _TEXT_PIECE_CHARS)
+    batches = range(0, len(elements), _ELEMENT_BATCH)
+    conn.send((replace(parsed, text="", elements=()), error, len(pieces), len(batches)))
+    for start in pieces:  # surrogatepass: any str round-trips, as it does through pickle
+        conn.send_bytes(text[start : start + _TEXT_PIECE_CHARS].encode("utf-8", "surrogatepass"))
+    for start in batches:
+        conn.send(elements[start : start + _ELEMENT_BATCH])
+
+
+def receive_parsed(conn: Connection, header: tuple[ParsedDocument | None, str | None, int, int]) -> tuple[ParsedDocument | None, str | None]:
+    """The result whose header (see :func:`send_parsed`) was just received: the rest is read now."""
+    document, error, pieces, batches = header
+    if document is None:
+        return None, error
+    text = "".join(conn.recv_bytes().decode("utf-8", "surrogatepass") for _ in range(pieces))
+    elements = tuple(element for _ in range(batches) for element in conn.recv())
+    return replace(document, text=text, elements=elements), error
+
+
 def _worker_main(conn: Connection, target: str, settings: dict[str, Any], base_dir: str) -> None:
     parser = _build_parser(target, settings, base_dir)
     conn.send(_READY)
     while True:
         try:
-            source = conn.recv()
+            source = receive_source(conn)
         except EOFError:
             return
         if source is None:
             return
         parsed, error = parse_one(parser, source)
-        conn.send((parsed, error))
+        del source  # the bytes are parsed: free them before the result is sent
+        send_parsed(conn, parsed, error)
+        del parsed  # and the result before waiting for the next document
 
 
 class _Worker:
@@ -106,9 +159,16 @@ class _Worker:
         self.ready = False
 
     def assign(self, source: SourceDocument) -> None:
-        self.task = source
         self.started = time.monotonic()
-        self.conn.send(source)
+        send_source(self.conn, source)
+        # A ready worker has the bytes now; one still starting keeps them here until it is ready,
+        # as a fresh worker gets the document again if this one dies first.
+        self.task = without_content(source) if self.ready else source
+
+    def became_ready(self, now: float) -> None:
+        self.ready, self.started = True, now
+        if self.task is not None:
+            self.task = without_content(self.task)
 
     def resident_mb(self) -> float:
         try:
@@ -126,8 +186,9 @@ class _Worker:
 
 
 class _CharBudget:
-    """Characters of parsed text handed over but not yet taken by the consumer. The feeder waits
-    while taking another document would pass ``limit``; one document is always let through."""
+    """Characters of parsed text handed over and not yet done with (a document counts until the
+    consumer asks for the next one). The feeder waits while taking another document would pass
+    ``limit``; one document is always let through."""
 
     def __init__(self, limit: int | None):
         self.limit = limit
@@ -182,12 +243,13 @@ class ParserPool:
         """
         if self.workers == 0:
             for item in sources:
-                if isinstance(item, ParseOutcome):
-                    yield item
-                    continue
-                started = time.monotonic()
-                parsed, error = parse_one(self.parser, item)
-                yield ParseOutcome.of(item, parsed, error, time.monotonic() - started)
+                if not isinstance(item, ParseOutcome):
+                    started = time.monotonic()
+                    parsed, error = parse_one(self.parser, item)
+                    # Rebound, not kept: the source's bytes are freed while its text is chunked.
+                    item = ParseOutcome.of(item, parsed, error, time.monotonic() - started)
+                    del parsed
+                yield item
             return
         results: queue.Queue[Any] = queue.Queue(maxsize=self.max_pending)
         budget = _CharBudget(self.max_pending_chars)
@@ -201,8 +263,12 @@ class ParserPool:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                budget.give_back(item.chars)
+                chars = item.chars
                 yield item
+                # Counted until the consumer asks for the next one: it may still be working on this
+                # one (a large document is embedded slice by slice), so nothing more is parsed into
+                # memory beside it than the budget allows.
+                budget.give_back(chars)
         finally:
             stop.set()
             # Unblock a feeder waiting on a full queue, then let it shut its workers down.
@@ -249,6 +315,7 @@ class ParserPool:
                                 return
                         else:
                             worker.assign(item)
+                            del item  # not held here while it is parsed: the worker owns the bytes now
                 busy = [w for w in pool if w.task is not None]
                 if not busy:
                     break
@@ -262,10 +329,10 @@ class ParserPool:
                         try:
                             message = worker.conn.recv()
                             if message == _READY:
-                                worker.ready, worker.started = True, now
+                                worker.became_ready(now)
                                 startup_exits = 0
                                 continue
-                            parsed, error = message
+                            parsed, error = receive_parsed(worker.conn, message)
                         except (EOFError, OSError):
                             worker.process.join(1)
                             code = worker.process.exitcode

@@ -10,9 +10,11 @@ Where each part of a run happens, and why:
   memory cap is killed and recorded as a ``parse`` failure, and the task goes on with the next one;
 * embed actors (a Ray Data actor pool, one per GPU when there are GPUs) hold the chunker and the
   embedder, built once per actor from the components' settings, and chunk and embed a batch at a
-  time with the local runner's own step (:func:`pipeline.runner.chunk_and_embed`);
+  time with the local runner's own step (:func:`pipeline.runner.chunk_and_embed`); a document with
+  more than ``runner.slice_chunks`` chunks comes back a slice per row, in order;
 * the driver takes the embedded batches as they come, replays their failures and stage times into
-  the run's book and writes them through :class:`pipeline.stages.BatchWriter` in a writer thread:
+  the run's book and writes them through :class:`pipeline.stages.BatchWriter` (slices through
+  :class:`pipeline.stages.SliceWriter`) in a writer thread:
   Milvus Lite is a local file that one process may open, and the record must follow the write order.
 
 Why a feed rather than a dataset of documents: the document stream exists only in the driver, which
@@ -49,9 +51,20 @@ from pipeline.component import Component, MissingDependencyError, require
 from pipeline.incremental import ChangeTracker
 from pipeline.parse_pool import ParseOutcome, ParserPool
 from pipeline.report import FailureLog, Progress, RunSummary
-from pipeline.runner import RunBook, WriteBehind, batched, chunk_and_embed, prepare_store, read_sources, record_run
+from pipeline.runner import (
+    RunBook,
+    StoreWrites,
+    WriteBehind,
+    WriteUnit,
+    batched,
+    chunk_and_embed,
+    prepare_store,
+    read_sources,
+    record_run,
+    slices_of,
+)
 from pipeline.spec import RaySettings, RunnerConfig
-from pipeline.stages import BatchWriter, ChunkAndEmbed, DocumentFailure, StageResult
+from pipeline.stages import BatchWriter, ChunkAndEmbed, DocumentFailure, DocumentSlice, StageResult
 from pipeline.types import ChunkedDocument, SourceDocument
 from stores.base import Store
 
@@ -142,12 +155,12 @@ class BatchLedger:
     def fail(self, failure: DocumentFailure) -> None:
         self.failures.append(failure)
 
-    def step(self, stage: str, action: Callable[[], StageResult]) -> list[ChunkedDocument]:
+    def step(self, stage: str, action: Callable[[], StageResult]) -> StageResult:
         started = time.monotonic()
         result = action()
         self.time(stage, time.monotonic() - started)
         self.failures.extend(result.failures)
-        return result.documents
+        return result
 
     def replay(self, book: RunBook) -> None:
         for stage, seconds in self.seconds.items():
@@ -158,13 +171,18 @@ class BatchLedger:
 
 @dataclass
 class EmbeddedBatch:
-    """What an embed actor hands back for one batch of parse outcomes."""
+    """What an embed actor hands back for a batch of parse outcomes: one for the documents that fit
+    one slice, then one per slice of each larger document (:class:`pipeline.stages.DocumentSlice`)."""
 
-    source_ids: list[str]  # every document of the batch, embedded or failed
+    source_ids: list[str]  # the documents this one completes, embedded or failed (a large one: with its last slice)
     documents: list[ChunkedDocument]  # the embedded ones, ready to write
     ledger: BatchLedger
     actor_id: str
     notes: list[str]  # the actor's embedder notes for this run so far (e.g. truncation counts)
+    part: DocumentSlice | None = None  # a slice of a large document instead of documents
+
+    def unit(self) -> WriteUnit:
+        return self.part if self.part is not None else self.documents
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,13 +248,14 @@ def parse_from_feed(_slot: Any, *, feed: Any, parser: ComponentRecipe, caps: Par
 class EmbedActor:
     """One model holder of the Ray Data actor pool: chunks, embeds and sparse-embeds batches of parse outcomes."""
 
-    def __init__(self, chunker: ComponentRecipe, embedder: ComponentRecipe, sparse: ComponentRecipe | None):
+    def __init__(self, chunker: ComponentRecipe, embedder: ComponentRecipe, sparse: ComponentRecipe | None, slice_chunks: int):
         import ray
 
         self.models = ChunkAndEmbed(
             cast(Chunker, chunker.build()),
             cast(Embedder, embedder.build()),
             cast(SparseEncoder, sparse.build()) if sparse is not None else None,
+            slice_chunks=slice_chunks,
         )
         self.actor_id = ray.get_runtime_context().get_actor_id() or ""
         self.models.embedder.begin_run()  # actors live for one run, so their notes cover that run
@@ -245,13 +264,25 @@ class EmbedActor:
         except Exception:  # the first embed call reports the same problem, per document
             log.debug("embedder warm-up failed", exc_info=True)
 
-    def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
-
+    def __call__(self, batch: Any) -> Iterator[Any]:
+        """One row for the documents that fit a slice, then one row per slice of each larger document,
+        in order (the driver writes a document's slices in the order they come)."""
         outcomes: list[ParseOutcome] = [pickle.loads(data) for data in batch.column(OUTCOMES).to_pylist()]
         ledger = BatchLedger()
-        documents = chunk_and_embed(self.models, outcomes, ledger)
-        result = EmbeddedBatch([o.source_id for o in outcomes], documents, ledger, self.actor_id, self.models.embedder.run_notes())
+        documents, large = chunk_and_embed(self.models, outcomes, ledger)
+        sliced = {plan.document.source_id for plan in large}
+        yield self._row(EmbeddedBatch([o.source_id for o in outcomes if o.source_id not in sliced], documents, ledger, self.actor_id, []))
+        del documents, outcomes
+        ledger = BatchLedger()  # each slice's row carries the times of that slice (read by the lambda below)
+        for part in slices_of(self.models, large, lambda stage, seconds: ledger.time(stage, seconds), lambda source_id: False):
+            done = [part.document.source_id] if part.last or part.failure is not None else []
+            yield self._row(EmbeddedBatch(done, [], ledger, self.actor_id, [], part))
+            ledger = BatchLedger()
+
+    def _row(self, result: EmbeddedBatch) -> Any:
+        import pyarrow as pa
+
+        result.notes = self.models.embedder.run_notes()
         return pa.table({BATCHES: pa.array([pickle.dumps(result, protocol=_PICKLE)], type=pa.large_binary())})
 
 
@@ -411,7 +442,7 @@ class RayRunner:
         started = time.monotonic()
         try:
             prepare_store(self.store, self.embedder, self.sparse)
-            documents = read_sources(self.sources, self.tracker, book)
+            documents = read_sources(self.sources, self.tracker, book, self.writer.guard)
             first = next(documents, None)
             if first is not None:  # when nothing changed, no workers start and no model loads anywhere
                 self._stream(ray, chain([first], documents), book, progress, notes)
@@ -436,7 +467,7 @@ class RayRunner:
         log.info("ray: %d parse tasks, %d embed actors (%g GPU each)", plan.parse_tasks, plan.embed_actors, plan.gpus_per_actor)
         feed = self._start_feed(ray, plan)
         feeder = Feeder(ray, feed, documents, config.ray.parse_batch_size)
-        writer = WriteBehind(lambda batch: book.indexed(book.step("write", lambda: self.writer.write(batch))), config.write_queue_depth)
+        writer = WriteBehind(StoreWrites(self.writer, book).write, config.write_queue_depth)
         try:
             waited = time.monotonic()
             for row in self._dataset(ray, feed, plan).iter_rows():
@@ -447,7 +478,7 @@ class RayRunner:
                 batch.ledger.replay(book)
                 notes.update(batch)
                 waited = time.monotonic()
-                writer.submit(batch.documents)
+                writer.submit(batch.unit())
                 book.time("write wait", time.monotonic() - waited)
                 progress.update(summary, len(batch.source_ids))
                 waited = time.monotonic()
@@ -499,5 +530,6 @@ class RayRunner:
                 "chunker": ComponentRecipe.of(self.chunker),
                 "embedder": ComponentRecipe.of(self.embedder),
                 "sparse": ComponentRecipe.of(self.sparse) if self.sparse is not None else None,
+                "slice_chunks": self.config.slice_chunks,
             },
         )

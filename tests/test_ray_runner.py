@@ -87,14 +87,33 @@ def test_every_failure_is_recorded_at_its_stage_and_the_run_goes_on(tmp_path):
     assert {f.source_id: (f.stage, f.reason) for f in summary.failures} == {
         "mem/bad-parse.txt": ("parse", "corrupt file: no lines could be read"),
         "mem/bug.txt": ("parse", "RuntimeError: parser bug"),
-        "mem/empty.txt": ("chunk", "no chunks: the document has no indexable text"),
         "mem/locked.txt": ("read", "PermissionError: locked.txt: permission denied"),
         "mem/poison.txt": ("embed", "ValueError: cannot embed text containing 'POISON'"),
         "mem/unwritable.txt": ("write", "OSError: disk quota exceeded"),
     }
     assert {row["source_id"] for row in pipeline.store.rows.values()} == {"mem/z-good.txt"}
-    assert "documents: 7 seen, 1 indexed, 6 failed" in summary.format()
-    assert len((tmp_path / "failures.jsonl").read_text().splitlines()) == 6
+    assert "documents: 7 seen, 2 indexed (1 empty, with no chunks), 5 failed" in summary.format()
+    assert len((tmp_path / "failures.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_large_document_is_written_slice_by_slice_with_the_rows_and_failures_of_the_local_runner():
+    lines = [f"line {i} " + "word " * (i % 7 + 3) for i in range(60)]
+    docs = {"big.txt": "\n".join(lines), "poisoned.txt": "\n".join([*lines, "POISON near the end", *lines[:9]]), "small.txt": "one line"}
+    runs = {}
+    for runner_type in ("local", "ray"):
+        spec = plugin_spec(docs, runner_type, embedder={"fail_on": "POISON"}, slice_chunks=4)
+        spec["stages"]["chunker"] = {"type": "recursive", "chunk_size": 40, "chunk_overlap": 8}
+        pipeline = Pipeline(spec, allowed_modules=PLUGINS)
+        runs[runner_type] = (pipeline, pipeline.ingest())
+    (local, expected), (on_ray, summary) = runs["local"], runs["ray"]
+    assert rows(on_ray.store) == rows(local.store)
+    assert {row["source_id"] for row in on_ray.store.rows.values()} >= {"mem/big.txt", "mem/small.txt"}
+    counts = ("documents_seen", "documents_indexed", "documents_failed", "chunks_written")
+    assert [getattr(summary, c) for c in counts] == [getattr(expected, c) for c in counts]
+    assert summary.documents_indexed == 2 and summary.chunks_written > 4 * 4
+    (failure,) = summary.failures
+    assert [(f.source_id, f.stage, f.reason) for f in expected.failures] == [(failure.source_id, failure.stage, failure.reason)]
+    assert failure.source_id == "mem/poisoned.txt" and "its previous version stays searchable" in failure.reason
 
 
 def test_parse_caps_kill_hung_and_dying_parsers_and_the_run_goes_on():

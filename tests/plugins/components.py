@@ -98,9 +98,9 @@ class ElementChunker(Chunker):
             raise ValueError(f"cannot chunk text containing {self.config.fail_on!r}")
         return [(e.start, e.end) for e in document.elements]
 
-    def chunk_batch(self, documents):
+    def split_batch(self, documents):
         self.batches = [*getattr(self, "batches", []), len(documents)]
-        return super().chunk_batch(documents)
+        return super().split_batch(documents)
 
 
 class HashEmbedder(Embedder):
