@@ -4,9 +4,28 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterator
+from typing import Any
 
 from pipeline.component import Component
 from pipeline.types import ParsedDocument, SourceDocument, SourceRef
+
+
+def path_id(raw: bytes) -> str:
+    """A file path's bytes as the text of a source id, one distinct text per distinct path.
+
+    A UTF-8 path without a backslash is itself. Any other path (not UTF-8, or holding a
+    backslash) escapes a backslash as ``\\\\`` and each byte that is not UTF-8 as ``\\xHH``: the
+    escaped form of the name ``caf<0xE9>`` is then ``caf\\xe9``, which no file literally named
+    ``caf\\xe9`` can have (its own backslash is doubled), so two files never share an id.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        if "\\" not in text:
+            return text
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", errors="backslashreplace")
 
 
 class Source(Component):
@@ -46,4 +65,25 @@ class Parser(Component):
 
 
 class ParseFailure(Exception):
-    """A document that cannot be parsed (corrupt, encrypted, unsupported, empty, ...)."""
+    """A document that cannot be parsed (corrupt, encrypted, unsupported, ...)."""
+
+
+class EmptyDocument(ParseFailure):
+    """The document holds no text at all (0 bytes, or only whitespace).
+
+    Not a failure of the run: a parser turns it into a parsed document with empty text, which is
+    indexed with no chunks, so an emptied file's old chunks are deleted rather than kept forever.
+    """
+
+
+def empty_document(document: SourceDocument, reason: str, metadata: dict[str, Any] | None = None) -> ParsedDocument:
+    """The parsed form of an empty source: no text, no elements, and why in its metadata."""
+    return ParsedDocument(
+        source_id=document.source_id,
+        uri=document.uri,
+        media_type=document.media_type,
+        content_hash=document.content_hash,
+        text="",
+        elements=(),
+        metadata={**(metadata or document.metadata), "empty": reason},
+    )

@@ -40,9 +40,10 @@ from urllib.parse import quote, unquote, urlsplit
 from pydantic import ConfigDict, Field, field_validator
 
 from connectors._remote import PathFilter, human_size, redact, scrub_url
-from connectors.base import Source
+from connectors.base import Source, path_id
 from connectors.local import FileTooLarge, media_type_for
 from pipeline.component import ComponentConfig
+from pipeline.secrets import register_secret
 from pipeline.types import SourceRef, sha256_hex
 
 log = logging.getLogger("rag_pipeline.source.git")
@@ -168,6 +169,7 @@ class GitSource(Source):
         env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GCM_INTERACTIVE": "never", "LC_ALL": "C"}
         secrets = self._credentials()
         if secrets is not None:
+            register_secret(*self._secrets)  # git and its helpers may echo them: scrubbed wherever they show up
             count = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
             # An empty helper first clears the helpers configured elsewhere, then ours answers.
             for offset, value in enumerate(("", _CREDENTIAL_HELPER)):
@@ -301,7 +303,7 @@ class GitSource(Source):
             "blob": blob,
         }
         return SourceRef(
-            source_id=f"{self.scope}{relative}",
+            source_id=f"{self.scope}{path_id(raw_path)}",
             uri=f"git+{self.display}@{commit}#path={quote(relative)}",
             media_type=media_type_for(name),
             size=int(size),

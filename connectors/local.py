@@ -36,7 +36,7 @@ from urllib.parse import unquote_to_bytes
 
 from pydantic import Field, field_validator
 
-from connectors.base import Source
+from connectors.base import Source, path_id
 from pipeline.component import ComponentConfig
 from pipeline.types import SourceRef
 
@@ -397,12 +397,8 @@ def _path_from_uri(uri: str) -> str:
 
 
 def _printable(relative: str) -> str:
-    """The name as valid Unicode: names that are not UTF-8 on disk keep their bytes as \\x escapes."""
-    try:
-        relative.encode("utf-8")
-        return relative
-    except UnicodeEncodeError:
-        return os.fsencode(relative).decode("utf-8", errors="backslashreplace")
+    """The name as valid Unicode, distinct for distinct names (see :func:`connectors.base.path_id`)."""
+    return path_id(os.fsencode(relative))
 
 
 def _human_size(size: int) -> str:

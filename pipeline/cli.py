@@ -2,8 +2,8 @@
 
 Exit codes: 0 success; 1 the run finished but some documents failed; 2 the spec (or for query and
 eval: a filter, mode or dataset) is invalid; 3 the run could not proceed (store unreachable, model
-missing, collection mismatch, nothing ingested yet); 4 reindex/reconcile/status: another run holds the
-collection's lock (or the Milvus Lite database is open in another process).
+missing, collection mismatch, nothing ingested yet); 4 ingest/reindex/reconcile/status: another run holds
+the collection's lock (or the Milvus Lite database is open in another process).
 """
 
 from __future__ import annotations
@@ -15,11 +15,18 @@ import os
 import sys
 from collections.abc import Sequence
 
+from pipeline.secrets import install_log_filter, scrub
+
 EXIT_OK = 0
 EXIT_PARTIAL = 1
 EXIT_BAD_SPEC = 2
 EXIT_FATAL = 3
-EXIT_LOCK_HELD = 4  # reindex: another run holds the collection's lock
+EXIT_LOCK_HELD = 4  # ingest, reindex, reconcile: another run holds the collection's lock
+DEFAULT_LOCK_TTL_S = 300.0  # pipeline.lease.DEFAULT_TTL_S, without importing the lease to build the parser
+LOCK_TTL_HELP = (
+    "how long the re-index lock of a run on another machine outlives its last heartbeat "
+    "(a run that died on this machine frees it at once)"
+)
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
@@ -29,6 +36,9 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
         # core prints each refusal to stderr; real failures still arrive as Python exceptions.
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Every record any logger emits, at DEBUG too, with its traceback: a library or a server's
+    # answer quoted in a message may hold a credential in some encoding (pipeline.secrets).
+    install_log_filter()
     # Libraries' own chatter (HTTP clients, model loading) stays out of the run log unless asked for.
     for noisy in ("httpx", "urllib3", "transformers", "huggingface_hub", "filelock", "unstructured", "faiss", "milvus_lite", "pymilvus", "botocore", "aiobotocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -55,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(ingest)
     ingest.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     ingest.add_argument("--progress", choices=["auto", "always", "never"], help="override runner.progress")
+    ingest.add_argument("--lock-ttl", type=float, default=DEFAULT_LOCK_TTL_S, metavar="SECONDS", help=LOCK_TTL_HELP)
 
     validate = sub.add_parser("validate", help="check a spec (and the existing collection) without running it")
     _add_spec_args(validate)
@@ -70,14 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--full-rebuild", action="store_true",
         help="build a new collection from scratch, then switch the collection name (an alias) to it; queries never see a half-built index",
     )
-    reindex.add_argument("--lock-ttl", type=float, default=300.0, metavar="SECONDS", help="how long a killed run's lock lasts")
+    reindex.add_argument("--lock-ttl", type=float, default=DEFAULT_LOCK_TTL_S, metavar="SECONDS", help=LOCK_TTL_HELP)
 
     reconcile = sub.add_parser(
         "reconcile", help="compare the index record with the collection's chunks, repair drift, then reindex"
     )
     _add_spec_args(reconcile)
     reconcile.add_argument("--dry-run", action="store_true", help="only report the drift")
-    reconcile.add_argument("--lock-ttl", type=float, default=300.0, metavar="SECONDS", help="how long a killed run's lock lasts")
+    reconcile.add_argument("--lock-ttl", type=float, default=DEFAULT_LOCK_TTL_S, metavar="SECONDS", help=LOCK_TTL_HELP)
 
     status = sub.add_parser("status", help="show the index record: sources by status, the last run, failures")
     _add_spec_args(status)
@@ -128,14 +139,14 @@ def _run_query(pipeline, args) -> int:  # type: ignore[no-untyped-def]
         filters = _parse_filters(args.filter)
         result = pipeline.query(args.text, top_k=args.top_k, filters=filters, mode=args.mode, rerank=False if args.no_rerank else None)
     except (ValueError, QueryInputError) as exc:
-        print(f"query: {exc}", file=sys.stderr)
+        print(scrub(f"query: {exc}"), file=sys.stderr)
         return EXIT_BAD_SPEC
     except QueryError as exc:
-        print(f"query: {exc}", file=sys.stderr)
+        print(scrub(f"query: {exc}"), file=sys.stderr)
         return EXIT_FATAL
     except Exception as exc:  # store unreachable, model missing ...
         logging.getLogger("rag_pipeline").debug("query failed", exc_info=True)
-        print(f"query failed: {exc}", file=sys.stderr)
+        print(scrub(f"query failed: {exc}"), file=sys.stderr)
         return EXIT_FATAL
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
@@ -157,26 +168,25 @@ def _run_eval(pipeline, args) -> int:  # type: ignore[no-untyped-def]
             reuse_index=args.reuse_index, max_queries=args.max_queries, progress=progress,
         )
     except EvaluationError as exc:
-        print(f"eval: {exc}", file=sys.stderr)
+        print(scrub(f"eval: {exc}"), file=sys.stderr)
         return EXIT_BAD_SPEC
     except Exception as exc:
         logging.getLogger("rag_pipeline").debug("eval failed", exc_info=True)
-        print(f"eval failed: {exc}", file=sys.stderr)
+        print(scrub(f"eval failed: {exc}"), file=sys.stderr)
         return EXIT_FATAL
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.format())
     return EXIT_PARTIAL if any("failed to ingest" in note for note in report.notes) else EXIT_OK
 
 
 def _run_reindex(pipeline, args) -> int:  # type: ignore[no-untyped-def]
-    from pipeline.reindex_job import index_lock, is_lock_conflict, run_on_schedule
-    from stores.records import records_for
+    from pipeline.errors import is_lock_conflict
+    from pipeline.reindex_job import run_on_schedule
 
     def once() -> int:
         try:
-            records = records_for(pipeline.store)
-            with index_lock(records, ttl_s=args.lock_ttl):
+            with pipeline.lease(args.lock_ttl) as lease:
                 rebuild = pipeline.full_rebuild if args.full_rebuild else pipeline.reindex
-                summary = rebuild(records=records)
+                summary = rebuild(lease=lease)
         except Exception as exc:
             if is_lock_conflict(exc):
                 print(f"reindex skipped: {exc}", file=sys.stderr)
@@ -199,17 +209,18 @@ def _run_reindex(pipeline, args) -> int:  # type: ignore[no-untyped-def]
 
 
 def _run_reconcile(pipeline, args) -> int:  # type: ignore[no-untyped-def]
-    from pipeline.reindex_job import index_lock, is_lock_conflict
-    from stores.records import records_for
+    from pipeline.errors import is_lock_conflict
 
     try:
-        records = records_for(pipeline.store)
-        with index_lock(records, ttl_s=args.lock_ttl):
-            report = pipeline.reconcile(records=records, repair=not args.dry_run)
+        if args.dry_run:
+            print(pipeline.reconcile(repair=False).format(), flush=True)
+            return EXIT_OK
+        with pipeline.lease(args.lock_ttl) as lease:
+            report = pipeline.reconcile(lease=lease)
             print(report.format(), flush=True)
-            if args.dry_run or report.clean:
+            if report.clean:
                 return EXIT_OK
-            summary = pipeline.reindex(records=records)  # redo what was marked, under the same lock
+            summary = pipeline.reindex(lease=lease)  # redo what was marked, under the same lock
     except Exception as exc:
         if is_lock_conflict(exc):
             print(f"reconcile skipped: {exc}", file=sys.stderr)
@@ -222,15 +233,34 @@ def _run_reconcile(pipeline, args) -> int:  # type: ignore[no-untyped-def]
 
 
 def _run_status(pipeline) -> int:  # type: ignore[no-untyped-def]
-    from pipeline.reindex_job import format_status, is_lock_conflict
+    from pipeline.errors import is_lock_conflict
+    from pipeline.reindex_job import format_status
+    from stores.leases import claims_for
     from stores.records import records_for
 
     try:
-        print(format_status(records_for(pipeline.store)))
+        print(format_status(records_for(pipeline.store), claims_for(pipeline.store)))
     except Exception as exc:
         print(f"status unavailable: {exc}", file=sys.stderr)
         return EXIT_LOCK_HELD if is_lock_conflict(exc) else EXIT_FATAL
     return EXIT_OK
+
+
+def _run_ingest(pipeline, args) -> int:  # type: ignore[no-untyped-def]
+    from pipeline.errors import is_lock_conflict
+
+    try:
+        with pipeline.lease(args.lock_ttl) as lease:
+            summary = pipeline.ingest(lease=lease)
+    except Exception as exc:  # the run could not start or continue at all
+        if is_lock_conflict(exc):
+            print(f"ingest skipped: {exc}", file=sys.stderr)
+            return EXIT_LOCK_HELD
+        logging.getLogger("rag_pipeline").debug("run aborted", exc_info=True)
+        print(f"ingest aborted: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    print(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) if args.json else summary.format())
+    return EXIT_OK if summary.ok else EXIT_PARTIAL
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         pipeline = Pipeline.from_yaml(args.spec, allowed_modules=args.allow_module)
     except SpecError as exc:
-        print(f"invalid spec:\n{exc}", file=sys.stderr)
+        print(scrub(f"invalid spec:\n{exc}"), file=sys.stderr)
         return EXIT_BAD_SPEC
 
     with pipeline:
@@ -259,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "validate":
             problems = pipeline.validate()
             for problem in problems:
-                print(f"{args.spec}: {problem}", file=sys.stderr)
+                print(scrub(f"{args.spec}: {problem}"), file=sys.stderr)
             if not problems:
                 print(f"{args.spec}: ok")
             return EXIT_BAD_SPEC if problems else EXIT_OK
@@ -272,17 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pipeline.spec.runner.progress = args.progress
         if args.command == "reindex":
             return _run_reindex(pipeline, args)
-        try:
-            summary = pipeline.ingest()
-        except Exception as exc:  # the run could not start or continue at all
-            logging.getLogger("rag_pipeline").debug("run aborted", exc_info=True)
-            print(f"ingest aborted: {exc}", file=sys.stderr)
-            return EXIT_FATAL
-        if args.json:
-            print(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
-        else:
-            print(summary.format())
-        return EXIT_OK if summary.ok else EXIT_PARTIAL
+        return _run_ingest(pipeline, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

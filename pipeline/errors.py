@@ -35,3 +35,27 @@ class StoreSchemaError(PipelineError):
 
 class ParserStartupError(PipelineError):
     """Parser worker processes exit before they can parse anything: no document could be parsed."""
+
+
+class LockConflict(PipelineError):
+    """Another process holds what this run needs: the collection's re-index lock, or a Milvus
+    Lite database (which one process at a time may open)."""
+
+
+class LockHeldError(LockConflict):
+    """Another live run holds the collection's re-index lock."""
+
+
+class LockLostError(PipelineError):
+    """This run no longer holds the re-index lock it took (another run judged it dead and took
+    over, or the lock could not be refreshed in time); it stops before writing anything more."""
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, is a :class:`LockConflict`."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, LockConflict):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

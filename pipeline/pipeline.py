@@ -6,17 +6,20 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from pipeline.incremental import ChangeTracker, stage_fingerprint
+from pipeline.lease import DEFAULT_TTL_S, Lease, index_lock
 from pipeline.query import Mode, QueryEngine, QueryResult
 from pipeline.report import Progress, RunSummary
 from pipeline.runner import LocalRunner
 from pipeline.spec import Spec, load_spec, parse_spec
 from stores.milvus import REBUILD_INFIX, MilvusStore
-from stores.records import RecordStore, records_for
+from stores.leases import ClaimStore, claims_for
+from stores.records import MilvusRecords, RecordStore, records_for
 
 
 class Pipeline:
@@ -102,7 +105,7 @@ class Pipeline:
                 self._query_engine = QueryEngine(self.store, self.embedder, self.spec.query, sparse=self.sparse, reranker=self.reranker)
             return self._query_engine
 
-    # -- work ----------------------------------------------------------------------------------
+    # -- the failures file -------------------------------------------------------------------------
 
     def failures_path(self) -> Path | None:
         configured = self.spec.runner.failures_file
@@ -112,16 +115,47 @@ class Pipeline:
         path = Path(name).expanduser()
         return path if path.is_absolute() else self.spec.base_dir / path
 
-    def ingest(self, *, progress: Progress | None = None, tracker: ChangeTracker | None = None) -> RunSummary:
+    # -- the re-index lock ------------------------------------------------------------------------
+
+    def lease(self, ttl_s: float = DEFAULT_TTL_S) -> AbstractContextManager[Lease | None]:
+        """Hold the collection's re-index lock for a block of calls (see :mod:`pipeline.lease`).
+
+        ``ingest``, ``reindex``, ``full_rebuild`` and ``reconcile`` take it themselves for one
+        call; pass the held lease (``lease=``) to run several under one hold. Raises
+        :class:`pipeline.errors.LockHeldError` when another live run holds it. Yields None for a
+        store that keeps no lock (no index record).
+        """
+        claims = self._claims()
+        return index_lock(claims, ttl_s) if claims is not None else nullcontext()
+
+    def _claims(self) -> ClaimStore | None:
+        return claims_for(self.store) if isinstance(self.store, MilvusStore) else None
+
+    @contextmanager
+    def _locked(self, lease: Lease | None) -> Iterator[Lease | None]:
+        if lease is not None:
+            lease.ensure_held()
+            yield lease
+        else:
+            with self.lease() as held:
+                yield held
+
+    # -- work ----------------------------------------------------------------------------------
+
+    def ingest(self, *, progress: Progress | None = None, lease: Lease | None = None) -> RunSummary:
         """Index every document the sources list; returns the run summary (never raises per document).
 
         Every listed document is processed, none skipped and no unlisted one removed (that is
         :meth:`reindex`); where the store keeps an index record (Milvus), the run is recorded in
-        it, so a later reindex skips what this run indexed.
+        it, so a later reindex skips what this run indexed, and holds the re-index lock.
         """
-        if tracker is None and isinstance(self.store, MilvusStore):
-            tracker = ChangeTracker(records_for(self.store), self.store, self._fingerprint(), "none", skip_unchanged=False)
-        return self._run(self.store, tracker, progress)
+        with self._locked(lease) as held:
+            tracker = None
+            if isinstance(self.store, MilvusStore):
+                tracker = ChangeTracker(
+                    records_for(self.store), self.store, self._fingerprint(), "none", skip_unchanged=False, fence=_fence(held)
+                )
+            return self._run(self.store, tracker, progress)
 
     def _run(self, store: Any, tracker: ChangeTracker | None, progress: Progress | None) -> RunSummary:
         with self._ingest_lock:
@@ -146,49 +180,52 @@ class Pipeline:
     def _fingerprint(self) -> str:
         return stage_fingerprint([self.parser, self.chunker, self.embedder, self.sparse])
 
-    def reindex(self, *, progress: Progress | None = None, records: RecordStore | None = None) -> RunSummary:
+    def reindex(self, *, progress: Progress | None = None, records: RecordStore | None = None, lease: Lease | None = None) -> RunSummary:
         """Bring the index up to the sources: skip unchanged sources, redo changed ones, drop removed ones.
 
         ``records`` defaults to the store's own record (``<collection>_records`` for Milvus).
+        Holds the re-index lock (``lease``, or one taken for the call).
         """
-        records = records if records is not None else records_for(self.store)
-        tracker = ChangeTracker(records, self.store, self._fingerprint(), self.spec.runner.cleanup)
-        return self.ingest(progress=progress, tracker=tracker)
+        with self._locked(lease) as held:
+            records = records if records is not None else records_for(self.store)
+            tracker = ChangeTracker(records, self.store, self._fingerprint(), self.spec.runner.cleanup, fence=_fence(held))
+            return self._run(self.store, tracker, progress)
 
-    def full_rebuild(self, *, progress: Progress | None = None, records: RecordStore | None = None) -> RunSummary:
+    def full_rebuild(self, *, progress: Progress | None = None, records: RecordStore | None = None, lease: Lease | None = None) -> RunSummary:
         """Build the whole index anew beside the served one, then switch queries over to it at once.
 
         On a Milvus server (and Milvus Lite 3) the build is a new collection and the collection
-        name becomes an alias of it; on Milvus Lite 2.5, which has no aliases, the build is a new
-        database file that replaces the served file in one rename. Queries read the old index
-        until the switch; the old collection and its record are dropped after it. The switch is
-        not made, and the build is dropped, when it would lose indexed data: a source listing
-        failed, or a source that has chunks in the served index failed in the build (the summary
-        says which). ``records`` is the serving record holding the run's lock (Milvus only).
+        name is an alias that is moved to it in one step; on Milvus Lite 2.5, which has no
+        aliases, the build is a new database file that replaces the served file in one rename.
+        Queries read the old index until the switch; the old collection and its record are
+        dropped after it. The switch is not made, and the build is dropped, when it would lose
+        indexed data: a source listing failed, or a source that has chunks in the served index
+        failed in the build (the summary says which). ``records`` is the serving record.
         """
         store = self.store
         if not isinstance(store, MilvusStore):
             raise TypeError(f"a full rebuild switches a Milvus index (alias or Lite database file); {type(store).__name__} is not one")
-        serving_records = records if records is not None else records_for(store)
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        if store.has_aliases:
-            build: _Build = _CollectionBuild(store, stamp)
-        else:
-            build = _FileBuild(store, stamp)
-        summary, switchable = self._build(store, build, progress)
-        if switchable:
-            summary.notes.append(build.switch(serving_records))
-        return summary
+        with self._locked(lease) as held:
+            serving_records = records if records is not None else records_for(store)
+            if isinstance(serving_records, MilvusRecords):
+                serving_records.bind()  # the record of what is served now, dropped after the switch
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            if store.has_aliases:
+                build: _Build = _CollectionBuild(store, stamp)
+            else:
+                build = _FileBuild(store, stamp)
+            summary, switchable = self._build(store, build, progress, _fence(held))
+            if switchable:
+                summary.notes.append(build.switch(serving_records))
+            return summary
 
-    def _build(self, store: MilvusStore, build: "_Build", progress: Progress | None) -> tuple[RunSummary, bool]:
+    def _build(self, store: MilvusStore, build: "_Build", progress: Progress | None, fence: Callable[[], None]) -> tuple[RunSummary, bool]:
         """Run the build; drop it (the summary says why) when switching to it would lose indexed data."""
-        from stores.records import MilvusRecords
-
-        tracker = ChangeTracker(MilvusRecords(build.store), build.store, self._fingerprint(), "full")
+        tracker = ChangeTracker(MilvusRecords(build.store), build.store, self._fingerprint(), "full", fence=fence)
         try:
             summary = self._run(build.store, tracker, progress)
-            kept = [f"listing of {f.source_id!r}" for f in summary.failures if f.stage == "list"]
-            failed = {f.source_id for f in summary.failures if f.stage != "list"}
+            kept = [f"listing of {scope!r}" for scope in tracker.failed_listings()]
+            failed = {f.source_id for f in summary.failures if f.source_id not in tracker.failed_listings()}
             kept += sorted(store.sources_with_chunks(sorted(failed)))
         except BaseException:
             build.discard()
@@ -202,15 +239,20 @@ class Pipeline:
             return summary, False
         return summary, True
 
-    def reconcile(self, *, records: RecordStore | None = None, repair: bool = True) -> Any:
+    def reconcile(self, *, records: RecordStore | None = None, repair: bool = True, lease: Lease | None = None) -> Any:
         """Compare the record with the chunks in the collection and repair drift (see pipeline.reconcile).
 
         Orphan chunks are deleted; sources whose record does not match their chunks are marked for
-        redo, which the next :meth:`reindex` does. Returns a ReconcileReport.
+        redo, which the next :meth:`reindex` does. A repair holds the re-index lock. Returns a
+        ReconcileReport.
         """
         from pipeline.reconcile import reconcile
 
-        return reconcile(records if records is not None else records_for(self.store), self.store, repair=repair)
+        records = records if records is not None else records_for(self.store)
+        if not repair:
+            return reconcile(records, self.store, repair=False)
+        with self._locked(lease):
+            return reconcile(records, self.store, repair=True)
 
     def query(
         self,
@@ -240,6 +282,7 @@ class Pipeline:
         problems: list[str] = [f"runner: {p}" for p in runner_problems(self.spec.runner)]
         for source in self.sources:
             problems.extend(f"stages.source ({source.type_name}): {p}" for p in source.check())
+        problems.extend(overlapping_scopes(self.sources))
         problems.extend(f"stages.parser: {p}" for p in self.parser.check())
         try:
             dimension, model_id = self.embedder.dimension, self.embedder.model_id
@@ -265,6 +308,9 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+SWITCH_GRACE_S = 5.0  # how long a rebuild's old collection outlives the switch of its alias
 
 
 class _Build(ABC):
@@ -294,13 +340,14 @@ class _CollectionBuild(_Build):
         self.store = served.with_collection(f"{served.config.collection}{REBUILD_INFIX}{stamp}")
 
     def switch(self, serving_records: RecordStore) -> str:
-        from stores.records import MilvusRecords
-
         try:
             previous = self.served.switch_to(self.store.config.collection)
         finally:
             self.store.close()
         if previous is not None and previous != self.served.config.collection:  # a real collection of that name went in switch_to
+            # Searches routed to the old collection just before the switch (a server's proxies cache
+            # aliases) still run on it: dropped at once, it answered such a search with nothing.
+            time.sleep(SWITCH_GRACE_S)
             _drop_collection(self.served.with_collection(previous), records=False)
         if isinstance(serving_records, MilvusRecords):
             serving_records.drop()
@@ -331,10 +378,33 @@ class _FileBuild(_Build):
         self.store.delete_lite_file()
 
 
+def overlapping_scopes(sources: list[Any]) -> list[str]:
+    """Sources whose ids could collide: one's scope (id prefix) equals or starts another's.
+
+    Cleanup and change tracking are per scope, and two documents with one id overwrite each
+    other's chunks; a run fails such documents (:class:`pipeline.stages.SourceIdGuard`), but the
+    spec is wrong before any run, so ``validate`` says so.
+    """
+    problems = []
+    for i, first in enumerate(sources):
+        for j in range(i + 1, len(sources)):
+            a, b = first.scope, sources[j].scope
+            if a.startswith(b) or b.startswith(a):
+                problems.append(
+                    f"stages.source[{i}] ({first.type_name}) and stages.source[{j}] ({sources[j].type_name}) give source ids "
+                    f"with overlapping prefixes {a!r} and {b!r}, so their documents can overwrite each other: give each "
+                    "source its own namespace (or id_prefix)"
+                )
+    return problems
+
+
+def _fence(lease: Lease | None) -> Callable[[], None]:
+    """What a run calls before each write: raises once the lease is lost (nothing for a store without a lock)."""
+    return lease.ensure_held if lease is not None else (lambda: None)
+
+
 def _drop_collection(store: MilvusStore, records: bool = True) -> None:
     """Drop a collection that no name serves any more (and its record, unless dropped apart)."""
-    from stores.records import MilvusRecords
-
     try:
         if records:
             MilvusRecords(store).drop()

@@ -14,17 +14,23 @@ kinds are repaired:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+from pipeline.digests import DigestSet, digest64
 from stores.records import RecordStore, SourceRecord, chunk_digest
+
+_SOURCES_PER_QUERY = 256  # indexed records compared with their chunks per store query
+_LISTED = 20  # source ids a report names per kind of drift
 
 
 class ChunkListing(Protocol):
     """What reconciling needs from a store (MilvusStore has it)."""
 
-    def chunk_ids_by_source(self) -> dict[str, list[str]]: ...
+    def chunk_ids_of(self, source_ids: Sequence[str]) -> dict[str, list[str]]: ...
+
+    def rows(self, output_fields: Sequence[str]) -> Iterator[dict[str, Any]]: ...
 
     def delete_sources(self, source_ids: Sequence[str]) -> None: ...
 
@@ -49,34 +55,61 @@ class ReconcileReport:
             return "\n".join(lines)
         verb = "deleted" if self.repaired else "to delete"
         lines.append(f"orphan chunks ({verb}): {self.orphan_chunks} of {len(self.orphan_sources)} sources without a record")
-        lines += [f"  {source_id}" for source_id in self.orphan_sources[:20]]
+        lines += [f"  {source_id}" for source_id in sorted(self.orphan_sources)[:_LISTED]]
         verb = "marked for redo" if self.repaired else "to redo"
         lines.append(f"records that do not match their chunks ({verb}): {len(self.drifted_sources)}")
-        lines += [f"  {source_id}" for source_id in self.drifted_sources[:20]]
+        lines += [f"  {source_id}" for source_id in sorted(self.drifted_sources)[:_LISTED]]
         return "\n".join(lines)
 
 
 def reconcile(records: RecordStore, store: ChunkListing, *, repair: bool = True) -> ReconcileReport:
-    """Compare ``records`` with ``store``'s chunks; with ``repair``, delete orphans and mark drift."""
-    recorded = {record.source_id: record for record in records.all()}
-    chunks = store.chunk_ids_by_source()
-    report = ReconcileReport(sources_recorded=len(recorded), sources_with_chunks=len(chunks))
-    report.orphan_sources = sorted(source_id for source_id in chunks if source_id not in recorded)
-    report.orphan_chunks = sum(len(chunks[source_id]) for source_id in report.orphan_sources)
-    drifted: list[SourceRecord] = []
-    for source_id, record in sorted(recorded.items()):
-        if record.status != "indexed":
-            continue  # pending and failed sources are redone by the next run anyway
-        present = chunks.get(source_id, [])
-        if len(present) != record.chunk_count or chunk_digest(present) != record.chunk_digest:
+    """Compare ``records`` with ``store``'s chunks; with ``repair``, delete orphans and mark drift.
+
+    Both sides are streamed: the record once (indexed records are compared with their chunks a
+    few hundred at a time), then the chunks' source ids once (against digests of the recorded
+    ids), so memory does not grow with the index, only with the drift found.
+    """
+    report = ReconcileReport(repaired=repair)
+    recorded = DigestSet()
+    indexed: list[SourceRecord] = []
+    for record in records.all():
+        report.sources_recorded += 1
+        recorded.add(digest64(record.source_id))
+        if record.status == "indexed":  # pending and failed sources are redone by the next run anyway
+            indexed.append(record)
+            if len(indexed) >= _SOURCES_PER_QUERY:
+                _compare(indexed, records, store, report)
+                indexed = []
+    _compare(indexed, records, store, report)
+    report.drifted_sources.sort()
+
+    with_chunks = DigestSet()
+    orphans: dict[str, int] = {}
+    for row in store.rows(["source_id"]):
+        source_id = row["source_id"]
+        digest = digest64(source_id)
+        report.sources_with_chunks += with_chunks.add(digest)
+        if digest not in recorded:
+            orphans[source_id] = orphans.get(source_id, 0) + 1
+    report.orphan_sources = sorted(orphans)
+    report.orphan_chunks = sum(orphans.values())
+    if repair and report.orphan_sources:
+        store.delete_sources(report.orphan_sources)
+    return report
+
+
+def _compare(indexed: list[SourceRecord], records: RecordStore, store: ChunkListing, report: ReconcileReport) -> None:
+    """Find the indexed records whose chunk ids differ from the chunks present; mark them for redo."""
+    if not indexed:
+        return
+    present = store.chunk_ids_of([record.source_id for record in indexed])
+    drifted = []
+    for record in indexed:
+        ids = present.get(record.source_id, [])
+        if len(ids) != record.chunk_count or chunk_digest(ids) != record.chunk_digest:
             drifted.append(record)
-    report.drifted_sources = [record.source_id for record in drifted]
-    if repair:
-        if report.orphan_sources:
-            store.delete_sources(report.orphan_sources)
+    report.drifted_sources += [record.source_id for record in drifted]
+    if report.repaired and drifted:
         for record in drifted:
             record.status = "pending"
         records.put(drifted)
-        report.repaired = True
-    return report
-

@@ -1,70 +1,22 @@
-"""The scheduled re-index job: one exclusive run per collection, on demand or on a cron expression.
-
-The lock lives in the index record (``<collection>_records``), so it holds across machines that
-share the index; a heartbeat keeps it alive while a run lasts and a killed run's lock expires.
+"""The scheduled re-index job: one exclusive run per collection (the lease in :mod:`pipeline.lease`),
+on demand or on a cron expression, and the status report an operator reads.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from pipeline.component import require
-from stores.records import LockHolder, RecordStore
+from pipeline.lease import describe_claim, live_holders
+from stores.leases import ClaimStore
+from stores.records import RecordStore, SourceRecord
 
 log = logging.getLogger("rag_pipeline")
-
-
-class LockHeldError(RuntimeError):
-    """Another live run holds the collection's re-index lock."""
-
-
-# Milvus Lite's own refusal of a second process on the same database means the same thing.
-LITE_IN_USE = "in use by another process"
-
-
-def is_lock_conflict(exc: BaseException) -> bool:
-    return isinstance(exc, LockHeldError) or LITE_IN_USE in str(exc)
-
-
-@contextmanager
-def index_lock(records: RecordStore, ttl_s: float = 300.0, settle_s: float = 0.5) -> Iterator[LockHolder]:
-    """Hold the collection's lock for the block; raise LockHeldError if another live run has it."""
-    host, pid = socket.gethostname(), os.getpid()
-    owner = f"{host}:{pid}:{secrets.token_hex(4)}"
-
-    def claim() -> LockHolder:
-        return LockHolder(owner, host, pid, time.time() + ttl_s)
-
-    other = records.try_lock(claim(), settle_s=settle_s)
-    if other is not None:
-        until = datetime.fromtimestamp(other.expires_at, timezone.utc).isoformat(timespec="seconds")
-        raise LockHeldError(f"the re-index lock is held by pid {other.pid} on {other.host} (expires {until} unless refreshed)")
-    stop = threading.Event()
-
-    def heartbeat() -> None:
-        while not stop.wait(ttl_s / 3):
-            try:
-                records.write_lock(claim())
-            except Exception:  # a missed beat is survivable; the lock lasts ttl_s
-                log.warning("could not refresh the re-index lock", exc_info=True)
-
-    beat = threading.Thread(target=heartbeat, name="reindex-lock-heartbeat", daemon=True)
-    beat.start()
-    try:
-        yield claim()
-    finally:
-        stop.set()
-        beat.join()
-        records.release_lock(owner)
 
 
 def run_on_schedule(expression: str, job: Callable[[], int], *, stop: threading.Event | None = None) -> int:
@@ -85,13 +37,26 @@ def run_on_schedule(expression: str, job: Callable[[], int], *, stop: threading.
         schedule = croniter(expression, datetime.now(timezone.utc))
 
 
-def format_status(records: RecordStore, max_failures: int = 20) -> str:
-    """The record as an operator reads it: counts by status, the last run, the dead-letter list."""
-    all_records = records.all()
-    counts = Counter(r.status for r in all_records)
+def format_status(records: RecordStore, claims: ClaimStore | None = None, max_failures: int = 20) -> str:
+    """The record as an operator reads it: counts by status, the last run, the dead-letter list.
+
+    The record is streamed: memory holds the counts and the first ``max_failures`` failures only.
+    """
+    counts: Counter[str] = Counter()
+    chunks = 0
+    failed: list[SourceRecord] = []
+    for record in records.all():
+        counts[record.status] += 1
+        if record.status == "indexed":
+            chunks += record.chunk_count
+        elif record.status == "failed":
+            failed.append(record)
+            if len(failed) > 2 * max_failures:  # keep the first ones by id, in bounded memory
+                failed = sorted(failed, key=lambda r: r.source_id)[:max_failures]
+    total = sum(counts.values())
     lines = [
-        f"sources: {len(all_records)} ({', '.join(f'{counts[s]} {s}' for s in ('indexed', 'pending', 'failed'))})",
-        f"chunks: {sum(r.chunk_count for r in all_records if r.status == 'indexed')} in indexed sources",
+        f"sources: {total} ({', '.join(f'{counts[s]} {s}' for s in ('indexed', 'pending', 'failed'))})",
+        f"chunks: {chunks} in indexed sources",
     ]
     last = records.last_run()
     if last is None:
@@ -104,13 +69,12 @@ def format_status(records: RecordStore, max_failures: int = 20) -> str:
             f"{changes.get('updated', 0)} updated, {changes.get('unchanged', 0)} unchanged, "
             f"{changes.get('deleted', 0)} deleted, {last['documents_failed']} failed"
         )
-    holder = records.lock_holder()
-    if holder is not None and not holder.expired:
-        lines.append(f"running now: pid {holder.pid} on {holder.host}")
-    failed = sorted((r for r in all_records if r.status == "failed"), key=lambda r: r.source_id)
+    for holder in live_holders(claims) if claims is not None else []:
+        lines.append(f"running now: {describe_claim(holder)}")
     if failed:
         lines.append("failures (retried on the next run):")
-        lines += [f"  {r.source_id}: {r.stage}: {r.reason} ({r.attempts} attempts)" for r in failed[:max_failures]]
-        if len(failed) > max_failures:
-            lines.append(f"  ... and {len(failed) - max_failures} more")
+        shown = sorted(failed, key=lambda r: r.source_id)[:max_failures]
+        lines += [f"  {r.source_id}: {r.stage}: {r.reason} ({r.attempts} attempts)" for r in shown]
+        if counts["failed"] > max_failures:
+            lines.append(f"  ... and {counts['failed'] - max_failures} more")
     return "\n".join(lines)

@@ -9,10 +9,13 @@ one machine. Three things run at once, joined by bounded queues:
 
 Invariants it keeps:
 
-* memory is bounded by the batch size and the queue depths, never by the corpus size;
+* memory is bounded by the batch size, the slice size and the queue depths, never by the corpus
+  size: a document with more chunks than ``runner.slice_chunks`` is embedded and written a slice
+  at a time (:class:`pipeline.stages.DocumentSlice`);
 * a failure in one document is recorded (source, stage, reason) and never stops the run;
 * a document's new chunks are written before its stale chunks are deleted, and the record says
-  ``indexed`` only after both (:class:`pipeline.stages.BatchWriter`);
+  ``indexed`` only after both (:class:`pipeline.stages.BatchWriter`; for a sliced document, after
+  its last slice: :class:`pipeline.stages.SliceWriter`);
 * the end-of-run steps (removing unlisted sources, saving the run) wait for every write.
 """
 
@@ -27,7 +30,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from chunkers.base import Chunker
+from chunkers.base import Chunker, ChunkPlan
 from connectors.base import Parser, Source
 from embedders.base import Embedder
 from embedders.sparse import SparseEncoder
@@ -35,7 +38,17 @@ from pipeline.incremental import ChangeTracker
 from pipeline.parse_pool import ParseOutcome, ParserPool
 from pipeline.report import Failure, FailureLog, Progress, RunSummary
 from pipeline.spec import RunnerConfig
-from pipeline.stages import BatchWriter, ChunkAndEmbed, DocumentFailure, StageResult, describe_error
+from pipeline.stages import (
+    BatchWriter,
+    ChunkAndEmbed,
+    DocumentFailure,
+    DocumentSlice,
+    SliceWriter,
+    SourceIdGuard,
+    StageResult,
+    collision_reason,
+    describe_error,
+)
 from pipeline.types import ChunkedDocument, SourceDocument
 from stores.base import Store
 
@@ -73,7 +86,7 @@ class StageBook(Protocol):
 
     def fail(self, failure: DocumentFailure) -> None: ...
 
-    def step(self, stage: str, action: Callable[[], StageResult]) -> list[ChunkedDocument]: ...
+    def step(self, stage: str, action: Callable[[], StageResult]) -> StageResult: ...
 
 
 class RunBook:
@@ -96,19 +109,50 @@ class RunBook:
         if self.tracker is not None:
             self.tracker.failed(failure.source_id, failure.stage, failure.reason)
 
-    def step(self, stage: str, action: Callable[[], StageResult]) -> list[ChunkedDocument]:
-        """Run one stage's work, time it, record its failures; returns the documents that go on."""
+    def step(self, stage: str, action: Callable[[], StageResult]) -> StageResult:
+        """Run one stage's work, time it, record its failures; returns what it did (the documents that go on)."""
         started = time.monotonic()
         result = action()
         self.time(stage, time.monotonic() - started)
         for failure in result.failures:
             self.fail(failure)
-        return result.documents
+        return result
 
     def indexed(self, documents: Sequence[ChunkedDocument]) -> None:
         with self._lock:
             self.summary.documents_indexed += len(documents)
+            self.summary.documents_empty += sum(1 for d in documents if not d.chunks)
             self.summary.chunks_written += sum(len(d.chunks) for d in documents)
+
+    def slice_written(self, part: DocumentSlice) -> None:
+        """A large document's slice is in the store; the document counts as indexed with its last slice."""
+        with self._lock:
+            self.summary.chunks_written += len(part.chunks)
+            self.summary.documents_indexed += part.last
+
+
+# What the store writer takes: a batch of whole documents, or one slice of a large document.
+WriteUnit = list[ChunkedDocument] | DocumentSlice
+
+
+class StoreWrites:
+    """Writes units in the writer thread: batches through :class:`BatchWriter`, slices through
+    :class:`SliceWriter`, every step timed and its failures recorded in the run's book."""
+
+    def __init__(self, writer: BatchWriter, book: RunBook):
+        self.batches = writer
+        self.slices = SliceWriter(writer)
+        self.book = book
+
+    def write(self, unit: WriteUnit) -> None:
+        if isinstance(unit, DocumentSlice):
+            if self.book.step("write", lambda: self.slices.write(unit)).documents:
+                self.book.slice_written(unit)
+        else:
+            self.book.indexed(self.book.step("write", lambda: self.batches.write(unit)).documents)
+
+    def abandoned(self, source_id: str) -> bool:
+        return self.slices.abandoned(source_id)
 
 
 class WriteBehind:
@@ -121,16 +165,16 @@ class WriteBehind:
 
     _DONE = object()
 
-    def __init__(self, write: Callable[[list[ChunkedDocument]], None], depth: int):
+    def __init__(self, write: Callable[[WriteUnit], None], depth: int):
         self._write = write
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="store-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, documents: list[ChunkedDocument]) -> None:
+    def submit(self, unit: WriteUnit) -> None:
         self._raise_if_failed()
-        self._queue.put(documents)
+        self._queue.put(unit)
 
     def close(self) -> None:
         """Wait until every submitted batch is written."""
@@ -139,13 +183,14 @@ class WriteBehind:
         self._raise_if_failed()
 
     def _loop(self) -> None:
-        while (documents := self._queue.get()) is not self._DONE:
+        while (unit := self._queue.get()) is not self._DONE:
             if self._error is not None:
                 continue  # drain, so the submitting thread never blocks on a dead writer
             try:
-                self._write(documents)
+                self._write(unit)
             except BaseException as exc:
                 self._error = exc
+            del unit  # written: free it before waiting for the next one
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -167,7 +212,7 @@ class LocalRunner:
     ):
         self.sources = sources
         self.parser = parser
-        self.models = ChunkAndEmbed(chunker, embedder, sparse)
+        self.models = ChunkAndEmbed(chunker, embedder, sparse, slice_chunks=config.slice_chunks)
         self.writer = BatchWriter(store, config.cleanup, tracker)
         self.store = store
         self.config = config
@@ -196,16 +241,17 @@ class LocalRunner:
             # Model loading overlaps with the parser workers' start-up and the first batch.
             warm_up = threading.Thread(target=self._warm_up, name="embedder-warm-up", daemon=True)
             warm_up.start()
-            writer = WriteBehind(lambda documents: book.indexed(book.step("write", lambda: self.writer.write(documents))), config.write_queue_depth)
+            writes = StoreWrites(self.writer, book)
+            writer = WriteBehind(writes.write, config.write_queue_depth)
             try:
                 waited = time.monotonic()
-                for batch in outcome_batches(pool.imap(read_sources(self.sources, self.tracker, book)), config.batch_size, config.max_batch_chars):
+                for batch in outcome_batches(pool.imap(read_sources(self.sources, self.tracker, book, self.writer.guard)), config.batch_size, config.max_batch_chars):
                     book.time("parse wait", time.monotonic() - waited)
                     summary.documents_seen += len(batch)
-                    embedded = chunk_and_embed(self.models, batch, book)
-                    waited = time.monotonic()
-                    writer.submit(embedded)
-                    book.time("write wait", time.monotonic() - waited)
+                    for unit in embedded_units(self.models, batch, book, writes.abandoned):
+                        waited = time.monotonic()
+                        writer.submit(unit)
+                        book.time("write wait", time.monotonic() - waited)
                     progress.update(summary, len(batch))
                     waited = time.monotonic()
             finally:
@@ -227,8 +273,24 @@ class LocalRunner:
             log.debug("embedder warm-up failed", exc_info=True)
 
 
-def chunk_and_embed(models: ChunkAndEmbed, outcomes: Sequence[ParseOutcome], book: StageBook) -> list[ChunkedDocument]:
-    """Record the batch's parse failures and times, then chunk, embed and sparse-embed the rest."""
+def embedded_units(models: ChunkAndEmbed, outcomes: Sequence[ParseOutcome], book: StageBook, abandoned: Callable[[str], bool]) -> Iterator[WriteUnit]:
+    """What a batch gives the store writer: the documents that fit one slice, embedded together,
+    then each larger document slice by slice."""
+    documents, large = chunk_and_embed(models, outcomes, book)
+    if documents:
+        yield documents
+    del documents  # the writer's now
+    yield from slices_of(models, large, book.time, abandoned)
+
+
+def chunk_and_embed(models: ChunkAndEmbed, outcomes: Sequence[ParseOutcome], book: StageBook) -> tuple[list[ChunkedDocument], list[ChunkPlan]]:
+    """Record the batch's parse failures and times, then chunk the rest, and embed and sparse-embed
+    the documents that fit one slice; returns those, and the larger ones as plans for :func:`slices_of`.
+
+    Each parsed document is taken out of its outcome (``parsed`` becomes None), so only the steps
+    working on it hold it: a large document is freed after its last slice, however long the batch,
+    its queues or generators keep the outcome.
+    """
     parsed = []
     for outcome in outcomes:
         if outcome.parsed is None:
@@ -236,15 +298,31 @@ def chunk_and_embed(models: ChunkAndEmbed, outcomes: Sequence[ParseOutcome], boo
         else:
             book.time("parse", outcome.seconds)
             parsed.append(outcome.parsed)
-    documents = book.step("chunk", lambda: models.chunk(parsed))
-    documents = book.step("embed", lambda: models.embed(documents))
+            outcome.parsed = None
+    chunked = book.step("chunk", lambda: models.chunk(parsed))
+    documents = book.step("embed", lambda: models.embed(chunked.documents)).documents
     if models.sparse is not None:
-        documents = book.step("sparse embed", lambda: models.sparse_embed(documents))
-    return documents
+        documents = book.step("sparse embed", lambda: models.sparse_embed(documents)).documents
+    return documents, chunked.large
 
 
-def read_sources(sources: Sequence[Source], tracker: ChangeTracker | None, book: RunBook) -> Iterator[SourceDocument | ParseOutcome]:
-    """List and read lazily (in the runner's feeder thread), skipping what the tracker calls unchanged; failures as outcomes."""
+def slices_of(
+    models: ChunkAndEmbed, large: list[ChunkPlan], time_stage: Callable[[str, float], None], abandoned: Callable[[str], bool]
+) -> Iterator[DocumentSlice]:
+    """The slices of each large document in turn (:meth:`ChunkAndEmbed.slices`), emptying ``large``
+    as it goes so each document is freed once its last slice is out."""
+    while large:
+        plan = large.pop(0)
+        source_id = plan.document.source_id
+        yield from models.slices(plan, time_stage, lambda: abandoned(source_id))
+
+
+def read_sources(
+    sources: Sequence[Source], tracker: ChangeTracker | None, book: RunBook, guard: SourceIdGuard
+) -> Iterator[SourceDocument | ParseOutcome]:
+    """List and read lazily (in the runner's feeder thread), skipping what the tracker calls unchanged; failures as outcomes.
+
+    A source id listed twice in the run fails (see :class:`pipeline.stages.SourceIdGuard`)."""
     for source in sources:
         if tracker is not None:
             tracker.begin_listing(source.scope)
@@ -260,6 +338,9 @@ def read_sources(sources: Sequence[Source], tracker: ChangeTracker | None, book:
                     tracker.listing_failed(source.scope)
                 yield ParseOutcome(source.scope or type(source).__name__, "", None, describe_error(exc), 0.0, stage="list")
                 break
+            if not guard.claim(ref.source_id):
+                yield ParseOutcome(ref.source_id, ref.uri, None, collision_reason(ref.source_id), 0.0, stage="list")
+                continue
             if tracker is not None and not tracker.should_read(ref, source.scope):
                 continue
             try:
@@ -270,7 +351,11 @@ def read_sources(sources: Sequence[Source], tracker: ChangeTracker | None, book:
             finally:
                 book.time("read", time.monotonic() - started)
             if tracker is None or tracker.should_process(document):
-                yield document
+                # Yielded out of a list so this generator, suspended while the document is parsed,
+                # keeps no reference to it: a large file's bytes go once a parser process has them.
+                handed_over = [document]
+                del document
+                yield handed_over.pop()
 
 
 def record_run(tracker: ChangeTracker, summary: RunSummary, started: float) -> None:

@@ -95,6 +95,14 @@ class RunnerConfig(BaseModel):
     write_queue_depth: int = Field(
         2, ge=1, description="Embedded batches waiting for the store writer, which runs beside the embedding; bounds memory."
     )
+    # A 100 MB text has about 125,000 chunks; embedded at once they would hold their texts, metadata
+    # and vectors together (gigabytes, and the store's request rows on top). About a megabyte of
+    # text per slice keeps a large document near the size of an ordinary batch, and 1,024 texts are
+    # still plenty for the embedder to sort by length.
+    slice_chunks: int = Field(
+        1024, ge=1, description="A document with more chunks is embedded and written this many chunks at a time (bounds memory); "
+        "its stale chunks are deleted and its record marked indexed after the last slice.",
+    )
     parse_workers: int = Field(
         1, ge=0, description="Parser worker processes (with the Ray runner: one per parse task when above 0); 0 parses in-process (no time/memory caps)."
     )
@@ -357,19 +365,32 @@ def parse_spec(
     data = substitute_env(data, (), located, problems, env)
     if problems:  # values with a missing variable would only add confusing follow-up errors
         raise SpecError(problems)
+    # The top level, the runner and every stage are validated apart, so one spec error never hides
+    # another: a wrong runner setting and a wrong stage setting are reported together.
     try:
-        top = SpecModel.model_validate(data)
+        top = SpecModel.model_validate({key: value for key, value in data.items() if key != "runner"})
+        raw_stages, raw_query, name = top.stages, top.query, top.name
     except ValidationError as exc:
         problems.extend(_validation_problems(exc, (), located))
-        raise SpecError(problems) from None
+        raw_stages = data["stages"] if isinstance(data.get("stages"), dict) else None
+        raw_query = data["query"] if isinstance(data.get("query"), dict) else {}
+        name = None
+    runner = RunnerConfig()
+    if "runner" in data:
+        try:
+            runner = RunnerConfig.model_validate(data["runner"])
+        except ValidationError as exc:
+            problems.extend(_validation_problems(exc, ("runner",), located))
+    if raw_stages is None:  # missing or not a mapping: already reported
+        raise SpecError(problems)
 
     stages: dict[str, Any] = {}
-    for key in top.stages:
+    for key in raw_stages:
         if key not in STAGES + OPTIONAL_STAGES:
             problems.append(f"{located.where(('stages', key))} stages.{key}: unknown stage; expected one of {', '.join(STAGES + OPTIONAL_STAGES)}")
     for kind in STAGES:
         path: YamlPath = ("stages", kind)
-        raw = top.stages.get(kind)
+        raw = raw_stages.get(kind)
         if kind == "source":
             if raw is None:
                 problems.append(f"{located.where(('stages',))} stages.source: required key is missing")
@@ -383,13 +404,13 @@ def parse_spec(
             raw = {}
         stages[kind] = _component(kind, raw, path, located, allowed, problems)
     for kind in OPTIONAL_STAGES:
-        if top.stages.get(kind) is not None:
-            stages[kind] = _component(kind, top.stages[kind], ("stages", kind), located, allowed, problems)
-    query, reranker = _query_section(top.query, located, allowed, problems)
+        if raw_stages.get(kind) is not None:
+            stages[kind] = _component(kind, raw_stages[kind], ("stages", kind), located, allowed, problems)
+    query, reranker = _query_section(raw_query, located, allowed, problems)
     if problems:
         raise SpecError(problems)
     return Spec(
-        stages=stages, runner=top.runner, name=top.name, path=None, base_dir=base_dir or Path.cwd(), query=query, reranker=reranker
+        stages=stages, runner=runner, name=name, path=None, base_dir=base_dir or Path.cwd(), query=query, reranker=reranker
     )
 
 

@@ -36,6 +36,7 @@ import math
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,8 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.component import ComponentConfig, require
-from pipeline.errors import PipelineError, StoreSchemaError
+from pipeline.errors import LockConflict, PipelineError, StoreSchemaError
+from pipeline.secrets import register_secret, scrub
 from pipeline.types import Chunk
 from stores import filters, server_features
 from stores.base import Store
@@ -70,6 +72,8 @@ LITE2_INDEX_TYPES = ("AUTOINDEX", "FLAT", "IVF_FLAT")  # what Milvus Lite 2.5 ca
 ID_MAX_BYTES = 128
 SOURCE_ID_MAX_BYTES = 4096
 VARCHAR_MAX_BYTES = 65535  # Milvus' ceiling for a VARCHAR field
+MAX_DIMENSION = 32768  # Milvus' ceiling for a vector field's dim
+JSON_MAX_BYTES = 65536  # Milvus' ceiling for a JSON field value (Milvus Lite does not check it; we do)
 SCALAR_FIELDS = ("id", "source_id", "chunk_index", "text", "metadata")
 DEFAULT_OUTPUT_FIELDS = ("source_id", "chunk_index", "text", "metadata")
 QUERY_PAGE_ROWS = 4096
@@ -84,6 +88,9 @@ REBUILD_INFIX = "__rebuild_"  # <collection>__rebuild_<UTC time>: a full rebuild
 
 _MILVUS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}\Z")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# The longest start of a text that goes into a `like` pattern as it is: no wildcard (% _), nothing
+# that needs an escape (\ "), no control character.
+_UNESCAPED_PREFIX = re.compile(r'[^%_\\"\x00-\x1f\x7f]*')
 _SERVER_SCHEMES = ("http", "https", "tcp", "unix")
 _TRANSIENT_GRPC_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"})
 _CONNECT_FAILED = 2  # pymilvus Status.CONNECT_FAILED: the first connection attempt got no answer
@@ -92,6 +99,10 @@ _RATE_LIMIT = 8  # pymilvus ErrorCode.RATE_LIMIT
 
 class MilvusStoreError(PipelineError):
     """A Milvus operation failed after its retries; names the collection, the operation and why."""
+
+
+class DatabaseInUseError(MilvusStoreError, LockConflict):
+    """The Milvus Lite database is open in another process (Milvus Lite allows one at a time)."""
 
 
 class InvalidChunksError(ValueError):
@@ -748,11 +759,14 @@ class MilvusStore(Store):
     def _token(self) -> str:
         if self.endpoint.lite_path is not None:
             return ""
-        return os.environ.get(self.config.token_env, "")
+        token = os.environ.get(self.config.token_env, "")
+        register_secret(token)  # before the client sends it: its debug logs and errors are scrubbed too
+        return token
 
     def _scrub(self, text: str) -> str:
-        token = os.environ.get(self.config.token_env, "")
-        return text.replace(token, "***") if token else text
+        # Registered here as well: an error can come before the first connection read the token.
+        register_secret(os.environ.get(self.config.token_env, ""))
+        return scrub(text)
 
     # ---- calling Milvus -----------------------------------------------------------------
 
@@ -801,6 +815,8 @@ class MilvusStore(Store):
             # Milvus Lite serves gRPC inside this process and logs a traceback for every call it
             # does not implement (pymilvus probes AllocTimestamp and falls back by itself).
             logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+        if endpoint.lite_path is not None:
+            endpoint.lite_path.parent.mkdir(parents=True, exist_ok=True)
         # Our own lock first: a failed open of Milvus Lite 2.5 deletes the lock file that the other
         # process holds, so probing Lite's lock after the failure could find nothing.
         if endpoint.lite_path is not None and not _clients.hold_lite_lock(endpoint.lite_path):
@@ -821,7 +837,7 @@ class MilvusStore(Store):
             raise
 
     def _in_use_elsewhere(self, path: Path) -> MilvusStoreError:
-        return MilvusStoreError(
+        return DatabaseInUseError(
             f"{self.where}: {path} is in use by another process (Milvus Lite allows one process per database); "
             "stop that process, or use a Milvus server for concurrent access"
         )
@@ -993,6 +1009,8 @@ class MilvusStore(Store):
         """
         if isinstance(dimension, bool) or not isinstance(dimension, int) or dimension <= 0:
             raise ValueError(f"{self.where}: the vector dimension must be a positive integer, got {dimension!r}")
+        if dimension > MAX_DIMENSION:  # Milvus refuses it too, but only at create time and without naming the embedder
+            raise ValueError(f"{self.where}: Milvus stores vectors of at most {MAX_DIMENSION} dimensions, the embedder makes {dimension}")
         if self.config.vector_storage == "binary" and dimension % 8:
             raise ValueError(f"{self.where}: binary vectors are stored 8 dimensions per byte; {dimension} is not a multiple of 8")
         if not model_id:
@@ -1055,10 +1073,12 @@ class MilvusStore(Store):
         if learned is not None:
             schema.add_field(learned.field, DataType.SPARSE_FLOAT_VECTOR)
             index_params.add_index(learned.field, index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
-        logger.info("creating %s for %d-d vectors from %s", self.where, dimension, model_id)
+        name = self.config.collection
+        target = self._first_build_name()
+        logger.info("creating %s for %d-d vectors from %s%s", self.where, dimension, model_id, f" (as {target!r})" if target != name else "")
         try:
             self._call(
-                "create collection", client.create_collection, self.config.collection,
+                "create collection", client.create_collection, target,
                 schema=schema, index_params=index_params, consistency_level=self.config.consistency_level,
                 properties=properties, timeout=self.config.timeout_s,
             )
@@ -1066,6 +1086,22 @@ class MilvusStore(Store):
             # Another process may have created it meanwhile; the caller then checks that it fits.
             if not self._collection_exists(client):
                 raise
+        if target != name:
+            try:
+                self._call("create alias", client.create_alias, target, name, timeout=self.config.timeout_s)
+            except MilvusStoreError:
+                self._call("drop collection", client.drop_collection, target, timeout=self.config.timeout_s)
+                if not self._collection_exists(client):  # not another process that won the name
+                    raise
+
+    def _first_build_name(self) -> str:
+        """The collection a new index is created as. Where the engine has aliases, a collection of
+        its own behind an alias of the configured name, so that every full rebuild switches by one
+        atomic ``alter_alias``, the first one included; a build is created as itself."""
+        name = self.config.collection
+        if not self.has_aliases or REBUILD_INFIX in name:
+            return name
+        return f"{name}{REBUILD_INFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
 
     def upsert(self, chunks: Sequence[Chunk], batch_size: int | None = None) -> int:
         """Insert or replace ``chunks`` by id, in batches; returns the number of rows written.
@@ -1131,6 +1167,10 @@ class MilvusStore(Store):
             metadata = _json_ready({**chunk.metadata, "start": chunk.start, "end": chunk.end})
         except (TypeError, ValueError) as exc:
             reasons.append(f"{label}: metadata cannot be stored as JSON: {exc}")
+        else:
+            metadata_bytes = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+            if metadata_bytes > JSON_MAX_BYTES:
+                reasons.append(f"{label}: metadata is {metadata_bytes} bytes of JSON, over Milvus' limit of {JSON_MAX_BYTES}")
         if reasons:
             return reasons
         values = {
@@ -1152,9 +1192,12 @@ class MilvusStore(Store):
         if existing is None:
             return
         client, _ = existing
-        for start in range(0, len(ids), DELETE_BATCH_SIZE):
-            expression = filters.in_list("source_id", ids[start : start + DELETE_BATCH_SIZE])
+        filterable, unfilterable = self._by_filterability(ids)
+        for start in range(0, len(filterable), DELETE_BATCH_SIZE):
+            expression = filters.in_list("source_id", filterable[start : start + DELETE_BATCH_SIZE])
             self._call("delete", client.delete, self.config.collection, filter=expression, timeout=self.config.timeout_s)
+        for source_id in unfilterable:
+            self._delete_ids(client, [row["id"] for row in self._rows_of_unfilterable(client, source_id)])
 
     def delete_stale(self, keep: Mapping[str, Sequence[str]]) -> None:
         """Delete chunks of these sources whose ids are not in ``keep[source_id]``.
@@ -1167,43 +1210,70 @@ class MilvusStore(Store):
             return
         client, _ = existing
         keep_sets = {source_id: set(ids) for source_id, ids in keep.items()}
-        source_ids = list(keep_sets)
-        stale: list[str] = []
-        for start in range(0, len(source_ids), DELETE_BATCH_SIZE):
-            part = source_ids[start : start + DELETE_BATCH_SIZE]
-            for row in self._chunk_ids_of(client, part):
-                if row["id"] not in keep_sets[row["source_id"]]:
-                    stale.append(row["id"])
-        for start in range(0, len(stale), DELETE_BATCH_SIZE):
-            expression = filters.in_list("id", stale[start : start + DELETE_BATCH_SIZE])
+        stale = [row["id"] for row in self._chunk_rows(client, list(keep_sets)) if row["id"] not in keep_sets[row["source_id"]]]
+        self._delete_ids(client, stale)
+
+    def _delete_ids(self, client: Any, chunk_ids: Sequence[str]) -> None:
+        for start in range(0, len(chunk_ids), DELETE_BATCH_SIZE):
+            expression = filters.in_list("id", chunk_ids[start : start + DELETE_BATCH_SIZE])
             self._call("delete", client.delete, self.config.collection, filter=expression, timeout=self.config.timeout_s)
 
-    def _chunk_ids_of(self, client: Any, source_ids: Sequence[str]) -> list[dict[str, Any]]:
+    def _by_filterability(self, source_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Source ids a filter expression can match, and those it cannot on this engine.
+
+        Milvus Lite 2.5's parser reads no line break in a string literal, escaped or raw; such
+        ids are found another way (:meth:`_rows_of_unfilterable`) rather than blocking every
+        deletion of the run.
+        """
+        if self._lite_engine() != 2:
+            return list(source_ids), []
+        filterable, unfilterable = [], []
+        for source_id in source_ids:
+            (unfilterable if "\n" in source_id or "\r" in source_id else filterable).append(source_id)
+        return filterable, unfilterable
+
+    def _rows_of_unfilterable(self, client: Any, source_id: str) -> list[dict[str, Any]]:
+        """``{"id", "source_id"}`` of the chunks of a source id that no filter can name on this engine:
+        the rows whose id starts like it (a ``like`` prefix without any character that would need
+        an escape), matched exactly here."""
+        prefix = _UNESCAPED_PREFIX.match(source_id).group(0)  # type: ignore[union-attr]
+        expression = f'source_id like "{prefix}%"' if prefix else ""
+        rows = self.query_pages(client, self.config.collection, expression, ["id", "source_id"], QUERY_PAGE_ROWS)
+        return [row for row in rows if row["source_id"] == source_id]
+
+    def _chunk_rows(self, client: Any, source_ids: Sequence[str]) -> list[dict[str, Any]]:
         """``{"id", "source_id"}`` of every chunk of these sources."""
+        filterable, unfilterable = self._by_filterability(list(dict.fromkeys(source_ids)))
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(filterable), DELETE_BATCH_SIZE):
+            rows.extend(self._chunk_ids_of(client, filterable[start : start + DELETE_BATCH_SIZE]))
+        for source_id in unfilterable:
+            rows.extend(self._rows_of_unfilterable(client, source_id))
+        return rows
+
+    def _chunk_ids_of(self, client: Any, source_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """``{"id", "source_id"}`` of every chunk of these (filterable) sources."""
         rows = self._call(
             "query", client.query, self.config.collection, filter=filters.in_list("source_id", source_ids),
             output_fields=["id", "source_id"], limit=QUERY_WINDOW, consistency_level="Strong", timeout=self.config.timeout_s,
         )
         if len(rows) < QUERY_WINDOW:
             return rows
-        # More chunks than one query may return (a very large document): page with an iterator,
-        # one source at a time. pymilvus pages with an unescaped `id > "<last id>"`, which is
-        # safe because chunk ids are hex digests.
-        rows = []
-        for source_id in source_ids:
-            iterator = self._call(
-                "query", client.query_iterator, self.config.collection, batch_size=4096,
-                filter=filters.eq("source_id", source_id), output_fields=["id", "source_id"], timeout=self.config.timeout_s,
-            )
-            try:
-                while page := self._call("query", iterator.next):
-                    rows.extend(page)
-            finally:
-                iterator.close()
-        return rows
+        # More chunks than one query may return (a very large document): page with an iterator.
+        return list(self.query_pages(client, self.config.collection, filters.in_list("source_id", source_ids), ["id", "source_id"], QUERY_PAGE_ROWS))
+
+    def chunk_ids_of(self, source_ids: Sequence[str]) -> dict[str, list[str]]:
+        """The chunk ids of each of these sources that has chunks (for reconciling the record)."""
+        existing = self._existing() if source_ids else None
+        if existing is None:
+            return {}
+        grouped: dict[str, list[str]] = {}
+        for row in self._chunk_rows(existing[0], source_ids):
+            grouped.setdefault(row["source_id"], []).append(row["id"])
+        return grouped
 
     def chunk_ids_by_source(self) -> dict[str, list[str]]:
-        """Every chunk id in the collection, grouped by source id (paged; for reconciling the record)."""
+        """Every chunk id in the collection, grouped by source id (all in memory: for small collections and tests)."""
         grouped: dict[str, list[str]] = {}
         for row in self.rows(["id", "source_id"]):
             grouped.setdefault(row["source_id"], []).append(row["id"])
@@ -1222,11 +1292,19 @@ class MilvusStore(Store):
         # Milvus Lite 2.5 stalls until the deadline, instead of answering, on a page of 4,096 rows
         # of 768-dimension vectors (12.6 MB); 4.6 MB pages still work.
         page_size = max(1, min(QUERY_PAGE_ROWS, QUERY_PAGE_VECTOR_BYTES // vector_bytes)) if vector_bytes else QUERY_PAGE_ROWS
+        yield from self.query_pages(client, self.config.collection, "", output_fields, page_size)
+
+    def query_pages(self, client: Any, collection: str, expression: str, output_fields: Sequence[str], page_size: int) -> Iterator[dict[str, Any]]:
+        """Rows of ``collection`` (this store's or a companion's) matching ``expression``, fetched
+        page by page with a query iterator, never offset + limit (Milvus caps those at 16,384).
+
+        pymilvus pages with an unescaped ``id > "<last id>"``, which is safe for the collections of
+        this project: chunk ids and record row ids are hex digests or fixed words.
+        """
         if self.endpoint.lite_path is not None:
             _quiet_lite_iterator_timestamp_warning()
-        # pymilvus pages with an unescaped `id > "<last id>"`, safe because chunk ids are hex digests.
         iterator = self._call(
-            "query", client.query_iterator, self.config.collection, batch_size=page_size, filter="",
+            "query", client.query_iterator, collection, batch_size=page_size, filter=expression,
             output_fields=list(output_fields), timeout=self.config.timeout_s,
         )
         try:
@@ -1240,12 +1318,7 @@ class MilvusStore(Store):
         existing = self._existing() if source_ids else None
         if existing is None:
             return set()
-        client, _ = existing
-        ids = list(dict.fromkeys(source_ids))
-        found: set[str] = set()
-        for start in range(0, len(ids), DELETE_BATCH_SIZE):
-            found.update(row["source_id"] for row in self._chunk_ids_of(client, ids[start : start + DELETE_BATCH_SIZE]))
-        return found
+        return {row["source_id"] for row in self._chunk_rows(existing[0], source_ids)}
 
     def count(self) -> int:
         """Exact number of rows (a Strong-consistency count, whatever the configured level)."""
@@ -1400,9 +1473,10 @@ class MilvusStore(Store):
         """Make the configured name an alias of ``target``; returns the collection it served before.
 
         Once the name is an alias, the switch is one atomic ``alter_alias``: a query sees the old
-        collection or the new one. The first rebuild of a collection created under the name itself
-        must drop that collection before the name can become an alias, so queries in that moment
-        find no collection; the data is already in ``target`` by then.
+        collection or the new one. Collections are created behind an alias where the engine has
+        aliases (:meth:`_first_build_name`); only a collection created under the name itself, by an
+        earlier version, must be dropped before the name can become an alias, so queries in that
+        moment find no collection (the data is already in ``target`` by then).
         """
         client, name, timeout = self._connect(), self.config.collection, self.config.timeout_s
         previous = self.serving_collection()

@@ -5,6 +5,11 @@ writes it LAST for each source (after the chunks were upserted and the stale one
 record that says ``indexed`` always describes chunks that are really there. The Milvus
 implementation keeps it in a companion collection ``<collection>_records`` on the same endpoint
 as the chunks, so every machine sharing the index shares the record too.
+
+Reads that may return every source (:meth:`RecordStore.in_scope`, :meth:`RecordStore.all`) are
+streamed page by page with an iterator over the primary key, never with offset + limit (Milvus
+refuses an offset + limit above 16,384), so a source of a million documents is never held in
+memory at once.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ import hashlib
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
+from pipeline.secrets import scrub
 from stores import filters
 
 if TYPE_CHECKING:
@@ -26,28 +32,22 @@ Status = Literal["pending", "indexed", "failed"]
 
 # A source's row is keyed by a digest of its id, never the id itself: source ids can hold quotes
 # and control characters that some engines mishandle in primary keys (Milvus Lite 2.5 fails an
-# upsert whose key holds a quote). The run and lock rows take ids no digest key can.
+# upsert whose key holds a quote). The run row takes an id no digest key can.
 RECORDS_SUFFIX = "_records"
 RUN_ROW_ID = "run"
-LOCK_ROW_ID = "lock"
+# Body sizes: collections made before records had room for long source ids kept 8,192 bytes.
+BODY_MAX_BYTES = 65535
+SCOPE_MAX_BYTES = 2048
+# A failure reason longer than this is cut: the record says what failed, the failures file has it all.
+REASON_MAX_CHARS = 2000
+
+
+class RecordTooLarge(ValueError):
+    """A source's record cannot be stored (its id or scope exceeds the record's field sizes)."""
 
 
 def source_row_id(source_id: str) -> str:
     return "source:" + hashlib.sha256(source_id.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-@dataclass(frozen=True)
-class LockHolder:
-    """Who holds the collection's re-index lock, and until when (a heartbeat pushes it forward)."""
-
-    owner: str  # unique per run: host, pid and a random token
-    host: str
-    pid: int
-    expires_at: float
-
-    @property
-    def expired(self) -> bool:
-        return self.expires_at <= time.time()
 
 
 def chunk_digest(chunk_ids: Iterable[str]) -> str:
@@ -71,7 +71,14 @@ class SourceRecord:
     updated_at: float = field(default_factory=time.time)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        # ensure_ascii=False: an emoji is 4 bytes of UTF-8 but 12 characters as \\u escapes, and
+        # the body's limit is in bytes.
+        # The reason quotes servers and libraries, which may echo a credential; scrubbed before the
+        # cut, so the cut cannot leave a piece of a secret too short to be recognised.
+        data = {**asdict(self), "reason": scrub(self.reason)}
+        if len(data["reason"]) > REASON_MAX_CHARS:
+            data["reason"] = data["reason"][:REASON_MAX_CHARS] + " ... (cut; the failures file has it all)"
+        return json.dumps(data, sort_keys=True, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str) -> "SourceRecord":
@@ -88,52 +95,25 @@ class RecordStore(ABC):
         """The records of the given source ids that exist."""
 
     @abstractmethod
-    def in_scope(self, scope: str) -> list[SourceRecord]:
-        """Every record whose scope is ``scope``."""
+    def in_scope(self, scope: str) -> Iterator[SourceRecord]:
+        """Every record whose scope is ``scope``, streamed."""
 
     @abstractmethod
-    def put(self, records: Sequence[SourceRecord]) -> None: ...
+    def put(self, records: Sequence[SourceRecord]) -> None:
+        """Store records; raises :class:`RecordTooLarge` (writing none) when one cannot be stored."""
 
     @abstractmethod
     def delete(self, source_ids: Sequence[str]) -> None: ...
 
     @abstractmethod
-    def all(self) -> list[SourceRecord]: ...
+    def all(self) -> Iterator[SourceRecord]:
+        """Every source record, streamed."""
 
     @abstractmethod
     def put_run(self, summary: dict[str, Any]) -> None: ...
 
     @abstractmethod
     def last_run(self) -> dict[str, Any] | None: ...
-
-    @abstractmethod
-    def lock_holder(self) -> LockHolder | None:
-        """The lock row as stored (possibly expired), or None."""
-
-    @abstractmethod
-    def write_lock(self, holder: LockHolder | None) -> None:
-        """Store (or with None, remove) the lock row."""
-
-    def try_lock(self, holder: LockHolder, settle_s: float = 0.0) -> LockHolder | None:
-        """Take the lock for ``holder``; return the other live holder instead if there is one.
-
-        Milvus has no compare-and-set, so the claim is written, then read back after ``settle_s``:
-        of two runs claiming at once, the one whose write landed last sees its own row and wins,
-        the other sees a foreign row and backs off.
-        """
-        current = self.lock_holder()
-        if current is not None and current.owner != holder.owner and not current.expired:
-            return current
-        self.write_lock(holder)
-        if settle_s:
-            time.sleep(settle_s)
-        current = self.lock_holder()
-        return None if current is not None and current.owner == holder.owner else current
-
-    def release_lock(self, owner: str) -> None:
-        current = self.lock_holder()
-        if current is not None and current.owner == owner:
-            self.write_lock(None)
 
 
 class MemoryRecords(RecordStore):
@@ -142,13 +122,12 @@ class MemoryRecords(RecordStore):
     def __init__(self) -> None:
         self.records: dict[str, SourceRecord] = {}
         self.run: dict[str, Any] | None = None
-        self.lock: LockHolder | None = None
 
     def get(self, source_ids: Sequence[str]) -> dict[str, SourceRecord]:
         return {s: SourceRecord(**asdict(self.records[s])) for s in source_ids if s in self.records}
 
-    def in_scope(self, scope: str) -> list[SourceRecord]:
-        return [SourceRecord(**asdict(r)) for r in self.records.values() if r.scope == scope]
+    def in_scope(self, scope: str) -> Iterator[SourceRecord]:
+        return iter([SourceRecord(**asdict(r)) for r in self.records.values() if r.scope == scope])
 
     def put(self, records: Sequence[SourceRecord]) -> None:
         for record in records:
@@ -158,8 +137,8 @@ class MemoryRecords(RecordStore):
         for source_id in source_ids:
             self.records.pop(source_id, None)
 
-    def all(self) -> list[SourceRecord]:
-        return [SourceRecord(**asdict(r)) for r in self.records.values()]
+    def all(self) -> Iterator[SourceRecord]:
+        return iter([SourceRecord(**asdict(r)) for r in self.records.values()])
 
     def put_run(self, summary: dict[str, Any]) -> None:
         self.run = dict(summary)
@@ -167,44 +146,46 @@ class MemoryRecords(RecordStore):
     def last_run(self) -> dict[str, Any] | None:
         return self.run
 
-    def lock_holder(self) -> LockHolder | None:
-        return self.lock
-
-    def write_lock(self, holder: LockHolder | None) -> None:
-        self.lock = holder
-
 
 class MilvusRecords(RecordStore):
     """Records in the companion collection ``<collection>_records``, through the chunk store's client.
 
     A Milvus collection needs a vector field, so each row carries a constant 2-d dummy vector;
     the record itself is a JSON document in a VARCHAR field, with scope and kind as scalar fields
-    for filtering.
+    for filtering. Every size is checked here before writing, so Milvus Lite (which does not
+    enforce VARCHAR limits) refuses exactly what a Milvus server would.
     """
 
     _DUMMY = [0.0, 1.0]
-    _BODY_MAX = 8192
-    _QUERY_PAGE = 1000
+    _PAGE = 1000  # rows per iterator page and per upsert
+    _IDS_PER_FILTER = 256  # ids per ``id in [...]`` expression: keeps each filter small for the server's parser
 
     def __init__(self, store: "MilvusStore"):
         self.store = store
-        # The record of the collection the store serves now (behind an alias after a full rebuild,
-        # the record follows the chunks); fixed here, so a rebuild's switch cannot move it mid-run.
-        self.name = f"{store.serving_collection() or store.config.collection}{RECORDS_SUFFIX}"
+        self._name: str | None = None
+        self._body_max = BODY_MAX_BYTES
         self._ready = False
         self._dropped = False
 
+    @property
+    def name(self) -> str:
+        """The record of the collection the store serves (behind an alias, the record follows the
+        chunks). Resolved on first use, after the run prepared the collection, or by :meth:`bind`."""
+        return self.bind()._name  # type: ignore[return-value]
+
+    def bind(self) -> "MilvusRecords":
+        """Fix this record to the collection the store serves now, so that a later switch of the
+        alias (a full rebuild) cannot move it to the new collection's record."""
+        if self._name is None:
+            self._name = f"{self.store.serving_collection() or self.store.config.collection}{RECORDS_SUFFIX}"
+        return self
+
     def drop(self) -> None:
-        """Drop the record with the collection it describes (after a full rebuild replaced both).
-        A lock held in it is gone with it: later lock writes and releases do nothing."""
+        """Drop the record with the collection it describes (after a full rebuild replaced both)."""
         client = self.store._connect()
         if self.store._call("has_collection", client.has_collection, self.name, timeout=self.store.config.timeout_s):
             self.store._call("drop records collection", client.drop_collection, self.name, timeout=self.store.config.timeout_s)
         self._dropped = True
-
-    def release_lock(self, owner: str) -> None:
-        if not self._dropped:
-            super().release_lock(owner)
 
     def _client(self) -> Any:
         if self._dropped:
@@ -221,81 +202,85 @@ class MilvusRecords(RecordStore):
         store, timeout = self.store, self.store.config.timeout_s
         if not store._call("has_collection", client.has_collection, self.name, timeout=timeout):
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=2048)
+            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=128)
             schema.add_field("kind", DataType.VARCHAR, max_length=16)
-            schema.add_field("scope", DataType.VARCHAR, max_length=2048)
-            schema.add_field("body", DataType.VARCHAR, max_length=self._BODY_MAX)
+            schema.add_field("scope", DataType.VARCHAR, max_length=SCOPE_MAX_BYTES)
+            schema.add_field("body", DataType.VARCHAR, max_length=BODY_MAX_BYTES)
             schema.add_field("dummy", DataType.FLOAT_VECTOR, dim=2)
             index = client.prepare_index_params()
             index.add_index(field_name="dummy", index_type="FLAT", metric_type="L2")
             store._call("create records collection", client.create_collection, self.name, schema=schema, index_params=index,
-                        consistency_level="Strong", timeout=timeout)  # the lock and skip decisions read their own writes
+                        consistency_level="Strong", timeout=timeout)  # the skip decisions read their own writes
+        description = store._call("describe records collection", client.describe_collection, self.name, timeout=timeout)
+        for column in description.get("fields", []):
+            if column.get("name") == "body":
+                self._body_max = int((column.get("params") or {}).get("max_length", BODY_MAX_BYTES))
         store._call("load records collection", client.load_collection, self.name, timeout=timeout)
 
-    def _query(self, expression: str) -> list[dict[str, Any]]:
-        client, rows, offset = self._client(), [], 0
-        while True:
-            page = self.store._call(
-                "query records", client.query, self.name, filter=expression, output_fields=["id", "body"],
-                limit=self._QUERY_PAGE, offset=offset, timeout=self.store.config.timeout_s,
-            )
-            rows.extend(page)
-            if len(page) < self._QUERY_PAGE:
-                return rows
-            offset += self._QUERY_PAGE
+    def _query(self, expression: str, limit: int) -> list[dict[str, Any]]:
+        """Rows of a query known to match at most ``limit`` rows (ids listed, the run row)."""
+        return self.store._call(
+            "query records", self._client().query, self.name, filter=expression, output_fields=["id", "body"],
+            limit=limit, timeout=self.store.config.timeout_s,
+        )
+
+    def _iterate(self, expression: str) -> Iterator[dict[str, Any]]:
+        """Every row matching ``expression``, page by page (an iterator over the primary key,
+        safe here because row ids are ``source:<hex digest>``, ``run``, never outside text)."""
+        yield from self.store.query_pages(self._client(), self.name, expression, ["id", "body"], self._PAGE)
 
     def get(self, source_ids: Sequence[str]) -> dict[str, SourceRecord]:
         found: dict[str, SourceRecord] = {}
-        for start in range(0, len(source_ids), 200):
-            ids = [source_row_id(source_id) for source_id in source_ids[start:start + 200]]
-            for row in self._query(filters.all_of(filters.eq("kind", "source"), filters.in_list("id", ids))):
+        for start in range(0, len(source_ids), self._IDS_PER_FILTER):
+            ids = [source_row_id(source_id) for source_id in source_ids[start:start + self._IDS_PER_FILTER]]
+            expression = filters.all_of(filters.eq("kind", "source"), filters.in_list("id", ids))
+            for row in self._query(expression, len(ids)):
                 record = SourceRecord.from_json(row["body"])
                 found[record.source_id] = record
         return found
 
-    def in_scope(self, scope: str) -> list[SourceRecord]:
-        rows = self._query(filters.all_of(filters.eq("kind", "source"), filters.eq("scope", scope)))
-        return [SourceRecord.from_json(r["body"]) for r in rows]
+    def in_scope(self, scope: str) -> Iterator[SourceRecord]:
+        for row in self._iterate(filters.all_of(filters.eq("kind", "source"), filters.eq("scope", scope))):
+            yield SourceRecord.from_json(row["body"])
 
-    def all(self) -> list[SourceRecord]:
-        return [SourceRecord.from_json(r["body"]) for r in self._query(filters.eq("kind", "source"))]
+    def all(self) -> Iterator[SourceRecord]:
+        for row in self._iterate(filters.eq("kind", "source")):
+            yield SourceRecord.from_json(row["body"])
 
     def put(self, records: Sequence[SourceRecord]) -> None:
         if records:
-            rows = [{"id": source_row_id(r.source_id), "kind": "source", "scope": r.scope, "body": r.to_json(), "dummy": self._DUMMY} for r in records]
-            self._upsert(rows)
+            self._client()  # learns the body's size limit
+            rows = [self._row(record) for record in records]
+            for start in range(0, len(rows), self._PAGE):
+                self._upsert(rows[start:start + self._PAGE])
+
+    def _row(self, record: SourceRecord) -> dict[str, Any]:
+        body = record.to_json()
+        body_bytes, scope_bytes = len(body.encode("utf-8", "surrogatepass")), len(record.scope.encode("utf-8", "surrogatepass"))
+        if scope_bytes > SCOPE_MAX_BYTES:
+            raise RecordTooLarge(f"the source scope is {scope_bytes} bytes of UTF-8; the index record keeps at most {SCOPE_MAX_BYTES}")
+        if body_bytes > self._body_max:
+            raise RecordTooLarge(
+                f"the index record of this source is {body_bytes} bytes of UTF-8 (its id alone is "
+                f"{len(record.source_id.encode('utf-8', 'surrogatepass'))}); {self.name!r} keeps at most {self._body_max}"
+            )
+        return {"id": source_row_id(record.source_id), "kind": "source", "scope": record.scope, "body": body, "dummy": self._DUMMY}
 
     def delete(self, source_ids: Sequence[str]) -> None:
-        if source_ids:
-            self._delete_rows([source_row_id(source_id) for source_id in source_ids])
-
-    def _delete_rows(self, row_ids: list[str]) -> None:
-        client = self._client()
-        self.store._call("delete records", client.delete, self.name, ids=row_ids, timeout=self.store.config.timeout_s)
+        for start in range(0, len(source_ids), self._PAGE):
+            row_ids = [source_row_id(source_id) for source_id in source_ids[start:start + self._PAGE]]
+            self.store._call("delete records", self._client().delete, self.name, ids=row_ids, timeout=self.store.config.timeout_s)
 
     def put_run(self, summary: dict[str, Any]) -> None:
         body = json.dumps(summary, sort_keys=True, default=str)  # a compact summary: counts, no failure list
         self._upsert([{"id": RUN_ROW_ID, "kind": "run", "scope": "", "body": body, "dummy": self._DUMMY}])
 
     def last_run(self) -> dict[str, Any] | None:
-        rows = self._query(filters.eq("kind", "run"))
+        rows = self._query(filters.eq("kind", "run"), 1)
         return json.loads(rows[0]["body"]) if rows else None
 
-    def lock_holder(self) -> LockHolder | None:
-        rows = self._query(filters.eq("kind", "lock"))
-        return LockHolder(**json.loads(rows[0]["body"])) if rows else None
-
-    def write_lock(self, holder: LockHolder | None) -> None:
-        if self._dropped:  # a heartbeat after a full rebuild dropped this record
-            return
-        if holder is None:
-            self._delete_rows([LOCK_ROW_ID])
-        else:
-            self._upsert([{"id": LOCK_ROW_ID, "kind": "lock", "scope": "", "body": json.dumps(asdict(holder)), "dummy": self._DUMMY}])
-
     def _upsert(self, rows: list[dict[str, Any]]) -> None:
-        client = self._client()
-        self.store._call("upsert records", client.upsert, self.name, rows, timeout=self.store.config.timeout_s)
+        self.store._call("upsert records", self._client().upsert, self.name, rows, timeout=self.store.config.timeout_s)
 
 
 def records_for(store: Any) -> RecordStore:

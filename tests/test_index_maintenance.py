@@ -30,7 +30,8 @@ def texts(store: MilvusStore) -> dict[str, set[str]]:
 
 
 def collections(store: MilvusStore) -> list[str]:
-    return sorted(store._connect().list_collections())
+    """The collections of chunks and records (the re-index lock's ``docs_lock`` is not the index's)."""
+    return sorted(name for name in store._connect().list_collections() if name != "docs_lock")
 
 
 def rebuild_files(tmp_path) -> list[str]:

@@ -19,10 +19,12 @@ import pytest
 import yaml
 
 from pipeline import Pipeline
-from pipeline.errors import StoreSchemaError
+from pipeline.errors import LockHeldError, StoreSchemaError
+from pipeline.lease import index_lock
 from stores import filters
 from stores.milvus import InvalidChunksError, MilvusStore, MilvusStoreError, RRFFusion, SearchRequest, WeightedFusion
-from stores.records import LockHolder, records_for
+from stores.leases import claims_for
+from stores.records import records_for
 from stores.server_features import BM25_FUNCTION, HYBRID_SEARCH, SPARSE_VECTORS, supports
 from tests.plugins.components import PLUGINS, base_spec
 from tests.test_milvus_store import DIM, HOSTILE_SOURCE_IDS, MODEL, make_chunk, sparse_chunk
@@ -213,14 +215,19 @@ def test_incremental_reindex_keeps_its_record_on_the_server(milvus_server, serve
         expected = sorted((f"mem/{name}", line) for name, text in source.documents.items() for line in text.splitlines())
         assert rows(pipeline.store) == expected  # exactly what a clean build writes
         records = records_for(pipeline.store)
-        assert records.name == f"{server_collection}_records"
+        # The record follows the collection the name serves (behind an alias from the first ingest).
+        assert records.name == f"{pipeline.store.serving_collection()}_records"
         assert {r.source_id: r.status for r in records.all()} == {"mem/b.txt": "indexed", "mem/d.txt": "indexed", "mem/e.txt": "indexed"}
         assert records.get(["mem/b.txt"])["mem/b.txt"].chunk_count == 7
         assert records.last_run()["changes"]["deleted"] == 2
-        holder = LockHolder("host:1:token", "host", 1, 4e9)
-        assert records.try_lock(holder) is None and records.lock_holder() == holder
-        records.release_lock(holder.owner)
-        assert records.lock_holder() is None
+        # The lock's claims live beside the record, read back with Strong consistency.
+        claims = claims_for(pipeline.store)
+        with index_lock(claims, ttl_s=60) as lease:
+            assert [c.owner for c in claims.claims()] == [lease.claim.owner]
+            with pytest.raises(LockHeldError):
+                with index_lock(claims_for(pipeline.store), ttl_s=60):
+                    pass
+        assert claims.claims() == []
     finally:
         pipeline.close()
 
@@ -307,3 +314,76 @@ def test_hybrid_search_fuses_branches_and_filters_each(milvus_server, server_sto
     assert store.hybrid_search(requests, WeightedFusion((1.0, 0.0)), top_k=2)[0].fields["source_id"] == "dogs.md"
     only_cats = store.hybrid_search(requests, RRFFusion(), top_k=3, filter_expr=filters.eq("source_id", "cats.md"))
     assert [h.fields["source_id"] for h in only_cats] == ["cats.md"]
+
+
+# -- index maintenance on the server --------------------------------------------------------------
+
+
+def server_pipeline_for(milvus_server, collection: str, documents: dict[str, str]) -> Pipeline:
+    spec = base_spec()
+    spec["stages"]["source"]["documents"] = dict(documents)
+    spec["stages"]["store"] = {"type": "milvus", "uri": milvus_server.uri, "collection": collection}
+    return Pipeline(spec, allowed_modules=PLUGINS)
+
+
+def test_full_rebuild_on_the_server_switches_without_downtime(milvus_server, server_collection):
+    import threading
+
+    pipeline = server_pipeline_for(milvus_server, server_collection, {"a.txt": "alpha\nbeta", "b.txt": "gamma"})
+    reader = MilvusStore(uri=milvus_server.uri, collection=server_collection)
+    try:
+        assert pipeline.reindex().ok
+        store = pipeline.store
+        first = store.serving_collection()
+        # Created behind an alias from the first ingest, so even the first switch is one alter_alias.
+        assert first.startswith(f"{server_collection}__rebuild_"), first
+
+        stop, errors, searches = threading.Event(), [], [0]
+
+        def search_all_the_time() -> None:
+            while not stop.is_set():
+                try:
+                    hits = reader.search_dense([1.0] + [0.0] * 7, top_k=10)
+                    assert hits, "the index answered with nothing"
+                    searches[0] += 1
+                except Exception as exc:  # noqa: BLE001 - every failure is what this test looks for
+                    errors.append(exc)
+
+        searcher = threading.Thread(target=search_all_the_time)
+        searcher.start()
+        try:
+            pipeline.sources[0].config.documents = {"a.txt": "alpha\ndelta", "c.txt": "epsilon"}
+            summary = pipeline.full_rebuild()
+        finally:
+            stop.set()
+            searcher.join()
+        assert summary.ok and any("now serves" in note for note in summary.notes), summary.format()
+        assert errors == [] and searches[0] > 0
+        serving = store.serving_collection()
+        assert serving != first and serving.startswith(f"{server_collection}__rebuild_")
+        names = set(milvus_server.collections())
+        assert first not in names and f"{first}_records" not in names and f"{serving}_records" in names
+        assert {row[0] for row in rows(store)} == {"mem/a.txt", "mem/c.txt"}
+        assert pipeline.reindex().changes.unchanged == 2  # the incremental job carries on from the rebuilt record
+    finally:
+        reader.close()
+        pipeline.close()
+
+
+def test_server_limits_are_checked_before_writing_and_fail_one_document_alone(milvus_server, server_collection):
+    # A deep path of emoji (4,041 bytes) fits the server's 4,096-byte source_id field and its record
+    # fits the record's body; one byte more than the field fails that document alone, with the
+    # same reason as on Milvus Lite (which does not enforce the limits itself).
+    deep = ("😀" * 24 + "/") * 41 + "😀" * 14 + ".txt"
+    too_long = "x" * 4100 + ".txt"
+    pipeline = server_pipeline_for(milvus_server, server_collection, {deep: "alpha", too_long: "beta", "plain.txt": "gamma"})
+    try:
+        summary = pipeline.reindex()
+        assert summary.documents_indexed == 2 and summary.documents_failed == 1, summary.format()
+        (failure,) = summary.failures
+        assert failure.stage == "write" and "source_id is 4108 bytes of UTF-8, over the collection's limit of 4096" in failure.reason
+        assert {row[0] for row in rows(pipeline.store)} == {f"mem/{deep}", "mem/plain.txt"}
+        assert records_for(pipeline.store).get([f"mem/{deep}"])[f"mem/{deep}"].status == "indexed"
+        assert pipeline.reindex().changes.unchanged == 2
+    finally:
+        pipeline.close()

@@ -11,9 +11,12 @@ import pytest
 import yaml
 
 from pipeline import Pipeline
-from pipeline.reindex_job import LockHeldError, format_status, index_lock, run_on_schedule
+from pipeline.errors import LockHeldError, LockLostError
+from pipeline.lease import Lease, index_lock, process_started, this_machine
+from pipeline.reindex_job import format_status, run_on_schedule
+from stores.leases import LockClaim, MemoryClaims
 from stores.milvus import MilvusStore
-from stores.records import LockHolder, MemoryRecords, MilvusRecords, SourceRecord, chunk_digest, records_for
+from stores.records import MemoryRecords, MilvusRecords, SourceRecord, chunk_digest, records_for
 from tests.plugins.components import PLUGINS, MemoryStore, base_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,10 +30,7 @@ def milvus_pipeline(tmp_path, documents, **store):
 
 
 def chunk_rows(store: MilvusStore) -> list[tuple[str, str, str]]:
-    client = store._connect()
-    client.load_collection("docs")  # a store opened only to read has not loaded it yet
-    rows = client.query("docs", filter="", output_fields=["id", "source_id", "text"], limit=10_000)
-    return sorted((r["source_id"], r["text"], r["id"]) for r in rows)
+    return sorted((r["source_id"], r["text"], r["id"]) for r in store.rows(["id", "source_id", "text"]))
 
 
 def test_records_round_trip_in_the_companion_collection(tmp_path):
@@ -51,11 +51,7 @@ def test_records_round_trip_in_the_companion_collection(tmp_path):
         records.delete(["root/a.txt"])
         assert records.get(["root/a.txt"]) == {}
         assert store._connect().has_collection("docs_records")
-        holder = LockHolder("h:1:t", "h", 1, time.time() + 60)
-        records.write_lock(holder)
-        assert records.lock_holder() == holder and records.all() == records.in_scope("other/")
-        records.write_lock(None)
-        assert records.lock_holder() is None
+        assert list(records.all()) == list(records.in_scope("other/"))
     finally:
         store.close()
 
@@ -99,27 +95,130 @@ def test_incremental_runs_against_milvus_converge_to_a_clean_build(tmp_path):
 # -- the lock -------------------------------------------------------------------------------------
 
 
-def test_lock_is_exclusive_expires_and_is_released():
-    records = MemoryRecords()
-    with index_lock(records, ttl_s=60, settle_s=0) as holder:
-        assert records.lock_holder().owner == holder.owner
+def dead_process() -> tuple[int, str]:
+    """The pid and start time of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = process_started(child.pid)
+    child.wait()
+    return child.pid, started
+
+
+def claim(owner: str, *, machine: str = "another-machine", pid: int = 1, started: str = "", expires_in: float = 60.0) -> LockClaim:
+    now = time.time()
+    return LockClaim(owner, "other-host", machine, pid, started, now, now + expires_in)
+
+
+def test_lock_is_exclusive_and_released():
+    claims = MemoryClaims()
+    with index_lock(claims, ttl_s=60) as lease:
+        assert [c.owner for c in claims.claims()] == [lease.claim.owner]
         with pytest.raises(LockHeldError, match=f"pid {os.getpid()}"):
-            with index_lock(records, ttl_s=60, settle_s=0):
+            with index_lock(claims, ttl_s=60):
                 pass
-    assert records.lock_holder() is None
-    # a killed run leaves its lock behind; once expired, the next run takes it over
-    records.write_lock(LockHolder("dead:1:x", "dead", 1, time.time() - 1))
-    with index_lock(records, ttl_s=60, settle_s=0) as holder:
-        assert holder.owner != "dead:1:x"
+        assert [c.owner for c in claims.claims()] == [lease.claim.owner]  # the loser took nothing away
+    assert claims.claims() == []
 
 
-def test_lock_heartbeat_pushes_the_expiry_forward():
-    records = MemoryRecords()
-    with index_lock(records, ttl_s=0.3, settle_s=0):
-        first = records.lock_holder().expires_at
+def test_a_killed_run_on_this_machine_frees_the_lock_at_once():
+    claims = MemoryClaims()
+    pid, started = dead_process()
+    claims.put(claim("killed", machine=this_machine(), pid=pid, started=started, expires_in=300))
+    with index_lock(claims, ttl_s=60) as lease:  # not 300 s later: the pid is gone
+        assert [c.owner for c in claims.claims()] == [lease.claim.owner]
+
+
+def test_a_reused_pid_does_not_keep_a_dead_claim_alive():
+    # The claim names this very process's pid, but with another start time: a different process.
+    claims = MemoryClaims()
+    claims.put(claim("old", machine=this_machine(), pid=os.getpid(), started="1", expires_in=300))
+    with index_lock(claims, ttl_s=60):
+        pass
+
+
+def test_a_claim_from_another_machine_lives_until_its_expiry():
+    claims = MemoryClaims()
+    claims.put(claim("remote", expires_in=60))
+    with pytest.raises(LockHeldError, match="pid 1 on other-host"):
+        with index_lock(claims, ttl_s=60):
+            pass
+    claims.put(claim("remote", expires_in=-1))  # its heartbeat stopped a TTL ago
+    with index_lock(claims, ttl_s=60):
+        assert [c.owner for c in claims.claims()] != ["remote"]
+
+
+class InterleavedClaims(MemoryClaims):
+    """Claims whose second read (step 3 of the protocol) happens after a rival's claim was written."""
+
+    def __init__(self, rival: LockClaim):
+        super().__init__()
+        self.rival, self.reads = rival, 0
+
+    def claims(self) -> list[LockClaim]:
+        self.reads += 1
+        if self.reads == 2:
+            self.put(self.rival)  # the rival wrote between our write and our read
+        return super().claims()
+
+
+def test_two_runs_claiming_at_once_never_both_hold_the_lock():
+    # Our claim and the rival's land together: we see the rival's claim on our check, back off,
+    # and find the rival still there on the next attempt.
+    store = InterleavedClaims(claim("rival", expires_in=60))
+    with pytest.raises(LockHeldError):
+        Lease(store, ttl_s=60).acquire()
+    assert [c.owner for c in store.claims()] == ["rival"]  # ours was withdrawn
+
+
+def test_heartbeat_refreshes_and_a_lost_lock_fences_writes():
+    claims = MemoryClaims()
+    with index_lock(claims, ttl_s=0.6) as lease:
+        first = claims.claims()[0].expires_at
         time.sleep(0.45)
-        assert records.lock_holder().expires_at > first
-        assert not records.lock_holder().expired
+        assert claims.claims()[0].expires_at > first
+        lease.ensure_held()
+        claims.delete(lease.claim.owner)  # another run judged this one dead and took over
+        lease.refresh()
+        with pytest.raises(LockLostError, match="gone"):
+            lease.ensure_held()
+
+
+def test_a_lease_that_cannot_refresh_stops_writing_before_others_may_take_over():
+    class Unreachable(MemoryClaims):
+        broken = False
+
+        def claims(self) -> list[LockClaim]:
+            if self.broken:
+                raise ConnectionError("store unreachable")
+            return super().claims()
+
+    claims = Unreachable()
+    with index_lock(claims, ttl_s=0.3) as lease:
+        claims.broken = True
+        time.sleep(0.35)  # past 2/3 of the TTL without a refresh
+        with pytest.raises(LockLostError, match="last refreshed"):
+            lease.ensure_held()
+        claims.broken = False
+
+
+def test_a_run_that_loses_its_lock_stops_writing(tmp_path):
+    documents = {"a.txt": "alpha", "b.txt": "beta", "c.txt": "gamma"}
+    with milvus_pipeline(tmp_path, documents) as pipeline:
+        pipeline.spec.runner.batch_size = 1
+        with pipeline.lease(60) as lease:
+            checks = []
+
+            def lost_after_the_first_write() -> None:  # the run's own check, then the first batch's
+                checks.append(1)
+                if len(checks) > 2:
+                    raise LockLostError("another run took over")
+
+            lease.ensure_held = lost_after_the_first_write
+            with pytest.raises(Exception, match="LockLostError: another run took over"):
+                pipeline.reindex(lease=lease)
+        written = {source_id for source_id, _, _ in chunk_rows(pipeline.store)}
+        assert written == {"mem/a.txt"}
+        statuses = {r.source_id: r.status for r in records_for(pipeline.store).all()}
+        assert statuses == {"mem/a.txt": "indexed"}  # nothing recorded after the loss, not even failures
 
 
 def test_status_shows_counts_last_run_and_failures():
@@ -147,10 +246,10 @@ def test_schedule_rejects_a_bad_cron_expression_and_stops_on_request():
 # -- the command line -------------------------------------------------------------------------------
 
 
-def write_spec(folder: Path, documents: dict[str, str], **runner) -> Path:
+def write_spec(folder: Path, documents: dict[str, str], *, store: dict | None = None, **runner) -> Path:
     spec = base_spec()
     spec["stages"]["source"]["documents"] = documents
-    spec["stages"]["store"] = {"type": "milvus", "uri": str(folder / "index.db"), "collection": "docs"}
+    spec["stages"]["store"] = {"type": "milvus", **(store or {"uri": str(folder / "index.db"), "collection": "docs"})}
     spec["runner"].update(runner)
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -209,36 +308,47 @@ def corpus_after(round_number: int, rng) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_points_then_one_clean_run_equals_a_clean_build(tmp_path):
+@pytest.mark.parametrize("tier", ["lite", "server"])
+def test_sigkill_at_random_points_then_one_clean_run_equals_a_clean_build(tmp_path, request, tier):
     import random
 
+    if tier == "server":
+        server = request.getfixturevalue("milvus_server")
+        killed_collection, clean_collection = server.new_collection_name(), server.new_collection_name()
+        request.addfinalizer(lambda: [server.drop_collections(name) for name in (killed_collection, clean_collection)])
+        killed_settings = {"uri": server.uri, "collection": killed_collection}
+        clean_settings = {"uri": server.uri, "collection": clean_collection}
+    else:
+        killed_settings = {"uri": str(tmp_path / "killed" / "index.db"), "collection": "docs"}
+        clean_settings = {"uri": str(tmp_path / "clean" / "index.db"), "collection": "docs"}
     rng = random.Random(5)
     folder = tmp_path / "killed"
     folder.mkdir()
     killed = 0
     for round_number in range(20):
         documents = corpus_after(round_number, random.Random(round_number))
-        spec = write_spec(folder, documents, batch_size=4)
-        process = cli("reindex", str(spec), "--lock-ttl", "1")
+        spec = write_spec(folder, documents, store=killed_settings, batch_size=4)
+        # Each run starts right after the last one was killed: the dead run's lock claim (pid gone
+        # on this machine) must not keep it waiting out the TTL, and it must not exit with 4.
+        process = cli("reindex", str(spec))
         try:
             process.wait(timeout=rng.uniform(1.5, 4.5))
         except subprocess.TimeoutExpired:
             process.kill()  # SIGKILL: no cleanup, no lock release, no flush
             killed += 1
-        process.communicate()
-        time.sleep(1.1)  # let a killed run's lock expire
+        _, err = process.communicate()
+        assert process.returncode != 4, err
     assert killed >= 5  # the test must really interrupt runs, not only watch them finish
 
     final = corpus_after(20, random.Random(20))
-    code, out, err = finish(cli("reindex", str(write_spec(folder, final)), "--lock-ttl", "1"))
+    code, out, err = finish(cli("reindex", str(write_spec(folder, final, store=killed_settings))))
     assert code == 0, err
 
     clean_folder = tmp_path / "clean"
     clean_folder.mkdir()
-    code, _, err = finish(cli("ingest", str(write_spec(clean_folder, final))))
+    code, _, err = finish(cli("ingest", str(write_spec(clean_folder, final, store=clean_settings))))
     assert code == 0, err
-    killed_store = MilvusStore(uri=str(folder / "index.db"), collection="docs")
-    clean_store = MilvusStore(uri=str(clean_folder / "index.db"), collection="docs")
+    killed_store, clean_store = MilvusStore(**killed_settings), MilvusStore(**clean_settings)
     try:
         rows = chunk_rows(killed_store)
         assert len(rows) == len({r[2] for r in rows})  # no duplicates

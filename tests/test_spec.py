@@ -1,5 +1,4 @@
 import json
-import textwrap
 
 import pytest
 
@@ -63,9 +62,12 @@ def test_unknown_component_key_and_stage(tmp_path):
 
 def test_several_problems_reported_together(tmp_path):
     text = SPEC.format(chunk_size="-1").replace("  batch_size: 4", "  batch_size: many")
-    # Top-level errors are reported before components are looked at...
-    assert problems_of(write(tmp_path, text)) == ['spec.yaml:18 runner.batch_size: expected an integer, got "many"']
-    # ...and then every component problem is listed at once.
+    # A runner error does not hide the stage errors: both come in one report.
+    assert problems_of(write(tmp_path, text)) == [
+        'spec.yaml:18 runner.batch_size: expected an integer, got "many"',
+        "spec.yaml:12 stages.chunker.chunk_size: input should be greater than or equal to 1",
+    ]
+    # Every component problem is listed at once.
     text = SPEC.format(chunk_size="-1").replace("    type: tests.plugins.components:HashEmbedder", "    type: tests.plugins.components:HashEmbedder\n    dimension: one")
     problems = problems_of(write(tmp_path, text))
     assert "spec.yaml:12 stages.chunker.chunk_size: input should be greater than or equal to 1" in problems

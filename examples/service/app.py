@@ -42,8 +42,7 @@ if str(REPO) not in sys.path:  # run from anywhere without installing the packag
 
 from pipeline import Pipeline  # noqa: E402
 from pipeline.query import QueryError, QueryInputError  # noqa: E402
-from pipeline.reindex_job import index_lock, is_lock_conflict  # noqa: E402
-from stores.records import records_for  # noqa: E402
+from pipeline.errors import is_lock_conflict  # noqa: E402
 
 log = logging.getLogger("rag_pipeline.service")
 
@@ -116,9 +115,7 @@ def create_app(spec_path: str | os.PathLike[str] | None = None, *, ingest_token:
             raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
         pipeline: Pipeline = request.app.state.pipeline
         try:
-            records = records_for(pipeline.store)
-            with index_lock(records):
-                summary = pipeline.reindex(records=records)
+            summary = pipeline.reindex()  # takes the collection's re-index lock for the run
         except Exception as exc:
             if is_lock_conflict(exc):
                 raise HTTPException(409, f"another re-index is running: {exc}") from None
