@@ -302,7 +302,7 @@ def run_system(system: str, python: str, folder: Path, job_args: list[str]) -> R
 
 def resolve_model() -> Path:
     sys.path.insert(0, str(ROOT))
-    from embedders.models import resolve_model_path
+    from core.models import resolve_model_path
 
     return Path(resolve_model_path(MODEL_NAME))
 

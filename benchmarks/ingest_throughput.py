@@ -76,7 +76,7 @@ def pure_model_seconds(texts: list[str], batch_sizes: list[int], token_budgets: 
     import torch
 
     from embedders.huggingface import token_budget_batches
-    from embedders.models import load_encoder, resolve_model_path
+    from core.models import load_encoder, resolve_model_path
     from embedders.pooling import mean_pool
 
     tokenizer, model = load_encoder(resolve_model_path("all-MiniLM-L6-v2"))

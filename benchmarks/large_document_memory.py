@@ -87,7 +87,7 @@ def write_large(path: Path, size: int, variant: str, seed: int) -> None:
 def write_small(folder: Path, chunks_wanted: int, variant: str, seed: int) -> int:
     """Files of 2-8 KB written like the large document, until the recursive chunker cuts ``chunks_wanted`` from them."""
     from chunkers.recursive import RecursiveChunker
-    from pipeline.types import ParsedDocument
+    from core.types import ParsedDocument
 
     chunker = RecursiveChunker(chunk_size=CHUNK_SIZE, chunk_overlap=CHUNK_OVERLAP)
     rng = random.Random(seed)

@@ -46,11 +46,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from chunkers.recursive import RecursiveChunker  # noqa: E402
+from core.component import require  # noqa: E402
+from core.types import (  # noqa: E402
+    ChunkedDocument,
+    Element,
+    ParsedDocument,
+    SourceDocument,
+    sha256_hex,
+)
 from embedders.base import Embedder  # noqa: E402
 from embedders.huggingface import HuggingFaceEmbedder  # noqa: E402
 from embedders.late import LateChunkingEmbedder  # noqa: E402
-from pipeline.component import require  # noqa: E402
-from pipeline.types import ChunkedDocument, Element, ParsedDocument, SourceDocument, sha256_hex  # noqa: E402
 
 DEFAULT_DATASETS = Path(os.environ.get("RAG_PIPELINE_DATASETS", ROOT.parent / "shared" / "datasets"))
 EMBED_BATCH_DOCUMENTS = 32  # documents per embed() call, as the runner's default batch

@@ -332,7 +332,7 @@ def our_chunkers(batch_size: int = 8, quantize: str = "none") -> dict[str, Any]:
 
 
 def as_documents(texts: list[Text]) -> list[Any]:
-    from pipeline.types import ParsedDocument
+    from core.types import ParsedDocument
 
     return [ParsedDocument(f"{t.language}/{t.id}", f"dataset:{t.id}", "text/plain", "", t.text, ()) for t in texts]
 

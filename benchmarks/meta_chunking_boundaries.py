@@ -38,12 +38,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from late_chunking import DEFAULT_DATASETS  # noqa: E402
-from meta_chunking_quality import EMBEDDER_TOKENIZER, chunk_all, mean_length, recursive_matching, size_matching  # noqa: E402
+from meta_chunking_quality import (  # noqa: E402
+    EMBEDDER_TOKENIZER,
+    chunk_all,
+    mean_length,
+    recursive_matching,
+    size_matching,
+)
 
 from chunkers.meta import MarginSamplingChunker, PerplexityChunker, fit_to_target  # noqa: E402
 from chunkers.sentences import split_sentences  # noqa: E402
-from embedders.models import resolve_model_path  # noqa: E402
-from pipeline.types import Chunk, ChunkedDocument, Element, ParsedDocument, chunk_id, sha256_hex  # noqa: E402
+from core.types import (  # noqa: E402
+    Chunk,
+    ChunkedDocument,
+    Element,
+    ParsedDocument,
+    chunk_id,
+    sha256_hex,
+)
+from core.models import resolve_model_path  # noqa: E402
 
 
 def joined_abstracts(corpus_file: Path, documents: int, per_document: int, seed: int) -> tuple[list[ParsedDocument], dict[str, list[int]]]:

@@ -26,13 +26,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from late_chunking import DEFAULT_DATASETS, Corpus, _collect, load_scifact, measure, rank_documents  # noqa: E402
+from late_chunking import (  # noqa: E402
+    DEFAULT_DATASETS,
+    Corpus,
+    _collect,
+    load_scifact,
+    measure,
+    rank_documents,
+)
 
 from chunkers.base import Chunker  # noqa: E402
 from chunkers.meta import MarginSamplingChunker, PerplexityChunker  # noqa: E402
 from chunkers.recursive import RecursiveChunker  # noqa: E402
+from core.types import ChunkedDocument, ParsedDocument  # noqa: E402
 from embedders.huggingface import HuggingFaceEmbedder  # noqa: E402
-from pipeline.types import ChunkedDocument, ParsedDocument  # noqa: E402
 
 EMBEDDER_TOKENIZER = "sentence-transformers/all-MiniLM-L6-v2"
 METRICS = ["R@5", "R@10", "nDCG@10"]

@@ -46,7 +46,7 @@ class ForwardCounter:
     """Counts the tokens our LM runs and the passes it makes (packed decoder or transformers)."""
 
     def __init__(self) -> None:
-        from chunkers.causal_lm import CausalLM, PackedDecoder
+        from core.causal_lm import CausalLM, PackedDecoder
 
         self.tokens = 0
         self.calls = 0

@@ -300,9 +300,8 @@ def _rows_digests(spec: Path, keep_exact: bool) -> dict[str, Any]:
 
     import numpy as np
 
+    from core.digests import digest64
     from pipeline import Pipeline
-    from pipeline.digests import digest64
-    from stores.records import records_for
 
     pipeline = Pipeline.from_yaml(spec, allowed_modules=[PLUGINS])
     try:
@@ -312,7 +311,7 @@ def _rows_digests(spec: Path, keep_exact: bool) -> dict[str, Any]:
         statuses: Counter[str] = Counter()
         record_digests = []
         exact_records = {} if keep_exact else None
-        for record in records_for(store).all():
+        for record in store.index_record().all():
             statuses[record.status] += 1
             key = record_key(record)
             record_digests.append(digest64(json.dumps(key)))
@@ -344,10 +343,10 @@ def _computed_digests(spec: Path, keep_exact: bool, sample: list[str]) -> dict[s
 
     import numpy as np
 
+    from core.digests import digest64
+    from core.records import SourceRecord, chunk_digest
     from pipeline import Pipeline
-    from pipeline.digests import digest64
     from pipeline.incremental import stage_fingerprint
-    from stores.records import SourceRecord, chunk_digest
 
     pipeline = Pipeline.from_yaml(spec, allowed_modules=[PLUGINS])  # its store is never touched
     fingerprint = stage_fingerprint([pipeline.parser, pipeline.chunker, pipeline.embedder, pipeline.sparse])
@@ -409,7 +408,6 @@ def _compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def child_verify(out: Path, spec: Path, sample_file: Path, sources: int, references: list[str]) -> int:
     """Compare the maintained index of ``spec`` with each reference: ``clean=<spec>`` (a clean ingest
     into another index) or ``computed`` (see :func:`_computed_digests`)."""
-    from stores.records import records_for
 
     sample = json.loads(sample_file.read_text())
     keep_exact = 2 * sources <= EXACT_SET_MAX_ROWS  # about 2 chunks per source; larger: digests only
@@ -419,7 +417,7 @@ def child_verify(out: Path, spec: Path, sample_file: Path, sources: int, referen
         try:
             store = side["pipeline"].store  # the sample, source by source, through the store's per-source queries
             chunks = {k: sorted(v) for k, v in store.chunk_ids_of(sample).items()}
-            recs = {k: record_key(v) for k, v in records_for(store).get(sample).items()}
+            recs = {k: record_key(v) for k, v in store.index_record().get(sample).items()}
             side["sample"] = (chunks, recs)
         finally:
             side.pop("pipeline").close()

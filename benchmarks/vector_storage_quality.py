@@ -26,10 +26,10 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.retrieval_quality import DATASETS, build_spec  # noqa: E402
+from core.types import Chunk  # noqa: E402
 from pipeline.evaluate import ModeEvaluator, eval_spec, load_beir  # noqa: E402
 from pipeline.pipeline import Pipeline  # noqa: E402
 from pipeline.spec import parse_spec  # noqa: E402
-from pipeline.types import Chunk  # noqa: E402
 
 BYTES_PER_DIMENSION = {"float32": 4.0, "float16": 2.0, "binary": 1 / 8}
 

@@ -14,8 +14,8 @@ from dataclasses import replace
 from itertools import accumulate
 
 from chunkers.spans import Span, has_text
-from pipeline.component import Component
-from pipeline.types import Chunk, Element, ParsedDocument, chunk_id
+from core.component import Component
+from core.types import Chunk, Element, ParsedDocument, chunk_id
 
 
 class Chunker(Component):

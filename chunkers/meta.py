@@ -29,7 +29,7 @@ Speed, with the same decisions: the margin prompt's shared prefix (system messag
 instructions) and, after a merge, the current chunk are served from the key/value cache of the
 previous prompt instead of being encoded again; only the answer position goes through the output
 head; independent documents run together, their tokens packed without padding
-(``chunkers.causal_lm.PackedDecoder``).
+(``core.causal_lm.PackedDecoder``).
 """
 
 from __future__ import annotations
@@ -47,10 +47,15 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from chunkers.base import Chunker
-from chunkers.causal_lm import DEFAULT_CAUSAL_LM, CausalLM, common_prefix_length, load_causal_lm
+from core.causal_lm import (
+    DEFAULT_CAUSAL_LM,
+    CausalLM,
+    common_prefix_length,
+    load_causal_lm,
+)
 from chunkers.sentences import detect_language, split_sentences
-from pipeline.component import ComponentConfig, require
-from pipeline.types import ParsedDocument
+from core.component import ComponentConfig, require
+from core.types import ParsedDocument
 
 Span = tuple[int, int]
 Language = Literal["en", "zh"]
@@ -257,7 +262,7 @@ class LMChunker(Chunker):
 
     @property
     def lm(self) -> CausalLM:
-        from embedders.models import resolve_device
+        from core.models import resolve_device
 
         return load_causal_lm(self.config.model, resolve_device(self.config.device), self.config.dtype, self.config.quantize)
 
@@ -293,7 +298,7 @@ class LMChunker(Chunker):
 
 @lru_cache(maxsize=8)
 def _size_tokenizer(name_or_path: str) -> Any:
-    from embedders.models import resolve_model_path
+    from core.models import resolve_model_path
 
     transformers = require("transformers", purpose="sizing chunks in tokens")
     return transformers.AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))

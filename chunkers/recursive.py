@@ -27,9 +27,15 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from chunkers.base import Chunker
-from chunkers.spans import Span, SpanChunkingConfig, char_length, pack_pieces, plan_spans
-from pipeline.component import require
-from pipeline.types import ParsedDocument
+from chunkers.spans import (
+    Span,
+    SpanChunkingConfig,
+    char_length,
+    pack_pieces,
+    plan_spans,
+)
+from core.component import require
+from core.types import ParsedDocument
 
 # Zero-width cuts right after CJK punctuation, so the mark stays with the text it ends (whatever
 # keep_separator says). A run of marks or a closing quote after the mark stays with the sentence.

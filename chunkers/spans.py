@@ -24,8 +24,8 @@ from itertools import groupby
 
 from pydantic import Field, model_validator
 
-from pipeline.component import ComponentConfig
-from pipeline.types import ParsedDocument
+from core.component import ComponentConfig
+from core.types import ParsedDocument
 
 Span = tuple[int, int]
 # Size of text[start:end] in the chunker's unit (characters or tokens).

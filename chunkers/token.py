@@ -13,7 +13,7 @@ text can then hold a little more than its window, each chunk is re-tokenized on 
 shortened until it fits ``chunk_size``.
 
 Tokenizers: a tiktoken encoding (``encoding: cl100k_base``, the default, or an OpenAI model name;
-works offline, see :mod:`chunkers.tiktoken_data`), or a Hugging Face fast tokenizer
+works offline, see :mod:`core.tiktoken_data`), or a Hugging Face fast tokenizer
 (``tokenizer: <hub id or local folder>``) whose offset mappings give the starts.
 """
 
@@ -25,11 +25,17 @@ from typing import Any, Protocol
 from pydantic import Field, field_validator, model_validator
 
 from chunkers.base import Chunker
-from chunkers.spans import Measure, Span, SpanChunkingConfig, plan_spans, trim_whitespace
-from chunkers.tiktoken_data import encoding_name, get_encoding
-from embedders.models import resolve_model_path
-from pipeline.component import require
-from pipeline.types import ParsedDocument
+from chunkers.spans import (
+    Measure,
+    Span,
+    SpanChunkingConfig,
+    plan_spans,
+    trim_whitespace,
+)
+from core.tiktoken_data import encoding_name, get_encoding
+from core.component import require
+from core.types import ParsedDocument
+from core.models import resolve_model_path
 
 DEFAULT_ENCODING = "cl100k_base"
 

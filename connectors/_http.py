@@ -31,7 +31,7 @@ from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlsplit, ur
 
 from connectors._remote import describe_error, human_size, retrying
 from connectors.local import FileTooLarge, media_type_for
-from pipeline.component import require
+from core.component import require
 
 log = logging.getLogger("rag_pipeline.source.web")
 

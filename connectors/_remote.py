@@ -6,7 +6,7 @@
 * :func:`scrub_url` and :func:`redact` keep credentials out of everything a connector says:
   source ids, URIs, metadata, log lines and error messages. A connector passes every message it
   builds from a library's exception through :func:`redact` before raising or logging it; the
-  credential values it knows go to :mod:`pipeline.secrets`, whose scrubber :func:`redact` applies.
+  credential values it knows go to :mod:`core.secrets`, whose scrubber :func:`redact` applies.
 * :func:`credential_keys` finds settings that look like key material, so a spec that holds
   credentials is refused instead of being stored, logged or committed with them.
 * :func:`retrying` is the tenacity policy for transient failures (throttling, 5xx, timeouts).
@@ -22,14 +22,13 @@ from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pipeline.component import require
-from pipeline.secrets import REDACTED, register_secret, scrub
-
 # The local source's pattern rules are the project's one definition of include/exclude globs.
 from connectors.local import PathPattern
+from core.component import require
+from core.secrets import REDACTED, register_secret, scrub
 
 # Environment variables whose values are secrets in every context: wherever such a value shows
-# up in a message (a library echoing a token, a signed URL), it is replaced (pipeline.secrets).
+# up in a message (a library echoing a token, a signed URL), it is replaced (core.secrets).
 SECRET_ENV_VARS = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -119,7 +118,7 @@ def redact(text: str, extra_secrets: Iterable[str] = ()) -> str:
 
     The values of the credential environment variables and ``extra_secrets`` are registered as
     secrets (read now: a library may have picked them up since the last call), then
-    :func:`pipeline.secrets.scrub` removes every registered secret in any form it knows.
+    :func:`core.secrets.scrub` removes every registered secret in any form it knows.
     """
     _register_environment_secrets()
     register_secret(*extra_secrets)

@@ -6,8 +6,8 @@ from abc import abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
-from pipeline.component import Component
-from pipeline.types import ParsedDocument, SourceDocument, SourceRef
+from core.component import Component
+from core.types import ParsedDocument, SourceDocument, SourceRef
 
 
 def path_id(raw: bytes) -> str:

@@ -42,9 +42,9 @@ from pydantic import ConfigDict, Field, field_validator
 from connectors._remote import PathFilter, human_size, redact, scrub_url
 from connectors.base import Source, path_id
 from connectors.local import FileTooLarge, media_type_for
-from pipeline.component import ComponentConfig
-from pipeline.secrets import register_secret
-from pipeline.types import SourceRef, sha256_hex
+from core.component import ComponentConfig
+from core.secrets import register_secret
+from core.types import SourceRef, sha256_hex
 
 log = logging.getLogger("rag_pipeline.source.git")
 

@@ -20,9 +20,9 @@ from typing import Any
 from pydantic import Field
 
 from connectors.base import Source
-from pipeline.component import ComponentConfig
-from pipeline.digests import DigestSet, digest64
-from pipeline.types import SourceRef, sha256_hex
+from core.component import ComponentConfig
+from core.digests import DigestSet, digest64
+from core.types import SourceRef, sha256_hex
 
 MEDIA_TYPE = "text/plain"
 

@@ -37,8 +37,8 @@ from urllib.parse import unquote_to_bytes
 from pydantic import Field, field_validator
 
 from connectors.base import Source, path_id
-from pipeline.component import ComponentConfig
-from pipeline.types import SourceRef
+from core.component import ComponentConfig
+from core.types import SourceRef
 
 log = logging.getLogger("rag_pipeline.source.local")
 

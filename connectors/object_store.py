@@ -48,8 +48,8 @@ from connectors._remote import (
 )
 from connectors.base import Source
 from connectors.local import FileTooLarge, media_type_for
-from pipeline.component import ComponentConfig, require
-from pipeline.types import SourceRef
+from core.component import ComponentConfig, require
+from core.types import SourceRef
 
 log = logging.getLogger("rag_pipeline.source.object_store")
 

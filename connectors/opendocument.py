@@ -22,7 +22,7 @@ from typing import Literal
 from xml.etree import ElementTree
 
 from connectors.base import ParseFailure
-from connectors.parsing import TABLE_HTML_MAX_CHARS, Block
+from connectors.blocks import TABLE_HTML_MAX_CHARS, Block
 
 Kind = Literal["presentation", "spreadsheet"]
 EXTENSIONS: dict[str, Kind] = {"odp": "presentation", "otp": "presentation", "ods": "spreadsheet", "ots": "spreadsheet"}

@@ -35,42 +35,26 @@ import logging
 import re
 import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from connectors.base import EmptyDocument, ParseFailure, Parser, empty_document
-from pipeline.component import ComponentConfig, MissingDependencyError
-from pipeline.types import Element, ParsedDocument, SourceDocument
+from connectors.blocks import TABLE_HTML_MAX_CHARS, Block
+from core.component import ComponentConfig, MissingDependencyError
+from core.types import Element, ParsedDocument, SourceDocument
 
 ELEMENT_SEPARATOR = "\n\n"
 TEXT_EXTENSIONS = frozenset({"txt", "text", "log"})
 MARKDOWN_EXTENSIONS = frozenset({"md", "markdown", "mdown", "mkd"})
-# A table's HTML can be megabytes for a spreadsheet; beyond this only its text is kept, so element
-# metadata stays small enough to travel between processes and into chunk metadata.
-TABLE_HTML_MAX_CHARS = 16_384
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
 _CJK_SENTENCE_MARKS = re.compile(r"[。，；！？、]")
 _SENTENCE_END = (".", ",", ";", "。", "，", "；", "、")
 
 log = logging.getLogger("rag_pipeline.parser")
-
-
-# -- blocks: what a route produces, before offsets and headings --------------------------------
-
-
-@dataclass
-class Block:
-    text: str
-    category: str
-    page_number: int | None = None
-    depth: int | None = None  # unstructured's category_depth: heading level for Title, nesting for ListItem
-    heading_level: int | None = None  # where a Title sits among headings (smaller = outer); None: depth or 0
-    heading_markup: bool = False  # the format itself marks it as a heading (Markdown "#", DOCX style)
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 # -- headings ---------------------------------------------------------------------------------

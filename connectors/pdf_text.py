@@ -18,7 +18,7 @@ from pdfminer.layout import LAParams, LTImage, LTItem, LTLayoutContainer, LTText
 from pdfminer.pdfinterp import PDFPageInterpreter, PDFResourceManager
 from pdfminer.pdfpage import PDFPage
 
-from connectors.parsing import Block
+from connectors.blocks import Block
 
 
 @dataclass

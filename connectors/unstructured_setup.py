@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pipeline.component import MissingDependencyError
+from core.component import MissingDependencyError
 
 SPACY_MODEL_ENV = "RAG_PIPELINE_SPACY_MODEL"
 # Tried in order. The official package first, so an environment that has it behaves exactly

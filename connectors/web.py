@@ -73,8 +73,8 @@ from connectors._http import (
 from connectors._remote import PathFilter, describe_error, url_has_credentials
 from connectors.base import Source
 from connectors.local import MEDIA_TYPES, media_type_for
-from pipeline.component import ComponentConfig
-from pipeline.types import SourceRef, sha256_hex
+from core.component import ComponentConfig
+from core.types import SourceRef, sha256_hex
 
 log = logging.getLogger("rag_pipeline.source.web")
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.component import Component
-from pipeline.types import ChunkedDocument
+from core.component import Component
+from core.types import ChunkedDocument
 
 
 class Embedder(Component):

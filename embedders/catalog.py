@@ -35,8 +35,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, get_args
 
-from embedders.models import Pooling
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from core.models import Pooling
 
 log = logging.getLogger("rag_pipeline.embed")
 

@@ -26,7 +26,7 @@ Public API, shared with the late-chunking embedder (``embedders.late``):
 * :func:`tokenize`: padded, truncated model inputs plus which texts were cut;
 * :class:`ModelLoadError`: a model that cannot be found or loaded, with what to do about it.
 
-The model is loaded on first use, once per process (``embedders.models.load_encoder`` caches it);
+The model is loaded on first use, once per process (``core.models.load_encoder`` caches it);
 ``dimension`` and ``model_id`` read only small config files.
 """
 
@@ -48,9 +48,19 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from core.component import ComponentConfig, require
+from core.errors import PipelineError
 from embedders.base import Embedder
-from embedders.catalog import CATALOG, FAMILY, SPEC, CatalogError, Conventions, ModelFamily, resolve_conventions
-from embedders.models import (
+from embedders.catalog import (
+    CATALOG,
+    FAMILY,
+    SPEC,
+    CatalogError,
+    Conventions,
+    ModelFamily,
+    resolve_conventions,
+)
+from core.models import (
     SHIPPED_MODELS,
     DenseLayer,
     ModelFilesError,
@@ -65,8 +75,6 @@ from embedders.models import (
     shipped_hub_id,
 )
 from embedders.pooling import l2_normalize, pool, without_leading_tokens
-from pipeline.component import ComponentConfig, require
-from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -48,9 +48,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from embedders.huggingface import HuggingFaceConfig, HuggingFaceEmbedder, LoadedEncoder, ModelLoadError, TokenizedBatch
-from pipeline.component import require
-from pipeline.types import ChunkedDocument
+from core.component import require
+from core.types import ChunkedDocument
+from embedders.huggingface import (
+    HuggingFaceConfig,
+    HuggingFaceEmbedder,
+    LoadedEncoder,
+    ModelLoadError,
+    TokenizedBatch,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import Tensor
 
-from embedders.models import Pooling
+from core.models import Pooling
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:

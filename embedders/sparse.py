@@ -32,9 +32,9 @@ from typing import Any
 
 from pydantic import Field
 
-from pipeline.component import Component, ComponentConfig, require
-from pipeline.errors import PipelineError
-from pipeline.types import ChunkedDocument
+from core.component import Component, ComponentConfig, require
+from core.errors import PipelineError
+from core.types import ChunkedDocument
 
 log = logging.getLogger("rag_pipeline.sparse")
 

@@ -1,28 +1,13 @@
 """rag-pipeline: document collections -> a searchable Milvus index, from a declarative YAML spec.
 
-Names are imported on first use, so ``import chunkers.base`` (which needs ``pipeline.component``)
-never pulls in the runner, and the runner's import of the stage bases never meets a half-loaded
-package.
+The orchestration layer: it stands on the stage packages (``connectors``, ``chunkers``,
+``embedders``, ``stores``, ``rerankers``), which stand on ``core``; none of them imports this
+package, so importing it eagerly here never meets a half-loaded module.
 """
 
-from importlib import import_module
-from typing import Any
+from core.errors import PipelineError, SpecError, StageError
+from pipeline.pipeline import Pipeline
+from pipeline.report import RunSummary
+from pipeline.spec import Spec, load_spec, parse_spec
 
-_EXPORTS = {
-    "Pipeline": "pipeline.pipeline",
-    "PipelineError": "pipeline.errors",
-    "SpecError": "pipeline.errors",
-    "StageError": "pipeline.errors",
-    "RunSummary": "pipeline.report",
-    "Spec": "pipeline.spec",
-    "load_spec": "pipeline.spec",
-    "parse_spec": "pipeline.spec",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__all__ = ["Pipeline", "PipelineError", "RunSummary", "Spec", "SpecError", "StageError", "load_spec", "parse_spec"]

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pipeline.secrets import install_log_filter, scrub
+from core.secrets import install_log_filter, scrub
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1
@@ -37,7 +37,7 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # Every record any logger emits, at DEBUG too, with its traceback: a library or a server's
-    # answer quoted in a message may hold a credential in some encoding (pipeline.secrets).
+    # answer quoted in a message may hold a credential in some encoding (core.secrets).
     install_log_filter()
     # Libraries' own chatter (HTTP clients, model loading) stays out of the run log unless asked for.
     for noisy in ("httpx", "urllib3", "transformers", "huggingface_hub", "filelock", "unstructured", "faiss", "milvus_lite", "pymilvus", "botocore", "aiobotocore", "s3fs", "fsspec"):
@@ -179,7 +179,7 @@ def _run_eval(pipeline, args) -> int:  # type: ignore[no-untyped-def]
 
 
 def _run_reindex(pipeline, args) -> int:  # type: ignore[no-untyped-def]
-    from pipeline.errors import is_lock_conflict
+    from core.errors import is_lock_conflict
     from pipeline.reindex_job import run_on_schedule
 
     def once() -> int:
@@ -209,7 +209,7 @@ def _run_reindex(pipeline, args) -> int:  # type: ignore[no-untyped-def]
 
 
 def _run_reconcile(pipeline, args) -> int:  # type: ignore[no-untyped-def]
-    from pipeline.errors import is_lock_conflict
+    from core.errors import is_lock_conflict
 
     try:
         if args.dry_run:
@@ -233,13 +233,14 @@ def _run_reconcile(pipeline, args) -> int:  # type: ignore[no-untyped-def]
 
 
 def _run_status(pipeline) -> int:  # type: ignore[no-untyped-def]
-    from pipeline.errors import is_lock_conflict
+    from core.errors import is_lock_conflict
     from pipeline.reindex_job import format_status
-    from stores.leases import claims_for
-    from stores.records import records_for
 
     try:
-        print(format_status(records_for(pipeline.store), claims_for(pipeline.store)))
+        record = pipeline.store.index_record()
+        if record is None:
+            raise TypeError(f"{type(pipeline.store).__name__} keeps no index record")
+        print(format_status(record, pipeline.store.lock_claims()))
     except Exception as exc:
         print(f"status unavailable: {exc}", file=sys.stderr)
         return EXIT_LOCK_HELD if is_lock_conflict(exc) else EXIT_FATAL
@@ -247,7 +248,7 @@ def _run_status(pipeline) -> int:  # type: ignore[no-untyped-def]
 
 
 def _run_ingest(pipeline, args) -> int:  # type: ignore[no-untyped-def]
-    from pipeline.errors import is_lock_conflict
+    from core.errors import is_lock_conflict
 
     try:
         with pipeline.lease(args.lock_ttl) as lease:
@@ -266,7 +267,7 @@ def _run_ingest(pipeline, args) -> int:  # type: ignore[no-untyped-def]
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
-    from pipeline.errors import SpecError
+    from core.errors import SpecError
 
     try:
         if args.command == "schema":

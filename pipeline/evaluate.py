@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.component import require
-from pipeline.errors import PipelineError
+from core.component import require
+from core.errors import PipelineError
 from pipeline.query import BRANCHES, MAX_LIMIT, QueryEngine
 from pipeline.spec import ComponentSpec, Spec
 
@@ -157,31 +157,24 @@ def default_modes(engine: QueryEngine) -> list[str]:
     return modes
 
 
-def evaluate_beir(
-    spec: Spec,
-    folder: Path,
+def evaluate_dataset(
+    pipeline: Any,
+    dataset: BeirDataset,
     *,
     split: str = "test",
     modes: Sequence[str] | None = None,
-    collection: str | None = None,
     reuse_index: bool = False,
     max_queries: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
-    """Ingest the dataset with ``spec``'s stages (unless ``reuse_index`` finds it ingested) and measure ``modes``."""
-    from pipeline.pipeline import Pipeline
-
-    dataset = load_beir(folder, split)
-    pipeline = Pipeline(eval_spec(spec, dataset, collection))
-    try:
-        report = _ingest(pipeline, dataset, split, reuse_index, progress)
-        engine = pipeline.query_engine
-        evaluator = ModeEvaluator(engine, dataset, max_queries=max_queries, progress=progress)
-        report.results = evaluator.run(list(modes) if modes else default_modes(engine))
-        report.notes.extend(evaluator.notes)
-        return report
-    finally:
-        pipeline.close()
+    """Ingest ``dataset`` with ``pipeline`` (built from :func:`eval_spec`; unless ``reuse_index``
+    finds it ingested) and measure ``modes``. :meth:`pipeline.Pipeline.evaluate` is the entry point."""
+    report = _ingest(pipeline, dataset, split, reuse_index, progress)
+    engine = pipeline.query_engine
+    evaluator = ModeEvaluator(engine, dataset, max_queries=max_queries, progress=progress)
+    report.results = evaluator.run(list(modes) if modes else default_modes(engine))
+    report.notes.extend(evaluator.notes)
+    return report
 
 
 def _ingest(pipeline: Any, dataset: BeirDataset, split: str, reuse_index: bool, progress: Callable[[str], None] | None) -> EvalReport:

@@ -23,11 +23,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.component import Component
-from pipeline.digests import KnownSources, digest64, sorted_contains
-from pipeline.types import ChunkedDocument, SourceDocument, SourceRef
+from core.component import Component
+from core.digests import KnownSources, digest64, sorted_contains
+from core.records import RecordStore, SourceRecord, chunk_digest
+from core.types import ChunkedDocument, SourceDocument, SourceRef
 from stores.base import Store
-from stores.records import RecordStore, SourceRecord, chunk_digest
 
 log = logging.getLogger("rag_pipeline")
 

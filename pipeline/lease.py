@@ -46,8 +46,8 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from functools import cache
 
-from pipeline.errors import LockHeldError, LockLostError
-from stores.leases import ClaimStore, LockClaim
+from core.errors import LockHeldError, LockLostError
+from core.leases import ClaimStore, LockClaim
 
 log = logging.getLogger("rag_pipeline")
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from connectors.base import ParseFailure, Parser
-from pipeline.errors import ParserStartupError
-from pipeline.types import ParsedDocument, SourceDocument
+from core.errors import ParserStartupError
+from core.types import ParsedDocument, SourceDocument
 
 log = logging.getLogger("rag_pipeline.parse")
 

@@ -5,21 +5,21 @@ from __future__ import annotations
 import os
 import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from core.leases import ClaimStore
+from core.records import RecordStore
+from pipeline.evaluate import EvalReport, eval_spec, evaluate_dataset, load_beir
 from pipeline.incremental import ChangeTracker, stage_fingerprint
 from pipeline.lease import DEFAULT_TTL_S, Lease, index_lock
 from pipeline.query import Mode, QueryEngine, QueryResult
 from pipeline.report import Progress, RunSummary
 from pipeline.runner import LocalRunner
 from pipeline.spec import Spec, load_spec, parse_spec
-from stores.milvus import REBUILD_INFIX, MilvusStore
-from stores.leases import ClaimStore, claims_for
-from stores.records import MilvusRecords, RecordStore, records_for
+from stores.base import Rebuild
 
 
 class Pipeline:
@@ -122,14 +122,20 @@ class Pipeline:
 
         ``ingest``, ``reindex``, ``full_rebuild`` and ``reconcile`` take it themselves for one
         call; pass the held lease (``lease=``) to run several under one hold. Raises
-        :class:`pipeline.errors.LockHeldError` when another live run holds it. Yields None for a
+        :class:`core.errors.LockHeldError` when another live run holds it. Yields None for a
         store that keeps no lock (no index record).
         """
         claims = self._claims()
         return index_lock(claims, ttl_s) if claims is not None else nullcontext()
 
     def _claims(self) -> ClaimStore | None:
-        return claims_for(self.store) if isinstance(self.store, MilvusStore) else None
+        return self.store.lock_claims()
+
+    def _records(self) -> RecordStore:
+        record = self.store.index_record()
+        if record is None:
+            raise TypeError(f"{type(self.store).__name__} keeps no index record; pass a RecordStore (records=)")
+        return record
 
     @contextmanager
     def _locked(self, lease: Lease | None) -> Iterator[Lease | None]:
@@ -151,17 +157,18 @@ class Pipeline:
         """
         with self._locked(lease) as held:
             tracker = None
-            if isinstance(self.store, MilvusStore):
-                tracker = ChangeTracker(
-                    records_for(self.store), self.store, self._fingerprint(), "none", skip_unchanged=False, fence=_fence(held)
-                )
+            record = self.store.index_record()
+            if record is not None:
+                tracker = ChangeTracker(record, self.store, self._fingerprint(), "none", skip_unchanged=False, fence=_fence(held))
             return self._run(self.store, tracker, progress)
 
     def _run(self, store: Any, tracker: ChangeTracker | None, progress: Progress | None) -> RunSummary:
         with self._ingest_lock:
             runner_class: type[Any] = LocalRunner
             if self.spec.runner.type == "ray":
-                from pipeline.ray_runner import RayRunner  # ray itself is imported only when the run starts
+                from pipeline.ray_runner import (
+                    RayRunner,  # ray itself is imported only when the run starts
+                )
 
                 runner_class = RayRunner
             runner = runner_class(
@@ -187,7 +194,7 @@ class Pipeline:
         Holds the re-index lock (``lease``, or one taken for the call).
         """
         with self._locked(lease) as held:
-            records = records if records is not None else records_for(self.store)
+            records = records if records is not None else self._records()
             tracker = ChangeTracker(records, self.store, self._fingerprint(), self.spec.runner.cleanup, fence=_fence(held))
             return self._run(self.store, tracker, progress)
 
@@ -202,38 +209,34 @@ class Pipeline:
         indexed data: a source listing failed, or a source that has chunks in the served index
         failed in the build (the summary says which). ``records`` is the serving record.
         """
-        store = self.store
-        if not isinstance(store, MilvusStore):
-            raise TypeError(f"a full rebuild switches a Milvus index (alias or Lite database file); {type(store).__name__} is not one")
         with self._locked(lease) as held:
-            serving_records = records if records is not None else records_for(store)
-            if isinstance(serving_records, MilvusRecords):
-                serving_records.bind()  # the record of what is served now, dropped after the switch
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-            if store.has_aliases:
-                build: _Build = _CollectionBuild(store, stamp)
-            else:
-                build = _FileBuild(store, stamp)
-            summary, switchable = self._build(store, build, progress, _fence(held))
+            serving_records = records if records is not None else self._records()
+            build = self.store.start_rebuild(serving_records, time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
+            if build is None:
+                raise TypeError(f"{type(self.store).__name__} cannot build an index beside the served one and switch to it")
+            summary, switchable = self._build(build, progress, _fence(held))
             if switchable:
-                summary.notes.append(build.switch(serving_records))
+                summary.notes.append(build.switch())
             return summary
 
-    def _build(self, store: MilvusStore, build: "_Build", progress: Progress | None, fence: Callable[[], None]) -> tuple[RunSummary, bool]:
+    def _build(self, build: Rebuild, progress: Progress | None, fence: Callable[[], None]) -> tuple[RunSummary, bool]:
         """Run the build; drop it (the summary says why) when switching to it would lose indexed data."""
-        tracker = ChangeTracker(MilvusRecords(build.store), build.store, self._fingerprint(), "full", fence=fence)
+        record = build.store.index_record()
+        if record is None:
+            raise TypeError(f"{type(build.store).__name__} keeps no index record, which a full rebuild writes")
+        tracker = ChangeTracker(record, build.store, self._fingerprint(), "full", fence=fence)
         try:
             summary = self._run(build.store, tracker, progress)
             kept = [f"listing of {scope!r}" for scope in tracker.failed_listings()]
             failed = {f.source_id for f in summary.failures if f.source_id not in tracker.failed_listings()}
-            kept += sorted(store.sources_with_chunks(sorted(failed)))
+            kept += sorted(build.served_sources_with_chunks(sorted(failed)))
         except BaseException:
             build.discard()
             raise
         if kept:
             build.discard()
             summary.notes.append(
-                f"full rebuild not switched: {store.config.collection!r} keeps serving {build.serving!r}, because the build "
+                f"full rebuild not switched: {build.name!r} keeps serving {build.serving!r}, because the build "
                 f"failed for what that index holds: {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}"
             )
             return summary, False
@@ -248,7 +251,7 @@ class Pipeline:
         """
         from pipeline.reconcile import reconcile
 
-        records = records if records is not None else records_for(self.store)
+        records = records if records is not None else self._records()
         if not repair:
             return reconcile(records, self.store, repair=False)
         with self._locked(lease):
@@ -266,14 +269,28 @@ class Pipeline:
         """The best chunks for ``text`` (see :meth:`pipeline.query.QueryEngine.query`); thread-safe."""
         return self.query_engine.query(text, top_k=top_k, filters=filters, mode=mode, rerank=rerank)
 
-    def evaluate(self, beir_dir: str | os.PathLike[str], **options: Any) -> Any:
-        """Ingest a BEIR dataset with this spec's stages and measure every retrieval mode on it.
-
-        See :func:`pipeline.evaluate.evaluate_beir` for the options; returns its EvalReport.
-        """
-        from pipeline.evaluate import evaluate_beir
-
-        return evaluate_beir(self.spec, Path(beir_dir), **options)
+    def evaluate(
+        self,
+        beir_dir: str | os.PathLike[str],
+        *,
+        split: str = "test",
+        modes: Sequence[str] | None = None,
+        collection: str | None = None,
+        reuse_index: bool = False,
+        max_queries: int | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> EvalReport:
+        """Ingest a BEIR dataset with this spec's stages into a collection of its own
+        (``<collection>_beir_<dataset>``, or ``collection``) and measure every retrieval mode on it
+        (see :mod:`pipeline.evaluate`). ``reuse_index`` skips the ingest when that collection has chunks."""
+        dataset = load_beir(Path(beir_dir), split)
+        evaluation = Pipeline(eval_spec(self.spec, dataset, collection))
+        try:
+            return evaluate_dataset(
+                evaluation, dataset, split=split, modes=modes, reuse_index=reuse_index, max_queries=max_queries, progress=progress
+            )
+        finally:
+            evaluation.close()
 
     def validate(self) -> list[str]:
         """Problems that would stop a run, found without running it (the spec itself is already valid)."""
@@ -310,74 +327,6 @@ class Pipeline:
         self.close()
 
 
-SWITCH_GRACE_S = 5.0  # how long a rebuild's old collection outlives the switch of its alias
-
-
-class _Build(ABC):
-    """Where a full rebuild writes, and how queries are switched over to it."""
-
-    store: MilvusStore  # the build's store
-    serving: str | None  # what the configured name serves before the switch
-
-    @abstractmethod
-    def switch(self, serving_records: RecordStore) -> str:
-        """Make the build the served index; returns a note for the summary."""
-
-    @abstractmethod
-    def discard(self) -> None:
-        """Drop the build, which is not switched in."""
-
-
-class _CollectionBuild(_Build):
-    """A new collection ``<name>__rebuild_<time>``; the name becomes an alias of it."""
-
-    def __init__(self, served: MilvusStore, stamp: str):
-        self.served = served
-        self.serving = served.serving_collection()
-        for leftover in served.build_collections():  # from a rebuild that crashed before its switch
-            if leftover != self.serving:
-                _drop_collection(served.with_collection(leftover))
-        self.store = served.with_collection(f"{served.config.collection}{REBUILD_INFIX}{stamp}")
-
-    def switch(self, serving_records: RecordStore) -> str:
-        try:
-            previous = self.served.switch_to(self.store.config.collection)
-        finally:
-            self.store.close()
-        if previous is not None and previous != self.served.config.collection:  # a real collection of that name went in switch_to
-            # Searches routed to the old collection just before the switch (a server's proxies cache
-            # aliases) still run on it: dropped at once, it answered such a search with nothing.
-            time.sleep(SWITCH_GRACE_S)
-            _drop_collection(self.served.with_collection(previous), records=False)
-        if isinstance(serving_records, MilvusRecords):
-            serving_records.drop()
-        return f"full rebuild: {self.served.config.collection!r} now serves {self.store.config.collection!r} (was {previous!r})"
-
-    def discard(self) -> None:
-        _drop_collection(self.store)
-
-
-class _FileBuild(_Build):
-    """A new Milvus Lite 2.5 database file beside the served one, moved over it by one rename."""
-
-    def __init__(self, served: MilvusStore, stamp: str):
-        self.served = served
-        self.serving = served.serving_collection()
-        for leftover in served.lite_build_files():  # from a rebuild that crashed before its switch
-            served.with_lite_path(leftover).delete_lite_file()
-        self.store = served.with_lite_path(served.lite_build_path(stamp))
-
-    def switch(self, serving_records: RecordStore) -> str:
-        # The served file's record goes with it: the build's own record, written under the same
-        # name, is the record of what is served now.
-        built = self.store.endpoint.lite_path
-        self.served.replace_lite_file(self.store)
-        return f"full rebuild: {self.served.endpoint.lite_path} replaced by the rebuilt database (built as {built.name})"
-
-    def discard(self) -> None:
-        self.store.delete_lite_file()
-
-
 def overlapping_scopes(sources: list[Any]) -> list[str]:
     """Sources whose ids could collide: one's scope (id prefix) equals or starts another's.
 
@@ -401,13 +350,3 @@ def overlapping_scopes(sources: list[Any]) -> list[str]:
 def _fence(lease: Lease | None) -> Callable[[], None]:
     """What a run calls before each write: raises once the lease is lost (nothing for a store without a lock)."""
     return lease.ensure_held if lease is not None else (lambda: None)
-
-
-def _drop_collection(store: MilvusStore, records: bool = True) -> None:
-    """Drop a collection that no name serves any more (and its record, unless dropped apart)."""
-    try:
-        if records:
-            MilvusRecords(store).drop()
-        store.drop()
-    finally:
-        store.close()

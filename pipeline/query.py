@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 if TYPE_CHECKING:
     from embedders.base import Embedder

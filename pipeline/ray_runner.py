@@ -24,7 +24,7 @@ therefore the parse tasks themselves, and each task pulls documents until the dr
 
 Documents and results cross Ray Data as pickled objects in a binary column: the pipeline's
 dataclasses (a ParsedDocument with its elements, chunks with numpy vectors) round-trip exactly,
-with no columnar schema to keep in step with :mod:`pipeline.types`.
+with no columnar schema to keep in step with :mod:`core.types`.
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ from typing import Any, cast
 
 from chunkers.base import Chunker
 from connectors.base import Parser, Source
+from core.component import Component, MissingDependencyError, require
+from core.types import ChunkedDocument, SourceDocument
 from embedders.base import Embedder
 from embedders.sparse import SparseEncoder
-from pipeline.component import Component, MissingDependencyError, require
 from pipeline.incremental import ChangeTracker
 from pipeline.parse_pool import ParseOutcome, ParserPool
 from pipeline.report import FailureLog, Progress, RunSummary
@@ -64,8 +65,13 @@ from pipeline.runner import (
     slices_of,
 )
 from pipeline.spec import RaySettings, RunnerConfig
-from pipeline.stages import BatchWriter, ChunkAndEmbed, DocumentFailure, DocumentSlice, StageResult
-from pipeline.types import ChunkedDocument, SourceDocument
+from pipeline.stages import (
+    BatchWriter,
+    ChunkAndEmbed,
+    DocumentFailure,
+    DocumentSlice,
+    StageResult,
+)
 from stores.base import Store
 
 log = logging.getLogger("rag_pipeline")

@@ -18,8 +18,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pipeline.digests import DigestSet, digest64
-from stores.records import RecordStore, SourceRecord, chunk_digest
+from core.digests import DigestSet, digest64
+from core.records import RecordStore, SourceRecord, chunk_digest
 
 _SOURCES_PER_QUERY = 256  # indexed records compared with their chunks per store query
 _LISTED = 20  # source ids a report names per kind of drift

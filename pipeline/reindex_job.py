@@ -11,10 +11,10 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from pipeline.component import require
+from core.component import require
+from core.leases import ClaimStore
+from core.records import RecordStore, SourceRecord
 from pipeline.lease import describe_claim, live_holders
-from stores.leases import ClaimStore
-from stores.records import RecordStore, SourceRecord
 
 log = logging.getLogger("rag_pipeline")
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from pipeline.secrets import scrub
+from core.secrets import scrub
 
 if TYPE_CHECKING:
     from pipeline.incremental import ChangeCounts

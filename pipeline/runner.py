@@ -32,6 +32,7 @@ from typing import Protocol, TypeVar
 
 from chunkers.base import Chunker, ChunkPlan
 from connectors.base import Parser, Source
+from core.types import ChunkedDocument, SourceDocument
 from embedders.base import Embedder
 from embedders.sparse import SparseEncoder
 from pipeline.incremental import ChangeTracker
@@ -49,7 +50,6 @@ from pipeline.stages import (
     collision_reason,
     describe_error,
 )
-from pipeline.types import ChunkedDocument, SourceDocument
 from stores.base import Store
 
 log = logging.getLogger("rag_pipeline")

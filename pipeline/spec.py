@@ -36,9 +36,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline import registry
-from pipeline.component import Component, ComponentConfig
-from pipeline.errors import ComponentNotFound, SpecError
+from core import registry
+from core.component import Component, ComponentConfig
+from core.errors import ComponentNotFound, SpecError
 from pipeline.query import QueryConfig
 
 YamlPath = tuple[str | int, ...]

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from chunkers.base import Chunker, ChunkPlan
+from core.digests import DigestSet, digest64
+from core.errors import LockLostError
+from core.secrets import scrub
+from core.types import Chunk, ChunkedDocument, ParsedDocument
 from embedders.base import Embedder
 from embedders.sparse import SparseEncoder
-from pipeline.digests import DigestSet, digest64
-from pipeline.errors import LockLostError
 from pipeline.incremental import ChangeTracker
-from pipeline.secrets import scrub
-from pipeline.types import Chunk, ChunkedDocument, ParsedDocument
 from stores.base import Store
 
 log = logging.getLogger("rag_pipeline")
@@ -30,7 +30,7 @@ log = logging.getLogger("rag_pipeline")
 
 def describe_error(exc: BaseException) -> str:
     """``Type: message`` on one line, scrubbed: every stage's failure reason is built here, and
-    messages quote servers and libraries that may echo a credential (:mod:`pipeline.secrets`)."""
+    messages quote servers and libraries that may echo a credential (:mod:`core.secrets`)."""
     text = " ".join(str(exc).split())
     return scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
-from pipeline.component import Component, ComponentConfig
-from pipeline.errors import PipelineError
+from core.component import Component, ComponentConfig
+from core.errors import PipelineError
 
 
 class RerankerError(PipelineError):

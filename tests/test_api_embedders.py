@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from core.types import Chunk, ChunkedDocument, ParsedDocument
 from embedders.api import (
     CohereEmbedder,
     EmbeddingApiError,
@@ -37,7 +38,6 @@ from embedders.api import (
     VoyageEmbedder,
 )
 from embedders.api.transport import retry_after_seconds
-from pipeline.types import Chunk, ChunkedDocument, ParsedDocument
 
 KEY = "sk-test-0123456789abcdefSECRET"
 DIM = 8

@@ -31,7 +31,15 @@ import torch
 from pydantic import ValidationError
 
 from embedders import catalog as catalog_module
-from embedders.catalog import BUILTIN_FAMILIES, CATALOG, CatalogError, ModelCatalog, ModelFamily, find_family, register_family
+from embedders.catalog import (
+    BUILTIN_FAMILIES,
+    CATALOG,
+    CatalogError,
+    ModelCatalog,
+    ModelFamily,
+    find_family,
+    register_family,
+)
 from embedders.huggingface import HuggingFaceEmbedder, ModelLoadError
 
 TEXTS = ["short one", "a somewhat longer document about vector search and embeddings", "three words here", "x"]

@@ -9,17 +9,17 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-# pipeline is imported before chunkers: importing chunkers.base first currently runs into a
-# circular import through pipeline/__init__ -> pipeline.runner -> chunkers.base.
-from pipeline.registry import resolve
-from pipeline.types import Chunk, Element, ParsedDocument
-
 import pytest
 from pydantic import ValidationError
 
 from chunkers.recursive import RecursiveChunker
 from chunkers.spans import Span
 from chunkers.token import TokenChunker
+
+# pipeline is imported before chunkers: importing chunkers.base first currently runs into a
+# circular import through pipeline/__init__ -> pipeline.runner -> chunkers.base.
+from core.registry import resolve
+from core.types import Chunk, Element, ParsedDocument
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,7 +32,7 @@ def _private_tiktoken_cache(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def cl100k():
-    from chunkers.tiktoken_data import get_encoding
+    from core.tiktoken_data import get_encoding
 
     return get_encoding("cl100k_base")
 
@@ -459,7 +459,7 @@ def test_split_on_headings_with_respect_elements():
 def test_hugging_face_tokenizer_shipped_minilm():
     from transformers import AutoTokenizer
 
-    from embedders.models import resolve_model_path
+    from core.models import resolve_model_path
 
     doc = document(MIXED + "\n\n" + ENGLISH)
     chunker = TokenChunker(chunk_size=24, chunk_overlap=6, tokenizer="sentence-transformers/all-MiniLM-L6-v2")
@@ -591,7 +591,7 @@ def test_lone_surrogates_keep_offsets():
 
 def test_chunks_carry_what_the_source_and_parser_know_about_the_document():
     from connectors.parsing import UnstructuredParser
-    from pipeline.types import SourceDocument
+    from core.types import SourceDocument
 
     source = SourceDocument(
         "repo/docs/a.md", "git:repo/docs/a.md", "text/markdown", "h", b"# Title\n\nSome text here.",

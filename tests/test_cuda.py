@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from chunkers.causal_lm import load_causal_lm
 from chunkers.meta import MarginSamplingChunker, PerplexityChunker
+from core.causal_lm import load_causal_lm
+from core.types import ParsedDocument
 from embedders.huggingface import HuggingFaceEmbedder
-from pipeline.types import ParsedDocument
 from tests.test_catalog import _small, build_model, save_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

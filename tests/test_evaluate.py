@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from connectors.jsonl import JsonlSource
-from pipeline.evaluate import EvaluationError, evaluate_beir, load_beir
+from pipeline import Pipeline
+from pipeline.evaluate import EvaluationError, load_beir
 from pipeline.spec import parse_spec
 
 pytest.importorskip("ir_measures")
@@ -75,7 +76,7 @@ def test_jsonl_source_joins_title_and_text_as_beir_does(tmp_path):
 def test_every_mode_is_measured_and_chunks_map_to_documents(tmp_path):
     folder = write_beir(tmp_path / "tiny")
     spec = parse_spec(spec_dict(), base_dir=tmp_path)
-    report = evaluate_beir(spec, folder)
+    report = Pipeline(spec).evaluate(folder)
     assert report.collection == "prod_beir_tiny"  # never the production collection
     assert report.documents == 5 and report.chunks > 5  # d5 has several chunks
     assert [r.mode for r in report.results] == ["dense", "bm25", "hybrid"]
@@ -87,10 +88,10 @@ def test_every_mode_is_measured_and_chunks_map_to_documents(tmp_path):
     assert report.results[0].metrics["RR@10"] == 1.0  # MiniLM gets these three right
     text = report.format()
     assert "nDCG@10" in text and "hybrid" in text
-    again = evaluate_beir(spec, folder, reuse_index=True, modes=["bm25"], max_queries=2)
+    again = Pipeline(spec).evaluate(folder, reuse_index=True, modes=["bm25"], max_queries=2)
     assert again.ingest_seconds is None and [r.queries for r in again.results] == [2]
     with pytest.raises(EvaluationError, match="needs a reranker"):
-        evaluate_beir(spec, folder, reuse_index=True, modes=["hybrid+rerank"])
+        Pipeline(spec).evaluate(folder, reuse_index=True, modes=["hybrid+rerank"])
 
 
 def test_cli_eval(tmp_path):

@@ -19,8 +19,8 @@ import pytest
 import pipeline  # noqa: F401  (imports the package in its supported order)
 from connectors.local import LocalDirectorySource
 from connectors.parsing import UnstructuredParser
+from core.types import SourceDocument
 from pipeline.parse_pool import ParseOutcome, ParserPool
-from pipeline.types import SourceDocument
 
 PER_FILE_TIMEOUT_S = float(os.environ.get("RAG_PIPELINE_TEST_PARSE_TIMEOUT", "60"))
 WORKER_MEMORY_MB = 4096

@@ -18,8 +18,8 @@ import pytest
 
 from connectors.git import GitError, GitSource
 from connectors.local import FileTooLarge
+from core.records import MemoryRecords
 from pipeline import Pipeline
-from stores.records import MemoryRecords
 from tests.plugins.components import PLUGINS
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="the git command is not installed")

@@ -13,9 +13,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from core.models import resolve_model_path
 from embedders import huggingface
 from embedders.huggingface import HuggingFaceEmbedder, ModelLoadError
-from embedders.models import resolve_model_path
 from embedders.pooling import cls_pool, last_token_pool, max_pool, mean_pool
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"

@@ -18,8 +18,6 @@ import yaml
 
 from pipeline import Pipeline
 from pipeline.reindex_job import format_status
-from stores.leases import claims_for
-from stores.records import records_for
 from tests.plugins.components import PLUGINS, base_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +53,7 @@ def test_a_source_of_more_than_16384_documents_keeps_every_command_working(tmp_p
         assert first.ok and first.documents_indexed == count
         again = pipeline.reindex()
         assert again.ok and again.documents_seen == 0 and again.changes.unchanged == count
-        status = format_status(records_for(pipeline.store), claims_for(pipeline.store))
+        status = format_status(pipeline.store.index_record(), pipeline.store.lock_claims())
         assert f"sources: {count} ({count} indexed, 0 pending, 0 failed)" in status
         report = pipeline.reconcile(repair=False)
         assert report.clean and report.sources_recorded == count == report.sources_with_chunks
@@ -99,7 +97,7 @@ def test_a_source_id_at_the_store_limit_is_indexed_and_one_over_it_fails_alone(t
         assert failure.source_id == f"mem/{too_long}" and failure.stage == "write"
         assert "source_id is 4108 bytes of UTF-8, over the collection's limit of 4096" in failure.reason
         assert set(chunk_texts(pipeline)) == {f"mem/{deep}", "mem/plain.txt"}
-        record = records_for(pipeline.store).get([f"mem/{deep}"])[f"mem/{deep}"]
+        record = pipeline.store.index_record().get([f"mem/{deep}"])[f"mem/{deep}"]
         assert record.status == "indexed"
         assert pipeline.reindex().changes.unchanged == 2
 
@@ -119,7 +117,7 @@ def test_two_sources_with_one_namespace_are_refused_instead_of_overwriting(tmp_p
         assert [(f.source_id, f.stage) for f in summary.failures] == [("docs/same.txt", "list"), ("docs/same.txt", "write")]
         assert all("source id collision" in f.reason for f in summary.failures)
         assert pipeline.store.count() == 0
-        assert records_for(pipeline.store).get(["docs/same.txt"])["docs/same.txt"].status == "failed"
+        assert pipeline.store.index_record().get(["docs/same.txt"])["docs/same.txt"].status == "failed"
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS file systems refuse names that are not UTF-8")
@@ -144,7 +142,7 @@ def test_an_emptied_file_loses_its_chunks_and_a_full_rebuild_still_switches(tmp_
         summary = pipeline.reindex()
         assert summary.ok and summary.documents_empty == 1 and summary.changes.updated == 1
         assert chunk_texts(pipeline) == {"mem/b.txt": {"beta"}}
-        record = records_for(pipeline.store).get(["mem/a.txt"])["mem/a.txt"]
+        record = pipeline.store.index_record().get(["mem/a.txt"])["mem/a.txt"]
         assert (record.status, record.chunk_count) == ("indexed", 0)
         assert pipeline.reindex().changes.unchanged == 2
         rebuilt = pipeline.full_rebuild()

@@ -6,8 +6,8 @@ record and the end-to-end run against Milvus Lite are in tests/test_records.py.
 
 import pytest
 
+from core.records import MemoryRecords, SourceRecord
 from pipeline import Pipeline
-from stores.records import MemoryRecords, SourceRecord
 from tests.plugins.components import PLUGINS, base_spec
 
 

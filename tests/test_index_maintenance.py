@@ -5,10 +5,10 @@ Runs against Milvus Lite with the in-memory test source, parser and hash embedde
 
 import pytest
 
+from core.records import MemoryRecords
 from pipeline import Pipeline
 from pipeline.cli import EXIT_OK, main
 from stores.milvus import MilvusStore
-from stores.records import records_for
 from tests.plugins.components import PLUGINS, base_spec
 
 
@@ -59,7 +59,7 @@ def test_rebuild_switches_to_the_new_index_and_drops_the_old_one_and_its_record(
             assert rebuild_files(tmp_path) == []
         assert collections(store) == sorted([serving, f"{serving}_records"])
         assert texts(store) == {"mem/a.txt": {"alpha", "delta"}, "mem/c.txt": {"epsilon"}}
-        records = records_for(store)
+        records = store.index_record()
         assert records.name == f"{serving}_records"
         assert {r.source_id for r in records.all()} == {"mem/a.txt", "mem/c.txt"}
         assert engine_before.query("epsilon", top_k=1).hits[0].source_id == "mem/c.txt"
@@ -127,8 +127,11 @@ def test_leftover_of_a_crashed_rebuild_is_dropped_by_the_next(tmp_path):
 def test_rebuild_of_a_store_that_is_not_milvus_is_refused(tmp_path):
     spec = base_spec()
     spec["stages"]["source"]["documents"] = {"a.txt": "alpha"}
-    with Pipeline(spec, allowed_modules=PLUGINS) as pipeline, pytest.raises(TypeError, match="switches a Milvus index"):
-        pipeline.full_rebuild()
+    with Pipeline(spec, allowed_modules=PLUGINS) as pipeline:
+        with pytest.raises(TypeError, match="cannot build an index beside the served one"):
+            pipeline.full_rebuild(records=MemoryRecords())
+        with pytest.raises(TypeError, match="keeps no index record"):
+            pipeline.full_rebuild()
 
 
 def test_cli_full_rebuild(tmp_path, capsys):

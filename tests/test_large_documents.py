@@ -20,9 +20,9 @@ import pytest
 
 from chunkers.base import ElementIndex
 from chunkers.recursive import RecursiveChunker
+from core.records import MemoryRecords
+from core.types import Element, ParsedDocument
 from pipeline import Pipeline
-from pipeline.types import Element, ParsedDocument
-from stores.records import MemoryRecords
 from tests.plugins.components import PLUGINS, base_spec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,6 +16,9 @@ from pydantic import ValidationError
 
 from chunkers.base import build_chunks
 from chunkers.recursive import RecursiveChunker
+from core import registry
+from core.models import resolve_model_path
+from core.types import ChunkedDocument, ParsedDocument
 from embedders.huggingface import HuggingFaceEmbedder
 from embedders.late import (
     LateChunkingEmbedder,
@@ -23,9 +26,6 @@ from embedders.late import (
     tokenize_document,
     window_inputs,
 )
-from embedders.models import resolve_model_path
-from pipeline import registry
-from pipeline.types import ChunkedDocument, ParsedDocument
 
 ENGLISH = (
     "Berlin is the capital and largest city of Germany, both by area and by population. "

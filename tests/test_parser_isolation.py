@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.records import SourceRecord
 from pipeline import Pipeline
 from pipeline.report import RunSummary
-from stores.records import SourceRecord, records_for
 
 TIMEOUT_REASON = "parse timed out after {:g} s; the parser process was killed"
 MEMORY_REASON = "parser used more than {} MB of memory; the parser process was killed"
@@ -124,7 +124,7 @@ def ingest(tmp_path: Path, documents: Path, **caps: Any) -> IsolationRun:
     with Pipeline(spec, base_dir=tmp_path) as pipeline:
         summary = pipeline.ingest()
         chunks = pipeline.store.chunk_ids_by_source()
-        records = {r.source_id: r for r in records_for(pipeline.store).all()}
+        records = {r.source_id: r for r in pipeline.store.index_record().all()}
     logged = [json.loads(line) for line in failures_file.read_text(encoding="utf-8").splitlines()] if failures_file.exists() else []
     return IsolationRun(summary, chunks, records, logged)
 

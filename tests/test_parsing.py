@@ -15,9 +15,14 @@ import pytest
 import pipeline  # noqa: F401  (imports the package in its supported order)
 from connectors import unstructured_setup
 from connectors.base import ParseFailure
-from connectors.parsing import HeadingRule, MarkdownBlocks, UnstructuredParser, decode_text
-from pipeline.component import MissingDependencyError
-from pipeline.types import ParsedDocument, SourceDocument, SourceRef
+from connectors.parsing import (
+    HeadingRule,
+    MarkdownBlocks,
+    UnstructuredParser,
+    decode_text,
+)
+from core.component import MissingDependencyError
+from core.types import ParsedDocument, SourceDocument, SourceRef
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "docs"

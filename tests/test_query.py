@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.errors import SpecError
 from pipeline import Pipeline
-from pipeline.errors import SpecError
 from pipeline.query import QueryError, QueryInputError, format_table
 from pipeline.spec import parse_spec
 

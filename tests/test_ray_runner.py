@@ -10,9 +10,16 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
+from core.component import MissingDependencyError  # noqa: E402
 from pipeline import Pipeline, SpecError, parse_spec  # noqa: E402
-from pipeline.component import MissingDependencyError  # noqa: E402
-from pipeline.ray_runner import RAY_EXTRA_HINT, BatchLedger, ClusterPlan, EmbeddedBatch, EmbedderNotes, runner_problems  # noqa: E402
+from pipeline.ray_runner import (  # noqa: E402
+    RAY_EXTRA_HINT,
+    BatchLedger,
+    ClusterPlan,
+    EmbeddedBatch,
+    EmbedderNotes,
+    runner_problems,
+)
 from pipeline.spec import RaySettings, RunnerConfig  # noqa: E402
 from tests.plugins.components import PLUGINS, HashEmbedder, base_spec  # noqa: E402
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.errors import LockHeldError, LockLostError
+from core.leases import LockClaim, MemoryClaims
+from core.records import MemoryRecords, SourceRecord, chunk_digest
 from pipeline import Pipeline
-from pipeline.errors import LockHeldError, LockLostError
 from pipeline.lease import Lease, index_lock, process_started, this_machine
 from pipeline.reindex_job import format_status, run_on_schedule
-from stores.leases import LockClaim, MemoryClaims
 from stores.milvus import MilvusStore
-from stores.records import MemoryRecords, MilvusRecords, SourceRecord, chunk_digest, records_for
+from stores.records import MilvusRecords
 from tests.plugins.components import PLUGINS, MemoryStore, base_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def chunk_rows(store: MilvusStore) -> list[tuple[str, str, str]]:
 def test_records_round_trip_in_the_companion_collection(tmp_path):
     store = MilvusStore(uri=str(tmp_path / "index.db"), collection="docs")
     try:
-        records = records_for(store)
+        records = store.index_record()
         assert isinstance(records, MilvusRecords) and records.name == "docs_records"
         a = SourceRecord("root/a.txt", "root/", content_hash="h1", change_signal="s1", fingerprint="f",
                          chunk_count=2, chunk_digest=chunk_digest(["x", "y"]), status="indexed")
@@ -57,8 +58,11 @@ def test_records_round_trip_in_the_companion_collection(tmp_path):
 
 
 def test_records_need_a_store_that_can_keep_them():
+    assert MemoryStore().index_record() is None and MemoryStore().lock_claims() is None
+    pipeline = Pipeline(base_spec(), allowed_modules=PLUGINS)
     with pytest.raises(TypeError, match="keeps no index record"):
-        records_for(MemoryStore())
+        pipeline.reindex()
+    assert pipeline.ingest().documents_indexed == 1  # an ingest needs no record and takes no lock
 
 
 def test_incremental_runs_against_milvus_converge_to_a_clean_build(tmp_path):
@@ -84,7 +88,7 @@ def test_incremental_runs_against_milvus_converge_to_a_clean_build(tmp_path):
             assert chunk_rows(pipeline.store) == chunk_rows(clean.store)
         finally:
             clean.store.close()
-        records = records_for(pipeline.store)
+        records = pipeline.store.index_record()
         assert {r.source_id: r.status for r in records.all()} == {"mem/b.txt": "indexed", "mem/d.txt": "indexed", "mem/e.txt": "indexed"}
         assert records.get(["mem/b.txt"])["mem/b.txt"].chunk_count == 7
         assert records.last_run()["changes"]["deleted"] == 2
@@ -217,7 +221,7 @@ def test_a_run_that_loses_its_lock_stops_writing(tmp_path):
                 pipeline.reindex(lease=lease)
         written = {source_id for source_id, _, _ in chunk_rows(pipeline.store)}
         assert written == {"mem/a.txt"}
-        statuses = {r.source_id: r.status for r in records_for(pipeline.store).all()}
+        statuses = {r.source_id: r.status for r in pipeline.store.index_record().all()}
         assert statuses == {"mem/a.txt": "indexed"}  # nothing recorded after the loss, not even failures
 
 
@@ -353,7 +357,7 @@ def test_sigkill_at_random_points_then_one_clean_run_equals_a_clean_build(tmp_pa
         rows = chunk_rows(killed_store)
         assert len(rows) == len({r[2] for r in rows})  # no duplicates
         assert rows == chunk_rows(clean_store)  # no missing, no stale
-        statuses = {r.source_id: r.status for r in records_for(killed_store).all()}
+        statuses = {r.source_id: r.status for r in killed_store.index_record().all()}
         assert statuses == {f"mem/{name}": "indexed" for name in final}
     finally:
         killed_store.close()

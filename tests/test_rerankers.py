@@ -38,7 +38,7 @@ HELD_OUT = (
 def fine_tune_cross_encoder(folder) -> None:
     """A few steps of pairwise training from the sentence encoder: enough to learn 'answers the question'."""
     torch.manual_seed(0)
-    from embedders.models import resolve_model_path
+    from core.models import resolve_model_path
 
     base = resolve_model_path("all-MiniLM-L6-v2")
     tokenizer = transformers.AutoTokenizer.from_pretrained(base)

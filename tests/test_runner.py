@@ -93,8 +93,8 @@ def test_worker_pool_kills_hung_and_dying_parsers():
 
 
 def test_worker_pool_memory_cap():
+    from core.types import SourceDocument
     from pipeline.parse_pool import ParserPool
-    from pipeline.types import SourceDocument
     from tests.plugins.components import LineParser
 
     pool = ParserPool(LineParser(), workers=1, timeout_s=30, memory_mb=1)  # any real process exceeds 1 MB
@@ -108,8 +108,8 @@ def test_worker_pool_parses_ahead_only_up_to_its_character_budget():
     """Parsed documents wait for a slow consumer up to ``max_pending_chars``, not ``max_pending``."""
     import time
 
+    from core.types import SourceDocument
     from pipeline.parse_pool import ParserPool
-    from pipeline.types import SourceDocument
     from tests.plugins.components import LineParser
 
     pulled = []
@@ -158,16 +158,16 @@ def test_script_without_main_guard_gets_a_clear_error_not_a_failure_per_document
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     last_line = done.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("pipeline.errors.ParserStartupError: parse: 3 parser worker processes in a row exited")
+    assert last_line.startswith("core.errors.ParserStartupError: parse: 3 parser worker processes in a row exited")
     assert 'if __name__ == "__main__":' in last_line and "parse_workers: 0" in last_line
     assert "documents:" not in done.stdout  # no run summary: nothing was recorded as parsed or failed
 
 
 def test_worker_that_dies_starting_does_not_fail_the_document(monkeypatch):
     """One worker exiting before its parser is ready is retried with a fresh one; the document parses."""
+    from core.types import SourceDocument
     from pipeline import parse_pool
     from pipeline.parse_pool import ParserPool
-    from pipeline.types import SourceDocument
     from tests.plugins.components import LineParser
 
     real_worker = parse_pool._Worker
@@ -274,9 +274,9 @@ def test_write_behind_bounds_its_queue_and_reraises_writer_errors():
 
 
 def test_batches_close_at_the_document_count_or_the_text_budget():
+    from core.types import ParsedDocument
     from pipeline.parse_pool import ParseOutcome
     from pipeline.runner import outcome_batches
-    from pipeline.types import ParsedDocument
 
     def outcome(name: str, chars: int | None) -> ParseOutcome:
         parsed = None if chars is None else ParsedDocument(name, name, "text/plain", "", "x" * chars, ())

@@ -1,4 +1,4 @@
-"""The secret scrubber (pipeline.secrets) and the sinks that use it.
+"""The secret scrubber (core.secrets) and the sinks that use it.
 
 The unit tests use their own :class:`SecretRegistry`, so the secrets they register stay out of
 the process-wide one; the sink tests register random keys in the process-wide registry (as the
@@ -30,7 +30,12 @@ from urllib.parse import quote, quote_plus, unquote_plus
 import pytest
 import yaml
 
-from pipeline.secrets import MIN_FRAGMENT, SecretRegistry, install_log_filter, register_secret
+from core.secrets import (
+    MIN_FRAGMENT,
+    SecretRegistry,
+    install_log_filter,
+    register_secret,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-live-9Qz/7Xw+Lm2Rt5Vb8Nc4Hd6Jf1Kg3Pa0"  # holds '/' and '+', which JSON and URLs escape
@@ -259,7 +264,7 @@ def test_describe_error_and_the_failure_log_and_the_summary(tmp_path):
 
 
 def test_the_index_record_reason_is_scrubbed():
-    from stores.records import SourceRecord
+    from core.records import SourceRecord
 
     key = unique_key()
     register_secret(key)

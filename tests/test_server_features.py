@@ -6,7 +6,15 @@ import pytest
 
 from stores import server_features
 from stores.milvus import MilvusStore
-from stores.server_features import BM25_FUNCTION, HYBRID_SEARCH, SPARSE_VECTORS, parse_version, public_uri, supports, unsupported
+from stores.server_features import (
+    BM25_FUNCTION,
+    HYBRID_SEARCH,
+    SPARSE_VECTORS,
+    parse_version,
+    public_uri,
+    supports,
+    unsupported,
+)
 
 SERVER = "http://127.0.0.1:19530"
 

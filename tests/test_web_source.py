@@ -24,10 +24,9 @@ pytest.importorskip("httpcore")
 
 from connectors._http import AddressRefused, GuardedBackend, PageTooLarge, normalize_url  # noqa: E402
 from connectors.web import WebSource, extract_links  # noqa: E402
+from core.records import MemoryRecords  # noqa: E402
 from pipeline import Pipeline  # noqa: E402
-from stores.records import MemoryRecords  # noqa: E402
 from tests.plugins.components import PLUGINS  # noqa: E402
-
 
 # -- the site ------------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Embedders backed by hosted APIs: OpenAI (and OpenAI-compatible servers), Cohere, Jina, Voyage, Mixedbread.
 
-Spec usage (``type:`` names are registered in :mod:`pipeline.registry`)::
+Spec usage (``type:`` names are registered in :mod:`core.registry`)::
 
     embedder: {type: openai, model: text-embedding-3-small, dimensions: 512}
     embedder: {type: openai, model: BAAI/bge-m3, base_url: http://localhost:8000/v1, api_key_env: null}
@@ -26,7 +26,12 @@ from embedders.api.providers import (
     VoyageConfig,
     VoyageEmbedder,
 )
-from embedders.api.transport import EmbeddingApiError, MalformedResponse, RateLimiter, RetryPolicy
+from embedders.api.transport import (
+    EmbeddingApiError,
+    MalformedResponse,
+    RateLimiter,
+    RetryPolicy,
+)
 
 __all__ = [
     "ApiEmbedder",

@@ -31,11 +31,17 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import ConfigDict, Field, field_validator
 
-from embedders.api.transport import ApiTransport, EmbeddingApiError, MalformedResponse, RateLimiter, RetryPolicy
+from core.component import ComponentConfig
+from core.secrets import register_secret
+from embedders.api.transport import (
+    ApiTransport,
+    EmbeddingApiError,
+    MalformedResponse,
+    RateLimiter,
+    RetryPolicy,
+)
 from embedders.base import Embedder
 from embedders.catalog import find_family
-from pipeline.component import ComponentConfig
-from pipeline.secrets import register_secret
 
 Side = Literal["query", "document"]
 

@@ -30,9 +30,16 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from embedders.api.base import ApiEmbedder, ApiEmbedderConfig, Request, Side, TokenCounter, openai_style_vectors
+from core.types import ChunkedDocument
+from embedders.api.base import (
+    ApiEmbedder,
+    ApiEmbedderConfig,
+    Request,
+    Side,
+    TokenCounter,
+    openai_style_vectors,
+)
 from embedders.api.transport import MalformedResponse
-from pipeline.types import ChunkedDocument
 
 log = logging.getLogger("rag_pipeline.embed")
 
@@ -92,7 +99,7 @@ class OpenAIEmbedder(ApiEmbedder):
         if not self._official():
             return TokenCounter()  # another server's tokenizer: only an estimate makes sense
         try:
-            from chunkers.tiktoken_data import get_encoding
+            from core.tiktoken_data import get_encoding
 
             return TiktokenCounter(get_encoding("cl100k_base"))
         except Exception as exc:  # no tiktoken or no BPE file: fall back to the conservative estimate

@@ -12,7 +12,7 @@
 
 The API key is read from the environment by the caller and handed to ``post_json`` per request; it
 is never stored here, logged, or put into an exception: the caller registers it with
-:mod:`pipeline.secrets`, error texts built from server answers go through its scrubber (which also
+:mod:`core.secrets`, error texts built from server answers go through its scrubber (which also
 finds the key JSON-escaped, percent-encoded, base64-encoded or in pieces), and auth failures carry
 no server text at all.
 """
@@ -32,9 +32,9 @@ from datetime import datetime, timezone
 from http import HTTPStatus
 from typing import Any
 
-from pipeline.component import require
-from pipeline.errors import PipelineError
-from pipeline.secrets import scrub
+from core.component import require
+from core.errors import PipelineError
+from core.secrets import scrub
 
 log = logging.getLogger("rag_pipeline.embed")
 

@@ -40,9 +40,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run from anywhere without installing the package
     sys.path.insert(0, str(REPO))
 
+from core.errors import is_lock_conflict  # noqa: E402
 from pipeline import Pipeline  # noqa: E402
 from pipeline.query import QueryError, QueryInputError  # noqa: E402
-from pipeline.errors import is_lock_conflict  # noqa: E402
 
 log = logging.getLogger("rag_pipeline.service")
 

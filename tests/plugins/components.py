@@ -17,9 +17,9 @@ from pydantic import Field
 
 from chunkers.base import Chunker
 from connectors.base import ParseFailure, Parser, Source
+from core.component import ComponentConfig
+from core.types import Element, ParsedDocument, SourceDocument, SourceRef
 from embedders.base import Embedder
-from pipeline.component import ComponentConfig
-from pipeline.types import Element, ParsedDocument, SourceDocument, SourceRef
 from stores.base import Store
 
 

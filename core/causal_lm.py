@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.component import require
+from core.component import require
 
 DEFAULT_CAUSAL_LM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CACHE_DIR_ENV = "RAG_PIPELINE_CACHE_DIR"

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from functools import lru_cache
 from importlib.metadata import entry_points
 
-from pipeline.component import Component
-from pipeline.errors import ComponentNotFound
+from core.component import Component
+from core.errors import ComponentNotFound
 
 KINDS = ("source", "parser", "chunker", "embedder", "store", "sparse", "reranker")
 

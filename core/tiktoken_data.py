@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.component import require
+from core.component import require
 
 CACHE_ENV = "TIKTOKEN_CACHE_DIR"
 FALLBACK_CACHE_ENV = "DATA_GYM_CACHE_DIR"  # tiktoken's older name, still honoured by it

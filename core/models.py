@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pipeline.component import require
+from core.component import require
 
 Pooling = Literal["mean", "cls", "last", "max"]
 
