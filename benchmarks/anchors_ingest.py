@@ -63,12 +63,28 @@ COLLECTION = "scifact"  # the same name in each system's own database folder
 VERSIONED = {
     "ours": ("rag-pipeline", "torch", "transformers", "pymilvus", "milvus-lite"),
     "llamaindex": (
-        "llama-index-core", "llama-index-vector-stores-milvus", "llama-index-embeddings-huggingface",
-        "langchain-text-splitters", "sentence-transformers", "transformers", "torch", "pymilvus", "milvus-lite",
+        "llama-index-core",
+        "llama-index-vector-stores-milvus",
+        "llama-index-embeddings-huggingface",
+        "langchain-text-splitters",
+        "sentence-transformers",
+        "transformers",
+        "torch",
+        "pymilvus",
+        "milvus-lite",
     ),
     "langchain": (
-        "langchain-core", "langchain-classic", "langchain-community", "langchain-milvus", "langchain-huggingface",
-        "langchain-text-splitters", "sentence-transformers", "transformers", "torch", "pymilvus", "milvus-lite",
+        "langchain-core",
+        "langchain-classic",
+        "langchain-community",
+        "langchain-milvus",
+        "langchain-huggingface",
+        "langchain-text-splitters",
+        "sentence-transformers",
+        "transformers",
+        "torch",
+        "pymilvus",
+        "milvus-lite",
     ),
 }
 
@@ -140,7 +156,9 @@ def flush(uri: Path, collection: str) -> None:
 def count_rows(uri: Path, collection: str) -> int:
     from pymilvus import MilvusClient
 
-    rows = MilvusClient(uri=str(uri)).query(collection, filter="", output_fields=["count(*)"], consistency_level="Strong")
+    rows = MilvusClient(uri=str(uri)).query(
+        collection, filter="", output_fields=["count(*)"], consistency_level="Strong"
+    )
     return int(rows[0]["count(*)"])
 
 
@@ -191,9 +209,18 @@ def run_ours(job: Job) -> Result:
     assert summary.documents_failed == 0, summary.format()
     stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in summary.stage_seconds.items())
     result = Result(
-        "ours", clock.seconds, clock.cpu_seconds, summary.documents_indexed, summary.chunks_written, count_rows(job.db, COLLECTION),
-        pipeline.embedder.config.batch_size, torch_threads(), clock.loadavg_before, clock.loadavg_after,
-        versions("ours"), [*summary.notes, f"stage times (summed per stage; writing overlaps embedding): {stages}"],
+        "ours",
+        clock.seconds,
+        clock.cpu_seconds,
+        summary.documents_indexed,
+        summary.chunks_written,
+        count_rows(job.db, COLLECTION),
+        pipeline.embedder.config.batch_size,
+        torch_threads(),
+        clock.loadavg_before,
+        clock.loadavg_after,
+        versions("ours"),
+        [*summary.notes, f"stage times (summed per stage; writing overlaps embedding): {stages}"],
     )
     pipeline.close()
     return result
@@ -212,21 +239,38 @@ def run_llamaindex(job: Job) -> Result:
     splitter = LangchainNodeParser(recursive_splitter())
     with Stopwatch() as clock:
         vector_store = MilvusVectorStore(
-            uri=str(job.db), collection_name=COLLECTION, dim=MODEL_DIMENSION, overwrite=True,
-            similarity_metric="COSINE", index_config={"index_type": "AUTOINDEX"},
+            uri=str(job.db),
+            collection_name=COLLECTION,
+            dim=MODEL_DIMENSION,
+            overwrite=True,
+            similarity_metric="COSINE",
+            index_config={"index_type": "AUTOINDEX"},
         )
-        documents = SimpleDirectoryReader(input_dir=str(job.docs), required_exts=[".txt"], filename_as_id=True).load_data()
+        documents = SimpleDirectoryReader(
+            input_dir=str(job.docs), required_exts=[".txt"], filename_as_id=True
+        ).load_data()
         docstore = SimpleDocumentStore()
         pipeline = IngestionPipeline(
-            transformations=[splitter, embed_model], vector_store=vector_store,
-            docstore=docstore, docstore_strategy=DocstoreStrategy.UPSERTS,
+            transformations=[splitter, embed_model],
+            vector_store=vector_store,
+            docstore=docstore,
+            docstore_strategy=DocstoreStrategy.UPSERTS,
         )
         nodes = pipeline.run(documents=documents)
         docstore.persist(str(job.db.parent / "llamaindex-docstore.json"))
         flush(job.db, COLLECTION)
     return Result(
-        "llamaindex", clock.seconds, clock.cpu_seconds, len(documents), len(nodes), count_rows(job.db, COLLECTION),
-        embed_model.embed_batch_size, torch_threads(), clock.loadavg_before, clock.loadavg_after, versions("llamaindex"),
+        "llamaindex",
+        clock.seconds,
+        clock.cpu_seconds,
+        len(documents),
+        len(nodes),
+        count_rows(job.db, COLLECTION),
+        embed_model.embed_batch_size,
+        torch_threads(),
+        clock.loadavg_before,
+        clock.loadavg_after,
+        versions("llamaindex"),
         ["the embedded text of each node starts with its file_path metadata (LlamaIndex's MetadataMode.EMBED default)"],
     )
 
@@ -244,29 +288,55 @@ def run_langchain(job: Job) -> Result:
     encode_kwargs: dict[str, Any] = {"normalize_embeddings": True}
     if job.embed_batch_size is not None:
         encode_kwargs["batch_size"] = job.embed_batch_size
-    embeddings = HuggingFaceEmbeddings(model_name=str(job.model), model_kwargs={"device": "cpu"}, encode_kwargs=encode_kwargs)
+    embeddings = HuggingFaceEmbeddings(
+        model_name=str(job.model), model_kwargs={"device": "cpu"}, encode_kwargs=encode_kwargs
+    )
     splitter = recursive_splitter()
     with Stopwatch() as clock:
         vector_store = Milvus(
-            embedding_function=embeddings, collection_name=COLLECTION, connection_args={"uri": str(job.db)},
-            index_params={"index_type": "AUTOINDEX", "metric_type": "COSINE"}, drop_old=True,
+            embedding_function=embeddings,
+            collection_name=COLLECTION,
+            connection_args={"uri": str(job.db)},
+            index_params={"index_type": "AUTOINDEX", "metric_type": "COSINE"},
+            drop_old=True,
         )
-        record_manager = SQLRecordManager(f"milvus/{COLLECTION}", db_url=f"sqlite:///{job.db.parent / 'langchain-records.sqlite'}")
+        record_manager = SQLRecordManager(
+            f"milvus/{COLLECTION}", db_url=f"sqlite:///{job.db.parent / 'langchain-records.sqlite'}"
+        )
         record_manager.create_schema()
-        documents = DirectoryLoader(str(job.docs), glob="*.txt", loader_cls=TextLoader, loader_kwargs={"encoding": "utf-8"}).load()
+        documents = DirectoryLoader(
+            str(job.docs), glob="*.txt", loader_cls=TextLoader, loader_kwargs={"encoding": "utf-8"}
+        ).load()
         chunks = splitter.split_documents(documents)
         # cleanup="full" keyed by source, like our runner's default: a later run removes stale chunks.
         outcome = index(chunks, record_manager, vector_store, cleanup="full", source_id_key="source")
         flush(job.db, COLLECTION)
-    notes = [] if outcome["num_added"] == len(chunks) else [f"index() added {outcome['num_added']} of {len(chunks)} chunks (identical chunks are stored once)"]
+    notes = (
+        []
+        if outcome["num_added"] == len(chunks)
+        else [f"index() added {outcome['num_added']} of {len(chunks)} chunks (identical chunks are stored once)"]
+    )
     return Result(
-        "langchain", clock.seconds, clock.cpu_seconds, len(documents), len(chunks), count_rows(job.db, COLLECTION),
-        encode_kwargs.get("batch_size", inspect.signature(SentenceTransformer.encode).parameters["batch_size"].default), torch_threads(), clock.loadavg_before, clock.loadavg_after,
-        versions("langchain"), notes,
+        "langchain",
+        clock.seconds,
+        clock.cpu_seconds,
+        len(documents),
+        len(chunks),
+        count_rows(job.db, COLLECTION),
+        encode_kwargs.get("batch_size", inspect.signature(SentenceTransformer.encode).parameters["batch_size"].default),
+        torch_threads(),
+        clock.loadavg_before,
+        clock.loadavg_after,
+        versions("langchain"),
+        notes,
     )
 
 
-RUNNERS: dict[str, Callable[[Job], Result]] = {"ours": run_ours, "llamaindex": run_llamaindex, "langchain": run_langchain}
+RUNNERS: dict[str, Callable[[Job], Result]] = {
+    "ours": run_ours,
+    "llamaindex": run_llamaindex,
+    "langchain": run_langchain,
+}
 
 
 def run_anchor(args: argparse.Namespace) -> None:
@@ -289,14 +359,27 @@ def run_system(system: str, python: str, folder: Path, job_args: list[str]) -> R
     """One system's run in a fresh process with a fresh database folder; None when it failed."""
     folder.mkdir()
     result_file = folder / "result.json"
-    command = [python, str(Path(__file__).resolve()), "--anchor", system, "--db", str(folder / "index.db"), "--result", str(result_file), *job_args]
+    command = [
+        python,
+        str(Path(__file__).resolve()),
+        "--anchor",
+        system,
+        "--db",
+        str(folder / "index.db"),
+        "--result",
+        str(result_file),
+        *job_args,
+    ]
     print(f"--- {LABELS[system]} ({python})", flush=True)
     completed = subprocess.run(command, env=child_environment(), check=False)
     if completed.returncode != 0 or not result_file.is_file():
         print(f"{LABELS[system]} failed (exit {completed.returncode}); see its output above", flush=True)
         return None
     result = Result(**json.loads(result_file.read_text(encoding="utf-8")))
-    print(f"{LABELS[system]}: {result.seconds:.1f} s wall, {result.cpu_seconds:.1f} s CPU, {result.chunks} chunks, {result.rows} rows", flush=True)
+    print(
+        f"{LABELS[system]}: {result.seconds:.1f} s wall, {result.cpu_seconds:.1f} s CPU, {result.chunks} chunks, {result.rows} rows",
+        flush=True,
+    )
     return result
 
 
@@ -309,7 +392,7 @@ def resolve_model() -> Path:
 
 def rounds(systems: list[str], repeat: int) -> list[list[str]]:
     """The run order per round, rotated so that no system always runs first (load drifts over time)."""
-    return [systems[r % len(systems):] + systems[: r % len(systems)] for r in range(repeat)]
+    return [systems[r % len(systems) :] + systems[: r % len(systems)] for r in range(repeat)]
 
 
 def report(runs: dict[str, list[Result]], n_docs: int) -> list[str]:
@@ -341,20 +424,32 @@ def report(runs: dict[str, list[Result]], n_docs: int) -> list[str]:
                 )
     engines = {r.versions.get("milvus-lite", "?").split(".")[0] for r in best.values()}
     if len(engines) > 1:
-        lines.append("WARNING: the systems ran on different Milvus Lite generations; the comparison is not like for like")
+        lines.append(
+            "WARNING: the systems ran on different Milvus Lite generations; the comparison is not like for like"
+        )
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", type=Path, default=Path(os.environ.get("RAG_PIPELINE_DATASETS", ROOT.parent / "shared" / "datasets")))
+    parser.add_argument(
+        "--datasets",
+        type=Path,
+        default=Path(os.environ.get("RAG_PIPELINE_DATASETS", ROOT.parent / "shared" / "datasets")),
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N abstracts")
     parser.add_argument("--only", default=",".join(SYSTEMS), help="comma-separated subset of: " + ", ".join(SYSTEMS))
     parser.add_argument(
-        "--anchors-python", default=os.environ.get(ANCHORS_PYTHON_ENV, str(DEFAULT_ANCHORS_PYTHON)),
+        "--anchors-python",
+        default=os.environ.get(ANCHORS_PYTHON_ENV, str(DEFAULT_ANCHORS_PYTHON)),
         help=f"interpreter of the anchors' environment (benchmarks/anchors_env.sh; default ${ANCHORS_PYTHON_ENV} or {DEFAULT_ANCHORS_PYTHON})",
     )
-    parser.add_argument("--embed-batch-size", type=int, default=None, help="one embedding batch size for all three (default: each framework's own)")
+    parser.add_argument(
+        "--embed-batch-size",
+        type=int,
+        default=None,
+        help="one embedding batch size for all three (default: each framework's own)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per system, in rotated order; the fastest counts")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     # Child mode: run by the parent with the right interpreter; not meant to be called by hand.
@@ -377,7 +472,9 @@ def main() -> None:
         print(f"SKIP: SciFact not found at {corpus}; set --datasets or RAG_PIPELINE_DATASETS")
         return
     if not Path(args.anchors_python).is_file() and any(s != "ours" for s in systems):
-        print(f"SKIP LlamaIndex and LangChain: no interpreter at {args.anchors_python}; create it with benchmarks/anchors_env.sh or pass --anchors-python")
+        print(
+            f"SKIP LlamaIndex and LangChain: no interpreter at {args.anchors_python}; create it with benchmarks/anchors_env.sh or pass --anchors-python"
+        )
         systems = [s for s in systems if s == "ours"]
     if not systems:
         return
@@ -392,7 +489,10 @@ def main() -> None:
         docs = work / "scifact"
         docs.mkdir()
         n_docs = write_corpus(corpus, docs, args.limit)
-        print(f"corpus: SciFact, {n_docs} documents in {docs}; model {model}; cores {os.cpu_count()}; load {os.getloadavg()}", flush=True)
+        print(
+            f"corpus: SciFact, {n_docs} documents in {docs}; model {model}; cores {os.cpu_count()}; load {os.getloadavg()}",
+            flush=True,
+        )
         job_args = ["--docs", str(docs), "--model", str(model)]
         if args.embed_batch_size is not None:
             job_args += ["--embed-batch-size", str(args.embed_batch_size)]
@@ -411,8 +511,14 @@ def main() -> None:
     print("\n".join(lines))
     if args.json is not None:
         payload = {
-            "documents": n_docs, "limit": args.limit, "cores": os.cpu_count(), "model": str(model), "repeat": args.repeat,
-            "embed_batch_size": args.embed_batch_size, "runs": {name: [asdict(r) for r in rs] for name, rs in runs.items()}, "report": lines,
+            "documents": n_docs,
+            "limit": args.limit,
+            "cores": os.cpu_count(),
+            "model": str(model),
+            "repeat": args.repeat,
+            "embed_batch_size": args.embed_batch_size,
+            "runs": {name: [asdict(r) for r in rs] for name, rs in runs.items()},
+            "report": lines,
         }
         args.json.write_text(json.dumps(payload, indent=2), encoding="utf-8")
 

@@ -139,10 +139,16 @@ def evaluate(name: str, run: Run, dataset_folder: Path, index_dir: Path, max_que
         ingest_seconds = time.perf_counter() - started
         print(summary.format(), flush=True)
         if cutting is not None:
-            print(f"{name}: {cutting.reused} document vectors cut from {run.documents_from}'s index, the rest ran through the model", flush=True)
+            print(
+                f"{name}: {cutting.reused} document vectors cut from {run.documents_from}'s index, the rest ran through the model",
+                flush=True,
+            )
             sample = list(full_vectors)[:16]
             difference = np.abs(cutting.embed(sample)[0] - cutting._encoder.embed(sample)[0]).max()
-            print(f"{name}: cut vectors vs the model's own for {len(sample)} texts: largest difference {difference:.2e}", flush=True)
+            print(
+                f"{name}: cut vectors vs the model's own for {len(sample)} texts: largest difference {difference:.2e}",
+                flush=True,
+            )
             embedder._encoder = cutting._encoder  # queries run through the model
         engine = pipeline.query_engine
         progress = lambda message: print(f"{name}: {message}", file=sys.stderr, flush=True)  # noqa: E731
@@ -151,7 +157,9 @@ def evaluate(name: str, run: Run, dataset_folder: Path, index_dir: Path, max_que
             "run": name,
             "model_id": embedder.model_id,
             "dimension": embedder.dimension,
-            "conventions": {k: v for k, v in embedder.conventions.document_side().items() if v not in (None, "", False)},
+            "conventions": {
+                k: v for k, v in embedder.conventions.document_side().items() if v not in (None, "", False)
+            },
             "family": embedder.conventions.family,
             "chunks": pipeline.store.count(),
             "ingest_seconds": round(ingest_seconds, 1),
@@ -172,7 +180,9 @@ def report(figures: dict[str, dict]) -> list[str]:
         delta, verdict = "", ""
         if run.published is not None:
             delta = f"{ndcg - run.published:+.4f}"
-            verdict = f"within {TOLERANCE}" if abs(ndcg - run.published) <= TOLERANCE else f"OFF by more than {TOLERANCE}"
+            verdict = (
+                f"within {TOLERANCE}" if abs(ndcg - run.published) <= TOLERANCE else f"OFF by more than {TOLERANCE}"
+            )
         elif run.compare_to in figures:
             base = figures[run.compare_to]["metrics"]["nDCG@10"]
             delta = f"{ndcg - base:+.4f}"
@@ -188,8 +198,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
     parser.add_argument("--dataset", type=Path, default=DATASETS / "scifact")
-    parser.add_argument("--index-dir", type=Path, default=None, help="where the Milvus Lite indexes live (kept for reuse)")
-    parser.add_argument("--max-queries", type=int, default=None, help="score only the first N test queries (smoke runs)")
+    parser.add_argument(
+        "--index-dir", type=Path, default=None, help="where the Milvus Lite indexes live (kept for reuse)"
+    )
+    parser.add_argument(
+        "--max-queries", type=int, default=None, help="score only the first N test queries (smoke runs)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = parser.parse_args()
 

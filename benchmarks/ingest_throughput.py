@@ -75,8 +75,8 @@ def pure_model_seconds(texts: list[str], batch_sizes: list[int], token_budgets: 
     """
     import torch
 
-    from embedders.huggingface import token_budget_batches
     from core.models import load_encoder, resolve_model_path
+    from embedders.huggingface import token_budget_batches
     from embedders.pooling import mean_pool
 
     tokenizer, model = load_encoder(resolve_model_path("all-MiniLM-L6-v2"))
@@ -95,7 +95,9 @@ def pure_model_seconds(texts: list[str], batch_sizes: list[int], token_budgets: 
 
         return plan
 
-    plans = {f"{size} texts": fixed(size) for size in batch_sizes} | {f"<= {tokens} tokens": budget(tokens) for tokens in token_budgets}
+    plans = {f"{size} texts": fixed(size) for size in batch_sizes} | {
+        f"<= {tokens} tokens": budget(tokens) for tokens in token_budgets
+    }
 
     def run(plan: Callable[[list[str]], list[list[str]]], items: list[str]) -> float:
         started = time.perf_counter()
@@ -139,12 +141,20 @@ def start_ray(spec: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", type=Path, default=Path(os.environ.get("RAG_PIPELINE_DATASETS", ROOT.parent / "shared" / "datasets")))
+    parser.add_argument(
+        "--datasets",
+        type=Path,
+        default=Path(os.environ.get("RAG_PIPELINE_DATASETS", ROOT.parent / "shared" / "datasets")),
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N abstracts")
     parser.add_argument("--parse-workers", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=256, help="documents per pipeline batch")
-    parser.add_argument("--runner", default="local", help="which runners ingest, one after the other: local, ray or local,ray")
-    parser.add_argument("--ray-embed-actors", type=int, default=None, help="embed actors of the Ray runner (default: its own choice)")
+    parser.add_argument(
+        "--runner", default="local", help="which runners ingest, one after the other: local, ray or local,ray"
+    )
+    parser.add_argument(
+        "--ray-embed-actors", type=int, default=None, help="embed actors of the Ray runner (default: its own choice)"
+    )
     args = parser.parse_args()
 
     corpus = args.datasets / "scifact" / "corpus.jsonl"
@@ -188,20 +198,40 @@ def main() -> None:
         for ref in pipeline.sources[0].list():
             parsed, error = parse_one(pipeline.parser, pipeline.sources[0].load(ref))
             texts.extend(c.text for c in pipeline.chunker.chunk(parsed))
-        assert all(len(texts) == summary.chunks_written for _, _, summary, _ in runs), (len(texts), [r[2].chunks_written for r in runs])
+        assert all(len(texts) == summary.chunks_written for _, _, summary, _ in runs), (
+            len(texts),
+            [r[2].chunks_written for r in runs],
+        )
         model_seconds, best_batching = pure_model_seconds(texts, [16, 32, 64, 128], [2048, 4096, 8192])
         pipeline.close()
 
-    print(f"corpus: SciFact, {n_docs} documents, {len(texts)} chunks (recursive 1000/100), all-MiniLM-L6-v2, Milvus Lite")
-    print(f"cpu threads: torch {torch_threads()}, cores {os.cpu_count()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"corpus: SciFact, {n_docs} documents, {len(texts)} chunks (recursive 1000/100), all-MiniLM-L6-v2, Milvus Lite"
+    )
+    print(
+        f"cpu threads: torch {torch_threads()}, cores {os.cpu_count()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     for runner, seconds, summary, ray_start_seconds in runs:
-        print(f"runner: {runner}" + (f" (Ray started in {ray_start_seconds:.1f} s before the clock; not counted)" if ray_start_seconds is not None else ""))
+        print(
+            f"runner: {runner}"
+            + (
+                f" (Ray started in {ray_start_seconds:.1f} s before the clock; not counted)"
+                if ray_start_seconds is not None
+                else ""
+            )
+        )
         for stage, stage_seconds in summary.stage_seconds.items():
-            rate = f"{n_docs / stage_seconds:.0f} documents/s, {summary.chunks_written / stage_seconds:.0f} chunks/s" if stage_seconds else "-"
+            rate = (
+                f"{n_docs / stage_seconds:.0f} documents/s, {summary.chunks_written / stage_seconds:.0f} chunks/s"
+                if stage_seconds
+                else "-"
+            )
             print(f"  {stage:<11} {stage_seconds:7.1f} s  ({rate})")
         print(f"  whole run: {n_docs / seconds:.1f} documents/s, {summary.chunks_written / seconds:.1f} chunks/s")
     for runner, seconds, _, _ in runs:
-        print(f"{runner} pipeline {seconds:.1f} s vs pure model time {model_seconds:.1f} s (batches of {best_batching}): ratio {seconds / model_seconds:.2f}")
+        print(
+            f"{runner} pipeline {seconds:.1f} s vs pure model time {model_seconds:.1f} s (batches of {best_batching}): ratio {seconds / model_seconds:.2f}"
+        )
 
 
 if __name__ == "__main__":

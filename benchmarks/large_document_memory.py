@@ -179,7 +179,12 @@ class Run:
 
 
 def measure(label: str, docs: Path, index: Path, options: argparse.Namespace) -> Run:
-    job = {"docs": str(docs), "index": str(index), "max_tokens": options.max_tokens, "embed_threads": options.embed_threads}
+    job = {
+        "docs": str(docs),
+        "index": str(index),
+        "max_tokens": options.max_tokens,
+        "embed_threads": options.embed_threads,
+    }
     child = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job)], stdout=subprocess.PIPE, text=True)
     peaks, stop = Peaks(), threading.Event()
     sampler = threading.Thread(target=sample, args=(child.pid, peaks, stop), daemon=True)
@@ -220,14 +225,18 @@ def child_main(job: dict[str, Any]) -> None:
     pipeline.close()
     for failure in summary.failures:
         print(f"failed: {failure.source_id}: {failure.stage}: {failure.reason}", file=sys.stderr)
-    print(json.dumps({
-        "documents": summary.documents_indexed,
-        "failed": summary.documents_failed,
-        "chunks": summary.chunks_written,
-        "seconds": summary.seconds,
-        "stage_seconds": summary.stage_seconds,
-        "main_rusage_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }))
+    print(
+        json.dumps(
+            {
+                "documents": summary.documents_indexed,
+                "failed": summary.documents_failed,
+                "chunks": summary.chunks_written,
+                "seconds": summary.seconds,
+                "stage_seconds": summary.stage_seconds,
+                "main_rusage_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -280,16 +289,25 @@ def run_variant(variant: str, options: argparse.Namespace, work: Path) -> None:
     )
     if options.json:
         with open(options.json, "a") as out:
-            out.write(json.dumps({"variant": variant, "large": [asdict(r) for r in larges], "small": [asdict(r) for r in smalls]}) + "\n")
+            out.write(
+                json.dumps(
+                    {"variant": variant, "large": [asdict(r) for r in larges], "small": [asdict(r) for r in smalls]}
+                )
+                + "\n"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megabytes", type=float, default=100.0, help="size of the large document, in MB (10^6 bytes)")
-    parser.add_argument("--variants", nargs="+", choices=["paragraphs", "single-line"], default=["paragraphs", "single-line"])
+    parser.add_argument(
+        "--variants", nargs="+", choices=["paragraphs", "single-line"], default=["paragraphs", "single-line"]
+    )
     parser.add_argument("--max-tokens", type=int, default=0, help="embedder max_length; 0 for the model's own (256)")
     parser.add_argument("--embed-threads", type=int, default=0, help="torch threads; 0 for torch's choice")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each side, alternately; the best of each is compared")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each side, alternately; the best of each is compared"
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", type=Path, help="write the corpora and indexes here and keep them")
     parser.add_argument("--json", help="append one JSON line per variant to this file")
@@ -305,7 +323,10 @@ def main() -> None:
         f"spec: recursive {CHUNK_SIZE}/{CHUNK_OVERLAP}, all-MiniLM-L6-v2 max_length {options.max_tokens or 'default (256)'}, "
         f"{options.embed_threads or 'default'} torch threads; Milvus Lite; runner defaults"
     )
-    print(f"large document: {options.megabytes:g} MB; load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    print(
+        f"large document: {options.megabytes:g} MB; load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        flush=True,
+    )
     if options.keep:
         options.keep.mkdir(parents=True, exist_ok=False)
     for variant in options.variants:

@@ -100,8 +100,12 @@ def scifact_document(record: dict) -> ParsedDocument:
     if title:
         elements.insert(0, Element(text=title, category="Title", start=0, end=len(title)))
     return ParsedDocument(
-        source_id=record["_id"], uri=f"scifact:{record['_id']}", media_type="text/plain",
-        content_hash=sha256_hex(text), text=text, elements=tuple(elements),
+        source_id=record["_id"],
+        uri=f"scifact:{record['_id']}",
+        media_type="text/plain",
+        content_hash=sha256_hex(text),
+        text=text,
+        elements=tuple(elements),
     )
 
 
@@ -139,17 +143,32 @@ def parse_filing(path: Path, cache_dir: Path) -> ParsedDocument:
         elements = tuple(Element(**{**e, "heading_path": tuple(e["heading_path"])}) for e in data["elements"])
         return ParsedDocument(**{**data, "elements": elements})
     source = SourceDocument(
-        source_id=path.name, uri=path.resolve().as_uri(), media_type="application/pdf",
-        content_hash=sha256_hex(content), content=content, metadata={"file_name": path.name},
+        source_id=path.name,
+        uri=path.resolve().as_uri(),
+        media_type="application/pdf",
+        content_hash=sha256_hex(content),
+        content=content,
+        metadata={"file_name": path.name},
     )
     parsed = parser.parse(source)
     cache_dir.mkdir(parents=True, exist_ok=True)
     record = {
-        "source_id": parsed.source_id, "uri": parsed.uri, "media_type": parsed.media_type,
-        "content_hash": parsed.content_hash, "text": parsed.text, "metadata": parsed.metadata,
+        "source_id": parsed.source_id,
+        "uri": parsed.uri,
+        "media_type": parsed.media_type,
+        "content_hash": parsed.content_hash,
+        "text": parsed.text,
+        "metadata": parsed.metadata,
         "elements": [
-            {"text": e.text, "category": e.category, "start": e.start, "end": e.end, "page_number": e.page_number,
-             "heading_path": list(e.heading_path), "metadata": {}}
+            {
+                "text": e.text,
+                "category": e.category,
+                "start": e.start,
+                "end": e.end,
+                "page_number": e.page_number,
+                "heading_path": list(e.heading_path),
+                "metadata": {},
+            }
             for e in parsed.elements
         ],
     }
@@ -177,7 +196,9 @@ def load_sec(folder: Path, chunker: RecursiveChunker, cache_dir: Path) -> tuple[
             queries[str(number)] = row["Question"]
             qrels[str(number)] = dict.fromkeys(gold, 1)
     characters = sum(len(d.text) for d in documents)
-    description = f"{len(documents)} filings, {characters:,} characters parsed in {parse_seconds:.0f} s (cached in {cache_dir})"
+    description = (
+        f"{len(documents)} filings, {characters:,} characters parsed in {parse_seconds:.0f} s (cached in {cache_dir})"
+    )
     return Corpus(_chunk(chunker, documents), queries, qrels), description
 
 
@@ -204,12 +225,22 @@ def embed_both(naive: Embedder, late: Embedder, documents: Sequence[ChunkedDocum
             embedder.embed(batch)
             seconds[name] += time.perf_counter() - started
             parts[name].append(_collect(batch))
-        print(f"\r  embedded {min(start + EMBED_BATCH_DOCUMENTS, len(documents)):,}/{len(documents):,} documents", end="", file=sys.stderr, flush=True)
+        print(
+            f"\r  embedded {min(start + EMBED_BATCH_DOCUMENTS, len(documents)):,}/{len(documents):,} documents",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
     print(file=sys.stderr)
-    return (Embedded(np.concatenate(parts["naive"]), seconds["naive"]), Embedded(np.concatenate(parts["late"]), seconds["late"]))
+    return (
+        Embedded(np.concatenate(parts["naive"]), seconds["naive"]),
+        Embedded(np.concatenate(parts["late"]), seconds["late"]),
+    )
 
 
-def rank_documents(embedder: Embedder, corpus: Corpus, chunk_vectors: np.ndarray, depth: int) -> dict[str, dict[str, float]]:
+def rank_documents(
+    embedder: Embedder, corpus: Corpus, chunk_vectors: np.ndarray, depth: int
+) -> dict[str, dict[str, float]]:
     """Exact cosine search: every query against every chunk; a document scores its best chunk."""
     query_ids = list(corpus.queries)
     queries = np.stack([embedder.embed_query(corpus.queries[q]) for q in query_ids])
@@ -224,14 +255,18 @@ def rank_documents(embedder: Embedder, corpus: Corpus, chunk_vectors: np.ndarray
     return run
 
 
-def measure(names: Sequence[str], qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
+def measure(
+    names: Sequence[str], qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]
+) -> dict[str, float]:
     ir_measures = require("ir_measures", purpose="the late-chunking benchmark's metrics (pip install ir-measures)")
     measures = [ir_measures.parse_measure(name) for name in names]
     results = ir_measures.calc_aggregate(measures, qrels, run)
     return {str(m): float(results[m]) for m in measures}
 
 
-def compare(label: str, corpus: Corpus, naive: HuggingFaceEmbedder, late: LateChunkingEmbedder, metrics: Sequence[str]) -> dict:
+def compare(
+    label: str, corpus: Corpus, naive: HuggingFaceEmbedder, late: LateChunkingEmbedder, metrics: Sequence[str]
+) -> dict:
     chunks = sum(len(d.chunks) for d in corpus.documents)
     print(f"{label}: {len(corpus.documents):,} documents, {chunks:,} chunks, {len(corpus.queries)} queries", flush=True)
     warm_up = corpus.documents[:2]
@@ -247,13 +282,20 @@ def compare(label: str, corpus: Corpus, naive: HuggingFaceEmbedder, late: LateCh
     for metric in metrics:
         print(f"{label} {_display(metric)} naive {scores['naive'][metric]:.3f} vs late {scores['late'][metric]:.3f}")
     ratio = late_vectors.seconds / naive_vectors.seconds
-    print(f"{label} embedding time late {late_vectors.seconds:.1f} s vs naive {naive_vectors.seconds:.1f} s: ratio {ratio:.2f}")
+    print(
+        f"{label} embedding time late {late_vectors.seconds:.1f} s vs naive {naive_vectors.seconds:.1f} s: ratio {ratio:.2f}"
+    )
     for side, embedder in (("naive", naive), ("late", late)):
         for note in embedder.run_notes():
             if note not in notes_before[side]:
                 print(f"{label} {side} note: {note}")
-    return {"documents": len(corpus.documents), "chunks": chunks, "queries": len(corpus.queries), "scores": scores,
-            "seconds": {"naive": naive_vectors.seconds, "late": late_vectors.seconds}}
+    return {
+        "documents": len(corpus.documents),
+        "chunks": chunks,
+        "queries": len(corpus.queries),
+        "scores": scores,
+        "seconds": {"naive": naive_vectors.seconds, "late": late_vectors.seconds},
+    }
 
 
 def _display(metric: str) -> str:
@@ -297,13 +339,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only in (None, "scifact"):
         chunker = RecursiveChunker(chunk_size=args.scifact_chunk_size, chunk_overlap=args.chunk_overlap)
         corpus, description = load_scifact(args.datasets / "scifact", chunker, args.scifact_limit, args.seed)
-        print(f"SciFact: BEIR test split, {description}; RecursiveChunker {args.scifact_chunk_size} chars, overlap {args.chunk_overlap}")
+        print(
+            f"SciFact: BEIR test split, {description}; RecursiveChunker {args.scifact_chunk_size} chars, overlap {args.chunk_overlap}"
+        )
         figures["scifact"] = {"corpus": description, **compare("SciFact", corpus, naive, late, ["nDCG@10"])}
     if args.only in (None, "sec"):
         chunker = RecursiveChunker(chunk_size=args.sec_chunk_size, chunk_overlap=args.chunk_overlap)
         corpus, description = load_sec(args.datasets / "sec-10-q", chunker, args.cache_dir / "sec-10-q-parsed")
         print(f"SEC 10-Q: {description}; RecursiveChunker {args.sec_chunk_size} chars, overlap {args.chunk_overlap}")
-        figures["sec"] = {"corpus": description, **compare("SEC", corpus, naive, late, ["Success@5", "Success@10", "R@5", "R@10", "Success@1"])}
+        figures["sec"] = {
+            "corpus": description,
+            **compare("SEC", corpus, naive, late, ["Success@5", "Success@10", "R@5", "R@10", "Success@1"]),
+        }
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2), encoding="utf-8")
     return 0

@@ -335,7 +335,11 @@ def benchmark_spec(docs: Path, index: Path, settings: Settings) -> dict[str, Any
         "stages": {
             "source": {"type": "local", "path": str(docs), "include": ["**/*.txt", "**/*.md"]},
             "parser": {"type": "unstructured"},
-            "chunker": {"type": "recursive", "chunk_size": settings.chunk_size, "chunk_overlap": settings.chunk_overlap},
+            "chunker": {
+                "type": "recursive",
+                "chunk_size": settings.chunk_size,
+                "chunk_overlap": settings.chunk_overlap,
+            },
             "embedder": embedder,
             "store": {"type": "milvus", "uri": str(index), "collection": "memory_flat"},
         },
@@ -369,14 +373,18 @@ class Report:
         total = max(self.corpus.files, 1)
         for low, high in zip((0.0,) + CHECKPOINTS[:-1], CHECKPOINTS):
             # Samples taken before the first batch (model loading, start-up) belong to the first quarter.
-            inside = [s for s in self.samples if (low == 0.0 or low * total < s.documents) and s.documents <= high * total]
+            inside = [
+                s for s in self.samples if (low == 0.0 or low * total < s.documents) and s.documents <= high * total
+            ]
             if inside:
-                peaks.append((
-                    high,
-                    max(inside, key=lambda s: s.total_mib),
-                    max(inside, key=lambda s: s.main_mib),
-                    max(inside, key=lambda s: s.milvus_mib),
-                ))
+                peaks.append(
+                    (
+                        high,
+                        max(inside, key=lambda s: s.total_mib),
+                        max(inside, key=lambda s: s.main_mib),
+                        max(inside, key=lambda s: s.milvus_mib),
+                    )
+                )
         return peaks
 
     def lines(self) -> list[str]:
@@ -406,17 +414,23 @@ class Report:
             )
         out.append("peak RSS within each quarter of the documents (MiB):")
         for high, tree, main, milvus in self.quarter_peaks():
-            out.append(f"  up to {high:>4.0%}: tree {tree.total_mib:7.1f}  main {main.main_mib:7.1f}  milvus {milvus.milvus_mib:6.1f}")
+            out.append(
+                f"  up to {high:>4.0%}: tree {tree.total_mib:7.1f}  main {main.main_mib:7.1f}  milvus {milvus.milvus_mib:6.1f}"
+            )
         if self.peak is not None:
             p = self.peak
             out.append(
                 f"peak tree RSS (sampled every {SAMPLE_INTERVAL_S} s, {len(self.samples)} samples): {p.total_mib:.1f} MiB at {p.at_s:.1f} s "
                 f"(main {p.main_mib:.1f}, parsers {p.parsers_mib:.1f}, milvus {p.milvus_mib:.1f}, other {p.other_mib:.1f}; {p.processes} processes)"
             )
-        out.append(f"getrusage max RSS: this process {self.rusage_self_max_mib:.1f} MiB, largest reaped child {self.rusage_children_max_mib:.1f} MiB")
+        out.append(
+            f"getrusage max RSS: this process {self.rusage_self_max_mib:.1f} MiB, largest reaped child {self.rusage_children_max_mib:.1f} MiB"
+        )
         out.append(f"load average: {' '.join(f'{x:.2f}' for x in self.load_average)}; cores {os.cpu_count()}")
         verdict = "PASS" if self.passed else "FAIL"
-        out.append(f"{verdict}: peak tree RSS {self.peak.total_mib if self.peak else 0:.1f} MiB vs limit 2 GB ({self.limit_mib:.1f} MiB)")
+        out.append(
+            f"{verdict}: peak tree RSS {self.peak.total_mib if self.peak else 0:.1f} MiB vs limit 2 GB ({self.limit_mib:.1f} MiB)"
+        )
         return out
 
 
@@ -449,7 +463,9 @@ def run(settings: Settings, workdir: Path) -> Report:
     report.documents_indexed = summary.documents_indexed
     report.documents_failed = summary.documents_failed
     report.chunks_written = summary.chunks_written
-    report.documents_per_second = round(summary.documents_seen / report.ingest_seconds, 1) if report.ingest_seconds else 0.0
+    report.documents_per_second = (
+        round(summary.documents_seen / report.ingest_seconds, 1) if report.ingest_seconds else 0.0
+    )
     report.stage_seconds = {k: round(v, 1) for k, v in summary.stage_seconds.items()}
     report.checkpoints = progress.checkpoints
     report.samples = sampler.samples
@@ -468,24 +484,49 @@ def main() -> None:
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=defaults.files, help="number of synthetic files")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="corpus seed: the same seed writes the same bytes")
-    parser.add_argument("--keep", type=Path, default=None, help="write corpus and index into DIR and keep them (DIR must be empty or absent)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures and every memory sample to FILE")
-    parser.add_argument("--chunk-size", type=int, default=defaults.chunk_size, help="recursive chunker size in characters (the default keeps each file one chunk)")
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="corpus seed: the same seed writes the same bytes"
+    )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="write corpus and index into DIR and keep them (DIR must be empty or absent)",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the figures and every memory sample to FILE"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=defaults.chunk_size,
+        help="recursive chunker size in characters (the default keeps each file one chunk)",
+    )
     parser.add_argument("--chunk-overlap", type=int, default=defaults.chunk_overlap)
     parser.add_argument(
-        "--max-tokens", type=int, default=defaults.max_tokens,
+        "--max-tokens",
+        type=int,
+        default=defaults.max_tokens,
         help="embedder max_length; 0 for the model's own (256): realistic per-batch memory, ~8x the model time",
     )
     parser.add_argument(
-        "--markdown-share", type=float, default=defaults.markdown_share,
+        "--markdown-share",
+        type=float,
+        default=defaults.markdown_share,
         help="share of .md files (unstructured's partition_md, ~1 s each on a busy core; .txt files take the native route)",
     )
-    parser.add_argument("--embed-threads", type=int, default=None, help="torch threads of the embedder (default: torch's choice)")
+    parser.add_argument(
+        "--embed-threads", type=int, default=None, help="torch threads of the embedder (default: torch's choice)"
+    )
     args = parser.parse_args()
     settings = Settings(
-        files=args.files, seed=args.seed, chunk_size=args.chunk_size, chunk_overlap=args.chunk_overlap,
-        max_tokens=args.max_tokens or None, markdown_share=args.markdown_share, embed_threads=args.embed_threads,
+        files=args.files,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+        chunk_overlap=args.chunk_overlap,
+        max_tokens=args.max_tokens or None,
+        markdown_share=args.markdown_share,
+        embed_threads=args.embed_threads,
     )
 
     if args.keep is not None:

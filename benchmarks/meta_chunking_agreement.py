@@ -98,10 +98,8 @@ def _worker(sentences_module: str, keep_jieba: bool) -> None:
     if not keep_jieba:
         for module in (ppl_module, margin_module):
             official_splitter = module.split_text_by_punctuation
-            module.split_text_by_punctuation = (
-                lambda text, language, official_splitter=official_splitter: sent_tokenize(text)
-                if language == "zh"
-                else official_splitter(text, language)
+            module.split_text_by_punctuation = lambda text, language, official_splitter=official_splitter: (
+                sent_tokenize(text) if language == "zh" else official_splitter(text, language)
             )
     tokenizer = model = None
 
@@ -113,7 +111,9 @@ def _worker(sentences_module: str, keep_jieba: bool) -> None:
                 torch.set_num_threads(int(request["threads"]))
             started = time.perf_counter()
             tokenizer = transformers.AutoTokenizer.from_pretrained(request["model"])
-            model = transformers.AutoModelForCausalLM.from_pretrained(request["model"], torch_dtype=torch.float32).eval()
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                request["model"], torch_dtype=torch.float32
+            ).eval()
             reply: dict[str, Any] = {
                 "seconds": time.perf_counter() - started,
                 "transformers": transformers.__version__,
@@ -125,7 +125,15 @@ def _worker(sentences_module: str, keep_jieba: bool) -> None:
             counting = _CountingModel(model)
             method = {"ppl": "ppl", "margin": "ms"}[request["method"]]
             started = time.perf_counter()
-            chunks = chunker(request["text"], counting, tokenizer, request["language"], methodth=method, threshold=0, dynamic_merge="no")
+            chunks = chunker(
+                request["text"],
+                counting,
+                tokenizer,
+                request["language"],
+                methodth=method,
+                threshold=0,
+                dynamic_merge="no",
+            )
             seconds = time.perf_counter() - started
             reply = {
                 "chunks": chunks,
@@ -170,7 +178,10 @@ def datasets_dir(override: str | None = None) -> Path:
 
 
 def load_texts(datasets: Path, scifact: int, cmrc: int) -> list[Text] | None:
-    sources = [(datasets / "scifact" / "corpus.jsonl", scifact, "en"), (datasets / "cmrc2018-zh" / "corpus.jsonl", cmrc, "zh")]
+    sources = [
+        (datasets / "scifact" / "corpus.jsonl", scifact, "en"),
+        (datasets / "cmrc2018-zh" / "corpus.jsonl", cmrc, "zh"),
+    ]
     if any(not path.is_file() for path, _, _ in sources):
         return None
     texts: list[Text] = []
@@ -186,7 +197,9 @@ def load_texts(datasets: Path, scifact: int, cmrc: int) -> list[Text] | None:
 
 
 def lmchunker_python(override: str | None = None) -> Path | None:
-    candidate = Path(override or os.environ.get(LMCHUNKER_PYTHON_ENV) or ROOT.parent / "venvs" / "lmchunker" / "bin" / "python")
+    candidate = Path(
+        override or os.environ.get(LMCHUNKER_PYTHON_ENV) or ROOT.parent / "venvs" / "lmchunker" / "bin" / "python"
+    )
     return candidate if candidate.is_file() else None
 
 
@@ -296,7 +309,13 @@ class Agreement:
     texts_identical: int = 0
     texts: int = 0
 
-    def add(self, our_sentence_ends: list[int], official_sentence_ends: list[int], our_ends: list[int], official_ends: list[int]) -> list[int]:
+    def add(
+        self,
+        our_sentence_ends: list[int],
+        official_sentence_ends: list[int],
+        our_ends: list[int],
+        official_ends: list[int],
+    ) -> list[int]:
         """Adds one text; returns the sentence ends (non-space positions) where the sides differ."""
         final = max(our_sentence_ends[-1:] + official_sentence_ends[-1:] + [0])
         candidates = (set(our_sentence_ends) | set(official_sentence_ends)) - {final}
@@ -337,7 +356,9 @@ def as_documents(texts: list[Text]) -> list[Any]:
     return [ParsedDocument(f"{t.language}/{t.id}", f"dataset:{t.id}", "text/plain", "", t.text, ()) for t in texts]
 
 
-def compare(method: str, texts: list[Text], ours: list[list[tuple[int, int]]], official: list[dict[str, Any]], verbose: bool) -> Agreement:
+def compare(
+    method: str, texts: list[Text], ours: list[list[tuple[int, int]]], official: list[dict[str, Any]], verbose: bool
+) -> Agreement:
     from chunkers.sentences import split_sentences
 
     agreement = Agreement()
@@ -349,7 +370,9 @@ def compare(method: str, texts: list[Text], ours: list[list[tuple[int, int]]], o
             nonspace_ends_of_pieces(text.text, result["chunks"]),
         )
         if verbose and differing:
-            print(f"  {method} {text.language}/{text.id}: differs at {len(differing)} sentence end(s), non-space offsets {differing}")
+            print(
+                f"  {method} {text.language}/{text.id}: differs at {len(differing)} sentence end(s), non-space offsets {differing}"
+            )
     return agreement
 
 
@@ -360,8 +383,10 @@ def check_environments(official: OfficialChunker, texts: list[Text], chunkers: d
     from chunkers.meta import tokenize_units
 
     lm = chunkers["ppl"].lm
-    print(f"official side: transformers {official.info['transformers']}, torch {official.info['torch']}, "
-          f"{official.info['threads']} threads, rope_theta {official.info['rope_theta']}")
+    print(
+        f"official side: transformers {official.info['transformers']}, torch {official.info['torch']}, "
+        f"{official.info['threads']} threads, rope_theta {official.info['rope_theta']}"
+    )
     good = True
     for text in [t for t in texts if t.language == "en"][:1] + [t for t in texts if t.language == "zh"][:1]:
         theirs = official.losses(text.text)
@@ -369,15 +394,23 @@ def check_environments(official: OfficialChunker, texts: list[Text], chunkers: d
         same_ids = ids == theirs["ids"]
         ours = lm.token_losses([ids], 1, len(ids) + 1, lm.context_length)[0]
         difference = (ours - torch.tensor(theirs["losses"])).abs().max().item() if same_ids else float("nan")
-        print(f"  {text.language}/{text.id}: {len(ids)} tokens, identical ids: {same_ids}, max |loss difference| {difference:.2e}")
+        print(
+            f"  {text.language}/{text.id}: {len(ids)} tokens, identical ids: {same_ids}, max |loss difference| {difference:.2e}"
+        )
         good &= same_ids and difference < 1e-3
         margin = chunkers["margin"]
         prompts = margin._prompts_for(lm)
         units = tokenize_units(text.text, lm.tokenizer, margin.config.max_sentence_tokens)
         (a_start, a_end), (b_start, b_end) = units.spans[0], units.spans[1]
-        our_prompt = prompts.ids(text.language, text.text[a_start:a_end], text.text[b_start:b_end], text.text[a_start:b_end])
-        their_prompt = official.chunk("margin", Text(text.id, text.text[a_start:b_end], text.language))["first_input_ids"]
-        print(f"  {text.language}/{text.id}: first margin prompt ({len(our_prompt)} tokens) identical: {our_prompt == their_prompt}")
+        our_prompt = prompts.ids(
+            text.language, text.text[a_start:a_end], text.text[b_start:b_end], text.text[a_start:b_end]
+        )
+        their_prompt = official.chunk("margin", Text(text.id, text.text[a_start:b_end], text.language))[
+            "first_input_ids"
+        ]
+        print(
+            f"  {text.language}/{text.id}: first margin prompt ({len(our_prompt)} tokens) identical: {our_prompt == their_prompt}"
+        )
         good &= our_prompt == their_prompt
     return good
 
@@ -387,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scifact", type=int, default=20, help="SciFact abstracts (English)")
     parser.add_argument("--cmrc", type=int, default=10, help="CMRC 2018 paragraphs (Chinese)")
     parser.add_argument("--datasets", help=f"datasets folder (default ${DATASETS_ENV} or ../shared/datasets)")
-    parser.add_argument("--lmchunker-python", help=f"python of the lmchunker environment (default ${LMCHUNKER_PYTHON_ENV})")
+    parser.add_argument(
+        "--lmchunker-python", help=f"python of the lmchunker environment (default ${LMCHUNKER_PYTHON_ENV})"
+    )
     parser.add_argument("--from", dest="saved", help="official results saved by meta_chunking_speed.py --save")
     parser.add_argument("--jieba", action="store_true", help="keep the official Chinese sentence splitter")
     parser.add_argument("--quiet", action="store_true", help="do not list the differing texts")
@@ -399,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     python = lmchunker_python(args.lmchunker_python)
     if python is None:
-        print(f"SKIP: the lmchunker environment is missing (set {LMCHUNKER_PYTHON_ENV}); see benchmarks/README_meta_chunking.md")
+        print(
+            f"SKIP: the lmchunker environment is missing (set {LMCHUNKER_PYTHON_ENV}); see benchmarks/README_meta_chunking.md"
+        )
         return 0
 
     chunkers = our_chunkers()
@@ -419,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method}: {agreement.summary()}")
     finally:
         official.close()
-    print("environments match" if environments_match else "WARNING: the environments disagree on ids, losses or prompts")
+    print(
+        "environments match" if environments_match else "WARNING: the environments disagree on ids, losses or prompts"
+    )
     return 0
 
 

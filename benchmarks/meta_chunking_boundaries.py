@@ -48,6 +48,7 @@ from meta_chunking_quality import (  # noqa: E402
 
 from chunkers.meta import MarginSamplingChunker, PerplexityChunker, fit_to_target  # noqa: E402
 from chunkers.sentences import split_sentences  # noqa: E402
+from core.models import resolve_model_path  # noqa: E402
 from core.types import (  # noqa: E402
     Chunk,
     ChunkedDocument,
@@ -56,10 +57,11 @@ from core.types import (  # noqa: E402
     chunk_id,
     sha256_hex,
 )
-from core.models import resolve_model_path  # noqa: E402
 
 
-def joined_abstracts(corpus_file: Path, documents: int, per_document: int, seed: int) -> tuple[list[ParsedDocument], dict[str, list[int]]]:
+def joined_abstracts(
+    corpus_file: Path, documents: int, per_document: int, seed: int
+) -> tuple[list[ParsedDocument], dict[str, list[int]]]:
     """Documents of ``per_document`` abstracts each, and per document the offsets where abstract 2.. start."""
     records = [json.loads(line) for line in corpus_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     drawn = random.Random(seed).sample(records, documents * per_document)
@@ -74,7 +76,9 @@ def joined_abstracts(corpus_file: Path, documents: int, per_document: int, seed:
             text += abstract
         source_id = f"joined-{number}"
         element = Element(text=text, category="NarrativeText", start=0, end=len(text))
-        parsed.append(ParsedDocument(source_id, f"scifact-joined:{number}", "text/plain", sha256_hex(text), text, (element,)))
+        parsed.append(
+            ParsedDocument(source_id, f"scifact-joined:{number}", "text/plain", sha256_hex(text), text, (element,))
+        )
         starts[source_id] = offsets
     return parsed, starts
 
@@ -87,7 +91,9 @@ def sentence_packing(documents: Sequence[ParsedDocument], target_mean: float) ->
     units = []
     for document in documents:
         spans = split_sentences(document.text)
-        sizes = [len(ids) for ids in tokenizer([document.text[a:b] for a, b in spans], add_special_tokens=False)["input_ids"]]
+        sizes = [
+            len(ids) for ids in tokenizer([document.text[a:b] for a, b in spans], add_special_tokens=False)["input_ids"]
+        ]
         units.append((spans, sizes))
 
     def packed(target: int) -> list[ChunkedDocument]:
@@ -98,7 +104,9 @@ def sentence_packing(documents: Sequence[ParsedDocument], target_mean: float) ->
             for index, (first, last) in enumerate(groups):
                 start, end = spans[first][0], spans[last - 1][1]
                 text = document.text[start:end]
-                chunks.append(Chunk(chunk_id(document.source_id, index, start, text), document.source_id, index, text, start, end))
+                chunks.append(
+                    Chunk(chunk_id(document.source_id, index, start, text), document.source_id, index, text, start, end)
+                )
             out.append(ChunkedDocument(document, chunks))
         return out
 
@@ -138,7 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--documents", type=int, default=80)
     parser.add_argument("--abstracts-per-document", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--target-tokens", type=int, default=128, help="LM chunks are fitted to this many embedder tokens")
+    parser.add_argument(
+        "--target-tokens", type=int, default=128, help="LM chunks are fitted to this many embedder tokens"
+    )
     parser.add_argument("--methods", default="ppl", help="comma-separated LM chunkers: ppl, margin")
     args = parser.parse_args(argv)
     corpus_file = args.datasets / "scifact" / "corpus.jsonl"
@@ -147,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     documents, starts = joined_abstracts(corpus_file, args.documents, args.abstracts_per_document, args.seed)
-    abstract_chars = (sum(len(d.text) for d in documents) - sum(len(s) for s in starts.values())) / (len(documents) * args.abstracts_per_document)
+    abstract_chars = (sum(len(d.text) for d in documents) - sum(len(s) for s in starts.values())) / (
+        len(documents) * args.abstracts_per_document
+    )
     print(
         f"{len(documents)} documents of {args.abstracts_per_document} SciFact abstracts (seed {args.seed}), "
         f"{sum(len(s) for s in starts.values())} topic changes; mean abstract {abstract_chars:.0f} chars; "

@@ -52,8 +52,12 @@ def chunk_all(chunker: Chunker, documents: Sequence[ParsedDocument]) -> tuple[li
     for start in range(0, len(documents), LM_BATCH_DOCUMENTS):
         batch = documents[start : start + LM_BATCH_DOCUMENTS]
         chunked += [ChunkedDocument(d, chunks) for d, chunks in zip(batch, chunker.chunk_batch(batch)) if chunks]
-        print(f"\r  {type(chunker).__name__}: {min(start + LM_BATCH_DOCUMENTS, len(documents))}/{len(documents)} documents",
-              end="", file=sys.stderr, flush=True)
+        print(
+            f"\r  {type(chunker).__name__}: {min(start + LM_BATCH_DOCUMENTS, len(documents))}/{len(documents)} documents",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
     print(file=sys.stderr)
     return chunked, time.perf_counter() - started
 
@@ -62,7 +66,9 @@ def mean_length(documents: Sequence[ChunkedDocument]) -> float:
     return statistics.fmean(len(c.text) for d in documents for c in d.chunks)
 
 
-def size_matching(chunk_at: Callable[[int], list[ChunkedDocument]], low: int, high: int, target_mean: float) -> tuple[list[ChunkedDocument], int]:
+def size_matching(
+    chunk_at: Callable[[int], list[ChunkedDocument]], low: int, high: int, target_mean: float
+) -> tuple[list[ChunkedDocument], int]:
     """The chunks ``chunk_at(size)`` whose mean length is closest to ``target_mean`` characters, and
     that size: a binary search over ``low..high``, the mean length growing with the size."""
     best: tuple[float, int, list[ChunkedDocument]] | None = None
@@ -87,15 +93,23 @@ def recursive_matching(documents: Sequence[ParsedDocument], target_mean: float) 
     return size_matching(chunk_at, 50, 4000, target_mean)
 
 
-def evaluate(label: str, embedder: HuggingFaceEmbedder, corpus: Corpus, documents: list[ChunkedDocument]) -> dict[str, float]:
+def evaluate(
+    label: str, embedder: HuggingFaceEmbedder, corpus: Corpus, documents: list[ChunkedDocument]
+) -> dict[str, float]:
     for start in range(0, len(documents), 32):
         embedder.embed(documents[start : start + 32])
     vectors = _collect(documents)
-    scores = measure(METRICS, corpus.qrels, rank_documents(embedder, Corpus(documents, corpus.queries, corpus.qrels), vectors, depth=100))
+    scores = measure(
+        METRICS,
+        corpus.qrels,
+        rank_documents(embedder, Corpus(documents, corpus.queries, corpus.qrels), vectors, depth=100),
+    )
     chunks = [c for d in documents for c in d.chunks]
     print(
-        f"{label:<10} " + "  ".join(f"{m} {scores[m]:.3f}" for m in METRICS)
-        + f"   {len(chunks):,} chunks, mean {mean_length(documents):.0f} chars", flush=True
+        f"{label:<10} "
+        + "  ".join(f"{m} {scores[m]:.3f}" for m in METRICS)
+        + f"   {len(chunks):,} chunks, mean {mean_length(documents):.0f} chars",
+        flush=True,
     )
     return scores
 
@@ -103,9 +117,13 @@ def evaluate(label: str, embedder: HuggingFaceEmbedder, corpus: Corpus, document
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS)
-    parser.add_argument("--scifact-limit", type=int, default=600, help="documents: all judged ones plus a seeded sample")
+    parser.add_argument(
+        "--scifact-limit", type=int, default=600, help="documents: all judged ones plus a seeded sample"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--target-tokens", type=int, default=128, help="LM chunks are fitted to this many embedder tokens")
+    parser.add_argument(
+        "--target-tokens", type=int, default=128, help="LM chunks are fitted to this many embedder tokens"
+    )
     parser.add_argument("--methods", default="ppl,margin", help="comma-separated LM chunkers: ppl, margin")
     args = parser.parse_args(argv)
     if not (args.datasets / "scifact").is_dir():
@@ -114,8 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     base, description = load_scifact(args.datasets / "scifact", RecursiveChunker(), args.scifact_limit, args.seed)
     documents = [d.document for d in base.documents]
-    print(f"SciFact: BEIR test split, {description}; {len(base.queries)} queries; torch threads {__import__('torch').get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"SciFact: BEIR test split, {description}; {len(base.queries)} queries; torch threads {__import__('torch').get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     fitting = {"target_size": args.target_tokens, "size_tokenizer": EMBEDDER_TOKENIZER}
     chunkers = {"ppl": PerplexityChunker(**fitting), "margin": MarginSamplingChunker(**fitting)}
     lm_chunked: dict[str, list[ChunkedDocument]] = {}

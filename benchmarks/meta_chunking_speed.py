@@ -74,9 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads on both sides (default: torch's default)")
     parser.add_argument("--methods", default="ppl,margin", help="comma-separated: ppl, margin")
     parser.add_argument("--datasets", help=f"datasets folder (default ${DATASETS_ENV} or ../shared/datasets)")
-    parser.add_argument("--lmchunker-python", help=f"python of the lmchunker environment (default ${LMCHUNKER_PYTHON_ENV})")
+    parser.add_argument(
+        "--lmchunker-python", help=f"python of the lmchunker environment (default ${LMCHUNKER_PYTHON_ENV})"
+    )
     parser.add_argument("--save", help="write both sides' boundaries and times to this JSON file")
-    parser.add_argument("--quantize", choices=["none", "int8"], default="none", help="our side's quantisation (the official runs fp32)")
+    parser.add_argument(
+        "--quantize", choices=["none", "int8"], default="none", help="our side's quantisation (the official runs fp32)"
+    )
     args = parser.parse_args(argv)
 
     texts = load_texts(datasets_dir(args.datasets), args.scifact, args.cmrc)
@@ -85,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     python = lmchunker_python(args.lmchunker_python)
     if python is None:
-        print(f"SKIP: the lmchunker environment is missing (set {LMCHUNKER_PYTHON_ENV}); see benchmarks/README_meta_chunking.md")
+        print(
+            f"SKIP: the lmchunker environment is missing (set {LMCHUNKER_PYTHON_ENV}); see benchmarks/README_meta_chunking.md"
+        )
         return 0
 
     import torch
@@ -99,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     documents = as_documents(texts)
     saved: dict = {"texts": [f"{t.language}/{t.id}" for t in texts], "official": {}, "ours": {}, "seconds": {}}
     ours = "fp32" if args.quantize == "none" else f"fp32 weights, {args.quantize} linear layers"
-    print(f"{len(texts)} texts ({args.scifact} SciFact, {args.cmrc} CMRC), model {lm.name}, official fp32, ours {ours}, "
-          f"threads ours {torch.get_num_threads()} / official {official.info['threads']}, blocks of {args.batch_size}")
+    print(
+        f"{len(texts)} texts ({args.scifact} SciFact, {args.cmrc} CMRC), model {lm.name}, official fp32, ours {ours}, "
+        f"threads ours {torch.get_num_threads()} / official {official.info['threads']}, blocks of {args.batch_size}"
+    )
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     try:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
@@ -121,14 +129,24 @@ def main(argv: list[str] | None = None) -> int:
                 started = time.perf_counter()
                 our_spans.extend(chunkers[method].split_batch(documents[block]))
                 ours_seconds += time.perf_counter() - started
-                print(f"  {method}: {min(first + args.batch_size, len(texts))}/{len(texts)} texts, "
-                      f"official {official_seconds:.1f} s, ours {ours_seconds:.1f} s", flush=True)
+                print(
+                    f"  {method}: {min(first + args.batch_size, len(texts))}/{len(texts)} texts, "
+                    f"official {official_seconds:.1f} s, ours {ours_seconds:.1f} s",
+                    flush=True,
+                )
             agreement = compare(method, texts, our_spans, official_results, verbose=True)
             decisions = sum(len(r["sentences"]) - 1 for r in official_results)
-            unit = f"{official_seconds / decisions:.2f} s vs {ours_seconds / decisions:.2f} s per decision" if method == "margin" else (
-                f"{official_seconds / len(texts):.2f} s vs {ours_seconds / len(texts):.2f} s per text")
-            print(f"{method}: official {official_seconds:.1f} s, ours {ours_seconds:.1f} s: {official_seconds / ours_seconds:.2f}x faster ({unit})")
-            print(f"{method}: forward tokens official {official_tokens} in {official_calls} calls, ours {counter.tokens} in {counter.calls} calls")
+            unit = (
+                f"{official_seconds / decisions:.2f} s vs {ours_seconds / decisions:.2f} s per decision"
+                if method == "margin"
+                else (f"{official_seconds / len(texts):.2f} s vs {ours_seconds / len(texts):.2f} s per text")
+            )
+            print(
+                f"{method}: official {official_seconds:.1f} s, ours {ours_seconds:.1f} s: {official_seconds / ours_seconds:.2f}x faster ({unit})"
+            )
+            print(
+                f"{method}: forward tokens official {official_tokens} in {official_calls} calls, ours {counter.tokens} in {counter.calls} calls"
+            )
             print(f"{method}: {agreement.summary()}")
             saved["official"][method] = {f"{t.language}/{t.id}": r for t, r in zip(texts, official_results)}
             saved["ours"][method] = {f"{t.language}/{t.id}": s for t, s in zip(texts, our_spans)}

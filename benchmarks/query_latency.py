@@ -41,7 +41,9 @@ def prepare(args: argparse.Namespace) -> None:
     if args.index is not None:
         store = MilvusStore(uri=str(args.index), collection=args.collection)
         client, _ = store._ready()
-        iterator = client.query_iterator(args.collection, batch_size=2000, filter="", output_fields=["source_id", "text", "dense"])
+        iterator = client.query_iterator(
+            args.collection, batch_size=2000, filter="", output_fields=["source_id", "text", "dense"]
+        )
         while rows := iterator.next():
             for row in rows:
                 ids.append(row["source_id"])
@@ -58,7 +60,9 @@ def prepare(args: argparse.Namespace) -> None:
         vectors = rng.normal(size=(len(texts), 384)).tolist()
     base = np.asarray(vectors, dtype=np.float32)
     copies = -(-args.rows // len(base))
-    all_vectors = np.concatenate([base] + [base + rng.normal(0, 0.02, base.shape).astype(np.float32) for _ in range(copies - 1)])[: args.rows]
+    all_vectors = np.concatenate(
+        [base] + [base + rng.normal(0, 0.02, base.shape).astype(np.float32) for _ in range(copies - 1)]
+    )[: args.rows]
     all_vectors /= np.linalg.norm(all_vectors, axis=1, keepdims=True)
     all_texts = (texts * copies)[: args.rows]
     all_ids = [f"{ids[i % len(ids)]}#{i // len(ids)}" for i in range(args.rows)]
@@ -70,8 +74,12 @@ def prepare(args: argparse.Namespace) -> None:
         query_vectors = rng.normal(size=(len(queries), 384)).astype(np.float32)
         query_vectors /= np.linalg.norm(query_vectors, axis=1, keepdims=True)
     np.savez(
-        args.out, ids=np.array(all_ids), texts=np.array(all_texts), vectors=all_vectors,
-        queries=np.array(queries), query_vectors=query_vectors,
+        args.out,
+        ids=np.array(all_ids),
+        texts=np.array(all_texts),
+        vectors=all_vectors,
+        queries=np.array(queries),
+        query_vectors=query_vectors,
     )
     print(f"wrote {args.rows} rows and {len(queries)} queries to {args.out}")
 
@@ -81,10 +89,23 @@ def _create(client, name: str, dim: int, index_type: str) -> None:
 
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=128)
-    schema.add_field("text", DataType.VARCHAR, max_length=65535, enable_analyzer=True, analyzer_params={"tokenizer": "standard", "filter": ["lowercase"]})
+    schema.add_field(
+        "text",
+        DataType.VARCHAR,
+        max_length=65535,
+        enable_analyzer=True,
+        analyzer_params={"tokenizer": "standard", "filter": ["lowercase"]},
+    )
     schema.add_field("dense", DataType.FLOAT_VECTOR, dim=dim)
     schema.add_field("bm25", DataType.SPARSE_FLOAT_VECTOR)
-    schema.add_function(Function(name="bm25_from_text", function_type=FunctionType.BM25, input_field_names=["text"], output_field_names=["bm25"]))
+    schema.add_function(
+        Function(
+            name="bm25_from_text",
+            function_type=FunctionType.BM25,
+            input_field_names=["text"],
+            output_field_names=["bm25"],
+        )
+    )
     index = client.prepare_index_params()
     params = {"M": 16, "efConstruction": 200} if index_type == "HNSW" else {}
     index.add_index("dense", index_type=index_type, metric_type="COSINE", params=params)
@@ -123,10 +144,14 @@ def measure(args: argparse.Namespace) -> None:
     search_params = {"metric_type": "COSINE", "params": {"ef": 64} if args.index == "HNSW" else {}}
 
     def dense(i: int):
-        return client.search(name, data=[query_vectors[i].tolist()], anns_field="dense", limit=args.top_k, search_params=search_params)
+        return client.search(
+            name, data=[query_vectors[i].tolist()], anns_field="dense", limit=args.top_k, search_params=search_params
+        )
 
     def bm25(i: int):
-        return client.search(name, data=[queries[i]], anns_field="bm25", limit=args.top_k, search_params={"metric_type": "BM25"})
+        return client.search(
+            name, data=[queries[i]], anns_field="bm25", limit=args.top_k, search_params={"metric_type": "BM25"}
+        )
 
     def hybrid(i: int):
         requests = [
@@ -136,7 +161,9 @@ def measure(args: argparse.Namespace) -> None:
         return client.hybrid_search(name, requests, RRFRanker(60), limit=args.top_k)
 
     figures = {"engine": engine, "rows": count}
-    print(f"{engine}, {count} rows, {len(queries)} single queries, top_k {args.top_k} (hybrid: {args.candidates} per branch)")
+    print(
+        f"{engine}, {count} rows, {len(queries)} single queries, top_k {args.top_k} (hybrid: {args.candidates} per branch)"
+    )
     for label, run in (("dense", dense), ("bm25", bm25), ("hybrid", hybrid)):
         for i in range(min(5, len(queries))):  # warm-up
             run(i)
@@ -145,7 +172,10 @@ def measure(args: argparse.Namespace) -> None:
             began = time.perf_counter()
             run(i)
             samples.append(time.perf_counter() - began)
-        figures[label] = {"p50_ms": float(np.percentile(samples, 50) * 1000), "p95_ms": float(np.percentile(samples, 95) * 1000)}
+        figures[label] = {
+            "p50_ms": float(np.percentile(samples, 50) * 1000),
+            "p95_ms": float(np.percentile(samples, 95) * 1000),
+        }
         print(f"  {label:<7}{_percentiles(samples)}", flush=True)
     client.close()
     if args.json:
@@ -172,16 +202,27 @@ def rerank(args: argparse.Namespace) -> None:
         began = time.perf_counter()
         reranker.rerank(query, passages)
         samples.append(time.perf_counter() - began)
-    print(f"rerank top {args.top_n} with {reranker.type_name} ({reranker.model_id}), {len(samples)} queries: {_percentiles(samples)}")
+    print(
+        f"rerank top {args.top_n} with {reranker.type_name} ({reranker.model_id}), {len(samples)} queries: {_percentiles(samples)}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare")
-    p.add_argument("--index", type=Path, default=None, help="Milvus Lite folder built by retrieval_quality.py (real MiniLM vectors)")
-    p.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "datasets" / "scifact" / "corpus.jsonl",
-                   help="without --index: real text from this corpus, random vectors")
+    p.add_argument(
+        "--index",
+        type=Path,
+        default=None,
+        help="Milvus Lite folder built by retrieval_quality.py (real MiniLM vectors)",
+    )
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        default=ROOT.parent / "shared" / "datasets" / "scifact" / "corpus.jsonl",
+        help="without --index: real text from this corpus, random vectors",
+    )
     p.add_argument("--collection", default="bench_scifact")
     p.add_argument("--queries", type=Path, default=ROOT.parent / "shared" / "datasets" / "scifact" / "queries.jsonl")
     p.add_argument("--queries-count", type=int, default=200)
@@ -197,7 +238,9 @@ def main() -> None:
     m.add_argument("--json", default=None)
     r = sub.add_parser("rerank")
     r.add_argument("--data", type=Path, required=True)
-    r.add_argument("--reranker", default="query-likelihood", help="query-likelihood, or a cross-encoder folder / hub id")
+    r.add_argument(
+        "--reranker", default="query-likelihood", help="query-likelihood, or a cross-encoder folder / hub id"
+    )
     r.add_argument("--top-n", type=int, default=20)
     r.add_argument("--rerank-queries", type=int, default=20)
     args = parser.parse_args()

@@ -43,7 +43,11 @@ def timed_reindex(pipeline: Pipeline) -> tuple[float, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", type=Path, default=Path(os.environ.get("RAG_PIPELINE_DATASETS", ROOT.parent / "shared" / "datasets")))
+    parser.add_argument(
+        "--datasets",
+        type=Path,
+        default=Path(os.environ.get("RAG_PIPELINE_DATASETS", ROOT.parent / "shared" / "datasets")),
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N abstracts")
     parser.add_argument("--changed-fraction", type=float, default=0.01)
     args = parser.parse_args()
@@ -70,7 +74,9 @@ def main() -> None:
                     handle.write("\n\nThis abstract was revised for the re-index benchmark.")
             changed_seconds, changed = timed_reindex(pipeline)
 
-    print(f"corpus: SciFact, {n_docs} documents, {full.chunks_written} chunks, all-MiniLM-L6-v2, Milvus Lite; {os.cpu_count()} cores")
+    print(
+        f"corpus: SciFact, {n_docs} documents, {full.chunks_written} chunks, all-MiniLM-L6-v2, Milvus Lite; {os.cpu_count()} cores"
+    )
     print(f"full ingest (reindex of an empty index): {full_seconds:.1f} s, {full.changes.added} added")
     print(
         f"no-change reindex {unchanged_seconds:.2f} s vs full ingest {full_seconds:.1f} s: ratio {unchanged_seconds / full_seconds:.3f} "

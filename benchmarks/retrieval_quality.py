@@ -37,7 +37,10 @@ from pipeline.spec import parse_spec  # noqa: E402
 
 DATASETS = Path(os.environ.get("RAG_PIPELINE_DATASETS", ROOT.parent / "shared" / "datasets"))
 PUBLISHED = {  # BEIR nDCG@10 anchors
-    "scifact": {"dense": ("all-MiniLM-L6-v2, MTEB", 0.645), "bm25": ("BM25, BEIR paper (Elasticsearch, English stemming)", 0.665)},
+    "scifact": {
+        "dense": ("all-MiniLM-L6-v2, MTEB", 0.645),
+        "bm25": ("BM25, BEIR paper (Elasticsearch, English stemming)", 0.665),
+    },
 }
 
 
@@ -64,7 +67,12 @@ def build_spec(dataset: str, index: Path, chunk_size: int, sparse: bool, reranke
         "version": 1,
         "name": f"bench-{dataset}",
         "stages": stages,
-        "runner": {"batch_size": 64, "parse_workers": 0, "progress": "never", "failures_file": str(index) + ".failures.jsonl"},
+        "runner": {
+            "batch_size": 64,
+            "parse_workers": 0,
+            "progress": "never",
+            "failures_file": str(index) + ".failures.jsonl",
+        },
         "query": {"candidates": 100, "fusion": {"method": "rrf", "k": 60}},
     }
     if reranker:
@@ -115,13 +123,17 @@ def main() -> None:
             print(summary.format(), flush=True)
         figures["chunks"] = store.count()
         engine = pipeline.query_engine
-        base_modes = [m for m in engine.available_branches()] + (["hybrid"] if len(engine.available_branches()) > 1 else [])
+        base_modes = [m for m in engine.available_branches()] + (
+            ["hybrid"] if len(engine.available_branches()) > 1 else []
+        )
         modes = args.modes.split(",") if args.modes else base_modes
         progress = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
         evaluator = ModeEvaluator(engine, dataset, max_queries=args.max_queries, progress=progress)
         results = evaluator.run([m for m in modes if not m.endswith("+rerank")])
         if reranker:
-            subset = ModeEvaluator(engine, dataset, max_queries=args.rerank_queries or args.max_queries, progress=progress)
+            subset = ModeEvaluator(
+                engine, dataset, max_queries=args.rerank_queries or args.max_queries, progress=progress
+            )
             base = "hybrid" if "hybrid" in base_modes else base_modes[0]
             subset_results = subset.run([base, f"{base}+rerank"])
             if args.rerank_queries:
@@ -131,7 +143,9 @@ def main() -> None:
         print(f"{'mode':<22}{'nDCG@10':>9}{'R@100':>9}{'MRR@10':>9}{'p50 ms':>9}{'p95 ms':>9}{'queries':>9}")
         for r in results:
             m, t = r.metrics, r.latency_ms
-            print(f"{r.mode:<22}{m['nDCG@10']:>9.4f}{m['R@100']:>9.4f}{m['RR@10']:>9.4f}{t['p50']:>9.1f}{t['p95']:>9.1f}{r.queries:>9}")
+            print(
+                f"{r.mode:<22}{m['nDCG@10']:>9.4f}{m['R@100']:>9.4f}{m['RR@10']:>9.4f}{t['p50']:>9.1f}{t['p95']:>9.1f}{r.queries:>9}"
+            )
             figures["modes"][r.mode] = r.to_dict()
         for mode, (what, value) in PUBLISHED.get(name, {}).items():
             if mode in figures["modes"]:

@@ -156,7 +156,10 @@ def ensure_corpus(workdir: Path, form: str, size: int) -> Path:
                 path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(document_text(rng, number), encoding="utf-8")
     marker.write_text(stamp)
-    print(f"  generated the {form} corpus of {size:,} documents in {base} in {time.perf_counter() - started:.1f} s", flush=True)
+    print(
+        f"  generated the {form} corpus of {size:,} documents in {base} in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
     return base
 
 
@@ -217,7 +220,9 @@ def spec_yaml(form: str, store: dict[str, str], folder_parser: str) -> str:
         parser = {"type": "tests.plugins.components:LineParser"}
     else:
         source = {"type": "local", "path": "docs", "namespace": "docs"}
-        parser = {"type": "tests.plugins.components:LineParser"} if folder_parser == "lines" else {"type": "unstructured"}
+        parser = (
+            {"type": "tests.plugins.components:LineParser"} if folder_parser == "lines" else {"type": "unstructured"}
+        )
     spec = {
         "version": 1,
         "name": "scale",
@@ -247,13 +252,17 @@ def child_step(out: Path, argv: list[str]) -> int:
         code = exc.code if isinstance(exc.code, int) else 1
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out.write_text(json.dumps({
-        "rc": code,
-        "self_maxrss_kb": own.ru_maxrss,
-        "children_maxrss_kb": children.ru_maxrss,
-        "cpu_s": own.ru_utime + own.ru_stime,
-        "children_cpu_s": children.ru_utime + children.ru_stime,
-    }))
+    out.write_text(
+        json.dumps(
+            {
+                "rc": code,
+                "self_maxrss_kb": own.ru_maxrss,
+                "children_maxrss_kb": children.ru_maxrss,
+                "cpu_s": own.ru_utime + own.ru_stime,
+                "children_cpu_s": children.ru_utime + children.ru_stime,
+            }
+        )
+    )
     return int(code or 0)
 
 
@@ -306,7 +315,9 @@ def _rows_digests(spec: Path, keep_exact: bool) -> dict[str, Any]:
     pipeline = Pipeline.from_yaml(spec, allowed_modules=[PLUGINS])
     try:
         store = pipeline.store
-        rows = np.fromiter((digest64(f"{r['source_id']}\0{r['id']}") for r in store.rows(["id", "source_id"])), dtype=np.uint64)
+        rows = np.fromiter(
+            (digest64(f"{r['source_id']}\0{r['id']}") for r in store.rows(["id", "source_id"])), dtype=np.uint64
+        )
         exact_rows = {(r["source_id"], r["id"]) for r in store.rows(["id", "source_id"])} if keep_exact else None
         statuses: Counter[str] = Counter()
         record_digests = []
@@ -321,8 +332,12 @@ def _rows_digests(spec: Path, keep_exact: bool) -> dict[str, Any]:
         rows.sort()
         records.sort()
         return {
-            "rows": rows, "records": records, "statuses": dict(statuses),
-            "exact_rows": exact_rows, "exact_records": exact_records, "pipeline": pipeline,
+            "rows": rows,
+            "records": records,
+            "statuses": dict(statuses),
+            "exact_rows": exact_rows,
+            "exact_records": exact_records,
+            "pipeline": pipeline,
         }
     except BaseException:
         pipeline.close()
@@ -330,8 +345,18 @@ def _rows_digests(spec: Path, keep_exact: bool) -> dict[str, Any]:
 
 
 def record_key(record: Any) -> list[Any]:
-    return [record.source_id, record.scope, record.status, record.content_hash, record.change_signal, record.fingerprint,
-            record.chunk_count, record.chunk_digest, record.stage, record.reason]
+    return [
+        record.source_id,
+        record.scope,
+        record.status,
+        record.content_hash,
+        record.change_signal,
+        record.fingerprint,
+        record.chunk_count,
+        record.chunk_digest,
+        record.stage,
+        record.reason,
+    ]
 
 
 def _computed_digests(spec: Path, keep_exact: bool, sample: list[str]) -> dict[str, Any]:
@@ -360,8 +385,16 @@ def _computed_digests(spec: Path, keep_exact: bool, sample: list[str]) -> dict[s
         for ref in source.list():
             document = source.load(ref)
             ids = [chunk.id for chunk in pipeline.chunker.plan(pipeline.parser.parse(document)).chunks()]
-            record = SourceRecord(ref.source_id, source.scope, document.content_hash, ref.change_signal, fingerprint,
-                                  len(ids), chunk_digest(ids), "indexed")
+            record = SourceRecord(
+                ref.source_id,
+                source.scope,
+                document.content_hash,
+                ref.change_signal,
+                fingerprint,
+                len(ids),
+                chunk_digest(ids),
+                "indexed",
+            )
             statuses[record.status] += 1
             key = record_key(record)
             record_digests.append(digest64(json.dumps(key)))
@@ -375,8 +408,11 @@ def _computed_digests(spec: Path, keep_exact: bool, sample: list[str]) -> dict[s
                 sample_records[ref.source_id] = key
     pipeline.close()
     return {
-        "rows": np.sort(np.array(rows, dtype=np.uint64)), "records": np.sort(np.array(record_digests, dtype=np.uint64)),
-        "statuses": dict(statuses), "exact_rows": exact_rows, "exact_records": exact_records,
+        "rows": np.sort(np.array(rows, dtype=np.uint64)),
+        "records": np.sort(np.array(record_digests, dtype=np.uint64)),
+        "statuses": dict(statuses),
+        "exact_rows": exact_rows,
+        "exact_records": exact_records,
         "sample": (sample_chunks, sample_records),
     }
 
@@ -388,8 +424,14 @@ def _compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         "rows": [len(a["rows"]), len(b["rows"])],
         "records": [len(a["records"]), len(b["records"])],
         "statuses": [a["statuses"], b["statuses"]],
-        "rows_digest": [hashlib.sha256(a["rows"].tobytes()).hexdigest()[:16], hashlib.sha256(b["rows"].tobytes()).hexdigest()[:16]],
-        "records_digest": [hashlib.sha256(a["records"].tobytes()).hexdigest()[:16], hashlib.sha256(b["records"].tobytes()).hexdigest()[:16]],
+        "rows_digest": [
+            hashlib.sha256(a["rows"].tobytes()).hexdigest()[:16],
+            hashlib.sha256(b["rows"].tobytes()).hexdigest()[:16],
+        ],
+        "records_digest": [
+            hashlib.sha256(a["records"].tobytes()).hexdigest()[:16],
+            hashlib.sha256(b["records"].tobytes()).hexdigest()[:16],
+        ],
         "rows_equal": bool(np.array_equal(a["rows"], b["rows"])),
         "records_equal": bool(np.array_equal(a["records"], b["records"])),
     }
@@ -478,7 +520,15 @@ class Case:
         return next((s for s in self.steps if s.name == name), None)
 
 
-MAINTENANCE_STEPS = ["ingest", "reindex, no change", "reindex, 1% edited", "reindex, 1% deleted", "status", "reconcile --dry-run", "reconcile"]
+MAINTENANCE_STEPS = [
+    "ingest",
+    "reindex, no change",
+    "reindex, 1% edited",
+    "reindex, 1% deleted",
+    "status",
+    "reconcile --dry-run",
+    "reconcile",
+]
 REFERENCE_STEPS = ["clean ingest (reference)"]
 
 
@@ -496,7 +546,9 @@ class Runner:
         with open(log, "ab") as log_file:
             log_file.write(f"\n===== {step.name}: python -m pipeline {' '.join(step.argv)}\n".encode())
             log_file.flush()
-            process = subprocess.Popen(command, cwd=run, stdout=subprocess.PIPE, stderr=log_file, start_new_session=True)
+            process = subprocess.Popen(
+                command, cwd=run, stdout=subprocess.PIPE, stderr=log_file, start_new_session=True
+            )
             try:
                 stdout, _ = process.communicate(timeout=self.args.step_timeout)
             except subprocess.TimeoutExpired:
@@ -531,14 +583,20 @@ class Runner:
         if not self.args.py_spy:
             return
         try:
-            dump = subprocess.run([self.args.py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=120)
+            dump = subprocess.run(
+                [self.args.py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=120
+            )
             text = dump.stdout + dump.stderr
         except Exception as exc:  # noqa: BLE001
             text = f"py-spy failed: {exc}"
         spy = log.with_name(f"py-spy-{step.name.replace(' ', '_').replace(',', '').replace('%', 'pct')}.txt")
         spy.write_text(text)
         step.note += f"; py-spy dump in {spy}"
-        print(f"    py-spy dump of {step.name} (pid {pid}):\n" + "\n".join("      " + line for line in text.splitlines()[:60]), flush=True)
+        print(
+            f"    py-spy dump of {step.name} (pid {pid}):\n"
+            + "\n".join("      " + line for line in text.splitlines()[:60]),
+            flush=True,
+        )
 
     def tool(self, *arguments: str) -> dict[str, Any]:
         out = self.workdir / f".tool-{os.getpid()}.json"
@@ -576,8 +634,11 @@ class Runner:
             case.steps.append(s)
             self.run_child(s, run, log)
             spent = f"{s.seconds:9.1f} s" if s.finished else "not finished"
-            print(f"    {name:<26} {spent}  rc={s.rc}  CLI peak {s.cli_maxrss / MB:8.1f} MB  Lite server peak "
-                  f"{s.server_maxrss / MB:8.1f} MB  load {s.load1:.1f}  {s.result} {s.note}", flush=True)
+            print(
+                f"    {name:<26} {spent}  rc={s.rc}  CLI peak {s.cli_maxrss / MB:8.1f} MB  Lite server peak "
+                f"{s.server_maxrss / MB:8.1f} MB  load {s.load1:.1f}  {s.result} {s.note}",
+                flush=True,
+            )
             if not s.finished or s.rc not in (0,):
                 raise StepFailed(f"{name} did not complete (rc={s.rc}{'; ' + s.note if s.note else ''}); see {log}")
             return s
@@ -608,7 +669,9 @@ class Runner:
             (run / "sample.json").write_text(json.dumps(sample_ids))
             started = time.perf_counter()
             refs = [f"clean={run / 'clean.yaml'}" if kind == "clean" else kind for kind in references]
-            case.verify = self.tool("--child-verify", str(run / "spec.yaml"), str(run / "sample.json"), str(len(kept)), *refs)
+            case.verify = self.tool(
+                "--child-verify", str(run / "spec.yaml"), str(run / "sample.json"), str(len(kept)), *refs
+            )
             case.verify["seconds"] = round(time.perf_counter() - started, 1)
             case.verify["expected_sources"] = len(kept)
             for line in verify_lines(case.verify, references):
@@ -640,9 +703,11 @@ def describe_output(command: str, text: str) -> str:
         except json.JSONDecodeError:
             return text.strip().splitlines()[-1][:120] if text.strip() else ""
         changes = summary.get("changes") or {}
-        return (f"[{summary['documents_seen']} parsed, {summary['chunks_written']} chunks written, {summary['documents_failed']} failed; "
-                f"{changes.get('added', 0)} added, {changes.get('updated', 0)} updated, {changes.get('unchanged', 0)} unchanged, "
-                f"{changes.get('deleted', 0)} deleted]")
+        return (
+            f"[{summary['documents_seen']} parsed, {summary['chunks_written']} chunks written, {summary['documents_failed']} failed; "
+            f"{changes.get('added', 0)} added, {changes.get('updated', 0)} updated, {changes.get('unchanged', 0)} unchanged, "
+            f"{changes.get('deleted', 0)} deleted]"
+        )
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return "[" + " | ".join(lines[:3])[:200] + "]"
 
@@ -659,12 +724,35 @@ def cpu_description() -> list[str]:
     except OSError:
         pass
     flags = set(info.get("flags", "").split())
-    relevant = [f for f in ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-                            "amx_tile", "sha_ni", "aes", "popcnt", "hypervisor") if f in flags]
+    relevant = [
+        f
+        for f in (
+            "sse4_2",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512_vnni",
+            "avx512_bf16",
+            "amx_tile",
+            "sha_ni",
+            "aes",
+            "popcnt",
+            "hypervisor",
+        )
+        if f in flags
+    ]
     missing = [f for f in ("avx512f", "amx_tile") if f not in flags]
     memory = ""
     try:
-        total_kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")).split()[1])
+        total_kb = int(
+            next(
+                line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+            ).split()[1]
+        )
         memory = f"{total_kb / 2**20:.1f} GiB RAM"
     except (OSError, StopIteration, ValueError):
         pass
@@ -691,8 +779,11 @@ def verify_lines(v: dict[str, Any], references: list[str]) -> list[str]:
     lines = []
     for kind in references:
         r = v[kind]
-        exact = (f"exact sets compared, equal={r['exact_rows_equal'] and r['exact_records_equal']}" if "exact_rows_equal" in r
-                 else "exact sets not kept (sorted 64-bit digests only)")
+        exact = (
+            f"exact sets compared, equal={r['exact_rows_equal'] and r['exact_records_equal']}"
+            if "exact_rows_equal" in r
+            else "exact sets not kept (sorted 64-bit digests only)"
+        )
         lines.append(
             f"vs {REFERENCE_NAMES[kind]}: {'EQUAL' if r['equal'] else 'DIFFERENT'} - rows {r['rows'][0]:,} / {r['rows'][1]:,} "
             f"(digest {r['rows_digest'][0]} / {r['rows_digest'][1]}); records {r['records'][0]:,} / {r['records'][1]:,} (digest "
@@ -700,13 +791,17 @@ def verify_lines(v: dict[str, Any], references: list[str]) -> list[str]:
             f"{v['sample_sources']} sources equal={r['sample_equal']}; {exact}; {r['seconds']} s"
         )
         if r.get("rows_only_maintained") or r.get("rows_only_reference"):
-            lines.append(f"  rows only in the maintained index: {r['rows_only_maintained']}; only in the reference: {r['rows_only_reference']}")
+            lines.append(
+                f"  rows only in the maintained index: {r['rows_only_maintained']}; only in the reference: {r['rows_only_reference']}"
+            )
     return lines
 
 
 def table(case: Case, smallest: Case | None) -> str:
-    header = (f"{'step':<26} {'seconds':>9} {'run s':>8} {'CLI peak RSS MB':>15} {'CLI B/source':>12} {'Lite srv peak MB':>16} "
-              f"{'srv B/source':>12} {'load1':>5}  what it did")
+    header = (
+        f"{'step':<26} {'seconds':>9} {'run s':>8} {'CLI peak RSS MB':>15} {'CLI B/source':>12} {'Lite srv peak MB':>16} "
+        f"{'srv B/source':>12} {'load1':>5}  what it did"
+    )
     lines = [f"size {case.size:,}, form {case.form}, store {case.store}", header, "-" * len(header)]
     for step in case.steps:
         base = smallest.step(step.name) if smallest is not None and smallest is not case else None
@@ -724,11 +819,15 @@ def table(case: Case, smallest: Case | None) -> str:
         )
     ingest, quiet = case.step("ingest"), case.step("reindex, no change")
     if ingest and quiet and ingest.finished and quiet.finished:
-        lines.append(f"ratio no-change reindex / ingest (wall time of the CLI processes): {quiet.seconds:.2f} s / {ingest.seconds:.2f} s = "
-                     f"{quiet.seconds / ingest.seconds:.4f}")
+        lines.append(
+            f"ratio no-change reindex / ingest (wall time of the CLI processes): {quiet.seconds:.2f} s / {ingest.seconds:.2f} s = "
+            f"{quiet.seconds / ingest.seconds:.4f}"
+        )
         if quiet.run_s is not None and ingest.run_s:
-            lines.append(f"ratio of the runs' own times (RunSummary.seconds, no process start-up): {quiet.run_s:.2f} s / "
-                         f"{ingest.run_s:.2f} s = {quiet.run_s / ingest.run_s:.4f}")
+            lines.append(
+                f"ratio of the runs' own times (RunSummary.seconds, no process start-up): {quiet.run_s:.2f} s / "
+                f"{ingest.run_s:.2f} s = {quiet.run_s / ingest.run_s:.4f}"
+            )
     for step in case.steps:
         if step.stage_s:
             lines.append(f"  {step.name} stage seconds: " + ", ".join(f"{k} {v}" for k, v in step.stage_s.items()))
@@ -736,8 +835,10 @@ def table(case: Case, smallest: Case | None) -> str:
         lines.append("outside the steps: " + ", ".join(f"{k} {v}" for k, v in case.prep.items()))
     if case.verify:
         references = [k for k in ("clean", "computed") if k in case.verify]
-        lines.append(f"equal to a clean build: {'YES' if case.verify['equal'] else 'NO'} (verify {case.verify['seconds']} s; expected sources "
-                     f"{case.verify['expected_sources']:,})")
+        lines.append(
+            f"equal to a clean build: {'YES' if case.verify['equal'] else 'NO'} (verify {case.verify['seconds']} s; expected sources "
+            f"{case.verify['expected_sources']:,})"
+        )
         lines += ["  " + line for line in verify_lines(case.verify, references)]
     if case.error:
         lines.append(f"NOT COMPLETED: {case.error}")
@@ -758,15 +859,23 @@ def targets(cases: list[Case], sizes: list[int]) -> str:
         else:
             done = [s.name for s in at_million.steps if s.finished and s.rc == 0]
             missing = [n for n in MAINTENANCE_STEPS if n not in done]
-            lines.append(f"  every step completes at 1M: {'met' if not missing else 'NOT MET'}"
-                         + (f" (did not complete: {', '.join(missing)})" if missing else ""))
+            lines.append(
+                f"  every step completes at 1M: {'met' if not missing else 'NOT MET'}"
+                + (f" (did not complete: {', '.join(missing)})" if missing else "")
+            )
         for case in group:
             ingest, quiet = case.step("ingest"), case.step("reindex, no change")
             if ingest and quiet and ingest.finished and quiet.finished:
                 ratio = quiet.seconds / ingest.seconds
-                own = f"; runs' own times {quiet.run_s / ingest.run_s:.2%}" if quiet.run_s is not None and ingest.run_s else ""
-                lines.append(f"  {case.size:>9,}: no-change reindex <= 2% of ingest: {'met' if ratio <= TARGET_NO_CHANGE_RATIO else 'NOT MET'} "
-                             f"(wall {ratio:.2%}{own})")
+                own = (
+                    f"; runs' own times {quiet.run_s / ingest.run_s:.2%}"
+                    if quiet.run_s is not None and ingest.run_s
+                    else ""
+                )
+                lines.append(
+                    f"  {case.size:>9,}: no-change reindex <= 2% of ingest: {'met' if ratio <= TARGET_NO_CHANGE_RATIO else 'NOT MET'} "
+                    f"(wall {ratio:.2%}{own})"
+                )
             else:
                 lines.append(f"  {case.size:>9,}: no-change reindex <= 2% of ingest: NOT MEASURED")
         smallest = group[0]
@@ -778,15 +887,21 @@ def targets(cases: list[Case], sizes: list[int]) -> str:
                     worst.append(((step.cli_maxrss - base.cli_maxrss) / (case.size - smallest.size), step.name))
             if worst:
                 value, name = max(worst)
-                lines.append(f"  {case.size:>9,}: peak RSS <= 100 B per source (vs {smallest.size:,}): "
-                             f"{'met' if value <= TARGET_BYTES_PER_SOURCE else 'NOT MET'} (worst: {name}, {value:.0f} B/source)")
+                lines.append(
+                    f"  {case.size:>9,}: peak RSS <= 100 B per source (vs {smallest.size:,}): "
+                    f"{'met' if value <= TARGET_BYTES_PER_SOURCE else 'NOT MET'} (worst: {name}, {value:.0f} B/source)"
+                )
         if len(group) == 1:
             lines.append("  peak RSS per source: NOT MEASURED (one size only)")
         for case in group:
             if case.verify:
-                lines.append(f"  {case.size:>9,}: results equal a clean build: {'met' if case.verify['equal'] else 'NOT MET'}")
+                lines.append(
+                    f"  {case.size:>9,}: results equal a clean build: {'met' if case.verify['equal'] else 'NOT MET'}"
+                )
             else:
-                lines.append(f"  {case.size:>9,}: results equal a clean build: NOT MEASURED ({case.error or 'no verify'})")
+                lines.append(
+                    f"  {case.size:>9,}: results equal a clean build: NOT MEASURED ({case.error or 'no verify'})"
+                )
     return "\n".join(lines)
 
 
@@ -802,18 +917,31 @@ def main() -> int:
         return child_verify(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]), sys.argv[6:])
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="10000,100000", help="comma-separated document counts (default 10000,100000)")
+    parser.add_argument(
+        "--sizes", default="10000,100000", help="comma-separated document counts (default 10000,100000)"
+    )
     parser.add_argument("--form", default="jsonl,folder", help="jsonl, folder or both")
     parser.add_argument("--store", default="lite", help=f"lite, server or both (server: {SERVER_ENV} must be set)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scale-maintenance"), help="corpus (reused) and runs")
     parser.add_argument("--folder-parser", choices=["lines", "unstructured"], default="lines")
-    parser.add_argument("--step-timeout", type=float, default=None, help="stop a step after this many seconds (reported as not finished)")
-    parser.add_argument("--py-spy", default=None, help="py-spy executable: dump the stack of a step stopped by --step-timeout")
+    parser.add_argument(
+        "--step-timeout",
+        type=float,
+        default=None,
+        help="stop a step after this many seconds (reported as not finished)",
+    )
+    parser.add_argument(
+        "--py-spy", default=None, help="py-spy executable: dump the stack of a step stopped by --step-timeout"
+    )
     parser.add_argument("--keep-collections", action="store_true", help="server: keep the benchmark's collections")
-    parser.add_argument("--remove-runs", action="store_true", help="delete each run's folder (index, corpus copy) after it")
+    parser.add_argument(
+        "--remove-runs", action="store_true", help="delete each run's folder (index, corpus copy) after it"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument(
-        "--reference", choices=["auto", "clean", "computed", "both"], default="auto",
+        "--reference",
+        choices=["auto", "clean", "computed", "both"],
+        default="auto",
         help=f"what the maintained index is compared with: a clean ingest into a fresh index, the rows and records computed "
         f"from the corpus without a store, or both (auto: both up to {AUTO_CLEAN_MAX:,} documents, computed above)",
     )
@@ -826,19 +954,31 @@ def main() -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     runner = Runner(args)
 
-    print("scale_maintenance: PLUMBING ONLY - LineParser / ElementChunker / HashEmbedder (tests.plugins), no model, no real parser;")
+    print(
+        "scale_maintenance: PLUMBING ONLY - LineParser / ElementChunker / HashEmbedder (tests.plugins), no model, no real parser;"
+    )
     print("  the times are the pipeline's listing, change record, chunk store and runner, not parsing or embedding.")
-    print(f"  folder form parser: {'LineParser (in-process)' if args.folder_parser == 'lines' else 'unstructured (native .txt path)'}; "
-          "jsonl form parser: LineParser (in-process)")
+    print(
+        f"  folder form parser: {'LineParser (in-process)' if args.folder_parser == 'lines' else 'unstructured (native .txt path)'}; "
+        "jsonl form parser: LineParser (in-process)"
+    )
     print("command: " + " ".join([sys.executable, *sys.argv]))
     for line in cpu_description():
         print(line)
     info = runner.tool("--child-info", *([os.environ[SERVER_ENV]] if "server" in stores else []))
-    print(f"Python {info['python']}; pymilvus {info['pymilvus']}; Milvus Lite (milvus-lite) {info['milvus-lite']}; numpy {info['numpy']}"
-          + (f"; Milvus server {info['server']} at {os.environ[SERVER_ENV]}" if "server" in stores else ""))
-    print(f"sizes {sizes}, forms {forms}, stores {stores}, workdir {args.workdir}, reference {args.reference}"
-          + (f" (clean ingest and computed up to {AUTO_CLEAN_MAX:,} documents, computed only above)" if args.reference == "auto" else ""),
-          flush=True)
+    print(
+        f"Python {info['python']}; pymilvus {info['pymilvus']}; Milvus Lite (milvus-lite) {info['milvus-lite']}; numpy {info['numpy']}"
+        + (f"; Milvus server {info['server']} at {os.environ[SERVER_ENV]}" if "server" in stores else "")
+    )
+    print(
+        f"sizes {sizes}, forms {forms}, stores {stores}, workdir {args.workdir}, reference {args.reference}"
+        + (
+            f" (clean ingest and computed up to {AUTO_CLEAN_MAX:,} documents, computed only above)"
+            if args.reference == "auto"
+            else ""
+        ),
+        flush=True,
+    )
 
     cases: list[Case] = []
     results = args.json or args.workdir / f"results-{time.strftime('%Y%m%dT%H%M%S')}.json"

@@ -61,8 +61,14 @@ def stored_chunks(pipeline: Pipeline) -> list[Chunk]:
             start, end = metadata.pop("start"), metadata.pop("end")
             chunks.append(
                 Chunk(
-                    id=row["id"], source_id=row["source_id"], index=row["chunk_index"], text=row["text"], start=start, end=end,
-                    metadata=metadata, vectors={"dense": np.asarray(row[store.config.vector_field], dtype=np.float32)},
+                    id=row["id"],
+                    source_id=row["source_id"],
+                    index=row["chunk_index"],
+                    text=row["text"],
+                    start=start,
+                    end=end,
+                    metadata=metadata,
+                    vectors={"dense": np.asarray(row[store.config.vector_field], dtype=np.float32)},
                 )
             )
     iterator.close()
@@ -72,7 +78,9 @@ def stored_chunks(pipeline: Pipeline) -> list[Chunk]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="scifact")
-    parser.add_argument("--index", type=Path, required=True, help="the index benchmarks/retrieval_quality.py --index built")
+    parser.add_argument(
+        "--index", type=Path, required=True, help="the index benchmarks/retrieval_quality.py --index built"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     folder = Path(args.dataset) if Path(args.dataset).is_dir() else DATASETS / args.dataset
@@ -96,14 +104,21 @@ def main() -> None:
                         pipeline.store.upsert(chunks[start : start + 1000])
             progress = lambda message, s=storage: print(f"{s}: {message}", file=sys.stderr, flush=True)  # noqa: E731
             result = ModeEvaluator(pipeline.query_engine, dataset, progress=progress).run(["dense"])[0]
-            figures["storage"][storage] = {"bytes_per_vector": BYTES_PER_DIMENSION[storage] * dimension, **result.to_dict()}
+            figures["storage"][storage] = {
+                "bytes_per_vector": BYTES_PER_DIMENSION[storage] * dimension,
+                **result.to_dict(),
+            }
     finally:
         for pipeline in pipelines:
             pipeline.close()
 
     base = figures["storage"]["float32"]["metrics"]
-    print(f"\n{folder.name} (test), {len(dataset.queries)} queries, {len(chunks)} chunks, {dimension}-d all-MiniLM-L6-v2, dense mode")
-    print(f"{'storage':<9}{'bytes/vector':>13}{'nDCG@10':>9}{'vs float32':>11}{'R@100':>8}{'vs float32':>11}{'p50 ms':>8}")
+    print(
+        f"\n{folder.name} (test), {len(dataset.queries)} queries, {len(chunks)} chunks, {dimension}-d all-MiniLM-L6-v2, dense mode"
+    )
+    print(
+        f"{'storage':<9}{'bytes/vector':>13}{'nDCG@10':>9}{'vs float32':>11}{'R@100':>8}{'vs float32':>11}{'p50 ms':>8}"
+    )
     for storage, f in figures["storage"].items():
         m = f["metrics"]
         print(

@@ -33,7 +33,9 @@ class Chunker(Component):
         return ChunkPlan(document, self.split(document))
 
     def plan_batch(self, documents: Sequence[ParsedDocument]) -> list[ChunkPlan]:
-        return [ChunkPlan(document, spans) for document, spans in zip(documents, self.split_batch(documents), strict=True)]
+        return [
+            ChunkPlan(document, spans) for document, spans in zip(documents, self.split_batch(documents), strict=True)
+        ]
 
     def chunk(self, document: ParsedDocument) -> list[Chunk]:
         return self.plan(document).chunks()
@@ -56,7 +58,9 @@ class ChunkPlan:
         self.spans: list[Span] = []
         for start, end in spans:
             if not (0 <= start < end <= len(text)):
-                raise ValueError(f"span ({start}, {end}) lies outside the text of {document.source_id} (length {len(text)})")
+                raise ValueError(
+                    f"span ({start}, {end}) lies outside the text of {document.source_id} (length {len(text)})"
+                )
             if has_text(text, (start, end)):
                 self.spans.append((start, end))
         self.elements = ElementIndex(document.elements)

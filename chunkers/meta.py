@@ -47,13 +47,13 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from chunkers.base import Chunker
+from chunkers.sentences import detect_language, split_sentences
 from core.causal_lm import (
     DEFAULT_CAUSAL_LM,
     CausalLM,
     common_prefix_length,
     load_causal_lm,
 )
-from chunkers.sentences import detect_language, split_sentences
 from core.component import ComponentConfig, require
 from core.types import ParsedDocument
 
@@ -97,7 +97,9 @@ def tokenize_units(text: str, tokenizer: Any, max_unit_tokens: int) -> Units:
     if not sentences:
         return Units([], [], [])
     if not getattr(tokenizer, "is_fast", True):
-        raise ValueError(f"{type(tokenizer).__name__} gives no character offsets; LM chunking needs a fast (tokenizers) tokenizer")
+        raise ValueError(
+            f"{type(tokenizer).__name__} gives no character offsets; LM chunking needs a fast (tokenizers) tokenizer"
+        )
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     token_ids: list[int] = list(encoding["input_ids"])
     offsets: list[tuple[int, int]] = [tuple(pair) for pair in encoding["offset_mapping"]]
@@ -119,7 +121,9 @@ def tokenize_units(text: str, tokenizer: Any, max_unit_tokens: int) -> Units:
     for number, span in enumerate(sentences):
         if first_token[number] < 0:  # no token ends inside it: give it an empty range
             first_token[number] = last_token[number] = previous_end
-        for piece, token_range in _cut_long(text, span, (first_token[number], last_token[number]), offsets, max_unit_tokens):
+        for piece, token_range in _cut_long(
+            text, span, (first_token[number], last_token[number]), offsets, max_unit_tokens
+        ):
             spans.append(piece)
             ranges.append(token_range)
         previous_end = last_token[number]
@@ -193,7 +197,9 @@ def groups_from_ends(count: int, ends: Sequence[int]) -> list[tuple[int, int]]:
     return groups
 
 
-def fit_to_target(groups: list[tuple[int, int]], sizes: Sequence[int], gap_strength: Sequence[float], target: int) -> list[tuple[int, int]]:
+def fit_to_target(
+    groups: list[tuple[int, int]], sizes: Sequence[int], gap_strength: Sequence[float], target: int
+) -> list[tuple[int, int]]:
     """Chunks of at most ``target`` (unit sizes summed) where possible.
 
     A chunk above the target is cut at its strongest internal gap (``gap_strength[i]`` is the
@@ -232,7 +238,9 @@ class LMChunkerConfig(ComponentConfig):
     model: str = DEFAULT_CAUSAL_LM  # hub id or local folder of any causal LM
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", "mps" or "auto"
-    quantize: Literal["none", "int8"] = "none"  # int8 (CPU): ~1.6x faster, but it moves boundaries (80% agreement in benchmarks/meta_chunking_speed.py)
+    quantize: Literal["none", "int8"] = (
+        "none"  # int8 (CPU): ~1.6x faster, but it moves boundaries (80% agreement in benchmarks/meta_chunking_speed.py)
+    )
     max_sentence_tokens: int = Field(256, ge=8)  # longer sentences are cut at token boundaries
     target_size: int | None = Field(None, ge=0)  # tokens of size_tokenizer per chunk; 0 or None: no fitting
     size_tokenizer: str | None = None  # hub id or folder (e.g. the embedder's); None: the LM's tokenizer
@@ -264,7 +272,9 @@ class LMChunker(Chunker):
     def lm(self) -> CausalLM:
         from core.models import resolve_device
 
-        return load_causal_lm(self.config.model, resolve_device(self.config.device), self.config.dtype, self.config.quantize)
+        return load_causal_lm(
+            self.config.model, resolve_device(self.config.device), self.config.dtype, self.config.quantize
+        )
 
     def split(self, document: ParsedDocument) -> list[Span]:
         return self.split_batch([document])[0]
@@ -276,7 +286,9 @@ class LMChunker(Chunker):
         lm = self.lm
         units = [tokenize_units(document.text, lm.tokenizer, self.config.max_sentence_tokens) for document in documents]
         meta = self._meta_chunks(lm, documents, units)
-        return [self._spans(document, doc_units, doc_meta) for document, doc_units, doc_meta in zip(documents, units, meta)]
+        return [
+            self._spans(document, doc_units, doc_meta) for document, doc_units, doc_meta in zip(documents, units, meta)
+        ]
 
     @abstractmethod
     def _meta_chunks(self, lm: CausalLM, documents: Sequence[ParsedDocument], units: list[Units]) -> list[MetaChunks]:
@@ -316,9 +328,11 @@ class PerplexityChunkerConfig(LMChunkerConfig):
     max_context_tokens: int | None = Field(None, ge=32)  # None: the model's context length
 
     @model_validator(mode="after")
-    def _window_inside_context(self) -> "PerplexityChunkerConfig":
+    def _window_inside_context(self) -> PerplexityChunkerConfig:
         if self.max_context_tokens is not None and self.window_tokens >= self.max_context_tokens:
-            raise ValueError(f"window_tokens ({self.window_tokens}) must be smaller than max_context_tokens ({self.max_context_tokens})")
+            raise ValueError(
+                f"window_tokens ({self.window_tokens}) must be smaller than max_context_tokens ({self.max_context_tokens})"
+            )
         return self
 
 
@@ -334,8 +348,12 @@ class PerplexityChunker(LMChunker):
         window = min(self.config.window_tokens, context // 2)
         start = lm.start_token_ids()
         scored = [index for index, doc_units in enumerate(units) if len(doc_units) >= 3]  # fewer have no minimum
-        losses = lm.token_losses([start + units[index].token_ids for index in scored], self.config.batch_size, window, context)
-        meta = [MetaChunks(groups_from_ends(len(doc_units), []), [0.0] * max(len(doc_units) - 1, 0)) for doc_units in units]
+        losses = lm.token_losses(
+            [start + units[index].token_ids for index in scored], self.config.batch_size, window, context
+        )
+        meta = [
+            MetaChunks(groups_from_ends(len(doc_units), []), [0.0] * max(len(doc_units) - 1, 0)) for doc_units in units
+        ]
         for index, token_losses in zip(scored, losses):
             scores = sentence_scores(token_losses, units[index].token_ranges, len(start))
             ends = perplexity_minima(scores, self.config.threshold, self.config.dynamic_threshold)
@@ -498,11 +516,16 @@ class MarginSamplingChunker(LMChunker):
             for slot in range(self.config.batch_size):
                 if slot not in in_slot and waiting:
                     in_slot[slot] = waiting.popleft()
-            sequences = {slot: state.prompt(prompts, self.config.max_prompt_chunk_tokens) for slot, state in in_slot.items()}
+            sequences = {
+                slot: state.prompt(prompts, self.config.max_prompt_chunk_tokens) for slot, state in in_slot.items()
+            }
             for slot, (p_split, p_keep) in cache.next_token_probabilities(sequences, prompts.answer_ids).items():
                 in_slot[slot].record(p_keep - p_split, self.config.threshold_window)
             in_slot = {slot: state for slot, state in in_slot.items() if not state.done}
-        return [MetaChunks(groups_from_ends(len(state.units), state.ends), [-margin for margin in state.margins]) for state in states]
+        return [
+            MetaChunks(groups_from_ends(len(state.units), state.ends), [-margin for margin in state.margins])
+            for state in states
+        ]
 
     def _language(self, text: str) -> Language:
         return detect_language(text) if self.config.prompt_language == "auto" else self.config.prompt_language
@@ -511,7 +534,11 @@ class MarginSamplingChunker(LMChunker):
         with self._lock:
             if self._prompts is None:
                 prompts = SplitOrKeepPrompts(lm.tokenizer)
-                longest = len(prompts.shared_prefix("en")) + 64 + 3 * (self.config.max_prompt_chunk_tokens + self.config.max_sentence_tokens)
+                longest = (
+                    len(prompts.shared_prefix("en"))
+                    + 64
+                    + 3 * (self.config.max_prompt_chunk_tokens + self.config.max_sentence_tokens)
+                )
                 if longest > lm.context_length:
                     raise ValueError(
                         f"margin chunker: a prompt can reach {longest} tokens, more than the {lm.context_length} of {lm.name}; "

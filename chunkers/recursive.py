@@ -131,10 +131,13 @@ class RecursiveChunker(Chunker):
         chunk_size: int = Field(1000, gt=0, description="Largest chunk, in characters.")
         chunk_overlap: int = Field(200, ge=0, description="Characters of the end of a chunk the next one repeats.")
         separators: list[str] | None = Field(
-            None, description="Separators in order of preference; default: paragraph, line, CJK punctuation, space, character."
+            None,
+            description="Separators in order of preference; default: paragraph, line, CJK punctuation, space, character.",
         )
         is_separator_regex: bool = Field(False, description="Treat the given separators as regular expressions.")
-        language: str | None = Field(None, description="Use LangChain's separators for this language (markdown, python, html, ...).")
+        language: str | None = Field(
+            None, description="Use LangChain's separators for this language (markdown, python, html, ...)."
+        )
         keep_separator: bool | Literal["start", "end"] = Field(
             True,
             description="Where a separator goes: start of the next piece (true/'start'), end of the previous one ('end'), "
@@ -145,7 +148,7 @@ class RecursiveChunker(Chunker):
         @classmethod
         def _not_empty(cls, value: list[str] | None) -> list[str] | None:
             if value is not None and not value:
-                raise ValueError("separators must list at least one separator (\"\" cuts between characters)")
+                raise ValueError('separators must list at least one separator ("" cuts between characters)')
             return value
 
         @field_validator("language")
@@ -156,7 +159,7 @@ class RecursiveChunker(Chunker):
             return value
 
         @model_validator(mode="after")
-        def _separators_compile(self) -> "RecursiveChunker.Config":
+        def _separators_compile(self) -> RecursiveChunker.Config:
             if self.language is not None and self.separators is not None:
                 raise ValueError("give either separators or language, not both")
             if self.separators is not None and self.is_separator_regex:

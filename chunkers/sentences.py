@@ -57,14 +57,19 @@ def is_cjk(char: str) -> bool:
 
 
 def detect_language(text: str) -> Literal["zh", "en"]:
-    """"zh" when Han characters outnumber Latin words, else "en" (used to pick prompt variants)."""
+    """ "zh" when Han characters outnumber Latin words, else "en" (used to pick prompt variants)."""
     han = sum(1 for char in text if 0x4E00 <= ord(char) <= 0x9FFF or 0x3400 <= ord(char) <= 0x4DBF)
     latin_words = len(re.findall(r"[A-Za-z]+", text))
     return "zh" if han > 0 and han >= latin_words else "en"
 
 
 def _starts_sentence(char: str) -> bool:
-    return char.isupper() or char.isdigit() or char in _OPENERS or (char.isalpha() and not char.isascii() and not char.islower())
+    return (
+        char.isupper()
+        or char.isdigit()
+        or char in _OPENERS
+        or (char.isalpha() and not char.isascii() and not char.islower())
+    )
 
 
 def _word_before(text: str, end: int) -> str:

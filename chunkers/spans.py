@@ -44,16 +44,22 @@ class SpanChunkingConfig(ComponentConfig):
     """Settings every span chunker shares; subclasses set the defaults of the two sizes."""
 
     chunk_size: int = Field(gt=0, description="Largest chunk, in the chunker's unit.")
-    chunk_overlap: int = Field(ge=0, description="How much of the end of a chunk the next one repeats, in the same unit.")
-    strip_whitespace: bool = Field(True, description="Trim whitespace at both ends of each chunk (the span shrinks, it stays exact).")
+    chunk_overlap: int = Field(
+        ge=0, description="How much of the end of a chunk the next one repeats, in the same unit."
+    )
+    strip_whitespace: bool = Field(
+        True, description="Trim whitespace at both ends of each chunk (the span shrinks, it stays exact)."
+    )
     respect_elements: bool = Field(
         False,
         description="Never cut inside a parsed element unless it alone exceeds chunk_size; small consecutive elements are merged.",
     )
-    split_on_headings: bool = Field(False, description="Start a new chunk at every heading: no chunk spans two sections.")
+    split_on_headings: bool = Field(
+        False, description="Start a new chunk at every heading: no chunk spans two sections."
+    )
 
     @model_validator(mode="after")
-    def _overlap_smaller_than_size(self) -> "SpanChunkingConfig":
+    def _overlap_smaller_than_size(self) -> SpanChunkingConfig:
         if self.chunk_overlap >= self.chunk_size:
             raise ValueError(
                 f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_size ({self.chunk_size}); "
@@ -121,7 +127,9 @@ def checked_elements(document: ParsedDocument) -> list[Span]:
 
 def heading_sections(document: ParsedDocument) -> list[Span]:
     """The text cut at the start of every heading element: [0, h1), [h1, h2), ..., [hn, len)."""
-    cuts = sorted({e.start for e in document.elements if e.category in HEADING_CATEGORIES and 0 < e.start < len(document.text)})
+    cuts = sorted(
+        {e.start for e in document.elements if e.category in HEADING_CATEGORIES and 0 < e.start < len(document.text)}
+    )
     bounds = [0, *cuts, len(document.text)]
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if a < b]
 
@@ -164,7 +172,9 @@ def trim_whitespace(text: str, span: Span) -> Span:
     return start, end
 
 
-def plan_spans(document: ParsedDocument, config: SpanChunkingConfig, measure: Measure, split_region: RegionSplitter) -> list[Span]:
+def plan_spans(
+    document: ParsedDocument, config: SpanChunkingConfig, measure: Measure, split_region: RegionSplitter
+) -> list[Span]:
     """The chunk spans of a document: sections, then elements, then the chunker's own splitter."""
     text = document.text
     regions = heading_sections(document) if config.split_on_headings else [(0, len(text))]

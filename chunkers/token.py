@@ -32,10 +32,10 @@ from chunkers.spans import (
     plan_spans,
     trim_whitespace,
 )
-from core.tiktoken_data import encoding_name, get_encoding
 from core.component import require
-from core.types import ParsedDocument
 from core.models import resolve_model_path
+from core.tiktoken_data import encoding_name, get_encoding
+from core.types import ParsedDocument
 
 DEFAULT_ENCODING = "cl100k_base"
 
@@ -100,7 +100,9 @@ class HuggingFaceTokenization:
         return len(self.tokenizer.encode(encodable(text), add_special_tokens=False).ids)
 
 
-def token_windows(text: str, region: Span, tokenization: Tokenization, measure: Measure, size: int, overlap: int) -> list[Span]:
+def token_windows(
+    text: str, region: Span, tokenization: Tokenization, measure: Measure, size: int, overlap: int
+) -> list[Span]:
     """Spans of ``size``-token windows over ``text[region]``, each next one starting ``overlap`` tokens back.
 
     ``measure`` gives the token count of a span as it will be emitted (trimmed or not), which is
@@ -139,9 +141,12 @@ class TokenChunker(Chunker):
         chunk_size: int = Field(512, gt=0, description="Largest chunk, in tokens.")
         chunk_overlap: int = Field(64, ge=0, description="Tokens of the end of a chunk the next one repeats.")
         encoding: str | None = Field(
-            None, description=f"tiktoken encoding or OpenAI model name (default {DEFAULT_ENCODING} when no tokenizer is given)."
+            None,
+            description=f"tiktoken encoding or OpenAI model name (default {DEFAULT_ENCODING} when no tokenizer is given).",
         )
-        tokenizer: str | None = Field(None, description="Hugging Face tokenizer: hub id or local folder (a fast tokenizer).")
+        tokenizer: str | None = Field(
+            None, description="Hugging Face tokenizer: hub id or local folder (a fast tokenizer)."
+        )
 
         @field_validator("encoding")
         @classmethod
@@ -151,7 +156,7 @@ class TokenChunker(Chunker):
             return value
 
         @model_validator(mode="after")
-        def _one_tokenizer(self) -> "TokenChunker.Config":
+        def _one_tokenizer(self) -> TokenChunker.Config:
             if self.encoding is not None and self.tokenizer is not None:
                 raise ValueError("give either encoding (tiktoken) or tokenizer (Hugging Face), not both")
             return self
@@ -196,6 +201,8 @@ class TokenChunker(Chunker):
             return tokenization.count(text[start:end])
 
         def windows(region: Span) -> list[Span]:
-            return token_windows(text, region, tokenization, token_count, self.config.chunk_size, self.config.chunk_overlap)
+            return token_windows(
+                text, region, tokenization, token_count, self.config.chunk_size, self.config.chunk_overlap
+            )
 
         return plan_spans(document, self.config, token_count, windows)

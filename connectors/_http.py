@@ -161,8 +161,14 @@ class GuardedBackend:
         self._connect_error = httpcore.ConnectError
         self.allow_private = allow_private
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Iterable[Any] | None = None) -> Any:
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> Any:
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
@@ -176,12 +182,16 @@ class GuardedBackend:
         error: Exception | None = None
         for address in addresses:
             try:
-                return self._inner.connect_tcp(address, port, timeout=timeout, local_address=local_address, socket_options=socket_options)
+                return self._inner.connect_tcp(
+                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
             except self._connect_error as exc:
                 error = exc
         raise error or ConnectionFailed(f"no address to connect to for {host}")
 
-    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None) -> Any:
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> Any:
         raise AddressRefused("unix sockets are not reachable from a web source")
 
     def sleep(self, seconds: float) -> None:
@@ -232,7 +242,9 @@ class HttpClient:
         self._httpcore = httpcore
         self.settings = settings
         self.host_allowed = host_allowed
-        self._pool = httpcore.ConnectionPool(network_backend=GuardedBackend(settings.allow_private), max_connections=4, retries=0)
+        self._pool = httpcore.ConnectionPool(
+            network_backend=GuardedBackend(settings.allow_private), max_connections=4, retries=0
+        )
         self._last_request: dict[str, float] = {}
         self._delays: dict[str, float] = {}
         self._pace_lock = threading.Lock()
@@ -261,7 +273,9 @@ class HttpClient:
         current = url
         while True:
             self._check_target(current, first=current == url)
-            result = self._fetch_file(current) if current.startswith("file:") else self._request(method, current, headers)
+            result = (
+                self._fetch_file(current) if current.startswith("file:") else self._request(method, current, headers)
+            )
             location = result.headers.get("location")
             if result.status not in REDIRECT_STATUSES or not location:
                 result.url, result.redirects = url, chain[1:]
@@ -270,7 +284,9 @@ class HttpClient:
             if target in chain:
                 raise RedirectProblem(f"redirect loop: {' -> '.join([*chain, target])}")
             if len(chain) > self.settings.max_redirects:
-                raise RedirectProblem(f"more than max_redirects={self.settings.max_redirects} redirects: {' -> '.join(chain)} -> ...")
+                raise RedirectProblem(
+                    f"more than max_redirects={self.settings.max_redirects} redirects: {' -> '.join(chain)} -> ..."
+                )
             chain.append(target)
             current = target
 
@@ -279,7 +295,9 @@ class HttpClient:
         scheme = parts.scheme
         what = "URL" if first else "redirect target"
         if scheme not in self.settings.allowed_schemes:
-            raise AddressRefused(f"{what} {url}: scheme {scheme}:// is not allowed (allowed_schemes: {', '.join(sorted(self.settings.allowed_schemes))})")
+            raise AddressRefused(
+                f"{what} {url}: scheme {scheme}:// is not allowed (allowed_schemes: {', '.join(sorted(self.settings.allowed_schemes))})"
+            )
         if scheme == "file":
             return
         host = parts.hostname or ""
@@ -311,10 +329,14 @@ class HttpClient:
         extensions = {"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}}
         deadline = time.monotonic() + settings.deadline_s
         try:
-            with self._pool.stream(method, url, headers=list(request_headers.items()), extensions=extensions) as response:
+            with self._pool.stream(
+                method, url, headers=list(request_headers.items()), extensions=extensions
+            ) as response:
                 result = FetchResult(url, url, response.status, _header_dict(response.headers))
                 if result.status in TRANSIENT_STATUSES:
-                    raise TransientStatus(f"HTTP {result.status} from {url}", result.status, _retry_after(result.headers))
+                    raise TransientStatus(
+                        f"HTTP {result.status} from {url}", result.status, _retry_after(result.headers)
+                    )
                 if method != "HEAD" and result.status not in REDIRECT_STATUSES and result.status != 304:
                     result.body = self._read_body(response, result, deadline)
                 return result
@@ -329,15 +351,21 @@ class HttpClient:
         limit = self.settings.max_bytes
         declared = result.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise PageTooLarge(f"{result.url}: page is {human_size(int(declared))}, over max_page_bytes={limit} ({human_size(limit)})")
+            raise PageTooLarge(
+                f"{result.url}: page is {human_size(int(declared))}, over max_page_bytes={limit} ({human_size(limit)})"
+            )
         parts, total = [], 0
         for piece in response.iter_stream():
             parts.append(piece)
             total += len(piece)
             if total > limit:
-                raise PageTooLarge(f"{result.url}: page is over max_page_bytes={limit} ({human_size(limit)}); download stopped")
+                raise PageTooLarge(
+                    f"{result.url}: page is over max_page_bytes={limit} ({human_size(limit)}); download stopped"
+                )
             if time.monotonic() > deadline:
-                raise FetchTimeout(f"{result.url}: the page did not arrive within request_deadline_s={self.settings.deadline_s:g}")
+                raise FetchTimeout(
+                    f"{result.url}: the page did not arrive within request_deadline_s={self.settings.deadline_s:g}"
+                )
         return b"".join(parts)
 
     def _fetch_file(self, url: str) -> FetchResult:
@@ -347,7 +375,9 @@ class HttpClient:
         try:
             info = path.stat()
             if info.st_size > limit:
-                raise PageTooLarge(f"{url}: file is {human_size(info.st_size)}, over max_page_bytes={limit} ({human_size(limit)})")
+                raise PageTooLarge(
+                    f"{url}: file is {human_size(info.st_size)}, over max_page_bytes={limit} ({human_size(limit)})"
+                )
             with path.open("rb") as handle:
                 body = handle.read(limit + 1)
         except FileNotFoundError:

@@ -241,7 +241,9 @@ def retrying(
 
     def log_retry(state: Any) -> None:
         error = state.outcome.exception()
-        log.warning("%s failed (attempt %d of %d), retrying: %s", what, state.attempt_number, attempts, describe_error(error))
+        log.warning(
+            "%s failed (attempt %d of %d), retrying: %s", what, state.attempt_number, attempts, describe_error(error)
+        )
 
     return tenacity.Retrying(
         stop=tenacity.stop_after_attempt(attempts),

@@ -54,7 +54,9 @@ _OBJECT_ID = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # SHA-1 or SHA-256
 _REF = re.compile(r"^[A-Za-z0-9._/@{}^~+-]+$")
 SYMLINK_MODE = "120000"
 # A credential helper that answers git's "get" with what the child process' environment holds.
-_CREDENTIAL_HELPER = '!f() { test "$1" = get && printf "username=%s\\npassword=%s\\n" "$RAG_GIT_USERNAME" "$RAG_GIT_PASSWORD"; }; f'
+_CREDENTIAL_HELPER = (
+    '!f() { test "$1" = get && printf "username=%s\\npassword=%s\\n" "$RAG_GIT_USERNAME" "$RAG_GIT_PASSWORD"; }; f'
+)
 
 
 class GitError(OSError):
@@ -74,13 +76,20 @@ class GitSource(Source):
         # A rejected value is never echoed back in the error: it may hold a token.
         model_config = ConfigDict(hide_input_in_errors=True)
 
-        repo: str = Field(min_length=1, description="local repository path, or URL (https://, ssh://, git://, file://, user@host:path)")
+        repo: str = Field(
+            min_length=1,
+            description="local repository path, or URL (https://, ssh://, git://, file://, user@host:path)",
+        )
         ref: str = Field("HEAD", description="branch, tag or commit to index")
         include: list[str] = Field(default_factory=lambda: ["**/*"], description="globs a file's path must match")
-        exclude: list[str] = Field(default_factory=lambda: [".*"], description="globs that drop a file or directory; default: hidden ones")
+        exclude: list[str] = Field(
+            default_factory=lambda: [".*"], description="globs that drop a file or directory; default: hidden ones"
+        )
         max_file_bytes: int = Field(100 * 2**20, gt=0, description="larger files are listed and fail at read")
         namespace: str | None = Field(None, description="prefix of every source id; default: the repository's name")
-        cache_dir: str | None = Field(None, description="where URL repositories are mirrored; default: $XDG_CACHE_HOME/rag-pipeline/git")
+        cache_dir: str | None = Field(
+            None, description="where URL repositories are mirrored; default: $XDG_CACHE_HOME/rag-pipeline/git"
+        )
         fetch: bool = Field(True, description="fetch a mirrored URL before each listing")
         timeout_s: float = Field(600.0, gt=0, description="longest a clone or fetch may take")
 
@@ -94,7 +103,9 @@ class GitSource(Source):
             if "://" in value:
                 parts = urlsplit(value)
                 if parts.scheme.lower() not in URL_SCHEMES:
-                    raise ValueError(f"unsupported URL scheme {parts.scheme!r}; expected one of {', '.join(URL_SCHEMES)}")
+                    raise ValueError(
+                        f"unsupported URL scheme {parts.scheme!r}; expected one of {', '.join(URL_SCHEMES)}"
+                    )
                 if parts.password and parts.scheme.lower() not in ("http", "https"):
                     raise ValueError("a password in the URL only works for http(s); use an SSH key for ssh:// URLs")
             return value
@@ -103,7 +114,9 @@ class GitSource(Source):
         @classmethod
         def _ref_is_a_name(cls, value: str) -> str:
             if value.startswith("-") or not _REF.match(value):
-                raise ValueError("ref must be a branch, tag or commit name (letters, digits and ._/@{}^~+-, not starting with '-')")
+                raise ValueError(
+                    "ref must be a branch, tag or commit name (letters, digits and ._/@{}^~+-, not starting with '-')"
+                )
             return value
 
         @field_validator("namespace")
@@ -193,9 +206,17 @@ class GitSource(Source):
     def _git(self, *args: str, cwd: Path | None = None, timeout: float | None = None, what: str = "") -> str:
         command = ["git", *(["-C", str(cwd)] if cwd is not None else []), *args]
         try:
-            done = subprocess.run(command, capture_output=True, env=self._environment(), timeout=timeout or self.config.timeout_s, check=False)
+            done = subprocess.run(
+                command,
+                capture_output=True,
+                env=self._environment(),
+                timeout=timeout or self.config.timeout_s,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
-            raise GitError(f"{self.display}: {what or args[0]} took longer than timeout_s={self.config.timeout_s:g}") from None
+            raise GitError(
+                f"{self.display}: {what or args[0]} took longer than timeout_s={self.config.timeout_s:g}"
+            ) from None
         except FileNotFoundError:
             raise GitError("the git command is not installed (apt-get install git)") from None
         if done.returncode != 0:
@@ -250,8 +271,15 @@ class GitSource(Source):
             shutil.rmtree(partial, ignore_errors=True)
 
     def resolve_commit(self, repository: Path) -> str:
-        return self._git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{self.config.ref}^{{commit}}", cwd=repository,
-                         what=f"resolving ref {self.config.ref!r}").strip()
+        return self._git(
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            "--end-of-options",
+            f"{self.config.ref}^{{commit}}",
+            cwd=repository,
+            what=f"resolving ref {self.config.ref!r}",
+        ).strip()
 
     # -- listing -------------------------------------------------------------------------------
 
@@ -322,7 +350,9 @@ class GitSource(Source):
             raise FileTooLarge(f"file is {human_size(ref.size)}, over max_file_bytes={limit} ({human_size(limit)})")
         repository = self.repository() if not self.is_url else self._mirror_path()
         command = ["git", "-C", str(repository), "cat-file", "blob", blob]
-        done = subprocess.run(command, capture_output=True, env=self._environment(), timeout=self.config.timeout_s, check=False)
+        done = subprocess.run(
+            command, capture_output=True, env=self._environment(), timeout=self.config.timeout_s, check=False
+        )
         if done.returncode != 0:
             detail = " ".join(done.stderr.decode("utf-8", errors="replace").split())
             raise GitError(redact(f"blob {blob} cannot be read: {detail}", self._secrets))

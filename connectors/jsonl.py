@@ -37,7 +37,9 @@ class JsonlSource(Source):
     class Config(ComponentConfig):
         path: str = Field(..., min_length=1, description="The .jsonl file (relative to the spec's folder).")
         id_field: str = Field("_id", description="Record key holding the document id.")
-        title_field: str | None = Field("title", description="Record key holding a title put before the text; null for none.")
+        title_field: str | None = Field(
+            "title", description="Record key holding a title put before the text; null for none."
+        )
         text_field: str = Field("text", description="Record key holding the document text.")
         separator: str = Field(" ", description="Joins title and text (BEIR uses one space).")
         id_prefix: str = Field("", description="Prepended to every record id to form the source id.")
@@ -68,12 +70,17 @@ class JsonlSource(Source):
                 try:
                     record_id = self._record_id(self._parse(raw, line_number), line_number)
                     if not seen.add(digest64(record_id)):
-                        raise JsonlSourceError(f"{path}:{line_number}: duplicate {self.config.id_field} {record_id!r}; the first one is kept")
+                        raise JsonlSourceError(
+                            f"{path}:{line_number}: duplicate {self.config.id_field} {record_id!r}; the first one is kept"
+                        )
                 except JsonlSourceError as exc:
                     # Listed anyway, so the run records this line as failed and goes on with the rest.
                     yield SourceRef(
-                        source_id=f"{self.config.id_prefix}{path.name}:L{line_number}", uri=f"{path.as_uri()}#L{line_number}",
-                        media_type=MEDIA_TYPE, size=len(raw), change_signal=sha256_hex(raw),
+                        source_id=f"{self.config.id_prefix}{path.name}:L{line_number}",
+                        uri=f"{path.as_uri()}#L{line_number}",
+                        media_type=MEDIA_TYPE,
+                        size=len(raw),
+                        change_signal=sha256_hex(raw),
                         metadata={"line": line_number, "byte_offset": start, "error": str(exc)},
                     )
                     continue
@@ -119,5 +126,7 @@ class JsonlSource(Source):
     def _record_id(self, record: dict[str, Any], line_number: int) -> str:
         value = record.get(self.config.id_field)
         if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
-            raise JsonlSourceError(f"{self.file}:{line_number}: record has no usable {self.config.id_field!r} (a string or integer)")
+            raise JsonlSourceError(
+                f"{self.file}:{line_number}: record has no usable {self.config.id_field!r} (a string or integer)"
+            )
         return str(value)

@@ -151,7 +151,7 @@ class PathPattern:
     below: re.Pattern[str] | None  # for "<dir pattern>/**": the directories whose whole content it matches
 
     @classmethod
-    def parse(cls, text: str) -> "PathPattern":
+    def parse(cls, text: str) -> PathPattern:
         # A trailing "/" (a directory hint in .gitignore) and a leading "/" (anchored at the
         # folder) change nothing here: path patterns are always relative to the folder.
         pattern = text.strip().rstrip("/")
@@ -187,9 +187,12 @@ class LocalDirectorySource(Source):
 
     class Config(ComponentConfig):
         path: str = Field(description="the folder to index; relative paths are resolved against the spec's folder")
-        include: list[str] = Field(default_factory=lambda: ["**/*"], description="globs a file must match (any of them)")
+        include: list[str] = Field(
+            default_factory=lambda: ["**/*"], description="globs a file must match (any of them)"
+        )
         exclude: list[str] = Field(
-            default_factory=lambda: [".*"], description="globs that drop a file or a whole directory; default: hidden ones"
+            default_factory=lambda: [".*"],
+            description="globs that drop a file or a whole directory; default: hidden ones",
         )
         recursive: bool = True
         follow_symlinks: bool = Field(True, description="follow symlinks that stay inside the folder")

@@ -74,18 +74,52 @@ BACKENDS: dict[str, Backend] = {
 }
 
 # The SDKs behind the backends print request headers (tokens included) at DEBUG level.
-_SDK_LOGGERS = ("botocore", "aiobotocore", "s3fs", "fsspec", "gcsfs", "google.auth", "adlfs", "azure", "urllib3", "aiohttp")
+_SDK_LOGGERS = (
+    "botocore",
+    "aiobotocore",
+    "s3fs",
+    "fsspec",
+    "gcsfs",
+    "google.auth",
+    "adlfs",
+    "azure",
+    "urllib3",
+    "aiohttp",
+)
 
 # Error codes and HTTP statuses that mean "try again later" on S3, GCS and Azure.
 _TRANSIENT_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed", "InternalError",
-     "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests", "ServerBusy", "OperationTimedOut"}
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "ServerBusy",
+        "OperationTimedOut",
+    }
 )
 _TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _TRANSIENT_TYPES = frozenset(
-    {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError", "ResponseParserError",
-     "ClientPayloadError", "ServerDisconnectedError", "ClientConnectorError", "ClientOSError", "FSTimeoutError",
-     "IncompleteRead", "ServiceRequestError", "ServiceResponseError"}
+    {
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "ResponseParserError",
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+        "ClientConnectorError",
+        "ClientOSError",
+        "FSTimeoutError",
+        "IncompleteRead",
+        "ServiceRequestError",
+        "ServiceResponseError",
+    }
 )
 
 
@@ -126,16 +160,25 @@ class ObjectStoreSource(Source):
         model_config = ConfigDict(hide_input_in_errors=True)
 
         url: str = Field(description="s3://bucket/prefix (also gs://, az://, abfs://); every object below it is listed")
-        endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, R2 ...), e.g. http://127.0.0.1:9000")
+        endpoint_url: str | None = Field(
+            None, description="S3-compatible endpoint (MinIO, Ceph, R2 ...), e.g. http://127.0.0.1:9000"
+        )
         region: str | None = Field(None, description="S3 region; default: from the AWS configuration")
         profile: str | None = Field(None, description="AWS profile in ~/.aws to take credentials from")
         anonymous: bool = Field(False, description="public bucket: send unsigned requests")
         storage_options: dict[str, Any] = Field(
-            default_factory=dict, description="extra fsspec options (requester_pays, account_name ...); never credentials"
+            default_factory=dict,
+            description="extra fsspec options (requester_pays, account_name ...); never credentials",
         )
-        include: list[str] = Field(default_factory=lambda: ["**/*"], description="globs a key (relative to the prefix) must match")
-        exclude: list[str] = Field(default_factory=lambda: [".*"], description="globs that drop an object or a whole 'directory'")
-        max_file_bytes: int = Field(100 * 2**20, gt=0, description="larger objects are listed and fail at read, undownloaded")
+        include: list[str] = Field(
+            default_factory=lambda: ["**/*"], description="globs a key (relative to the prefix) must match"
+        )
+        exclude: list[str] = Field(
+            default_factory=lambda: [".*"], description="globs that drop an object or a whole 'directory'"
+        )
+        max_file_bytes: int = Field(
+            100 * 2**20, gt=0, description="larger objects are listed and fail at read, undownloaded"
+        )
         read_block_bytes: int = Field(8 * 2**20, gt=0, description="bytes per ranged GET while streaming an object")
         timeout_s: float = Field(60.0, gt=0, description="connect and read timeout per request")
         max_attempts: int = Field(5, ge=1, description="tries per request when throttled or on a transient error")
@@ -145,7 +188,9 @@ class ObjectStoreSource(Source):
         @classmethod
         def _url_names_a_bucket(cls, value: str) -> str:
             if url_has_credentials(value) or "@" in urlsplit(value).netloc:
-                raise ValueError("the URL must not contain credentials; they come from the environment or the AWS/GCP/Azure configuration")
+                raise ValueError(
+                    "the URL must not contain credentials; they come from the environment or the AWS/GCP/Azure configuration"
+                )
             parts = urlsplit(value)
             if parts.scheme.lower() not in BACKENDS:
                 raise ValueError(f"unsupported scheme {parts.scheme!r}; expected one of {', '.join(sorted(BACKENDS))}")
@@ -212,11 +257,15 @@ class ObjectStoreSource(Source):
         problems = []
         for module in ("fsspec", backend.module):
             if importlib.util.find_spec(module) is None:
-                problems.append(f"object-store source: {self.config.url} needs {module}; run: pip install 'rag-pipeline[{backend.extra}]'")
+                problems.append(
+                    f"object-store source: {self.config.url} needs {module}; run: pip install 'rag-pipeline[{backend.extra}]'"
+                )
         if backend.protocol != "s3":
             s3_only = [name for name in ("endpoint_url", "region", "profile") if getattr(self.config, name) is not None]
             if s3_only:
-                problems.append(f"object-store source: {', '.join(s3_only)} only apply to s3:// URLs, not {backend.protocol}://")
+                problems.append(
+                    f"object-store source: {', '.join(s3_only)} only apply to s3:// URLs, not {backend.protocol}://"
+                )
         return problems
 
     # -- the filesystem ----------------------------------------------------------------------
@@ -314,12 +363,16 @@ class ObjectStoreSource(Source):
         try:
             self._call(f"checking bucket {bucket}", self.fs.info, bucket)
         except Exception as exc:
-            raise ObjectStoreError(f"bucket {self.backend.protocol}://{bucket} cannot be listed: {describe_error(exc)}") from None
+            raise ObjectStoreError(
+                f"bucket {self.backend.protocol}://{bucket} cannot be listed: {describe_error(exc)}"
+            ) from None
 
     def _ref(self, relative: str, entry: dict[str, Any]) -> SourceRef:
         etag = _first(entry, "ETag", "etag", "md5Hash", "generation")
         modified = _first(entry, "LastModified", "last_modified", "updated", "mtime")
-        modified_text = modified.isoformat() if isinstance(modified, datetime) else (str(modified) if modified is not None else "")
+        modified_text = (
+            modified.isoformat() if isinstance(modified, datetime) else (str(modified) if modified is not None else "")
+        )
         size = int(entry.get("size") or 0)
         etag_text = str(etag).strip('"') if etag is not None else ""
         name = PurePosixPath(relative).name

@@ -142,7 +142,9 @@ def convert_with_libreoffice(content: bytes, kind: str, target: str) -> bytes:
     when LibreOffice is missing, fails or runs past CONVERSION_TIMEOUT_S."""
     command = libreoffice_command()
     if command is None:
-        raise ParseFailure(f"legacy {kind} files need LibreOffice (soffice) to convert them, and it is not installed; {LIBREOFFICE_INSTALL_HINT}")
+        raise ParseFailure(
+            f"legacy {kind} files need LibreOffice (soffice) to convert them, and it is not installed; {LIBREOFFICE_INSTALL_HINT}"
+        )
     with tempfile.TemporaryDirectory(prefix="rag-libreoffice-") as work:
         folder = Path(work)
         source = folder / f"document.{kind.lower()}"
@@ -150,25 +152,38 @@ def convert_with_libreoffice(content: bytes, kind: str, target: str) -> bytes:
         # A profile of its own: LibreOffice allows one running instance per profile, and parser
         # workers convert in parallel.
         arguments = [
-            command, f"-env:UserInstallation={(folder / 'profile').as_uri()}", "--headless", "--norestore",
-            "--convert-to", target, "--outdir", str(folder / "out"), str(source),
+            command,
+            f"-env:UserInstallation={(folder / 'profile').as_uri()}",
+            "--headless",
+            "--norestore",
+            "--convert-to",
+            target,
+            "--outdir",
+            str(folder / "out"),
+            str(source),
         ]
         returncode, output = _run_in_own_group(arguments, kind)
         converted = folder / "out" / f"document.{target}"
         if not converted.is_file():
             detail = output.strip().splitlines()[-1] if output.strip() else f"exit status {returncode}"
-            raise ParseFailure(f"LibreOffice could not convert this {kind} file to {target.upper()} ({detail}); the file may be corrupt")
+            raise ParseFailure(
+                f"LibreOffice could not convert this {kind} file to {target.upper()} ({detail}); the file may be corrupt"
+            )
         return converted.read_bytes()
 
 
 def _run_in_own_group(arguments: list[str], kind: str) -> tuple[int, str]:
     """Run LibreOffice in a process group of its own, so a timeout ends its helper processes
     too (``soffice`` is a script that starts ``oosplash``, which starts ``soffice.bin``)."""
-    with subprocess.Popen(arguments, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True) as process:
+    with subprocess.Popen(
+        arguments, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    ) as process:
         try:
             output, _ = process.communicate(timeout=CONVERSION_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
-            raise ParseFailure(f"LibreOffice did not convert this {kind} file within {CONVERSION_TIMEOUT_S:g} s") from None
+            raise ParseFailure(
+                f"LibreOffice did not convert this {kind} file within {CONVERSION_TIMEOUT_S:g} s"
+            ) from None
     return process.returncode, output.decode(errors="replace")

@@ -60,8 +60,12 @@ def opendocument_blocks(content: bytes, kind: Kind, keep_html: bool) -> list[Blo
     if body is None:
         raise ParseFailure(f"corrupt {label}: content.xml holds no {kind}")
     if kind == "presentation":
-        return [block for number, page in enumerate(body.findall(f"{_DRAW}page"), start=1) for block in _slide(page, number)]
-    return [_sheet_block(table, number, keep_html) for number, table in enumerate(body.findall(f"{_TABLE}table"), start=1)]
+        return [
+            block for number, page in enumerate(body.findall(f"{_DRAW}page"), start=1) for block in _slide(page, number)
+        ]
+    return [
+        _sheet_block(table, number, keep_html) for number, table in enumerate(body.findall(f"{_TABLE}table"), start=1)
+    ]
 
 
 def _content_body(content: bytes, label: str) -> ElementTree.Element:

@@ -106,7 +106,9 @@ class HeadingStack:
 # -- assembling the parsed document ----------------------------------------------------------
 
 
-def assemble(document: SourceDocument, blocks: Iterable[Block], rule: HeadingRule, metadata: dict[str, Any]) -> ParsedDocument:
+def assemble(
+    document: SourceDocument, blocks: Iterable[Block], rule: HeadingRule, metadata: dict[str, Any]
+) -> ParsedDocument:
     """Join block texts with exact offsets, decide headings, and build the ParsedDocument."""
     parts: list[str] = []
     elements: list[Element] = []
@@ -129,7 +131,9 @@ def assemble(document: SourceDocument, blocks: Iterable[Block], rule: HeadingRul
             parts.append(ELEMENT_SEPARATOR)
             cursor += len(ELEMENT_SEPARATOR)
         parts.append(text)
-        elements.append(Element(text, category, cursor, cursor + len(text), block.page_number, headings.path, element_metadata))
+        elements.append(
+            Element(text, category, cursor, cursor + len(text), block.page_number, headings.path, element_metadata)
+        )
         cursor += len(text)
     if not elements:
         raise ParseFailure("no text: the document is empty or contains only whitespace")
@@ -261,7 +265,9 @@ def _plain_text_title(paragraph: str, following: str, rule: HeadingRule) -> bool
         return False
     if paragraph[0] in _QUOTES or not any(c.isalpha() for c in paragraph):
         return False
-    return not paragraph.rstrip(_QUOTES).endswith(("!", "?", ":", "…", "！", "？", "：")) and rule.looks_like_heading(paragraph)
+    return not paragraph.rstrip(_QUOTES).endswith(("!", "?", ":", "…", "！", "？", "：")) and rule.looks_like_heading(
+        paragraph
+    )
 
 
 def text_blocks(text: str, rule: HeadingRule) -> list[Block]:
@@ -333,7 +339,9 @@ class MarkdownBlocks:
             elif atx := self._ATX.match(line):
                 yield from flush()
                 level = len(atx.group(1)) - 1
-                yield Block(self.plain(atx.group(2) or ""), "Title", depth=level, heading_level=level, heading_markup=True)
+                yield Block(
+                    self.plain(atx.group(2) or ""), "Title", depth=level, heading_level=level, heading_markup=True
+                )
             elif paragraph and (setext := self._SETEXT.match(line)) and not self._LIST_ITEM.match(line):
                 text = self.plain(" ".join(paragraph))
                 paragraph.clear()
@@ -360,7 +368,6 @@ class MarkdownBlocks:
                 paragraph.append(line.strip())
             i += 1
         yield from flush()
-
 
     @classmethod
     def _continues_item(cls, line: str) -> bool:
@@ -402,14 +409,19 @@ class UnstructuredParser(Parser):
                 "and unstructured's text heuristics. A fixed list skips language detection (~30% faster)"
             ),
         )
-        encoding: str | None = Field(None, description="text encoding; None detects it (BOM, UTF-8, UTF-16/32, charset-normalizer)")
+        encoding: str | None = Field(
+            None, description="text encoding; None detects it (BOM, UTF-8, UTF-16/32, charset-normalizer)"
+        )
         text_parser: Literal["native", "unstructured"] = Field(
             "native", description="plain text: native paragraph split (fast) or unstructured's partition_text (spaCy)"
         )
         markdown_parser: Literal["auto", "native", "unstructured"] = Field(
-            "auto", description="Markdown: auto uses unstructured when its md extra is installed, else the native reader"
+            "auto",
+            description="Markdown: auto uses unstructured when its md extra is installed, else the native reader",
         )
-        max_heading_chars: int = Field(120, gt=0, description="a Title longer than this (a third for CJK) is not a heading")
+        max_heading_chars: int = Field(
+            120, gt=0, description="a Title longer than this (a third for CJK) is not a heading"
+        )
         table_html: bool = Field(True, description="keep a table's HTML (text_as_html) in its element metadata")
         email_attachments: bool = Field(
             False,
@@ -443,7 +455,9 @@ class UnstructuredParser(Parser):
             problems.append(f"parser: {exc}")
         if self.config.strategy in ("ocr_only", "auto") and not shutil.which("tesseract"):
             what = "every PDF" if self.config.strategy == "ocr_only" else "scanned PDFs and images"
-            problems.append(f"parser: strategy {self.config.strategy} needs tesseract for {what}; install tesseract-ocr")
+            problems.append(
+                f"parser: strategy {self.config.strategy} needs tesseract for {what}; install tesseract-ocr"
+            )
         if self.config.strategy == "hi_res":
             problems.append(
                 "parser: strategy hi_res downloads its layout model from the Hugging Face hub on first use; "
@@ -459,7 +473,10 @@ class UnstructuredParser(Parser):
         from connectors.office import LIBREOFFICE_INSTALL_HINT, libreoffice_command
 
         if libreoffice_command() is None:
-            log.warning("parser: legacy .doc and .ppt files will fail: LibreOffice (soffice) is not installed; %s", LIBREOFFICE_INSTALL_HINT)
+            log.warning(
+                "parser: legacy .doc and .ppt files will fail: LibreOffice (soffice) is not installed; %s",
+                LIBREOFFICE_INSTALL_HINT,
+            )
 
     # -- parse -----------------------------------------------------------------------------
 
@@ -539,8 +556,19 @@ def _unstructured_markdown_available() -> bool:
 # without pikepdf unstructured silently returns no text, and `unstructured[pdf]` cannot be used:
 # it pulls a CUDA torch through unstructured-inference -> timm/torchvision.
 PDF_MODULES = (
-    "pdfminer", "pikepdf", "pi_heif", "pdf2image", "pypdf", "unstructured_inference",
-    "cv2", "onnx", "onnxruntime", "matplotlib", "scipy", "huggingface_hub", "pandas",
+    "pdfminer",
+    "pikepdf",
+    "pi_heif",
+    "pdf2image",
+    "pypdf",
+    "unstructured_inference",
+    "cv2",
+    "onnx",
+    "onnxruntime",
+    "matplotlib",
+    "scipy",
+    "huggingface_hub",
+    "pandas",
 )
 PDF_INSTALL_HINT = (
     "pip install --no-deps unstructured-inference==1.6.14 && pip install pdfminer.six pikepdf pi-heif pdf2image "
@@ -593,7 +621,9 @@ class _UnstructuredCall:
         from unstructured.partition.text import partition_text
 
         languages = self.config.languages
-        return self._run(lambda: partition_text(text=text, metadata_filename=self.file_name, languages=languages), metadata)
+        return self._run(
+            lambda: partition_text(text=text, metadata_filename=self.file_name, languages=languages), metadata
+        )
 
     def markdown(self, text: str, metadata: dict[str, Any]) -> list[Block]:
         self._prepare()
@@ -606,7 +636,9 @@ class _UnstructuredCall:
         text = without_front_matter(text)
         headings = MarkdownBlocks(text).heading_texts()
         languages = self.config.languages
-        blocks = self._run(lambda: partition_md(text=text, metadata_filename=self.file_name, languages=languages), metadata)
+        blocks = self._run(
+            lambda: partition_md(text=text, metadata_filename=self.file_name, languages=languages), metadata
+        )
         for block in blocks:
             block.heading_markup = block.category == "Title" and " ".join(block.text.split()) in headings
         return blocks
@@ -666,14 +698,18 @@ class _UnstructuredCall:
         if missing:
             extra = file_type.extra_name
             command = f"pip install 'unstructured[{extra}]'" if extra else f"pip install {' '.join(missing)}"
-            raise ParseFailure(f"{file_type.name} files need {', '.join(missing)}, which is not installed; run: {command}")
+            raise ParseFailure(
+                f"{file_type.name} files need {', '.join(missing)}, which is not installed; run: {command}"
+            )
         is_image = file_type.partitioner_shortname == "image"
         if is_image or (strategy == "ocr_only" and file_type.name == "PDF"):
             what = "images (OCR)" if is_image else "OCR of PDFs"
             # PDFs are rendered to images by poppler's pdftoppm before OCR.
             tools = [t for t in ("tesseract",) + (() if is_image else ("pdftoppm",)) if not shutil.which(t)]
             if tools:
-                raise ParseFailure(f"{what} need {' and '.join(tools)}, not installed here (apt install tesseract-ocr poppler-utils)")
+                raise ParseFailure(
+                    f"{what} need {' and '.join(tools)}, not installed here (apt install tesseract-ocr poppler-utils)"
+                )
             if importlib.util.find_spec("unstructured_pytesseract") is None:
                 raise ParseFailure(f"{what} need unstructured-pytesseract; run: pip install unstructured-pytesseract")
 
@@ -764,7 +800,9 @@ class _UnstructuredCall:
         try:
             found = read_pdf_text(self.content)
         except Exception as exc:  # pdfminer raises many types on damaged files
-            raise ParseFailure(self.damage or f"cannot read the PDF's text layer (pdfminer: {_first_line(exc)})") from exc
+            raise ParseFailure(
+                self.damage or f"cannot read the PDF's text layer (pdfminer: {_first_line(exc)})"
+            ) from exc
         if not found.blocks:
             raise ParseFailure(self._why_no_pdf_text(found.images))
         metadata["parser"] = "pdfminer"

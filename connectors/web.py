@@ -249,18 +249,33 @@ class WebSource(Source):
         # A rejected value is never echoed back in the error: it may hold the credentials being refused.
         model_config = ConfigDict(hide_input_in_errors=True)
 
-        urls: list[str] = Field(default_factory=list, description="pages to index as they are (their links are not followed)")
-        sitemaps: list[str] = Field(default_factory=list, description="sitemap or sitemap index URLs whose pages are indexed")
-        start_urls: list[str] = Field(default_factory=list, description="where the crawl starts; links are followed up to max_depth")
+        urls: list[str] = Field(
+            default_factory=list, description="pages to index as they are (their links are not followed)"
+        )
+        sitemaps: list[str] = Field(
+            default_factory=list, description="sitemap or sitemap index URLs whose pages are indexed"
+        )
+        start_urls: list[str] = Field(
+            default_factory=list, description="where the crawl starts; links are followed up to max_depth"
+        )
         allowed_hosts: list[str] = Field(
-            default_factory=list, description="hosts the crawl may enter besides the start URLs' own (host or host:port)"
+            default_factory=list,
+            description="hosts the crawl may enter besides the start URLs' own (host or host:port)",
         )
         max_depth: int = Field(2, ge=0, description="link hops from a start URL (0: the start pages only)")
         max_pages: int = Field(1000, ge=1, description="pages listed at most, per run")
-        include: list[str] = Field(default_factory=lambda: ["**"], description="globs over the URL path (without the leading /)")
-        exclude: list[str] = Field(default_factory=list, description="globs over the URL path; excluded pages are not fetched")
-        media_types: list[str] = Field(default_factory=lambda: list(DEFAULT_MEDIA_TYPES), description="content types that are indexed")
-        delay_s: float = Field(1.0, ge=0, description="pause between two requests to one host (robots.txt Crawl-delay can raise it)")
+        include: list[str] = Field(
+            default_factory=lambda: ["**"], description="globs over the URL path (without the leading /)"
+        )
+        exclude: list[str] = Field(
+            default_factory=list, description="globs over the URL path; excluded pages are not fetched"
+        )
+        media_types: list[str] = Field(
+            default_factory=lambda: list(DEFAULT_MEDIA_TYPES), description="content types that are indexed"
+        )
+        delay_s: float = Field(
+            1.0, ge=0, description="pause between two requests to one host (robots.txt Crawl-delay can raise it)"
+        )
         timeout_s: float = Field(30.0, gt=0, description="connect/read timeout per request")
         request_deadline_s: float = Field(120.0, gt=0, description="longest a page's whole body may take to arrive")
         max_page_bytes: int = Field(10 * 2**20, gt=0, description="larger pages are refused; the download stops there")
@@ -269,9 +284,13 @@ class WebSource(Source):
         retry_max_wait_s: float = Field(30.0, gt=0)
         respect_robots: bool = True
         user_agent: str = Field("rag-pipeline/0.1 (+https://pypi.org/project/rag-pipeline/)", min_length=1)
-        allow_private_addresses: bool = Field(False, description="allow loopback, private and link-local addresses (intranets, tests)")
+        allow_private_addresses: bool = Field(
+            False, description="allow loopback, private and link-local addresses (intranets, tests)"
+        )
         allowed_schemes: list[Literal["http", "https", "file"]] = Field(default_factory=lambda: ["http", "https"])
-        namespace: str | None = Field(None, description="prefix of every source id; required when pages span several hosts")
+        namespace: str | None = Field(
+            None, description="prefix of every source id; required when pages span several hosts"
+        )
         cache_dir: str | None = Field(None, description="crawl cache folder; default: $XDG_CACHE_HOME/rag-pipeline/web")
 
         @field_validator("urls", "sitemaps", "start_urls")
@@ -298,7 +317,7 @@ class WebSource(Source):
             return value.strip("/") if value is not None else None
 
         @model_validator(mode="after")
-        def _pages_and_scope(self) -> "WebSource.Config":
+        def _pages_and_scope(self) -> WebSource.Config:
             seeds = [*self.urls, *self.sitemaps, *self.start_urls]
             if not seeds:
                 raise ValueError("name at least one page: urls, sitemaps or start_urls")
@@ -368,7 +387,9 @@ class WebSource(Source):
                 host = urlsplit(url).hostname or ""
                 kind = literal_address_kind(host) if host else None
                 if kind is not None:
-                    problems.append(f"web source: {url} is on a {kind} address; set allow_private_addresses: true to allow it")
+                    problems.append(
+                        f"web source: {url} is on a {kind} address; set allow_private_addresses: true to allow it"
+                    )
         return problems
 
     @cached_property
@@ -417,7 +438,10 @@ class WebSource(Source):
         if error is not None:
             raise error
         downloaded, self._downloaded = self._downloaded, None
-        if downloaded is not None and (downloaded.source_id, downloaded.change_signal) == (ref.source_id, ref.change_signal):
+        if downloaded is not None and (downloaded.source_id, downloaded.change_signal) == (
+            ref.source_id,
+            ref.change_signal,
+        ):
             return downloaded.body
         if ref.size > self.config.max_page_bytes:
             raise PageTooLarge(f"page is {ref.size} bytes, over max_page_bytes={self.config.max_page_bytes}")
@@ -450,7 +474,14 @@ class WebSource(Source):
         self._errors[source_id] = error
         guessed = media_type_for(PurePosixPath(urlsplit(visit.url).path).name)
         media_type = "text/html" if guessed == "application/octet-stream" else guessed
-        return SourceRef(source_id, visit.url, media_type, 0, "unavailable", {"file_name": _file_name(visit.url, media_type), "url": visit.url})
+        return SourceRef(
+            source_id,
+            visit.url,
+            media_type,
+            0,
+            "unavailable",
+            {"file_name": _file_name(visit.url, media_type), "url": visit.url},
+        )
 
 
 class _Crawl:
@@ -485,7 +516,12 @@ class _Crawl:
                 listed += 1
                 yield ref
         if self.queue:
-            log.info("%s: max_pages=%d reached; %d queued pages were not visited", self.source.scope, config.max_pages, len(self.queue))
+            log.info(
+                "%s: max_pages=%d reached; %d queued pages were not visited",
+                self.source.scope,
+                config.max_pages,
+                len(self.queue),
+            )
         if self.incomplete:
             raise WebListingError(f"listing incomplete, nothing is deleted this run: {'; '.join(self.incomplete)}")
 
@@ -554,14 +590,21 @@ class _Crawl:
         self.visited.add(visit.url)
         if result.status == 304 and cached is not None:
             page, media_type = cached, cached.media_type
-            validators = {"etag": result.headers.get("etag") or cached.etag, "last-modified": result.headers.get("last-modified") or cached.last_modified}
+            validators = {
+                "etag": result.headers.get("etag") or cached.etag,
+                "last-modified": result.headers.get("last-modified") or cached.last_modified,
+            }
             result.headers.update({k: v for k, v in validators.items() if v})
         elif result.status == 200:
             media_type = result.media_type or media_type_for(PurePosixPath(urlsplit(visit.url).path).name)
             page = self.remember(visit, result, media_type) if needs_links else None
         else:
             self.links_unavailable(visit, cached, FetchError(f"HTTP {result.status}"))
-            return source.error_ref(visit, FetchError(f"HTTP {result.status} from {visit.url}")) if visit.indexable else None
+            return (
+                source.error_ref(visit, FetchError(f"HTTP {result.status} from {visit.url}"))
+                if visit.indexable
+                else None
+            )
         if page is not None and not page.nofollow:
             for link in page.links:
                 self.enqueue(link, visit.depth + 1, seed=False)  # type: ignore[operator]
@@ -569,7 +612,9 @@ class _Crawl:
             return None
         if media_type not in config.media_types:
             if visit.seed:
-                return source.error_ref(visit, FetchError(f"media type {media_type or 'unknown'} is not in media_types"))
+                return source.error_ref(
+                    visit, FetchError(f"media type {media_type or 'unknown'} is not in media_types")
+                )
             log.debug("not indexing %s: media type %s", visit.url, media_type)
             return None
         return self.page_ref(visit, result, media_type)
@@ -590,8 +635,19 @@ class _Crawl:
 
     def remember(self, visit: _Visit, result: FetchResult, media_type: str) -> CachedPage:
         """Cache the page's validators (and an HTML page's links) for the next run's conditional GET."""
-        found = extract_links(result.body, result.final_url) if media_type in HTML_TYPES and result.body else PageLinks([], False, False)
-        page = CachedPage(result.headers.get("etag", ""), result.headers.get("last-modified", ""), media_type, found.links, found.noindex, found.nofollow)
+        found = (
+            extract_links(result.body, result.final_url)
+            if media_type in HTML_TYPES and result.body
+            else PageLinks([], False, False)
+        )
+        page = CachedPage(
+            result.headers.get("etag", ""),
+            result.headers.get("last-modified", ""),
+            media_type,
+            found.links,
+            found.noindex,
+            found.nofollow,
+        )
         self.cache.put(visit.url, page)
         return page
 
@@ -642,7 +698,9 @@ class _Crawl:
         except AddressRefused:
             raise
         except OSError as exc:
-            raise WebListingError(f"{url} is unreachable ({describe_error(exc)}); pages there are not crawled this run") from None
+            raise WebListingError(
+                f"{url} is unreachable ({describe_error(exc)}); pages there are not crawled this run"
+            ) from None
         if 400 <= result.status < 500 or result.body is None:
             return None
         if result.status != 200:

@@ -93,7 +93,11 @@ def _checkpoint_folder(gguf: Path, shipped: ShippedGGUF) -> Path:
 
 
 def _is_complete(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    return (
+        (folder / "config.json").is_file()
+        and (folder / "model.safetensors").is_file()
+        and (folder / "tokenizer.json").is_file()
+    )
 
 
 @contextlib.contextmanager
@@ -228,7 +232,10 @@ class PackedDecoder:
         if layers is None or not hasattr(decoder, "rotary_emb"):
             return False
         expected = ("q_proj", "k_proj", "v_proj", "o_proj")
-        return all(all(hasattr(layer.self_attn, name) for name in expected) and not hasattr(layer.self_attn, "q_norm") for layer in layers)
+        return all(
+            all(hasattr(layer.self_attn, name) for name in expected) and not hasattr(layer.self_attn, "q_norm")
+            for layer in layers
+        )
 
     def new_store(self, slots: int) -> _SlotStore:
         weight = self.decoder.embed_tokens.weight
@@ -264,7 +271,11 @@ class PackedDecoder:
                 else:
                     group_keys, group_values = group.slot_view(store.keys[index]), group.slot_view(store.values[index])
                 out = functional.scaled_dot_product_attention(
-                    group.padded(queries), group_keys, group_values, attn_mask=group.mask, is_causal=group.mask is None,
+                    group.padded(queries),
+                    group_keys,
+                    group_values,
+                    attn_mask=group.mask,
+                    is_causal=group.mask is None,
                     enable_gqa=self.kv_heads != self.heads,
                 )
                 group.unpad_into(mixed, out)
@@ -306,7 +317,11 @@ class _Layout:
         members: list[int] = []
         for i in order:
             candidate = members + [i]
-            padded = len(candidate) * max(len(rows[j].ids) for j in candidate) * max(cached[j] + len(rows[j].ids) for j in candidate)
+            padded = (
+                len(candidate)
+                * max(len(rows[j].ids) for j in candidate)
+                * max(cached[j] + len(rows[j].ids) for j in candidate)
+            )
             exact = sum(len(rows[j].ids) * (cached[j] + len(rows[j].ids)) for j in candidate)
             if members and padded > self.PADDING_ALLOWANCE * exact:
                 self.groups.append(self._group(members, rows, starts, cached, store is not None, device, dtype))
@@ -315,16 +330,33 @@ class _Layout:
         self.groups.append(self._group(members, rows, starts, cached, store is not None, device, dtype))
 
     @staticmethod
-    def _group(members: list[int], rows: list[_Row], starts: list[int], cached: list[int], with_store: bool, device: Any, dtype: Any) -> "_AttentionGroup":
+    def _group(
+        members: list[int],
+        rows: list[_Row],
+        starts: list[int],
+        cached: list[int],
+        with_store: bool,
+        device: Any,
+        dtype: Any,
+    ) -> _AttentionGroup:
         members = sorted(members, key=lambda i: rows[i].slot)  # consecutive slots are read without a copy
-        return _AttentionGroup([rows[i] for i in members], [starts[i] for i in members], [cached[i] for i in members], with_store, device, dtype)
+        return _AttentionGroup(
+            [rows[i] for i in members],
+            [starts[i] for i in members],
+            [cached[i] for i in members],
+            with_store,
+            device,
+            dtype,
+        )
 
 
 class _AttentionGroup:
     """Rows that attend together: index maps between packed tokens and a padded
     [rows, heads, longest, head_dim] batch, the attention mask, and the rows' store slots."""
 
-    def __init__(self, rows: list[_Row], starts: list[int], cached: list[int], with_store: bool, device: Any, dtype: Any):
+    def __init__(
+        self, rows: list[_Row], starts: list[int], cached: list[int], with_store: bool, device: Any, dtype: Any
+    ):
         torch = require("torch")
         self.count, self.longest = len(rows), max(len(row.ids) for row in rows)
         padded_positions, token_indices = [], []
@@ -342,9 +374,14 @@ class _AttentionGroup:
             self.slot_view = _slot_view([row.slot for row in rows], span, device)
             # Query j of a row sees its slot's keys 0 .. cached + j; padding queries repeat the last row.
             lengths = torch.tensor([len(row.ids) for row in rows])
-            last = torch.minimum(torch.arange(self.longest)[None, :], (lengths - 1)[:, None]) + torch.tensor(cached)[:, None]
+            last = (
+                torch.minimum(torch.arange(self.longest)[None, :], (lengths - 1)[:, None])
+                + torch.tensor(cached)[:, None]
+            )
             visible = torch.arange(span)[None, None, :] <= last[:, :, None]
-            self.mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))[:, None].to(device)
+            self.mask = (
+                torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))[:, None].to(device)
+            )
 
     def padded(self, packed: Any) -> Any:
         """[tokens, heads, dim] -> [rows, heads, longest, dim]."""
@@ -388,7 +425,7 @@ class PrefixCache:
     through the packed decoder, others through transformers one slot at a time.
     """
 
-    def __init__(self, lm: "CausalLM", slots: int):
+    def __init__(self, lm: CausalLM, slots: int):
         self.lm = lm
         self.contents: list[list[int]] = [[] for _ in range(slots)]
         self.store = lm.packed.new_store(slots) if lm.packed is not None else None
@@ -471,7 +508,9 @@ class CausalLM:
     def prefix_cache(self, slots: int) -> PrefixCache:
         return PrefixCache(self, slots)
 
-    def token_losses(self, sequences: list[list[int]], batch_size: int, window_tokens: int, max_context_tokens: int) -> list[Any]:
+    def token_losses(
+        self, sequences: list[list[int]], batch_size: int, window_tokens: int, max_context_tokens: int
+    ) -> list[Any]:
         """Per-token loss ``-ln p(t_j | t_<j)`` for j >= 1 of each sequence (float32, length n - 1).
 
         Sequences that fit one window run together, up to ``batch_size`` sequences and
@@ -487,7 +526,9 @@ class CausalLM:
                 if len(sequence) > window_tokens:
                     results[index] = self._windowed_losses(sequence, window_tokens, max_context_tokens)
                     continue
-                if group and (len(group) == batch_size or sum(len(sequences[i]) for i in group) + len(sequence) > window_tokens):
+                if group and (
+                    len(group) == batch_size or sum(len(sequences[i]) for i in group) + len(sequence) > window_tokens
+                ):
                     self._group_losses(sequences, group, results)
                     group = []
                 group.append(index)
@@ -618,7 +659,9 @@ def _load(name: str, path: str, device: str, dtype: str, quantize: str = "none")
     if quantize not in ("none", "int8"):
         raise ValueError(f"causal LM {name!r}: unknown quantize {quantize!r} (use none or int8)")
     if quantize == "int8" and (device != "cpu" or dtype != "float32"):
-        raise ValueError(f"causal LM {name!r}: int8 quantisation runs on the CPU from float32 weights, not {device} / {dtype}")
+        raise ValueError(
+            f"causal LM {name!r}: int8 quantisation runs on the CPU from float32 weights, not {device} / {dtype}"
+        )
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     model.to(device).eval()

@@ -45,7 +45,7 @@ class Component:
         return {"type": self.type_name, **self.config.model_dump(mode="json", exclude_defaults=True)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Component":
+    def from_dict(cls, data: dict[str, Any]) -> Component:
         data = dict(data)
         declared = data.pop("type", cls.type_name)
         if declared != cls.type_name:

@@ -97,7 +97,7 @@ class KnownSources:
         self.listed = np.zeros(len(ids), dtype=bool)
 
     @classmethod
-    def build(cls, entries: Iterable[tuple[str, str, str, int]]) -> "KnownSources":
+    def build(cls, entries: Iterable[tuple[str, str, str, int]]) -> KnownSources:
         """From ``(source id, change signal, content hash, flags)``, streamed (array() grows in C, not in objects)."""
         ids, signals, contents, flags = array("Q"), array("Q"), array("Q"), array("B")
         for source_id, signal, content, flag in entries:
@@ -109,14 +109,21 @@ class KnownSources:
         def as_numpy(values: array, dtype: type) -> np.ndarray:
             return np.frombuffer(values, dtype=dtype).copy() if len(values) else np.zeros(0, dtype=dtype)
 
-        return cls(as_numpy(ids, np.uint64), as_numpy(signals, np.uint64), as_numpy(contents, np.uint64), as_numpy(flags, np.uint8))
+        return cls(
+            as_numpy(ids, np.uint64),
+            as_numpy(signals, np.uint64),
+            as_numpy(contents, np.uint64),
+            as_numpy(flags, np.uint8),
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def nbytes(self) -> int:
-        return int(self.ids.nbytes + self.signals.nbytes + self.contents.nbytes + self.flags.nbytes + self.listed.nbytes)
+        return int(
+            self.ids.nbytes + self.signals.nbytes + self.contents.nbytes + self.flags.nbytes + self.listed.nbytes
+        )
 
     def find(self, source_id: str) -> int | None:
         """The position of ``source_id``, or None when the record did not know it."""

@@ -30,13 +30,19 @@ class LockClaim:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "LockClaim":
+    def from_json(cls, text: str) -> LockClaim:
         data = json.loads(text)
         return cls(**{name: data.get(name, default) for name, default in _CLAIM_DEFAULTS.items()})
 
 
 _CLAIM_DEFAULTS: dict[str, Any] = {
-    "owner": "", "host": "", "machine": "", "pid": 0, "process_started": "", "acquired_at": 0.0, "expires_at": 0.0,
+    "owner": "",
+    "host": "",
+    "machine": "",
+    "pid": 0,
+    "process_started": "",
+    "acquired_at": 0.0,
+    "expires_at": 0.0,
 }
 
 

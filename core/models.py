@@ -131,7 +131,7 @@ class ZipParts:
             unpacked = staging / "model"
             with zipfile.ZipFile(archive) as zipped:
                 for member in zipped.infolist():
-                    relative = member.filename[len(prefix):] if member.filename.startswith(prefix) else ""
+                    relative = member.filename[len(prefix) :] if member.filename.startswith(prefix) else ""
                     if not relative or member.is_dir() or ".." in Path(relative).parts:
                         continue
                     destination = unpacked / relative
@@ -240,9 +240,17 @@ def _dense_layer(model_path: str, module_path: str) -> DenseLayer:
             f"supported: {', '.join(_DENSE_ACTIVATIONS)}"
         )
     try:
-        return DenseLayer(module_path, int(config["in_features"]), int(config["out_features"]), bool(config.get("bias", True)), activation)
+        return DenseLayer(
+            module_path,
+            int(config["in_features"]),
+            int(config["out_features"]),
+            bool(config.get("bias", True)),
+            activation,
+        )
     except (KeyError, TypeError, ValueError):
-        raise ModelFilesError(f"its sentence-transformers Dense module {module_path!r} lacks in_features/out_features") from None
+        raise ModelFilesError(
+            f"its sentence-transformers Dense module {module_path!r} lacks in_features/out_features"
+        ) from None
 
 
 def read_sentence_transformers_settings(model_path: str) -> SentenceTransformersSettings:
@@ -315,7 +323,9 @@ def load_dense_weights(model_path: str, layer: DenseLayer) -> dict[str, Any]:
 
             return load_file(str(local))
         return torch.load(local, map_location="cpu", weights_only=True)
-    raise ModelFilesError(f"its sentence-transformers Dense module {layer.path!r} has no model.safetensors or pytorch_model.bin")
+    raise ModelFilesError(
+        f"its sentence-transformers Dense module {layer.path!r} has no model.safetensors or pytorch_model.bin"
+    )
 
 
 # Encoder-decoder families whose embedders use the encoder alone (AutoModel would build the decoder too).

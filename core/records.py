@@ -61,7 +61,7 @@ class SourceRecord:
         return json.dumps(data, sort_keys=True, ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "SourceRecord":
+    def from_json(cls, text: str) -> SourceRecord:
         data = json.loads(text)
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cache
 from importlib.metadata import entry_points
 
 from core.component import Component
@@ -79,7 +79,7 @@ def _load(target: str) -> type:
     return getattr(module, attr)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _entry_point_targets(kind: str) -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group=f"rag_pipeline.{kind}s")}
 
@@ -122,5 +122,7 @@ def resolve(kind: str, name: str, allowed_modules: Iterable[str] = ()) -> type[C
         raise ComponentNotFound(f"{kind} type {name!r} ({target}) cannot be loaded: {exc}") from exc
     base = _load(BASE_CLASSES[kind])
     if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ComponentNotFound(f"{kind} type {name!r} ({target}) is not a subclass of {base.__module__}.{base.__name__}")
+        raise ComponentNotFound(
+            f"{kind} type {name!r} ({target}) is not a subclass of {base.__module__}.{base.__name__}"
+        )
     return cls

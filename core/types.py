@@ -42,7 +42,7 @@ class SourceDocument:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_ref(cls, ref: SourceRef, content: bytes) -> "SourceDocument":
+    def from_ref(cls, ref: SourceRef, content: bytes) -> SourceDocument:
         return cls(
             source_id=ref.source_id,
             uri=ref.uri,

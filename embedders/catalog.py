@@ -116,93 +116,166 @@ def _instruction(task: str, query_label: str = "Query: ") -> str:
 
 BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily(
-        "bge-en", ("BAAI/bge-*-en-v1.5", "BAAI/bge-*-en"), "cls",
-        query_prefix="Represent this sentence for searching relevant passages: ", max_length=512,
+        "bge-en",
+        ("BAAI/bge-*-en-v1.5", "BAAI/bge-*-en"),
+        "cls",
+        query_prefix="Represent this sentence for searching relevant passages: ",
+        max_length=512,
         reference="https://huggingface.co/BAAI/bge-large-en-v1.5",
     ),
     ModelFamily(
-        "bge-zh", ("BAAI/bge-*-zh-v1.5", "BAAI/bge-*-zh"), "cls",
-        query_prefix="为这个句子生成表示以用于检索相关文章：", max_length=512,
+        "bge-zh",
+        ("BAAI/bge-*-zh-v1.5", "BAAI/bge-*-zh"),
+        "cls",
+        query_prefix="为这个句子生成表示以用于检索相关文章：",
+        max_length=512,
         reference="https://huggingface.co/BAAI/bge-large-zh-v1.5",
     ),
     ModelFamily("bge-m3", ("BAAI/bge-m3",), "cls", max_length=8192, reference="https://huggingface.co/BAAI/bge-m3"),
     ModelFamily(
-        "gte-qwen", ("Alibaba-NLP/gte-Qwen2-*-instruct", "Alibaba-NLP/gte-Qwen1.5-*-instruct"), "last",
-        query_prefix=_instruction(WEB_SEARCH_TASK), max_length=32768, bidirectional_attention=True,
-        end_token="<|endoftext|>", reference="https://huggingface.co/Alibaba-NLP/gte-Qwen2-7B-instruct",
+        "gte-qwen",
+        ("Alibaba-NLP/gte-Qwen2-*-instruct", "Alibaba-NLP/gte-Qwen1.5-*-instruct"),
+        "last",
+        query_prefix=_instruction(WEB_SEARCH_TASK),
+        max_length=32768,
+        bidirectional_attention=True,
+        end_token="<|endoftext|>",
+        reference="https://huggingface.co/Alibaba-NLP/gte-Qwen2-7B-instruct",
     ),
     ModelFamily(
-        "gte-v1.5", ("Alibaba-NLP/gte-*-en-v1.5", "Alibaba-NLP/gte-multilingual-base"), "cls",
-        max_length=8192, trust_remote_code=True, reference="https://huggingface.co/Alibaba-NLP/gte-large-en-v1.5",
+        "gte-v1.5",
+        ("Alibaba-NLP/gte-*-en-v1.5", "Alibaba-NLP/gte-multilingual-base"),
+        "cls",
+        max_length=8192,
+        trust_remote_code=True,
+        reference="https://huggingface.co/Alibaba-NLP/gte-large-en-v1.5",
     ),
-    ModelFamily("gte", ("thenlper/gte-*",), "mean", max_length=512, reference="https://huggingface.co/thenlper/gte-large"),
     ModelFamily(
-        "e5-mistral", ("intfloat/e5-mistral-7b-instruct",), "last",
-        query_prefix=_instruction(WEB_SEARCH_TASK), max_length=4096, end_token="</s>",
+        "gte", ("thenlper/gte-*",), "mean", max_length=512, reference="https://huggingface.co/thenlper/gte-large"
+    ),
+    ModelFamily(
+        "e5-mistral",
+        ("intfloat/e5-mistral-7b-instruct",),
+        "last",
+        query_prefix=_instruction(WEB_SEARCH_TASK),
+        max_length=4096,
+        end_token="</s>",
         reference="https://huggingface.co/intfloat/e5-mistral-7b-instruct",
     ),
     ModelFamily(
-        "multilingual-e5-instruct", ("intfloat/multilingual-e5-*-instruct",), "mean",
-        query_prefix=_instruction(WEB_SEARCH_TASK), max_length=512,
+        "multilingual-e5-instruct",
+        ("intfloat/multilingual-e5-*-instruct",),
+        "mean",
+        query_prefix=_instruction(WEB_SEARCH_TASK),
+        max_length=512,
         reference="https://huggingface.co/intfloat/multilingual-e5-large-instruct",
     ),
     ModelFamily(
-        "e5", ("intfloat/e5-*", "intfloat/multilingual-e5-*"), "mean",
-        query_prefix="query: ", document_prefix="passage: ", max_length=512,
+        "e5",
+        ("intfloat/e5-*", "intfloat/multilingual-e5-*"),
+        "mean",
+        query_prefix="query: ",
+        document_prefix="passage: ",
+        max_length=512,
         reference="https://huggingface.co/intfloat/e5-large-v2",
     ),
     ModelFamily("m3e", ("moka-ai/m3e-*",), "mean", max_length=512, reference="https://huggingface.co/moka-ai/m3e-base"),
     ModelFamily(
-        "instructor", ("hkunlp/instructor-*",), "mean",
+        "instructor",
+        ("hkunlp/instructor-*",),
+        "mean",
         query_prefix="Represent the Wikipedia question for retrieving supporting documents: ",
         document_prefix="Represent the Wikipedia document for retrieval: ",
-        max_length=512, pool_prefix_tokens=False, reference="https://huggingface.co/hkunlp/instructor-large",
+        max_length=512,
+        pool_prefix_tokens=False,
+        reference="https://huggingface.co/hkunlp/instructor-large",
     ),
     ModelFamily(
-        "qwen3-embedding", ("Qwen/Qwen3-Embedding-*",), "last",
+        "qwen3-embedding",
+        ("Qwen/Qwen3-Embedding-*",),
+        "last",
         # "Query:" without a trailing space, exactly as the model card's get_detailed_instruct.
-        query_prefix=_instruction(WEB_SEARCH_TASK, "Query:"), max_length=32768, end_token="<|endoftext|>",
-        matryoshka_min_dim=32, reference="https://huggingface.co/Qwen/Qwen3-Embedding-0.6B",
+        query_prefix=_instruction(WEB_SEARCH_TASK, "Query:"),
+        max_length=32768,
+        end_token="<|endoftext|>",
+        matryoshka_min_dim=32,
+        reference="https://huggingface.co/Qwen/Qwen3-Embedding-0.6B",
     ),
     ModelFamily(
-        "gritlm", ("GritLM/GritLM-*",), "mean",
-        query_prefix=f"<|user|>\n{WEB_SEARCH_TASK}\n<|embed|>\n", document_prefix="<|embed|>\n",
-        max_length=4096, pool_prefix_tokens=False, bidirectional_attention=True,
+        "gritlm",
+        ("GritLM/GritLM-*",),
+        "mean",
+        query_prefix=f"<|user|>\n{WEB_SEARCH_TASK}\n<|embed|>\n",
+        document_prefix="<|embed|>\n",
+        max_length=4096,
+        pool_prefix_tokens=False,
+        bidirectional_attention=True,
         reference="https://github.com/ContextualAI/gritlm",
     ),
     ModelFamily(
-        "jina-v2", ("jinaai/jina-embeddings-v2-*",), "mean", max_length=8192, trust_remote_code=True,
+        "jina-v2",
+        ("jinaai/jina-embeddings-v2-*",),
+        "mean",
+        max_length=8192,
+        trust_remote_code=True,
         reference="https://huggingface.co/jinaai/jina-embeddings-v2-base-en",
     ),
     ModelFamily(
-        "jina-v3", ("jinaai/jina-embeddings-v3",), "mean",
+        "jina-v3",
+        ("jinaai/jina-embeddings-v3",),
+        "mean",
         query_prefix="Represent the query for retrieving evidence documents: ",
         document_prefix="Represent the document for retrieval: ",
-        max_length=8192, matryoshka_min_dim=32, query_task="retrieval.query", document_task="retrieval.passage",
-        trust_remote_code=True, reference="https://huggingface.co/jinaai/jina-embeddings-v3",
+        max_length=8192,
+        matryoshka_min_dim=32,
+        query_task="retrieval.query",
+        document_task="retrieval.passage",
+        trust_remote_code=True,
+        reference="https://huggingface.co/jinaai/jina-embeddings-v3",
     ),
     ModelFamily(
-        "mxbai-embed-large", ("mixedbread-ai/mxbai-embed-large-v1",), "cls",
-        query_prefix="Represent this sentence for searching relevant passages: ", max_length=512,
-        matryoshka_min_dim=128, reference="https://huggingface.co/mixedbread-ai/mxbai-embed-large-v1",
+        "mxbai-embed-large",
+        ("mixedbread-ai/mxbai-embed-large-v1",),
+        "cls",
+        query_prefix="Represent this sentence for searching relevant passages: ",
+        max_length=512,
+        matryoshka_min_dim=128,
+        reference="https://huggingface.co/mixedbread-ai/mxbai-embed-large-v1",
     ),
     ModelFamily(
-        "nomic-embed-v1.5", ("nomic-ai/nomic-embed-text-v1.5",), "mean",
-        query_prefix="search_query: ", document_prefix="search_document: ", max_length=8192,
-        matryoshka_min_dim=64, matryoshka_layer_norm=True, trust_remote_code=True,
+        "nomic-embed-v1.5",
+        ("nomic-ai/nomic-embed-text-v1.5",),
+        "mean",
+        query_prefix="search_query: ",
+        document_prefix="search_document: ",
+        max_length=8192,
+        matryoshka_min_dim=64,
+        matryoshka_layer_norm=True,
+        trust_remote_code=True,
         reference="https://huggingface.co/nomic-ai/nomic-embed-text-v1.5",
     ),
     ModelFamily(
-        "nomic-embed", ("nomic-ai/nomic-embed-text-v1",), "mean",
-        query_prefix="search_query: ", document_prefix="search_document: ", max_length=8192, trust_remote_code=True,
+        "nomic-embed",
+        ("nomic-ai/nomic-embed-text-v1",),
+        "mean",
+        query_prefix="search_query: ",
+        document_prefix="search_document: ",
+        max_length=8192,
+        trust_remote_code=True,
         reference="https://huggingface.co/nomic-ai/nomic-embed-text-v1",
     ),
     ModelFamily(
-        "all-minilm", ("sentence-transformers/all-MiniLM-*",), "mean", max_length=256,
+        "all-minilm",
+        ("sentence-transformers/all-MiniLM-*",),
+        "mean",
+        max_length=256,
         reference="https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2",
     ),
     ModelFamily(
-        "all-mpnet", ("sentence-transformers/all-mpnet-base-*",), "mean", max_length=384,
+        "all-mpnet",
+        ("sentence-transformers/all-mpnet-base-*",),
+        "mean",
+        max_length=384,
         reference="https://huggingface.co/sentence-transformers/all-mpnet-base-v2",
     ),
 )
@@ -213,7 +286,7 @@ def hub_id_candidates(folder: Path) -> list[str]:
     candidates: list[str] = []
     for part in folder.parts:
         if part.startswith("models--") and part.count("--") >= 2:  # Hugging Face cache layout
-            owner, _, name = part[len("models--"):].partition("--")
+            owner, _, name = part[len("models--") :].partition("--")
             candidates.append(f"{owner}/{name}")
     candidates.append(f"{folder.parent.name}/{folder.name}")
     candidates.append(folder.name)
@@ -238,7 +311,9 @@ FamilySource = ModelFamily | Iterable[ModelFamily] | Callable[[], "ModelFamily |
 class ModelCatalog:
     """Families by name, matched against model names; user families first, then built-in ones."""
 
-    def __init__(self, builtin: Iterable[ModelFamily] = BUILTIN_FAMILIES, *, entry_point_group: str | None = ENTRY_POINT_GROUP):
+    def __init__(
+        self, builtin: Iterable[ModelFamily] = BUILTIN_FAMILIES, *, entry_point_group: str | None = ENTRY_POINT_GROUP
+    ):
         self._builtin = list(builtin)
         self._registered: list[ModelFamily] = []
         self._entry_point_group = entry_point_group
@@ -252,7 +327,9 @@ class ModelCatalog:
         with self._lock:
             existing = [f for f in self._registered if f.name == family.name]
             if existing and not replace:
-                raise CatalogError(f"embedding family {family.name!r} is already registered; pass replace=True to redefine it")
+                raise CatalogError(
+                    f"embedding family {family.name!r} is already registered; pass replace=True to redefine it"
+                )
             self._registered = [family] + [f for f in self._registered if f.name != family.name]
 
     def unregister(self, name: str) -> None:
@@ -269,7 +346,9 @@ class ModelCatalog:
         for family in self.families():
             if family.name == name:
                 return family
-        raise CatalogError(f"unknown embedding family {name!r}; known: {', '.join(sorted(f.name for f in self.families()))}")
+        raise CatalogError(
+            f"unknown embedding family {name!r}; known: {', '.join(sorted(f.name for f in self.families()))}"
+        )
 
     def match(self, name: str) -> ModelFamily | None:
         """The first family whose patterns fit ``name`` ("owner/name" or a bare folder name)."""

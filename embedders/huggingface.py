@@ -50,16 +50,6 @@ from pydantic import Field, model_validator
 
 from core.component import ComponentConfig, require
 from core.errors import PipelineError
-from embedders.base import Embedder
-from embedders.catalog import (
-    CATALOG,
-    FAMILY,
-    SPEC,
-    CatalogError,
-    Conventions,
-    ModelFamily,
-    resolve_conventions,
-)
 from core.models import (
     SHIPPED_MODELS,
     DenseLayer,
@@ -73,6 +63,16 @@ from core.models import (
     resolve_device,
     resolve_model_path,
     shipped_hub_id,
+)
+from embedders.base import Embedder
+from embedders.catalog import (
+    CATALOG,
+    FAMILY,
+    SPEC,
+    CatalogError,
+    Conventions,
+    ModelFamily,
+    resolve_conventions,
 )
 from embedders.pooling import l2_normalize, pool, without_leading_tokens
 
@@ -115,39 +115,83 @@ class ModelLoadError(PipelineError):
 
 
 class HuggingFaceConfig(ComponentConfig):
-    model: str = Field(DEFAULT_MODEL, min_length=1, description="Hub id, local folder (relative to the spec) or all-MiniLM-L6-v2.")
+    model: str = Field(
+        DEFAULT_MODEL, min_length=1, description="Hub id, local folder (relative to the spec) or all-MiniLM-L6-v2."
+    )
     family: str | None = Field(
-        None, min_length=1, description="Catalog family whose conventions apply (e.g. e5); 'none' for none. Default: found from the model's name."
+        None,
+        min_length=1,
+        description="Catalog family whose conventions apply (e.g. e5); 'none' for none. Default: found from the model's name.",
     )
-    pooling: Pooling | None = Field(None, description="mean, cls, last or max; default: the model's own setting, else its family's, else mean.")
-    normalize: bool | None = Field(None, description="L2-normalise vectors; default: the model's own setting, else its family's, else true.")
+    pooling: Pooling | None = Field(
+        None, description="mean, cls, last or max; default: the model's own setting, else its family's, else mean."
+    )
+    normalize: bool | None = Field(
+        None, description="L2-normalise vectors; default: the model's own setting, else its family's, else true."
+    )
     max_length: int | None = Field(
-        None, ge=2, description="Tokens per text; longer texts are truncated and counted. Default: max_seq_length, else the family's, else the model's limit."
+        None,
+        ge=2,
+        description="Tokens per text; longer texts are truncated and counted. Default: max_seq_length, else the family's, else the model's limit.",
     )
-    query_prefix: str = Field("", description="Prepended to queries, e.g. 'query: ' for E5 models. Default: the model's prompt, else its family's.")
-    document_prefix: str = Field("", description="Prepended to documents, e.g. 'passage: ' for E5 models. Default: the model's prompt, else its family's.")
-    pool_prefix_tokens: bool | None = Field(None, description="Include prefix tokens in mean pooling (false for Instructor and GritLM).")
-    bidirectional_attention: bool | None = Field(None, description="Run a decoder with full attention (GritLM, gte-Qwen2).")
-    end_token: str | None = Field(None, description="Token every input must end with, e.g. '<|endoftext|>' for last-token pooling; '' for none.")
-    matryoshka_layer_norm: bool | None = Field(None, description="Layer-normalise before cutting dimensions (nomic-embed v1.5).")
-    query_task: str | None = Field(None, description="Task adapter for queries (jina-embeddings-v3: retrieval.query); '' for none.")
-    document_task: str | None = Field(None, description="Task adapter for documents (jina-embeddings-v3: retrieval.passage); '' for none.")
-    dimensions: int | None = Field(None, ge=1, description="Keep the first N vector components, then renormalise (Matryoshka models).")
-    allow_untrained_dimensions: bool = Field(False, description="Allow dimensions on a model not trained for truncation (quality drops).")
+    query_prefix: str = Field(
+        "",
+        description="Prepended to queries, e.g. 'query: ' for E5 models. Default: the model's prompt, else its family's.",
+    )
+    document_prefix: str = Field(
+        "",
+        description="Prepended to documents, e.g. 'passage: ' for E5 models. Default: the model's prompt, else its family's.",
+    )
+    pool_prefix_tokens: bool | None = Field(
+        None, description="Include prefix tokens in mean pooling (false for Instructor and GritLM)."
+    )
+    bidirectional_attention: bool | None = Field(
+        None, description="Run a decoder with full attention (GritLM, gte-Qwen2)."
+    )
+    end_token: str | None = Field(
+        None, description="Token every input must end with, e.g. '<|endoftext|>' for last-token pooling; '' for none."
+    )
+    matryoshka_layer_norm: bool | None = Field(
+        None, description="Layer-normalise before cutting dimensions (nomic-embed v1.5)."
+    )
+    query_task: str | None = Field(
+        None, description="Task adapter for queries (jina-embeddings-v3: retrieval.query); '' for none."
+    )
+    document_task: str | None = Field(
+        None, description="Task adapter for documents (jina-embeddings-v3: retrieval.passage); '' for none."
+    )
+    dimensions: int | None = Field(
+        None, ge=1, description="Keep the first N vector components, then renormalise (Matryoshka models)."
+    )
+    allow_untrained_dimensions: bool = Field(
+        False, description="Allow dimensions on a model not trained for truncation (quality drops)."
+    )
     batch_size: int = Field(64, ge=1, description="Most texts per forward pass.")
     max_batch_tokens: int | None = Field(
-        None, ge=1, description=f"Most padded tokens (texts x longest) per forward pass. Default: {CPU_BATCH_TOKENS} on a CPU, no limit elsewhere."
+        None,
+        ge=1,
+        description=f"Most padded tokens (texts x longest) per forward pass. Default: {CPU_BATCH_TOKENS} on a CPU, no limit elsewhere.",
     )
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|(cuda|xpu|npu|hpu)(:\d+)?)$", description="auto picks cuda, then mps, then cpu.")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|mps|(cuda|xpu|npu|hpu)(:\d+)?)$",
+        description="auto picks cuda, then mps, then cpu.",
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Half precision is for CUDA only.")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (process-wide); default: torch's own choice.")
-    trust_remote_code: bool = Field(False, description="Run model code shipped with the weights (only for models you trust).")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (process-wide); default: torch's own choice."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the weights (only for models you trust)."
+    )
 
     @model_validator(mode="after")
     def _half_precision_needs_cuda(self) -> HuggingFaceConfig:
         # "auto" may still land on a CPU; that case falls back to float32 with a warning at load.
         if self.dtype != "float32" and self.device != "auto" and not self.device.startswith("cuda"):
-            raise ValueError(f"dtype {self.dtype} is supported on CUDA devices only; use dtype float32 with device {self.device!r}")
+            raise ValueError(
+                f"dtype {self.dtype} is supported on CUDA devices only; use dtype float32 with device {self.device!r}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -159,7 +203,11 @@ class HuggingFaceConfig(ComponentConfig):
     def convention_overrides(self) -> dict[str, Any]:
         """The conventions this spec sets (an unset prefix is not an empty one)."""
         given = self.model_fields_set
-        return {name: getattr(self, name) for name in Conventions.names() if name not in EXPLICIT_EMPTY_SETTINGS or name in given}
+        return {
+            name: getattr(self, name)
+            for name in Conventions.names()
+            if name not in EXPLICIT_EMPTY_SETTINGS or name in given
+        }
 
 
 @dataclass(frozen=True)
@@ -195,8 +243,12 @@ def tokenize(
         return _tokenize_ending_with(tokenizer, texts, max_length, device, end_token_id)
     truncate = max_length is not None
     encoded = tokenizer(
-        list(texts), padding=True, truncation=truncate, max_length=max_length,
-        return_offsets_mapping=with_offsets, return_tensors="pt",
+        list(texts),
+        padding=True,
+        truncation=truncate,
+        max_length=max_length,
+        return_offsets_mapping=with_offsets,
+        return_tensors="pt",
     )
     offsets = encoded.pop("offset_mapping", None)
     if not truncate:
@@ -206,10 +258,14 @@ def tokenize(
     else:
         full = tokenizer(list(texts), truncation=False)["input_ids"]
         truncated = [len(ids) > max_length for ids in full]
-    return TokenizedBatch(inputs={name: tensor.to(device) for name, tensor in encoded.items()}, truncated=truncated, offsets=offsets)
+    return TokenizedBatch(
+        inputs={name: tensor.to(device) for name, tensor in encoded.items()}, truncated=truncated, offsets=offsets
+    )
 
 
-def _tokenize_ending_with(tokenizer: Any, texts: Sequence[str], max_length: int | None, device: str, end_id: int) -> TokenizedBatch:
+def _tokenize_ending_with(
+    tokenizer: Any, texts: Sequence[str], max_length: int | None, device: str, end_id: int
+) -> TokenizedBatch:
     """Token ids that end with ``end_id``: appended when the tokenizer does not add it, kept when cutting."""
     rows: list[list[int]] = []
     truncated: list[bool] = []
@@ -263,7 +319,14 @@ class LoadedEncoder:
     task_adapters: Mapping[str, int] = field(default_factory=dict)  # task name -> adapter index (jina-embeddings-v3)
 
     def tokenize(self, texts: Sequence[str], *, with_offsets: bool = False) -> TokenizedBatch:
-        return tokenize(self.tokenizer, texts, self.max_length, self.device, with_offsets=with_offsets, end_token_id=self.end_token_id)
+        return tokenize(
+            self.tokenizer,
+            texts,
+            self.max_length,
+            self.device,
+            with_offsets=with_offsets,
+            end_token_id=self.end_token_id,
+        )
 
     def token_states(self, batch: TokenizedBatch, extra_inputs: Mapping[str, Any] | None = None) -> Tensor:
         """Last hidden states, ``(batch, tokens, dim)``; call under ``torch.inference_mode()``."""
@@ -275,7 +338,9 @@ class LoadedEncoder:
         outputs = self.model(**inputs, **(extra_inputs or {}), **self.forward_options)
         return outputs[0]  # last_hidden_state, also for remote-code models that return tuples
 
-    def embed(self, texts: Sequence[str], *, skip_leading_tokens: int = 0, task: str | None = None) -> tuple[np.ndarray, int]:
+    def embed(
+        self, texts: Sequence[str], *, skip_leading_tokens: int = 0, task: str | None = None
+    ) -> tuple[np.ndarray, int]:
         """float32 vectors for one batch, in the given order, and how many texts were truncated.
 
         ``skip_leading_tokens`` leaves each text's first real tokens (its instruction) out of the
@@ -285,7 +350,9 @@ class LoadedEncoder:
         batch = self.tokenize(texts)
         extra = {}
         if task is not None:
-            extra["adapter_mask"] = torch.full((len(texts),), self.task_adapters[task], dtype=torch.int32, device=self.device)
+            extra["adapter_mask"] = torch.full(
+                (len(texts),), self.task_adapters[task], dtype=torch.int32, device=self.device
+            )
         with torch.inference_mode():
             mask = without_leading_tokens(batch.attention_mask, skip_leading_tokens)
             vectors = self.head(pool(self.pooling, self.token_states(batch, extra), mask))
@@ -392,7 +459,9 @@ class HuggingFaceEmbedder(Embedder):
         with self._lock:
             if self._conventions is None:
                 info = self._model_info()
-                self._conventions = resolve_conventions(self.family, info.sentence_transformers, self.config.convention_overrides())
+                self._conventions = resolve_conventions(
+                    self.family, info.sentence_transformers, self.config.convention_overrides()
+                )
             return self._conventions
 
     def own_conventions(self) -> Conventions:
@@ -438,7 +507,8 @@ class HuggingFaceEmbedder(Embedder):
         conventions = self.conventions
         generic = Conventions().document_side()
         applied = {
-            name: value for name, value in conventions.document_side().items()
+            name: value
+            for name, value in conventions.document_side().items()
             if conventions.source(name) in (SPEC, FAMILY) and value != generic[name]
         }
         if self.config.dimensions is not None:
@@ -471,7 +541,11 @@ class HuggingFaceEmbedder(Embedder):
     def embed_query(self, text: str) -> np.ndarray:
         vectors, truncated = self._encode([text], "query")
         if truncated:
-            log.warning("a query of %d characters is longer than %s tokens and was truncated", len(text), self.encoder.max_length)
+            log.warning(
+                "a query of %d characters is longer than %s tokens and was truncated",
+                len(text),
+                self.encoder.max_length,
+            )
         return vectors[0]
 
     def warm_up(self) -> None:
@@ -518,7 +592,12 @@ class HuggingFaceEmbedder(Embedder):
             size = self.config.batch_size
             return [order[start : start + size] for start in range(0, len(order), size)]
         cut = encoder.max_length is not None
-        lengths = [len(ids) for ids in encoder.tokenizer(list(texts), truncation=cut, max_length=encoder.max_length, verbose=False)["input_ids"]]
+        lengths = [
+            len(ids)
+            for ids in encoder.tokenizer(list(texts), truncation=cut, max_length=encoder.max_length, verbose=False)[
+                "input_ids"
+            ]
+        ]
         return token_budget_batches(lengths, self.config.batch_size, budget)
 
     def _prefix_tokens(self, encoder: LoadedEncoder, prefix: str) -> int:
@@ -534,7 +613,10 @@ class HuggingFaceEmbedder(Embedder):
             log.warning(
                 "%d of %d texts are longer than %s tokens and were truncated to fit %s; "
                 "further truncations are counted and reported in the run summary",
-                count, total, self.encoder.max_length, self.model_name,
+                count,
+                total,
+                self.encoder.max_length,
+                self.model_name,
             )
 
     # -- finding and loading the model ----------------------------------------------------------
@@ -563,7 +645,9 @@ class HuggingFaceEmbedder(Embedder):
         chosen = self._chosen_family(family)
         self._check_remote_code(chosen)
         hf_config = self._with_load_errors(location, lambda: _auto_config(location, self.config.trust_remote_code))
-        unsupported = [t for t in read_sentence_transformers_module_types(location) if not t.endswith(_SUPPORTED_ST_MODULES)]
+        unsupported = [
+            t for t in read_sentence_transformers_module_types(location) if not t.endswith(_SUPPORTED_ST_MODULES)
+        ]
         if unsupported:
             raise ModelLoadError(
                 f"embedder model {self.config.model!r} chains sentence-transformers modules this embedder does not "
@@ -571,7 +655,9 @@ class HuggingFaceEmbedder(Embedder):
             )
         hidden_size = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "d_model", None)
         if not isinstance(hidden_size, int):
-            raise ModelLoadError(f"embedder model {self.config.model!r}: its config has no hidden_size, so the vector dimension is unknown")
+            raise ModelLoadError(
+                f"embedder model {self.config.model!r}: its config has no hidden_size, so the vector dimension is unknown"
+            )
         max_positions = getattr(hf_config, "max_position_embeddings", None)
         try:
             st_settings = read_sentence_transformers_settings(location)
@@ -600,11 +686,17 @@ class HuggingFaceEmbedder(Embedder):
         if wanted is None:
             return
         if wanted > info.output_size:
-            raise ModelLoadError(f"embedder dimensions {wanted} exceeds the {info.output_size} dimensions {info.name} produces")
+            raise ModelLoadError(
+                f"embedder dimensions {wanted} exceeds the {info.output_size} dimensions {info.name} produces"
+            )
         smallest = family.matryoshka_min_dim if family else None
         if self.config.allow_untrained_dimensions or (smallest is not None and wanted >= smallest):
             return
-        trained = f"was trained for truncation down to {smallest} dimensions" if smallest else "was not trained for truncation (Matryoshka)"
+        trained = (
+            f"was trained for truncation down to {smallest} dimensions"
+            if smallest
+            else "was not trained for truncation (Matryoshka)"
+        )
         raise ModelLoadError(
             f"embedder model {info.name} ({family.name if family else 'no catalog family'}) {trained}, so its first {wanted} "
             f"components lose quality; set allow_untrained_dimensions: true to cut them anyway"
@@ -617,14 +709,25 @@ class HuggingFaceEmbedder(Embedder):
         device = resolve_device(config.device)
         dtype = config.dtype
         if dtype != "float32" and not device.startswith("cuda"):
-            log.warning("dtype %s needs a CUDA device; device auto chose %s, so %s runs in float32", dtype, device, self.model_name)
+            log.warning(
+                "dtype %s needs a CUDA device; device auto chose %s, so %s runs in float32",
+                dtype,
+                device,
+                self.model_name,
+            )
             dtype = "float32"
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         with _quiet_progress_bars():
             tokenizer, model = self._with_load_errors(
                 info.location,
-                lambda: load_encoder(info.location, device, dtype, config.trust_remote_code, bidirectional=conventions.bidirectional_attention),
+                lambda: load_encoder(
+                    info.location,
+                    device,
+                    dtype,
+                    config.trust_remote_code,
+                    bidirectional=conventions.bidirectional_attention,
+                ),
             )
         _ensure_pad_token(tokenizer, self.config.model)
         forward = inspect.signature(model.forward).parameters
@@ -654,7 +757,9 @@ class HuggingFaceEmbedder(Embedder):
             return None
         token_id = tokenizer.convert_tokens_to_ids(token)
         if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
-            raise ModelLoadError(f"embedder model {self.config.model!r}: its tokenizer has no token {token!r} (end_token)")
+            raise ModelLoadError(
+                f"embedder model {self.config.model!r}: its tokenizer has no token {token!r} (end_token)"
+            )
         return token_id
 
     def _dense_weights(self, info: _ModelInfo, layer: DenseLayer, device: str) -> tuple[Tensor, Tensor | None, str]:
@@ -663,7 +768,9 @@ class HuggingFaceEmbedder(Embedder):
             weight = state["linear.weight"].float().to(device)
             bias = state["linear.bias"].float().to(device) if layer.bias else None
         except (ModelFilesError, KeyError, OSError) as exc:
-            raise ModelLoadError(f"embedder model {self.config.model!r}: Dense module {layer.path!r} cannot be loaded: {exc}") from exc
+            raise ModelLoadError(
+                f"embedder model {self.config.model!r}: Dense module {layer.path!r} cannot be loaded: {exc}"
+            ) from exc
         if tuple(weight.shape) != (layer.out_features, layer.in_features):
             raise ModelLoadError(
                 f"embedder model {self.config.model!r}: Dense module {layer.path!r} has weights of shape {tuple(weight.shape)}, "
@@ -691,7 +798,9 @@ class HuggingFaceEmbedder(Embedder):
         wanted = self.conventions.max_length
         if self.conventions.source("max_length") == SPEC:
             if model_limit is not None and wanted is not None and wanted > model_limit:
-                raise ModelLoadError(f"embedder max_length {wanted} exceeds the {model_limit} tokens {self.model_name} supports")
+                raise ModelLoadError(
+                    f"embedder max_length {wanted} exceeds the {model_limit} tokens {self.model_name} supports"
+                )
             return wanted
         if wanted is not None:
             return min(wanted, model_limit) if model_limit is not None else wanted
@@ -772,7 +881,9 @@ def _auto_config(location: str, trust_remote_code: bool) -> Any:
     if not Path(location).is_dir():
         # A cached hub model answers without a network round trip (or the hub's retries when offline).
         with contextlib.suppress(OSError):
-            return transformers.AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, local_files_only=True)
+            return transformers.AutoConfig.from_pretrained(
+                location, trust_remote_code=trust_remote_code, local_files_only=True
+            )
     return transformers.AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
 
 
@@ -825,7 +936,9 @@ def _ensure_pad_token(tokenizer: Any, model: str) -> None:
     if tokenizer.pad_token is not None:
         return
     if tokenizer.eos_token is None:
-        raise ModelLoadError(f"embedder model {model!r}: its tokenizer has neither a pad nor an EOS token, so batches cannot be padded")
+        raise ModelLoadError(
+            f"embedder model {model!r}: its tokenizer has neither a pad nor an EOS token, so batches cannot be padded"
+        )
     tokenizer.pad_token = tokenizer.eos_token
 
 

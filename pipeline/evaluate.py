@@ -71,7 +71,9 @@ def load_beir(folder: Path, split: str = "test") -> BeirDataset:
             try:
                 qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
             except (KeyError, TypeError, ValueError):
-                raise EvaluationError(f"{qrels_file}: expected a header 'query-id corpus-id score' and integer scores") from None
+                raise EvaluationError(
+                    f"{qrels_file}: expected a header 'query-id corpus-id score' and integer scores"
+                ) from None
     queries_file = folder / f"queries_{split}.jsonl"
     if not queries_file.is_file():
         queries_file = folder / "queries.jsonl"
@@ -116,7 +118,9 @@ class EvalReport:
         return out
 
     def format(self) -> str:
-        ingest = f"ingested in {self.ingest_seconds:.0f} s" if self.ingest_seconds is not None else "existing index reused"
+        ingest = (
+            f"ingested in {self.ingest_seconds:.0f} s" if self.ingest_seconds is not None else "existing index reused"
+        )
         lines = [
             f"{self.dataset} ({self.split}): {self.documents} documents, {self.chunks} chunks in {self.collection!r}, {ingest}",
             f"{'mode':<16}{'nDCG@10':>9}{'R@100':>9}{'MRR@10':>9}{'p50 ms':>9}{'p95 ms':>9}{'queries':>9}",
@@ -140,7 +144,9 @@ def eval_spec(spec: Spec, dataset: BeirDataset, collection: str | None = None) -
 
     store: ComponentSpec = spec.stage("store")
     name = collection or eval_collection_name(store.config.collection, dataset.name)  # type: ignore[attr-defined]
-    source = ComponentSpec("source", JsonlSource.type_name, JsonlSource, JsonlSource.Config(path=str(dataset.corpus.resolve())))
+    source = ComponentSpec(
+        "source", JsonlSource.type_name, JsonlSource, JsonlSource.Config(path=str(dataset.corpus.resolve()))
+    )
     stages = dict(spec.stages)
     stages["source"] = [source]
     stages["store"] = dataclasses.replace(store, config=store.config.model_copy(update={"collection": name}))
@@ -177,7 +183,9 @@ def evaluate_dataset(
     return report
 
 
-def _ingest(pipeline: Any, dataset: BeirDataset, split: str, reuse_index: bool, progress: Callable[[str], None] | None) -> EvalReport:
+def _ingest(
+    pipeline: Any, dataset: BeirDataset, split: str, reuse_index: bool, progress: Callable[[str], None] | None
+) -> EvalReport:
     store = pipeline.store
     documents = _count_documents(dataset.corpus)
     if reuse_index and store.count() > 0:
@@ -212,7 +220,9 @@ class ModeEvaluator:
         self.query_ids = sorted(dataset.queries)[:max_queries] if max_queries else sorted(dataset.queries)
         self.progress = progress
         self.notes: list[str] = []
-        self._rankings: dict[str, dict[str, list[tuple[str, str]]]] = {}  # mode -> query id -> [(document id, chunk text)]
+        self._rankings: dict[
+            str, dict[str, list[tuple[str, str]]]
+        ] = {}  # mode -> query id -> [(document id, chunk text)]
         self._latencies: dict[str, dict[str, float]] = {}  # mode -> query id -> seconds
 
     def chunk_limit(self) -> int:
@@ -228,12 +238,14 @@ class ModeEvaluator:
         for mode in modes:
             base, reranked = (mode[: -len(RERANK_SUFFIX)], True) if mode.endswith(RERANK_SUFFIX) else (mode, False)
             if base not in (*BRANCHES, "hybrid"):
-                raise EvaluationError(f"unknown mode {mode!r}; use dense, bm25, sparse, hybrid, optionally with {RERANK_SUFFIX}")
+                raise EvaluationError(
+                    f"unknown mode {mode!r}; use dense, bm25, sparse, hybrid, optionally with {RERANK_SUFFIX}"
+                )
             if reranked and self.engine.reranker is None:
                 raise EvaluationError(f"mode {mode!r} needs a reranker: add query.reranker to the spec")
             if base not in self._rankings:
                 self._retrieve(base, limit)
-            ranking, latency = (self._rerank(base) if reranked else (self._rankings[base], self._latencies[base]))
+            ranking, latency = self._rerank(base) if reranked else (self._rankings[base], self._latencies[base])
             results.append(self._score(mode, ranking, latency))
             if self.progress:
                 self.progress(f"{mode}: nDCG@10 {results[-1].metrics['nDCG@10']:.4f}")
@@ -282,7 +294,11 @@ class ModeEvaluator:
         return ModeResult(
             mode=mode,
             metrics={name: float(values[measure]) for name, measure in zip(MEASURES, measures)},
-            latency_ms={"p50": float(np.percentile(seconds, 50)), "p95": float(np.percentile(seconds, 95)), "mean": float(seconds.mean())},
+            latency_ms={
+                "p50": float(np.percentile(seconds, 50)),
+                "p95": float(np.percentile(seconds, 95)),
+                "mean": float(seconds.mean()),
+            },
             queries=len(self.query_ids),
         )
 

@@ -37,7 +37,11 @@ _DELETE_BATCH = 1000  # unlisted sources deleted per request at the end of a run
 
 def stage_fingerprint(stages: Sequence[Component | None]) -> str:
     """One hash over the output-relevant settings of the stages that make a source's chunks."""
-    settings = [{"class": f"{type(s).__module__}:{type(s).__qualname__}", "settings": s.fingerprint_settings()} for s in stages if s is not None]
+    settings = [
+        {"class": f"{type(s).__module__}:{type(s).__qualname__}", "settings": s.fingerprint_settings()}
+        for s in stages
+        if s is not None
+    ]
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -136,7 +140,10 @@ class ChangeTracker:
             if listed is None or listed.known is None or not self.skip_unchanged:
                 return True
             known = self._scopes[listed.scope].known
-            if not (known.flags[listed.known] & KnownSources.CURRENT and known.contents[listed.known] == digest64(document.content_hash)):
+            if not (
+                known.flags[listed.known] & KnownSources.CURRENT
+                and known.contents[listed.known] == digest64(document.content_hash)
+            ):
                 return True
             del self._in_flight[document.source_id]
             self.counts.unchanged += 1
@@ -146,7 +153,11 @@ class ChangeTracker:
                 record.change_signal = listed.change_signal
                 self.records.put([record])
         except Exception:
-            log.warning("%s: could not record its new change signal; it is read again next run", document.source_id, exc_info=True)
+            log.warning(
+                "%s: could not record its new change signal; it is read again next run",
+                document.source_id,
+                exc_info=True,
+            )
         return False
 
     # -- writing (main thread) -------------------------------------------------------------------

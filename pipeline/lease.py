@@ -115,8 +115,13 @@ class Lease:
         host, pid = socket.gethostname(), os.getpid()
         now = time.time()
         self.claim = LockClaim(
-            owner=f"{host}:{pid}:{secrets.token_hex(8)}", host=host, machine=this_machine(), pid=pid,
-            process_started=process_started(pid), acquired_at=now, expires_at=now + ttl_s,
+            owner=f"{host}:{pid}:{secrets.token_hex(8)}",
+            host=host,
+            machine=this_machine(),
+            pid=pid,
+            process_started=process_started(pid),
+            acquired_at=now,
+            expires_at=now + ttl_s,
         )
         self._renewed = time.monotonic()
         self._lost: str | None = None
@@ -125,7 +130,7 @@ class Lease:
 
     # -- taking and giving back ------------------------------------------------------------------
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         for attempt in range(_CLAIM_ATTEMPTS):
             holder = self._live_others()
             if holder is not None:
@@ -138,7 +143,9 @@ class Lease:
                 self._start_heartbeat()
                 return self
             self.claims.delete(self.claim.owner)
-            log.info("another run claimed the re-index lock at the same moment (%s); trying again", describe_claim(rival))
+            log.info(
+                "another run claimed the re-index lock at the same moment (%s); trying again", describe_claim(rival)
+            )
             time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
         raise LockHeldError(f"the re-index lock is contended: {_CLAIM_ATTEMPTS} claims met another run's claim")
 

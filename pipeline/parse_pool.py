@@ -49,7 +49,9 @@ class ParseOutcome:
     stage: str = "parse"  # where the error happened: "read" failures pass through the pool unchanged
 
     @classmethod
-    def of(cls, source: SourceDocument, parsed: ParsedDocument | None, error: str | None, seconds: float) -> "ParseOutcome":
+    def of(
+        cls, source: SourceDocument, parsed: ParsedDocument | None, error: str | None, seconds: float
+    ) -> ParseOutcome:
         return cls(source.source_id, source.uri, parsed, error, seconds)
 
     @property
@@ -120,7 +122,9 @@ def send_parsed(conn: Connection, parsed: ParsedDocument | None, error: str | No
         conn.send(elements[start : start + _ELEMENT_BATCH])
 
 
-def receive_parsed(conn: Connection, header: tuple[ParsedDocument | None, str | None, int, int]) -> tuple[ParsedDocument | None, str | None]:
+def receive_parsed(
+    conn: Connection, header: tuple[ParsedDocument | None, str | None, int, int]
+) -> tuple[ParsedDocument | None, str | None]:
     """The result whose header (see :func:`send_parsed`) was just received: the rest is read now."""
     document, error, pieces, batches = header
     if document is None:
@@ -254,7 +258,9 @@ class ParserPool:
         results: queue.Queue[Any] = queue.Queue(maxsize=self.max_pending)
         budget = _CharBudget(self.max_pending_chars)
         stop = threading.Event()
-        feeder = threading.Thread(target=self._run, args=(iter(sources), results, budget, stop), name="parser-pool", daemon=True)
+        feeder = threading.Thread(
+            target=self._run, args=(iter(sources), results, budget, stop), name="parser-pool", daemon=True
+        )
         feeder.start()
         try:
             while True:
@@ -282,7 +288,11 @@ class ParserPool:
     # -- background thread -------------------------------------------------------------------
 
     def _run(
-        self, sources: Iterator[SourceDocument | ParseOutcome], results: queue.Queue[Any], budget: _CharBudget, stop: threading.Event
+        self,
+        sources: Iterator[SourceDocument | ParseOutcome],
+        results: queue.Queue[Any],
+        budget: _CharBudget,
+        stop: threading.Event,
     ) -> None:
         ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch threads exist
         settings = self.parser.to_dict()
@@ -342,7 +352,9 @@ class ParserPool:
                                 worker.kill()
                                 startup_exits += 1
                                 if startup_exits >= _STARTUP_ATTEMPTS:
-                                    raise ParserStartupError(_startup_failure(self._target, startup_exits, code)) from None
+                                    raise ParserStartupError(
+                                        _startup_failure(self._target, startup_exits, code)
+                                    ) from None
                                 pool[i] = _Worker(ctx, self._target, settings, base_dir)
                                 pool[i].assign(source)
                                 continue
@@ -388,7 +400,7 @@ def _startup_failure(target: str, attempts: int, exit_code: int | None) -> str:
     return (
         f"parse: {attempts} parser worker processes in a row exited before their parser {target} was ready "
         f"(last exit code {exit_code}), so no document can be parsed; the workers' own error is on stderr above. "
-        "A common cause: a Python script that runs the pipeline without an `if __name__ == \"__main__\":` guard. "
+        'A common cause: a Python script that runs the pipeline without an `if __name__ == "__main__":` guard. '
         "Workers start with the 'spawn' method, which imports the script again and so runs the pipeline again. "
         "Put the call under the guard, or set runner.parse_workers: 0 to parse in the calling process (no time or memory caps)."
     )

@@ -48,7 +48,7 @@ class Pipeline:
         self._query_engine: QueryEngine | None = None
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str], *, allowed_modules: Iterable[str] = ()) -> "Pipeline":
+    def from_yaml(cls, path: str | os.PathLike[str], *, allowed_modules: Iterable[str] = ()) -> Pipeline:
         return cls(load_spec(path, allowed_modules=allowed_modules))
 
     # -- components ----------------------------------------------------------------------------
@@ -102,7 +102,9 @@ class Pipeline:
         """The query path, built once; it shares this pipeline's embedder, sparse encoder and store."""
         with self._query_lock:  # not _build_lock: building the components takes that one
             if self._query_engine is None:
-                self._query_engine = QueryEngine(self.store, self.embedder, self.spec.query, sparse=self.sparse, reranker=self.reranker)
+                self._query_engine = QueryEngine(
+                    self.store, self.embedder, self.spec.query, sparse=self.sparse, reranker=self.reranker
+                )
             return self._query_engine
 
     # -- the failures file -------------------------------------------------------------------------
@@ -159,7 +161,9 @@ class Pipeline:
             tracker = None
             record = self.store.index_record()
             if record is not None:
-                tracker = ChangeTracker(record, self.store, self._fingerprint(), "none", skip_unchanged=False, fence=_fence(held))
+                tracker = ChangeTracker(
+                    record, self.store, self._fingerprint(), "none", skip_unchanged=False, fence=_fence(held)
+                )
             return self._run(self.store, tracker, progress)
 
     def _run(self, store: Any, tracker: ChangeTracker | None, progress: Progress | None) -> RunSummary:
@@ -187,7 +191,9 @@ class Pipeline:
     def _fingerprint(self) -> str:
         return stage_fingerprint([self.parser, self.chunker, self.embedder, self.sparse])
 
-    def reindex(self, *, progress: Progress | None = None, records: RecordStore | None = None, lease: Lease | None = None) -> RunSummary:
+    def reindex(
+        self, *, progress: Progress | None = None, records: RecordStore | None = None, lease: Lease | None = None
+    ) -> RunSummary:
         """Bring the index up to the sources: skip unchanged sources, redo changed ones, drop removed ones.
 
         ``records`` defaults to the store's own record (``<collection>_records`` for Milvus).
@@ -195,10 +201,14 @@ class Pipeline:
         """
         with self._locked(lease) as held:
             records = records if records is not None else self._records()
-            tracker = ChangeTracker(records, self.store, self._fingerprint(), self.spec.runner.cleanup, fence=_fence(held))
+            tracker = ChangeTracker(
+                records, self.store, self._fingerprint(), self.spec.runner.cleanup, fence=_fence(held)
+            )
             return self._run(self.store, tracker, progress)
 
-    def full_rebuild(self, *, progress: Progress | None = None, records: RecordStore | None = None, lease: Lease | None = None) -> RunSummary:
+    def full_rebuild(
+        self, *, progress: Progress | None = None, records: RecordStore | None = None, lease: Lease | None = None
+    ) -> RunSummary:
         """Build the whole index anew beside the served one, then switch queries over to it at once.
 
         On a Milvus server (and Milvus Lite 3) the build is a new collection and the collection
@@ -213,7 +223,9 @@ class Pipeline:
             serving_records = records if records is not None else self._records()
             build = self.store.start_rebuild(serving_records, time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
             if build is None:
-                raise TypeError(f"{type(self.store).__name__} cannot build an index beside the served one and switch to it")
+                raise TypeError(
+                    f"{type(self.store).__name__} cannot build an index beside the served one and switch to it"
+                )
             summary, switchable = self._build(build, progress, _fence(held))
             if switchable:
                 summary.notes.append(build.switch())
@@ -287,7 +299,13 @@ class Pipeline:
         evaluation = Pipeline(eval_spec(self.spec, dataset, collection))
         try:
             return evaluate_dataset(
-                evaluation, dataset, split=split, modes=modes, reuse_index=reuse_index, max_queries=max_queries, progress=progress
+                evaluation,
+                dataset,
+                split=split,
+                modes=modes,
+                reuse_index=reuse_index,
+                max_queries=max_queries,
+                progress=progress,
             )
         finally:
             evaluation.close()
@@ -320,7 +338,7 @@ class Pipeline:
         if store is not None:
             store.close()
 
-    def __enter__(self) -> "Pipeline":
+    def __enter__(self) -> Pipeline:
         return self
 
     def __exit__(self, *exc: object) -> None:

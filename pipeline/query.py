@@ -51,9 +51,13 @@ class QueryInputError(QueryError):
 class FusionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["rrf", "weighted"] = Field("rrf", description="rrf: reciprocal rank fusion; weighted: weighted sum of normalised scores.")
+    method: Literal["rrf", "weighted"] = Field(
+        "rrf", description="rrf: reciprocal rank fusion; weighted: weighted sum of normalised scores."
+    )
     k: int = Field(60, ge=1, description="RRF constant: score = sum of 1 / (k + rank).")
-    weights: dict[Branch, float] = Field(default_factory=dict, description="Weighted fusion: weight per branch (missing: 1.0).")
+    weights: dict[Branch, float] = Field(
+        default_factory=dict, description="Weighted fusion: weight per branch (missing: 1.0)."
+    )
     normalize: bool = Field(True, description="Weighted fusion: map each branch's scores into [0, 1] first.")
 
 
@@ -64,11 +68,17 @@ class QueryConfig(BaseModel):
 
     mode: Mode = Field("auto", description="auto: hybrid when the store has a sparse field, else dense.")
     top_k: int = Field(10, ge=1, le=MAX_LIMIT, description="Chunks returned.")
-    candidates: int = Field(100, ge=1, le=MAX_LIMIT, description="Chunks each branch retrieves before fusion and reranking.")
-    hybrid: list[Branch] | None = Field(None, min_length=1, description="Branches hybrid fuses; default: dense plus every sparse field the store has.")
+    candidates: int = Field(
+        100, ge=1, le=MAX_LIMIT, description="Chunks each branch retrieves before fusion and reranking."
+    )
+    hybrid: list[Branch] | None = Field(
+        None, min_length=1, description="Branches hybrid fuses; default: dense plus every sparse field the store has."
+    )
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     rerank: bool = Field(True, description="Rerank when a reranker is configured (a query can still turn it off).")
-    search_params: dict[str, Any] = Field(default_factory=dict, description="Dense index search parameters, e.g. {ef: 64} for HNSW.")
+    search_params: dict[str, Any] = Field(
+        default_factory=dict, description="Dense index search parameters, e.g. {ef: 64} for HNSW."
+    )
 
 
 @dataclass(frozen=True)
@@ -150,7 +160,9 @@ class QueryEngine:
         if missing:
             raise QueryInputError(f"hybrid search over {', '.join(configured)}: {self._why_missing(missing[0])}")
         if len(configured) < 2:
-            raise QueryInputError(f"hybrid search needs two branches, this spec has only {', '.join(configured)}: {self._why_missing('bm25')}")
+            raise QueryInputError(
+                f"hybrid search needs two branches, this spec has only {', '.join(configured)}: {self._why_missing('bm25')}"
+            )
         return list(configured)
 
     def _why_missing(self, branch: Branch) -> str:
@@ -237,7 +249,9 @@ class QueryEngine:
         seconds["encode"] = time.perf_counter() - began
         began = time.perf_counter()
         if mode != "hybrid":
-            hits = self.store.search(requests[0], expression, search_params=self.config.search_params if mode == "dense" else None)
+            hits = self.store.search(
+                requests[0], expression, search_params=self.config.search_params if mode == "dense" else None
+            )
         else:
             fusion_config = self.config.fusion
             fusion = (

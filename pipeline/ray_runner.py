@@ -227,7 +227,9 @@ class DocumentFeed:
             self._changed.notify_all()
 
 
-def parse_from_feed(_slot: Any, *, feed: Any, parser: ComponentRecipe, caps: ParseCaps, block_size: int) -> Iterator[Any]:
+def parse_from_feed(
+    _slot: Any, *, feed: Any, parser: ComponentRecipe, caps: ParseCaps, block_size: int
+) -> Iterator[Any]:
     """A parse task: parse documents from the feed until it closes, handing on ``block_size`` outcomes at a time.
 
     Read failures arrive as outcomes already and pass through the pool unchanged.
@@ -235,7 +237,13 @@ def parse_from_feed(_slot: Any, *, feed: Any, parser: ComponentRecipe, caps: Par
     import pyarrow as pa
     import ray
 
-    pool = ParserPool(parser.build(), workers=0 if caps.in_process else 1, timeout_s=caps.timeout_s, memory_mb=caps.memory_mb, max_pending=block_size)
+    pool = ParserPool(
+        parser.build(),
+        workers=0 if caps.in_process else 1,
+        timeout_s=caps.timeout_s,
+        memory_mb=caps.memory_mb,
+        max_pending=block_size,
+    )
 
     def documents() -> Iterator[SourceDocument | ParseOutcome]:
         while (items := ray.get(feed.take.remote(block_size))) is not None:
@@ -254,7 +262,9 @@ def parse_from_feed(_slot: Any, *, feed: Any, parser: ComponentRecipe, caps: Par
 class EmbedActor:
     """One model holder of the Ray Data actor pool: chunks, embeds and sparse-embeds batches of parse outcomes."""
 
-    def __init__(self, chunker: ComponentRecipe, embedder: ComponentRecipe, sparse: ComponentRecipe | None, slice_chunks: int):
+    def __init__(
+        self, chunker: ComponentRecipe, embedder: ComponentRecipe, sparse: ComponentRecipe | None, slice_chunks: int
+    ):
         import ray
 
         self.models = ChunkAndEmbed(
@@ -277,10 +287,16 @@ class EmbedActor:
         ledger = BatchLedger()
         documents, large = chunk_and_embed(self.models, outcomes, ledger)
         sliced = {plan.document.source_id for plan in large}
-        yield self._row(EmbeddedBatch([o.source_id for o in outcomes if o.source_id not in sliced], documents, ledger, self.actor_id, []))
+        yield self._row(
+            EmbeddedBatch(
+                [o.source_id for o in outcomes if o.source_id not in sliced], documents, ledger, self.actor_id, []
+            )
+        )
         del documents, outcomes
         ledger = BatchLedger()  # each slice's row carries the times of that slice (read by the lambda below)
-        for part in slices_of(self.models, large, lambda stage, seconds: ledger.time(stage, seconds), lambda source_id: False):
+        for part in slices_of(
+            self.models, large, lambda stage, seconds: ledger.time(stage, seconds), lambda source_id: False
+        ):
             done = [part.document.source_id] if part.last or part.failure is not None else []
             yield self._row(EmbeddedBatch(done, [], ledger, self.actor_id, [], part))
             ledger = BatchLedger()
@@ -313,7 +329,9 @@ class ClusterPlan:
             per_actor = 1.0 if gpus >= 1 and _may_use_gpu(embedder) else 0.0
         actors = settings.embed_actors or (max(1, int(gpus // per_actor)) if per_actor else 1)
         if actors * per_actor > gpus:
-            raise ValueError(f"ray: {actors} embed actors with {per_actor:g} GPU each need {actors * per_actor:g} GPUs; the cluster has {gpus:g}")
+            raise ValueError(
+                f"ray: {actors} embed actors with {per_actor:g} GPU each need {actors * per_actor:g} GPUs; the cluster has {gpus:g}"
+            )
         if actors * settings.embed_cpus + 1 > cpus:
             raise ValueError(
                 f"ray: {actors} embed actors with {settings.embed_cpus:g} CPUs each and one parse task need "
@@ -462,7 +480,14 @@ class RayRunner:
         summary.notes.extend(notes.merged())
         return summary
 
-    def _stream(self, ray: Any, documents: Iterator[SourceDocument | ParseOutcome], book: RunBook, progress: Progress, notes: EmbedderNotes) -> None:
+    def _stream(
+        self,
+        ray: Any,
+        documents: Iterator[SourceDocument | ParseOutcome],
+        book: RunBook,
+        progress: Progress,
+        notes: EmbedderNotes,
+    ) -> None:
         """Feed the documents to the cluster and write the embedded batches as they come back."""
         config = self.config
         summary = book.summary
@@ -470,7 +495,12 @@ class RayRunner:
         connect(ray, config.ray)
         book.time("ray start", time.monotonic() - connecting)
         plan = ClusterPlan.for_cluster(config.ray, ray.cluster_resources(), self.embedder)
-        log.info("ray: %d parse tasks, %d embed actors (%g GPU each)", plan.parse_tasks, plan.embed_actors, plan.gpus_per_actor)
+        log.info(
+            "ray: %d parse tasks, %d embed actors (%g GPU each)",
+            plan.parse_tasks,
+            plan.embed_actors,
+            plan.gpus_per_actor,
+        )
         feed = self._start_feed(ray, plan)
         feeder = Feeder(ray, feed, documents, config.ray.parse_batch_size)
         writer = WriteBehind(StoreWrites(self.writer, book).write, config.write_queue_depth)
@@ -507,7 +537,9 @@ class RayRunner:
     def _dataset(self, ray: Any, feed: Any, plan: ClusterPlan) -> Any:
         settings = self.config.ray
         slots = ray.data.range(plan.parse_tasks, override_num_blocks=plan.parse_tasks)
-        slots.context.enable_progress_bars = False  # the run's own Progress reports; this context belongs to this dataset
+        slots.context.enable_progress_bars = (
+            False  # the run's own Progress reports; this context belongs to this dataset
+        )
         parsed = slots.map_batches(
             parse_from_feed,
             batch_size=1,

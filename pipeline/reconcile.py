@@ -54,7 +54,9 @@ class ReconcileReport:
             lines.append("no drift: every chunk has a record and every indexed record matches its chunks")
             return "\n".join(lines)
         verb = "deleted" if self.repaired else "to delete"
-        lines.append(f"orphan chunks ({verb}): {self.orphan_chunks} of {len(self.orphan_sources)} sources without a record")
+        lines.append(
+            f"orphan chunks ({verb}): {self.orphan_chunks} of {len(self.orphan_sources)} sources without a record"
+        )
         lines += [f"  {source_id}" for source_id in sorted(self.orphan_sources)[:_LISTED]]
         verb = "marked for redo" if self.repaired else "to redo"
         lines.append(f"records that do not match their chunks ({verb}): {len(self.drifted_sources)}")

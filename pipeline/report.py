@@ -46,7 +46,9 @@ class FailureLog:
     def record(self, failure: Failure) -> None:
         # Scrubbed once here, so the log line, the file and the run summary all carry the clean text;
         # the ids too, since a source's URI can hold a credential a connector did not recognise.
-        failure = replace(failure, source_id=scrub(failure.source_id), reason=scrub(failure.reason), uri=scrub(failure.uri))
+        failure = replace(
+            failure, source_id=scrub(failure.source_id), reason=scrub(failure.reason), uri=scrub(failure.uri)
+        )
         self.failures.append(failure)
         log.warning("%s: %s failed: %s", failure.source_id, failure.stage, failure.reason)
         if self.path is None:
@@ -120,11 +122,15 @@ class RunSummary:
         ]
         if self.changes is not None:
             c = self.changes
-            lines.append(f"sources: {c.added} added, {c.updated} updated, {c.unchanged} unchanged, {c.deleted} deleted, {self.documents_failed} failed")
+            lines.append(
+                f"sources: {c.added} added, {c.updated} updated, {c.unchanged} unchanged, {c.deleted} deleted, {self.documents_failed} failed"
+            )
         lines += [
             f"time: {self.seconds:.1f} s ({rate:.1f} documents/s)",
         ]
-        stages = [s for s in STAGE_ORDER if s in self.stage_seconds] + [s for s in self.stage_seconds if s not in STAGE_ORDER]
+        stages = [s for s in STAGE_ORDER if s in self.stage_seconds] + [
+            s for s in self.stage_seconds if s not in STAGE_ORDER
+        ]
         if stages:
             lines.append("time per stage: " + ", ".join(f"{s} {self.stage_seconds[s]:.1f} s" for s in stages))
         lines += [f"note: {n}" for n in self.notes]

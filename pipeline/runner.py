@@ -63,7 +63,9 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
-def outcome_batches(outcomes: Iterable[ParseOutcome], max_documents: int, max_chars: int) -> Iterator[list[ParseOutcome]]:
+def outcome_batches(
+    outcomes: Iterable[ParseOutcome], max_documents: int, max_chars: int
+) -> Iterator[list[ParseOutcome]]:
     """Batches of at most ``max_documents`` parse outcomes, closed early once their parsed text
     reaches ``max_chars`` (a batch holds at least one document, however long)."""
     batch: list[ParseOutcome] = []
@@ -105,7 +107,9 @@ class RunBook:
     def fail(self, failure: DocumentFailure) -> None:
         with self._lock:
             self.summary.documents_failed += 1
-            self.failures.record(Failure(source_id=failure.source_id, stage=failure.stage, reason=failure.reason, uri=failure.uri))
+            self.failures.record(
+                Failure(source_id=failure.source_id, stage=failure.stage, reason=failure.reason, uri=failure.uri)
+            )
         if self.tracker is not None:
             self.tracker.failed(failure.source_id, failure.stage, failure.reason)
 
@@ -245,7 +249,11 @@ class LocalRunner:
             writer = WriteBehind(writes.write, config.write_queue_depth)
             try:
                 waited = time.monotonic()
-                for batch in outcome_batches(pool.imap(read_sources(self.sources, self.tracker, book, self.writer.guard)), config.batch_size, config.max_batch_chars):
+                for batch in outcome_batches(
+                    pool.imap(read_sources(self.sources, self.tracker, book, self.writer.guard)),
+                    config.batch_size,
+                    config.max_batch_chars,
+                ):
                     book.time("parse wait", time.monotonic() - waited)
                     summary.documents_seen += len(batch)
                     for unit in embedded_units(self.models, batch, book, writes.abandoned):
@@ -273,7 +281,9 @@ class LocalRunner:
             log.debug("embedder warm-up failed", exc_info=True)
 
 
-def embedded_units(models: ChunkAndEmbed, outcomes: Sequence[ParseOutcome], book: StageBook, abandoned: Callable[[str], bool]) -> Iterator[WriteUnit]:
+def embedded_units(
+    models: ChunkAndEmbed, outcomes: Sequence[ParseOutcome], book: StageBook, abandoned: Callable[[str], bool]
+) -> Iterator[WriteUnit]:
     """What a batch gives the store writer: the documents that fit one slice, embedded together,
     then each larger document slice by slice."""
     documents, large = chunk_and_embed(models, outcomes, book)
@@ -283,7 +293,9 @@ def embedded_units(models: ChunkAndEmbed, outcomes: Sequence[ParseOutcome], book
     yield from slices_of(models, large, book.time, abandoned)
 
 
-def chunk_and_embed(models: ChunkAndEmbed, outcomes: Sequence[ParseOutcome], book: StageBook) -> tuple[list[ChunkedDocument], list[ChunkPlan]]:
+def chunk_and_embed(
+    models: ChunkAndEmbed, outcomes: Sequence[ParseOutcome], book: StageBook
+) -> tuple[list[ChunkedDocument], list[ChunkPlan]]:
     """Record the batch's parse failures and times, then chunk the rest, and embed and sparse-embed
     the documents that fit one slice; returns those, and the larger ones as plans for :func:`slices_of`.
 
@@ -307,7 +319,10 @@ def chunk_and_embed(models: ChunkAndEmbed, outcomes: Sequence[ParseOutcome], boo
 
 
 def slices_of(
-    models: ChunkAndEmbed, large: list[ChunkPlan], time_stage: Callable[[str, float], None], abandoned: Callable[[str], bool]
+    models: ChunkAndEmbed,
+    large: list[ChunkPlan],
+    time_stage: Callable[[str, float], None],
+    abandoned: Callable[[str], bool],
 ) -> Iterator[DocumentSlice]:
     """The slices of each large document in turn (:meth:`ChunkAndEmbed.slices`), emptying ``large``
     as it goes so each document is freed once its last slice is out."""
@@ -336,7 +351,9 @@ def read_sources(
             except Exception as exc:  # a listing error ends this source, not the run
                 if tracker is not None:
                     tracker.listing_failed(source.scope)
-                yield ParseOutcome(source.scope or type(source).__name__, "", None, describe_error(exc), 0.0, stage="list")
+                yield ParseOutcome(
+                    source.scope or type(source).__name__, "", None, describe_error(exc), 0.0, stage="list"
+                )
                 break
             if not guard.claim(ref.source_id):
                 yield ParseOutcome(ref.source_id, ref.uri, None, collision_reason(ref.source_id), 0.0, stage="list")
@@ -370,12 +387,16 @@ def prepare_store(store: Store, embedder: Embedder, sparse: SparseEncoder | None
     """Check that the stages and the store agree on fields, then create or check the collection."""
     store_field = getattr(store.config, "vector_field", embedder.vector_field)
     if store_field != embedder.vector_field:
-        raise ValueError(f"the store writes vector field {store_field!r} but the embedder fills {embedder.vector_field!r}")
+        raise ValueError(
+            f"the store writes vector field {store_field!r} but the embedder fills {embedder.vector_field!r}"
+        )
     # The sparse stage and the store's learned sparse field come together, under one name.
     learned = getattr(store.config, "learned_sparse", None)
     learned_field = getattr(learned, "field", None)
     if sparse is None and learned_field is not None:
-        raise ValueError(f"the store has a learned sparse field {learned_field!r} but the spec has no sparse stage to fill it")
+        raise ValueError(
+            f"the store has a learned sparse field {learned_field!r} but the spec has no sparse stage to fill it"
+        )
     if sparse is not None and learned_field != sparse.vector_field:
         where = f"its learned_sparse field is {learned_field!r}" if learned_field else "it has no learned_sparse field"
         raise ValueError(f"the sparse stage fills {sparse.vector_field!r}, but the store cannot keep it: {where}")

@@ -58,21 +58,35 @@ class RaySettings(BaseModel):
         description="Cluster to run on: 'ray://<head>:10001' (Ray Client), or 'auto' / '<head>:6379' from a node of the cluster; "
         "null: the RAY_ADDRESS environment variable if set, else a new local instance. Every worker needs the project and its models installed.",
     )
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local instance the runner starts (default: all cores); a cluster brings its own.")
-    embed_actors: int | None = Field(
-        None, ge=1, description="Actors holding the chunker and embedder models; default: one per GPU when the embed actors use GPUs, else 1."
+    num_cpus: int | None = Field(
+        None,
+        ge=1,
+        description="CPUs of the local instance the runner starts (default: all cores); a cluster brings its own.",
     )
-    embed_cpus: float = Field(1.0, gt=0, description="CPUs each embed actor reserves; on CPU workers torch uses that many threads.")
+    embed_actors: int | None = Field(
+        None,
+        ge=1,
+        description="Actors holding the chunker and embedder models; default: one per GPU when the embed actors use GPUs, else 1.",
+    )
+    embed_cpus: float = Field(
+        1.0, gt=0, description="CPUs each embed actor reserves; on CPU workers torch uses that many threads."
+    )
     gpus_per_actor: float | None = Field(
-        None, ge=0, description="GPUs each embed actor reserves; default: 1 when the cluster has GPUs and the embedder's device is auto or cuda, else 0."
+        None,
+        ge=0,
+        description="GPUs each embed actor reserves; default: 1 when the cluster has GPUs and the embedder's device is auto or cuda, else 0.",
     )
     parse_concurrency: int | None = Field(
-        None, ge=1, description="Parse tasks running at once, one CPU each; default: the cluster's CPUs left after the embed actors, at least 1."
+        None,
+        ge=1,
+        description="Parse tasks running at once, one CPU each; default: the cluster's CPUs left after the embed actors, at least 1.",
     )
-    parse_batch_size: int = Field(8, ge=1, description="Documents a parse task takes from the driver at a time and hands on as one block.")
+    parse_batch_size: int = Field(
+        8, ge=1, description="Documents a parse task takes from the driver at a time and hands on as one block."
+    )
 
     @model_validator(mode="after")
-    def _num_cpus_only_for_a_local_instance(self) -> "RaySettings":
+    def _num_cpus_only_for_a_local_instance(self) -> RaySettings:
         if self.num_cpus is not None and self.address not in (None, "local"):
             raise ValueError(f"num_cpus sizes a local instance; the cluster at {self.address!r} brings its own CPUs")
         return self
@@ -82,33 +96,48 @@ class RunnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["local", "ray"] = Field(
-        "local", description="local: threads and parser processes on this machine; ray: the same stages on Ray Data (pip install '.[ray]')."
+        "local",
+        description="local: threads and parser processes on this machine; ray: the same stages on Ray Data (pip install '.[ray]').",
     )
     ray: RaySettings = Field(default_factory=RaySettings, description="Settings of the Ray runner (type: ray).")
     # Large batches let the embedder sort more chunks by length (less padding): on SciFact with
     # MiniLM on a 2-core CPU, 256 documents per batch ingested 1.20x faster than 32.
     batch_size: int = Field(256, ge=1, description="Documents parsed, chunked and embedded together.")
     max_batch_chars: int = Field(
-        4_000_000, ge=1, description="Local runner: a batch closes early once its documents' parsed text reaches this many characters; "
+        4_000_000,
+        ge=1,
+        description="Local runner: a batch closes early once its documents' parsed text reaches this many characters; "
         "parsed documents waiting for the next batch hold at most as many (bounds memory).",
     )
     write_queue_depth: int = Field(
-        2, ge=1, description="Embedded batches waiting for the store writer, which runs beside the embedding; bounds memory."
+        2,
+        ge=1,
+        description="Embedded batches waiting for the store writer, which runs beside the embedding; bounds memory.",
     )
     # A 100 MB text has about 125,000 chunks; embedded at once they would hold their texts, metadata
     # and vectors together (gigabytes, and the store's request rows on top). About a megabyte of
     # text per slice keeps a large document near the size of an ordinary batch, and 1,024 texts are
     # still plenty for the embedder to sort by length.
     slice_chunks: int = Field(
-        1024, ge=1, description="A document with more chunks is embedded and written this many chunks at a time (bounds memory); "
+        1024,
+        ge=1,
+        description="A document with more chunks is embedded and written this many chunks at a time (bounds memory); "
         "its stale chunks are deleted and its record marked indexed after the last slice.",
     )
     parse_workers: int = Field(
-        1, ge=0, description="Parser worker processes (with the Ray runner: one per parse task when above 0); 0 parses in-process (no time/memory caps)."
+        1,
+        ge=0,
+        description="Parser worker processes (with the Ray runner: one per parse task when above 0); 0 parses in-process (no time/memory caps).",
     )
-    parse_timeout_s: float = Field(120.0, gt=0, description="A document whose parse takes longer is killed and recorded.")
-    parse_memory_mb: int | None = Field(4096, ge=256, description="Resident-memory cap per parser worker (a worker above it is killed); null for none.")
-    failures_file: str | None = Field(None, description="JSONL file of per-document failures (default: <store name>.failures.jsonl next to the spec).")
+    parse_timeout_s: float = Field(
+        120.0, gt=0, description="A document whose parse takes longer is killed and recorded."
+    )
+    parse_memory_mb: int | None = Field(
+        4096, ge=256, description="Resident-memory cap per parser worker (a worker above it is killed); null for none."
+    )
+    failures_file: str | None = Field(
+        None, description="JSONL file of per-document failures (default: <store name>.failures.jsonl next to the spec)."
+    )
     progress: Literal["auto", "always", "never"] = "auto"
     cleanup: Literal["none", "incremental", "full"] = Field(
         "full",
@@ -117,7 +146,7 @@ class RunnerConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _ray_settings_need_the_ray_runner(self) -> "RunnerConfig":
+    def _ray_settings_need_the_ray_runner(self) -> RunnerConfig:
         if self.type != "ray" and "ray" in self.model_fields_set:
             raise ValueError("runner.ray settings apply only with runner type: ray")
         return self
@@ -132,7 +161,9 @@ class SpecModel(BaseModel):
     name: str | None = None
     stages: dict[str, Any]
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
-    query: dict[str, Any] = Field(default_factory=dict, description="Query defaults (pipeline.query.QueryConfig) plus an optional reranker.")
+    query: dict[str, Any] = Field(
+        default_factory=dict, description="Query defaults (pipeline.query.QueryConfig) plus an optional reranker."
+    )
 
 
 @dataclass
@@ -232,7 +263,9 @@ def _compose(text: str, located: _Located) -> Any:
             for key_node, value_node in node.value:
                 key = loader.construct_object(key_node, deep=True)
                 if key in result:
-                    problems.append(f"{located.filename}:{key_node.start_mark.line + 1} {_dotted(path + (key,))}: duplicate key")
+                    problems.append(
+                        f"{located.filename}:{key_node.start_mark.line + 1} {_dotted(path + (key,))}: duplicate key"
+                    )
                 located.lines[path + (key,)] = key_node.start_mark.line + 1
                 result[key] = build(value_node, path + (key,))
             return result
@@ -321,9 +354,13 @@ def _validation_problems(exc: ValidationError, prefix: YamlPath, located: _Locat
 # ---------------------------------------------------------------------------------------------
 
 
-def _component(kind: str, raw: Any, path: YamlPath, located: _Located, allowed: list[str], problems: list[str]) -> ComponentSpec | None:
+def _component(
+    kind: str, raw: Any, path: YamlPath, located: _Located, allowed: list[str], problems: list[str]
+) -> ComponentSpec | None:
     if not isinstance(raw, dict):
-        problems.append(f"{located.where(path)} {_dotted(path)}: expected a mapping with a 'type' key, got {json.dumps(raw, default=str)}")
+        problems.append(
+            f"{located.where(path)} {_dotted(path)}: expected a mapping with a 'type' key, got {json.dumps(raw, default=str)}"
+        )
         return None
     settings = dict(raw)
     type_name = settings.pop("type", DEFAULT_TYPES.get(kind))
@@ -331,7 +368,9 @@ def _component(kind: str, raw: Any, path: YamlPath, located: _Located, allowed: 
         problems.append(f"{located.where(path)} {_dotted(path)}.type: required key is missing")
         return None
     if not isinstance(type_name, str):
-        problems.append(f"{located.where(path + ('type',))} {_dotted(path + ('type',))}: expected a string, got {json.dumps(type_name, default=str)}")
+        problems.append(
+            f"{located.where(path + ('type',))} {_dotted(path + ('type',))}: expected a string, got {json.dumps(type_name, default=str)}"
+        )
         return None
     try:
         cls = registry.resolve(kind, type_name, allowed)
@@ -387,7 +426,9 @@ def parse_spec(
     stages: dict[str, Any] = {}
     for key in raw_stages:
         if key not in STAGES + OPTIONAL_STAGES:
-            problems.append(f"{located.where(('stages', key))} stages.{key}: unknown stage; expected one of {', '.join(STAGES + OPTIONAL_STAGES)}")
+            problems.append(
+                f"{located.where(('stages', key))} stages.{key}: unknown stage; expected one of {', '.join(STAGES + OPTIONAL_STAGES)}"
+            )
     for kind in STAGES:
         path: YamlPath = ("stages", kind)
         raw = raw_stages.get(kind)
@@ -410,11 +451,19 @@ def parse_spec(
     if problems:
         raise SpecError(problems)
     return Spec(
-        stages=stages, runner=runner, name=name, path=None, base_dir=base_dir or Path.cwd(), query=query, reranker=reranker
+        stages=stages,
+        runner=runner,
+        name=name,
+        path=None,
+        base_dir=base_dir or Path.cwd(),
+        query=query,
+        reranker=reranker,
     )
 
 
-def _query_section(raw: dict[str, Any], located: _Located, allowed: list[str], problems: list[str]) -> tuple[QueryConfig, ComponentSpec | None]:
+def _query_section(
+    raw: dict[str, Any], located: _Located, allowed: list[str], problems: list[str]
+) -> tuple[QueryConfig, ComponentSpec | None]:
     """The ``query:`` mapping: query settings plus an optional ``reranker`` component."""
     settings = dict(raw)
     reranker_raw = settings.pop("reranker", None)
@@ -428,7 +477,9 @@ def _query_section(raw: dict[str, Any], located: _Located, allowed: list[str], p
         return QueryConfig(), reranker
 
 
-def load_spec(path: str | os.PathLike[str], *, allowed_modules: Iterable[str] = (), env: Mapping[str, str] | None = None) -> Spec:
+def load_spec(
+    path: str | os.PathLike[str], *, allowed_modules: Iterable[str] = (), env: Mapping[str, str] | None = None
+) -> Spec:
     path = Path(path)
     located = _Located(path.name)
     try:

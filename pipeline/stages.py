@@ -73,7 +73,9 @@ class DocumentSlice:
         return self.number == self.count - 1
 
 
-def isolate(stage: str, documents: Sequence[ChunkedDocument], action: Callable[[Sequence[ChunkedDocument]], None]) -> StageResult:
+def isolate(
+    stage: str, documents: Sequence[ChunkedDocument], action: Callable[[Sequence[ChunkedDocument]], None]
+) -> StageResult:
     """Run ``action`` on the whole batch; if it fails, once per document to find the bad ones.
 
     A lost re-index lock is no document's fault: it stops the run (nothing more may be written).
@@ -88,7 +90,12 @@ def isolate(stage: str, documents: Sequence[ChunkedDocument], action: Callable[[
     except Exception as exc:
         if len(documents) == 1:
             return StageResult([], [_failure(documents[0].document, stage, exc)])
-        log.info("%s failed for a batch of %d documents (%s); retrying one by one", stage, len(documents), describe_error(exc))
+        log.info(
+            "%s failed for a batch of %d documents (%s); retrying one by one",
+            stage,
+            len(documents),
+            describe_error(exc),
+        )
     result = StageResult([], [])
     for document in documents:
         try:
@@ -129,7 +136,11 @@ class ChunkAndEmbed:
             if isinstance(plan, Exception):
                 result.failures.append(_failure(document, "chunk", plan))
             elif not plan and document.text.strip():  # an empty document goes on: its old chunks are deleted
-                result.failures.append(DocumentFailure(document.source_id, document.uri, "chunk", "no chunks: the document has no indexable text"))
+                result.failures.append(
+                    DocumentFailure(
+                        document.source_id, document.uri, "chunk", "no chunks: the document has no indexable text"
+                    )
+                )
             elif len(plan) > self.slice_chunks and self._chunks_embed_alone():
                 result.large.append(plan)
             else:
@@ -144,7 +155,9 @@ class ChunkAndEmbed:
             return StageResult(list(documents), [])
         return isolate("sparse embed", documents, self.sparse.embed)
 
-    def slices(self, plan: ChunkPlan, time_stage: Callable[[str, float], None], abandoned: Callable[[], bool]) -> Iterator[DocumentSlice]:
+    def slices(
+        self, plan: ChunkPlan, time_stage: Callable[[str, float], None], abandoned: Callable[[], bool]
+    ) -> Iterator[DocumentSlice]:
         """The plan's chunks built, embedded and sparse-embedded ``slice_chunks`` at a time, in order.
 
         ``time_stage`` gets each step's seconds. A slice that fails is the last one: it carries the
@@ -167,7 +180,9 @@ class ChunkAndEmbed:
             except Exception as exc:
                 where = f"slice {number + 1} of {count}, chunks {first}-{stop - 1} of {len(plan)}"
                 reason = f"{describe_error(exc)} ({where}; {KEPT})"
-                yield DocumentSlice(identity, [], number, count, DocumentFailure(document.source_id, document.uri, stage, reason))
+                yield DocumentSlice(
+                    identity, [], number, count, DocumentFailure(document.source_id, document.uri, stage, reason)
+                )
                 return
             yield DocumentSlice(identity, chunks, number, count)
 
@@ -249,7 +264,9 @@ class BatchWriter:
     source is empty now) is written as such: its old chunks are deleted and it is recorded with none.
     """
 
-    def __init__(self, store: Store, cleanup: str, tracker: ChangeTracker | None = None, guard: SourceIdGuard | None = None):
+    def __init__(
+        self, store: Store, cleanup: str, tracker: ChangeTracker | None = None, guard: SourceIdGuard | None = None
+    ):
         self.store = store
         self.cleanup = cleanup
         self.tracker = tracker
@@ -354,4 +371,6 @@ class SliceWriter:
 def as_recorded(document: ParsedDocument, ids: Sequence[str]) -> ChunkedDocument:
     """A written document as the change record takes it: the record keeps the chunks' count and
     ids, and by the last slice the texts and vectors of the earlier slices are gone."""
-    return ChunkedDocument(document, [Chunk(chunk_id, document.source_id, index, "", 0, 0) for index, chunk_id in enumerate(ids)])
+    return ChunkedDocument(
+        document, [Chunk(chunk_id, document.source_id, index, "", 0, 0) for index, chunk_id in enumerate(ids)]
+    )

@@ -16,7 +16,11 @@ class RerankerError(PipelineError):
 
 
 class RerankerConfig(ComponentConfig):
-    top_n: int = Field(20, ge=1, description="How many of the best retrieved chunks are rescored; the rest keep their order after them.")
+    top_n: int = Field(
+        20,
+        ge=1,
+        description="How many of the best retrieved chunks are rescored; the rest keep their order after them.",
+    )
     batch_size: int = Field(16, ge=1, description="Pairs per forward pass.")
     device: str = Field("cpu", pattern=r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 

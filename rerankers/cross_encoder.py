@@ -24,9 +24,13 @@ from rerankers.base import Reranker, RerankerConfig, RerankerError
 
 
 class CrossEncoderConfig(RerankerConfig):
-    model: str = Field(..., min_length=1, description="Hub id or local folder of a sequence-classification cross-encoder.")
+    model: str = Field(
+        ..., min_length=1, description="Hub id or local folder of a sequence-classification cross-encoder."
+    )
     max_length: int = Field(512, ge=16, description="Tokens per (query, passage) pair; passages are truncated to fit.")
-    trust_remote_code: bool = Field(False, description="Run model code shipped with the weights (only for models you trust).")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the weights (only for models you trust)."
+    )
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,16 @@ class CrossEncoderReranker(Reranker):
         transformers = require("transformers", purpose="cross-encoder reranking")
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(location, trust_remote_code=trust_remote_code)
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                location, trust_remote_code=trust_remote_code
+            )
         except (OSError, ValueError) as exc:
             reason = " ".join(str(exc).split())[:300]
-            where = "local folder" if Path(location).is_dir() else "Hugging Face hub id (the hub may be unreachable from here)"
+            where = (
+                "local folder"
+                if Path(location).is_dir()
+                else "Hugging Face hub id (the hub may be unreachable from here)"
+            )
             raise RerankerError(
                 f"cross-encoder {self.config.model!r} cannot be loaded as a {where}: {reason}. Download it where the hub "
                 f"is reachable (hf download {self.config.model} --local-dir <folder>) and set model: to that folder"
@@ -99,8 +109,12 @@ class CrossEncoderReranker(Reranker):
                 query_tokens = len(loaded.tokenizer(query, truncation=False)["input_ids"])
                 strategy = "only_second" if query_tokens <= self.config.max_length // 2 else "longest_first"
                 inputs = loaded.tokenizer(
-                    [query] * len(batch), batch, padding=True, truncation=strategy,
-                    max_length=self.config.max_length, return_tensors="pt",
+                    [query] * len(batch),
+                    batch,
+                    padding=True,
+                    truncation=strategy,
+                    max_length=self.config.max_length,
+                    return_tensors="pt",
                 )
             truncated = sum(len(ids) > self.config.max_length for ids in full)
             self.truncated_pairs += truncated

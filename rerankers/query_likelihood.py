@@ -25,7 +25,11 @@ DEFAULT_PROMPT = "Passage: {passage}\nPlease write a question based on this pass
 
 
 class QueryLikelihoodConfig(RerankerConfig):
-    model: str = Field(DEFAULT_CAUSAL_LM, min_length=1, description="Causal LM: hub id, local folder, or the shipped SmolLM2-135M-Instruct.")
+    model: str = Field(
+        DEFAULT_CAUSAL_LM,
+        min_length=1,
+        description="Causal LM: hub id, local folder, or the shipped SmolLM2-135M-Instruct.",
+    )
     prompt: str = Field(DEFAULT_PROMPT, description="Text before the query; must contain {passage} once.")
     max_passage_tokens: int = Field(256, ge=8, description="Passages are cut to this many tokens.")
     batch_size: int = Field(8, ge=1, description="Pairs per forward pass.")
@@ -63,7 +67,9 @@ class QueryLikelihoodReranker(Reranker):
                     self._lm = load_causal_lm(name, device=self.config.device, dtype=self.config.dtype)
                 except (OSError, ValueError) as exc:
                     reason = " ".join(str(exc).split())[:300]
-                    raise RerankerError(f"query-likelihood reranker: causal LM {self.config.model!r} cannot be loaded: {reason}") from exc
+                    raise RerankerError(
+                        f"query-likelihood reranker: causal LM {self.config.model!r} cannot be loaded: {reason}"
+                    ) from exc
             return self._lm
 
     def score(self, query: str, passages: Sequence[str]) -> list[float]:
@@ -83,7 +89,9 @@ class QueryLikelihoodReranker(Reranker):
         targets = torch.tensor(query_ids)
         scores: list[float] = []
         for start in range(0, len(passage_ids), self.config.batch_size):
-            sequences = [prefix + ids + suffix + query_ids for ids in passage_ids[start : start + self.config.batch_size]]
+            sequences = [
+                prefix + ids + suffix + query_ids for ids in passage_ids[start : start + self.config.batch_size]
+            ]
             width = max(map(len, sequences))
             # Left padding puts every query at the end of its row, so only the last positions'
             # logits are needed (the full logits would be batch x tokens x a 49k vocabulary).
@@ -95,8 +103,11 @@ class QueryLikelihoodReranker(Reranker):
             positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
             with torch.inference_mode():
                 logits = lm.model(
-                    input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device), position_ids=positions.to(lm.device),
-                    use_cache=False, logits_to_keep=len(query_ids) + 1,
+                    input_ids=input_ids.to(lm.device),
+                    attention_mask=mask.to(lm.device),
+                    position_ids=positions.to(lm.device),
+                    use_cache=False,
+                    logits_to_keep=len(query_ids) + 1,
                 ).logits[:, -len(query_ids) - 1 : -1]
                 # The logits at position t predict the token at t + 1: these predict the query tokens.
                 log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()

@@ -79,7 +79,9 @@ def install() -> None:
 def _venv_has_milvus() -> bool:
     if not VENV_PYTHON.exists():
         return False
-    probe = subprocess.run([str(VENV_PYTHON), "-c", "import milvus; print(milvus.__version__)"], capture_output=True, text=True)
+    probe = subprocess.run(
+        [str(VENV_PYTHON), "-c", "import milvus; print(milvus.__version__)"], capture_output=True, text=True
+    )
     return probe.returncode == 0 and probe.stdout.strip() == MILVUS_VERSION
 
 
@@ -105,7 +107,9 @@ def reexec_in_private_network(argv: list[str]) -> None:
         raise ServerError("`unshare` (util-linux) is needed to run the server in a private network namespace")
     user_namespace = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
     os.environ[_IN_NAMESPACE_MARK] = "1"
-    os.execvp("unshare", ["unshare", "--net", *user_namespace, "--", sys.executable, str(Path(__file__).resolve()), *argv])
+    os.execvp(
+        "unshare", ["unshare", "--net", *user_namespace, "--", sys.executable, str(Path(__file__).resolve()), *argv]
+    )
 
 
 def bring_loopback_up() -> None:
@@ -134,7 +138,8 @@ class MilvusServer:
         # The launcher's config writer fills its template with the data, log and port settings.
         _venv_python(
             "import milvus, sys; milvus.MilvusServerConfig(data_dir=sys.argv[1], proxy_port=int(sys.argv[2])).resolve()",
-            str(self.data_dir), str(GRPC_PORT),
+            str(self.data_dir),
+            str(GRPC_PORT),
         )
         env = {
             **os.environ,
@@ -147,8 +152,12 @@ class MilvusServer:
         with open(logs / "stdout.log", "wb") as stdout, open(logs / "stderr.log", "wb") as stderr:
             # cwd: the server reads configs/milvus.yaml relative to it.
             self.process = subprocess.Popen(
-                [str(BINARIES / "milvus"), "run", "standalone"], cwd=self.data_dir, env=env,
-                stdout=stdout, stderr=stderr, preexec_fn=_die_with_parent,
+                [str(BINARIES / "milvus"), "run", "standalone"],
+                cwd=self.data_dir,
+                env=env,
+                stdout=stdout,
+                stderr=stderr,
+                preexec_fn=_die_with_parent,
             )
         self._wait_healthy(started)
         return time.monotonic() - started
@@ -157,7 +166,9 @@ class MilvusServer:
         url = f"http://127.0.0.1:{HEALTH_PORT}/healthz"
         while time.monotonic() - started < START_TIMEOUT_S:
             if self.process is None or self.process.poll() is not None:
-                raise ServerError(f"the server exited during start-up (status {self.process and self.process.returncode})")
+                raise ServerError(
+                    f"the server exited during start-up (status {self.process and self.process.returncode})"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if b"OK" in response.read():

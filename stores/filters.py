@@ -28,9 +28,7 @@ from typing import Any, Literal
 
 # Both parsers read identifiers as [A-Za-z_][A-Za-z0-9_]*; keywords cannot be field names.
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_KEYWORDS = frozenset(
-    {"and", "or", "not", "in", "like", "is", "null", "exists", "true", "false", "iso", "interval"}
-)
+_KEYWORDS = frozenset({"and", "or", "not", "in", "like", "is", "null", "exists", "true", "false", "iso", "interval"})
 # JSON keys are written as string literals inside brackets; the server also maps them to a JSON
 # pointer, where "/" and "~" are special. Plain key characters keep both parsers and pointers simple.
 _JSON_KEY = re.compile(r"[A-Za-z0-9_\-]{1,255}\Z")
@@ -85,9 +83,7 @@ def json_path(field: str, *keys: str | int) -> JsonPath:
         if isinstance(key, int) and not 0 <= key <= _INT64_MAX:
             raise FilterValueError(f"JSON array index {key} must be a non-negative integer")
         if isinstance(key, str) and not _JSON_KEY.match(key):
-            raise FilterValueError(
-                f"JSON key {key!r} is not allowed in filters: use 1-255 letters, digits, '_' or '-'"
-            )
+            raise FilterValueError(f"JSON key {key!r} is not allowed in filters: use 1-255 letters, digits, '_' or '-'")
     return JsonPath(field, tuple(keys))
 
 

@@ -24,7 +24,7 @@ class MilvusClaims(ClaimStore):
     _DUMMY = [0.0, 1.0]
     _MAX_ROWS = 1000  # live claims are one or two; dead ones are deleted by the next claimant
 
-    def __init__(self, store: "MilvusStore"):
+    def __init__(self, store: MilvusStore):
         self.store = store
         self.name = f"{store.config.collection}{LOCK_SUFFIX}"
         self._ready = False
@@ -48,20 +48,35 @@ class MilvusClaims(ClaimStore):
             index = client.prepare_index_params()
             index.add_index(field_name="dummy", index_type="FLAT", metric_type="L2")
             # Strong: a claimant must see every claim acknowledged before its read (pipeline.lease).
-            store._call("create lock collection", client.create_collection, self.name, schema=schema, index_params=index,
-                        consistency_level="Strong", timeout=timeout)
+            store._call(
+                "create lock collection",
+                client.create_collection,
+                self.name,
+                schema=schema,
+                index_params=index,
+                consistency_level="Strong",
+                timeout=timeout,
+            )
         store._call("load lock collection", client.load_collection, self.name, timeout=timeout)
 
     def claims(self) -> list[LockClaim]:
         rows = self.store._call(
-            "read lock claims", self._client().query, self.name, filter="", output_fields=["body"],
-            limit=self._MAX_ROWS, consistency_level="Strong", timeout=self.store.config.timeout_s,
+            "read lock claims",
+            self._client().query,
+            self.name,
+            filter="",
+            output_fields=["body"],
+            limit=self._MAX_ROWS,
+            consistency_level="Strong",
+            timeout=self.store.config.timeout_s,
         )
         return [LockClaim.from_json(row["body"]) for row in rows]
 
     def put(self, claim: LockClaim) -> None:
         row = {"id": _row_id(claim.owner), "body": claim.to_json(), "dummy": self._DUMMY}
-        self.store._call("write lock claim", self._client().upsert, self.name, [row], timeout=self.store.config.timeout_s)
+        self.store._call(
+            "write lock claim", self._client().upsert, self.name, [row], timeout=self.store.config.timeout_s
+        )
 
     def delete(self, owner: str) -> None:
         client, timeout = self.store._connect(), self.store.config.timeout_s

@@ -117,7 +117,9 @@ class InvalidChunksError(ValueError):
     def __init__(self, problems: dict[str, list[str]], where: str):
         self.problems = problems
         lines = [f"{_printable(source_id)}: {'; '.join(reasons)}" for source_id, reasons in problems.items()]
-        super().__init__(f"{where}: {len(problems)} document(s) have chunks that cannot be stored:\n" + "\n".join(lines))
+        super().__init__(
+            f"{where}: {len(problems)} document(s) have chunks that cannot be stored:\n" + "\n".join(lines)
+        )
 
     @property
     def source_ids(self) -> list[str]:
@@ -183,9 +185,39 @@ Fusion = RRFFusion | WeightedFusion
 # Lucene's English stop words, which is what the Milvus server's "_english_" list expands to;
 # spelt out because Milvus Lite 3 takes stop words only as a literal list.
 ENGLISH_STOP_WORDS = (
-    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it", "no", "not",
-    "of", "on", "or", "such", "that", "the", "their", "then", "there", "these", "they", "this", "to", "was",
-    "will", "with",
+    "a",
+    "an",
+    "and",
+    "are",
+    "as",
+    "at",
+    "be",
+    "but",
+    "by",
+    "for",
+    "if",
+    "in",
+    "into",
+    "is",
+    "it",
+    "no",
+    "not",
+    "of",
+    "on",
+    "or",
+    "such",
+    "that",
+    "the",
+    "their",
+    "then",
+    "there",
+    "these",
+    "they",
+    "this",
+    "to",
+    "was",
+    "will",
+    "with",
 )
 # Named analyzers -> Milvus analyzer_params. Milvus Lite 3 honours the tokenizer, lowercasing and
 # stop words, and ignores the stemmer (so "cells" never matches "cell" there); a server stems.
@@ -193,7 +225,11 @@ ANALYZER_PRESETS: dict[str, dict[str, Any]] = {
     "standard": {"tokenizer": "standard", "filter": ["lowercase"]},
     "english": {
         "tokenizer": "standard",
-        "filter": ["lowercase", {"type": "stop", "stop_words": list(ENGLISH_STOP_WORDS)}, {"type": "stemmer", "language": "english"}],
+        "filter": [
+            "lowercase",
+            {"type": "stop", "stop_words": list(ENGLISH_STOP_WORDS)},
+            {"type": "stemmer", "language": "english"},
+        ],
     },
     # The string form: Milvus Lite 2.5 refuses the {"type": "jieba", ...} mapping that newer servers take.
     "jieba": {"tokenizer": "jieba", "filter": ["lowercase"]},
@@ -213,7 +249,9 @@ class BM25Config(ComponentConfig):
         ),
     )
     k1: float = Field(1.2, gt=0, description="BM25 term-frequency saturation (applies when the collection is created).")
-    b: float = Field(0.75, ge=0, le=1, description="BM25 length normalisation (applies when the collection is created).")
+    b: float = Field(
+        0.75, ge=0, le=1, description="BM25 length normalisation (applies when the collection is created)."
+    )
 
     @field_validator("field")
     @classmethod
@@ -267,7 +305,8 @@ class MilvusStoreConfig(ComponentConfig):
         ),
     )
     token_env: str = Field(
-        "MILVUS_TOKEN", description="Name of the environment variable that holds the token / API key (never the token itself)."
+        "MILVUS_TOKEN",
+        description="Name of the environment variable that holds the token / API key (never the token itself).",
     )
     db_name: str | None = None
     collection: str = "documents"
@@ -290,7 +329,9 @@ class MilvusStoreConfig(ComponentConfig):
     # seconds of staleness can choose Bounded (Milvus' own default). count() is always Strong.
     consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = "Strong"
     text_max_length: int = Field(
-        VARCHAR_MAX_BYTES, ge=1, le=VARCHAR_MAX_BYTES,
+        VARCHAR_MAX_BYTES,
+        ge=1,
+        le=VARCHAR_MAX_BYTES,
         description="Bytes of UTF-8 per chunk text; longer chunks are refused, never truncated.",
     )
     write_batch_size: int = Field(512, ge=1, description="Rows per upsert request.")
@@ -305,7 +346,9 @@ class MilvusStoreConfig(ComponentConfig):
         if scheme in _SERVER_SCHEMES:
             parts = urlsplit(value)
             if parts.username or parts.password:
-                raise ValueError("the uri must not carry credentials: put the token in the environment variable named by token_env")
+                raise ValueError(
+                    "the uri must not carry credentials: put the token in the environment variable named by token_env"
+                )
             return value
         if not value.endswith(".db"):
             raise ValueError(
@@ -329,7 +372,9 @@ class MilvusStoreConfig(ComponentConfig):
     def _check_vector_field(cls, value: str) -> str:
         filters.field_name(value)
         if value in SCALAR_FIELDS:
-            raise ValueError(f"the vector field cannot be named {value!r}: the store uses that name for {', '.join(SCALAR_FIELDS)}")
+            raise ValueError(
+                f"the vector field cannot be named {value!r}: the store uses that name for {', '.join(SCALAR_FIELDS)}"
+            )
         return value
 
     @field_validator("token_env")
@@ -358,7 +403,9 @@ class MilvusStoreConfig(ComponentConfig):
         names = [self.vector_field] + [c.field for c in (self.bm25, self.learned_sparse) if c is not None]
         for name in names[1:]:
             if name in SCALAR_FIELDS:
-                raise ValueError(f"a sparse field cannot be named {name!r}: the store uses that name for {', '.join(SCALAR_FIELDS)}")
+                raise ValueError(
+                    f"a sparse field cannot be named {name!r}: the store uses that name for {', '.join(SCALAR_FIELDS)}"
+                )
         if len(set(names)) != len(names):
             raise ValueError(f"the dense, BM25 and learned sparse fields need distinct names, got {', '.join(names)}")
         return self
@@ -594,7 +641,6 @@ def _description_properties(description: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in properties.items()} if isinstance(properties, dict) else {}
 
 
-
 @dataclass(frozen=True)
 class CollectionLayout:
     """What an existing collection holds: enough to check it against a spec and to validate rows."""
@@ -607,12 +653,17 @@ class CollectionLayout:
     @classmethod
     def from_description(cls, description: dict[str, Any], metric: str | None) -> CollectionLayout:
         fields = {
-            f["name"]: (getattr(f["type"], "name", str(f["type"])), dict(f.get("params") or {}), bool(f.get("is_primary")))
+            f["name"]: (
+                getattr(f["type"], "name", str(f["type"])),
+                dict(f.get("params") or {}),
+                bool(f.get("is_primary")),
+            )
             for f in description.get("fields", [])
         }
-        properties = {**_description_properties(description.get("description")), **{
-            str(k): str(v) for k, v in (description.get("properties") or {}).items()
-        }}
+        properties = {
+            **_description_properties(description.get("description")),
+            **{str(k): str(v) for k, v in (description.get("properties") or {}).items()},
+        }
         bm25_outputs = {}
         for function in description.get("functions") or []:
             if getattr(function.get("type"), "name", str(function.get("type"))) in ("BM25", "1"):
@@ -621,7 +672,11 @@ class CollectionLayout:
         if not bm25_outputs:
             # Milvus Lite 2.5 describes no functions, only flags their output fields; the BM25
             # input is the analyzed text field, the only one this store creates.
-            analyzed = [f["name"] for f in description.get("fields", []) if str((f.get("params") or {}).get("enable_analyzer")).lower() == "true"]
+            analyzed = [
+                f["name"]
+                for f in description.get("fields", [])
+                if str((f.get("params") or {}).get("enable_analyzer")).lower() == "true"
+            ]
             for f in description.get("fields", []):
                 if f.get("is_function_output") and len(analyzed) == 1:
                     bm25_outputs[f["name"]] = analyzed[0]
@@ -640,7 +695,9 @@ class CollectionLayout:
         if config.bm25 is not None:
             name = config.bm25.field
             if self.fields.get(name, ("",))[0] != "SPARSE_FLOAT_VECTOR" or self.bm25_outputs.get(name) != "text":
-                problems.append(f"{where} has no BM25 field {name!r} computed from 'text' (it was created without bm25); {rebuild}")
+                problems.append(
+                    f"{where} has no BM25 field {name!r} computed from 'text' (it was created without bm25); {rebuild}"
+                )
             else:
                 stored, wanted = self.analyzer_params("text"), config.bm25.analyzer_params
                 if stored is not None and stored != wanted:
@@ -671,7 +728,15 @@ class CollectionLayout:
     def model_id(self) -> str | None:
         return self.properties.get(PROPERTY_MODEL)
 
-    def problems(self, where: str, vector_field: str, dimension: int, model_id: str, metric: str, vector_type: str = "FLOAT_VECTOR") -> list[str]:
+    def problems(
+        self,
+        where: str,
+        vector_field: str,
+        dimension: int,
+        model_id: str,
+        metric: str,
+        vector_type: str = "FLOAT_VECTOR",
+    ) -> list[str]:
         expected = {
             "id": "VARCHAR",
             "source_id": "VARCHAR",
@@ -743,7 +808,14 @@ class MilvusStore(Store):
     def fingerprint_settings(self) -> dict[str, Any]:
         """Where the rows go and how they are indexed; not speed, retry or credential settings."""
         settings = self.to_dict()
-        for key in ("write_batch_size", "timeout_s", "max_attempts", "retry_max_wait_s", "token_env", "consistency_level"):
+        for key in (
+            "write_batch_size",
+            "timeout_s",
+            "max_attempts",
+            "retry_max_wait_s",
+            "token_env",
+            "consistency_level",
+        ):
             settings.pop(key, None)
         return settings
 
@@ -783,7 +855,10 @@ class MilvusStore(Store):
             error = state.outcome.exception()
             logger.warning(
                 "%s: %s failed (attempt %d of %d), retrying: %s",
-                self.where, operation, state.attempt_number, self.config.max_attempts,
+                self.where,
+                operation,
+                state.attempt_number,
+                self.config.max_attempts,
                 self._scrub(f"{type(error).__name__}: {error}"),
             )
 
@@ -829,7 +904,9 @@ class MilvusStore(Store):
         # longer than half a minute (a long embedding batch). Pings are pointless on a local socket.
         options = {"grpc_options": {"grpc.keepalive_time_ms": 300_000}} if endpoint.lite_path is not None else {}
         try:
-            return pymilvus.MilvusClient(uri=endpoint.uri, token=token, db_name=endpoint.db_name, timeout=self.config.timeout_s, **options)
+            return pymilvus.MilvusClient(
+                uri=endpoint.uri, token=token, db_name=endpoint.db_name, timeout=self.config.timeout_s, **options
+            )
         except pymilvus.exceptions.ConnectionConfigException as exc:
             if endpoint.lite_path is not None and not _clients.in_use(endpoint.lite_path):
                 _clients.drop_lite_lock(endpoint.lite_path)
@@ -851,7 +928,9 @@ class MilvusStore(Store):
         if stems and self.endpoint.lite_path is not None and _lite_major_version() >= 3:
             logger.warning(
                 "%s: Milvus Lite %s ignores the stemmer in the BM25 analyzer, so words match only in the exact "
-                "form used (a Milvus server or Milvus Lite 2.5 stems)", self.where, _lite_version(),
+                "form used (a Milvus server or Milvus Lite 2.5 stems)",
+                self.where,
+                _lite_version(),
             )
 
     def _check_lite_database(self, endpoint: Endpoint) -> None:
@@ -920,12 +999,16 @@ class MilvusStore(Store):
 
     def _database_exists(self, client: Any) -> bool:
         db_name = self.config.db_name
-        return not db_name or db_name in self._call("list databases", client.list_databases, timeout=self.config.timeout_s)
+        return not db_name or db_name in self._call(
+            "list databases", client.list_databases, timeout=self.config.timeout_s
+        )
 
     def _collection_exists(self, client: Any) -> bool:
         if not self._database_exists(client):
             return False
-        return self._call("has_collection", client.has_collection, self.config.collection, timeout=self.config.timeout_s)
+        return self._call(
+            "has_collection", client.has_collection, self.config.collection, timeout=self.config.timeout_s
+        )
 
     def _describe(self, client: Any) -> CollectionLayout:
         name, timeout = self.config.collection, self.config.timeout_s
@@ -937,7 +1020,9 @@ class MilvusStore(Store):
             metric = index.get("metric_type")
         return CollectionLayout.from_description(description, metric)
 
-    def _schema_problems(self, layout: CollectionLayout, dimension: int, model_id: str, sparse_model_id: str | None = None) -> list[str]:
+    def _schema_problems(
+        self, layout: CollectionLayout, dimension: int, model_id: str, sparse_model_id: str | None = None
+    ) -> list[str]:
         _, metric = self.config.dense_index()
         vector_type = VECTOR_FIELD_TYPES[self.config.vector_storage]
         problems = layout.problems(self.where, self.config.vector_field, dimension, model_id, metric, vector_type)
@@ -1018,9 +1103,13 @@ class MilvusStore(Store):
         if isinstance(dimension, bool) or not isinstance(dimension, int) or dimension <= 0:
             raise ValueError(f"{self.where}: the vector dimension must be a positive integer, got {dimension!r}")
         if dimension > MAX_DIMENSION:  # Milvus refuses it too, but only at create time and without naming the embedder
-            raise ValueError(f"{self.where}: Milvus stores vectors of at most {MAX_DIMENSION} dimensions, the embedder makes {dimension}")
+            raise ValueError(
+                f"{self.where}: Milvus stores vectors of at most {MAX_DIMENSION} dimensions, the embedder makes {dimension}"
+            )
         if self.config.vector_storage == "binary" and dimension % 8:
-            raise ValueError(f"{self.where}: binary vectors are stored 8 dimensions per byte; {dimension} is not a multiple of 8")
+            raise ValueError(
+                f"{self.where}: binary vectors are stored 8 dimensions per byte; {dimension} is not a multiple of 8"
+            )
         if not model_id:
             raise ValueError(f"{self.where}: the embedder reported no model id")
         if unsupported := self._lite_problems():
@@ -1044,7 +1133,11 @@ class MilvusStore(Store):
     def _create(self, client: Any, dimension: int, model_id: str, sparse_model_id: str | None) -> None:
         pymilvus = require("pymilvus", purpose="the Milvus store")
         DataType = pymilvus.DataType
-        properties = {PROPERTY_MODEL: model_id, PROPERTY_DIMENSION: str(dimension), PROPERTY_SCHEMA_VERSION: SCHEMA_VERSION}
+        properties = {
+            PROPERTY_MODEL: model_id,
+            PROPERTY_DIMENSION: str(dimension),
+            PROPERTY_SCHEMA_VERSION: SCHEMA_VERSION,
+        }
         if self.config.learned_sparse is not None and sparse_model_id:
             properties[PROPERTY_SPARSE_MODEL] = sparse_model_id
         schema = pymilvus.MilvusClient.create_schema(
@@ -1060,34 +1153,54 @@ class MilvusStore(Store):
             self._warn_if_lite_ignores(bm25.analyzer_params)
         schema.add_field("text", DataType.VARCHAR, max_length=self.config.text_max_length, **text_options)
         schema.add_field("metadata", DataType.JSON)
-        schema.add_field(self.config.vector_field, getattr(DataType, VECTOR_FIELD_TYPES[self.config.vector_storage]), dim=dimension)
+        schema.add_field(
+            self.config.vector_field, getattr(DataType, VECTOR_FIELD_TYPES[self.config.vector_storage]), dim=dimension
+        )
         index_params = client.prepare_index_params()
         index_type, metric = self.config.dense_index()
         if index_type == "AUTOINDEX" and self.config.vector_storage == "float16" and self._lite_engine() == 2:
             index_type = "FLAT"  # Milvus Lite 2.5 accepts AUTOINDEX on a float16 field but builds no index
-        index_params.add_index(self.config.vector_field, index_type=index_type, metric_type=metric, params=dict(self.config.index.params))
+        index_params.add_index(
+            self.config.vector_field, index_type=index_type, metric_type=metric, params=dict(self.config.index.params)
+        )
         if bm25 is not None:
             schema.add_field(bm25.field, DataType.SPARSE_FLOAT_VECTOR)
             schema.add_function(
                 pymilvus.Function(
-                    name=f"{bm25.field}_from_text", function_type=pymilvus.FunctionType.BM25,
-                    input_field_names=["text"], output_field_names=[bm25.field],
+                    name=f"{bm25.field}_from_text",
+                    function_type=pymilvus.FunctionType.BM25,
+                    input_field_names=["text"],
+                    output_field_names=[bm25.field],
                 )
             )
             index_params.add_index(
-                bm25.field, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25", params={"bm25_k1": bm25.k1, "bm25_b": bm25.b}
+                bm25.field,
+                index_type="SPARSE_INVERTED_INDEX",
+                metric_type="BM25",
+                params={"bm25_k1": bm25.k1, "bm25_b": bm25.b},
             )
         if learned is not None:
             schema.add_field(learned.field, DataType.SPARSE_FLOAT_VECTOR)
             index_params.add_index(learned.field, index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
         name = self.config.collection
         target = self._first_build_name()
-        logger.info("creating %s for %d-d vectors from %s%s", self.where, dimension, model_id, f" (as {target!r})" if target != name else "")
+        logger.info(
+            "creating %s for %d-d vectors from %s%s",
+            self.where,
+            dimension,
+            model_id,
+            f" (as {target!r})" if target != name else "",
+        )
         try:
             self._call(
-                "create collection", client.create_collection, target,
-                schema=schema, index_params=index_params, consistency_level=self.config.consistency_level,
-                properties=properties, timeout=self.config.timeout_s,
+                "create collection",
+                client.create_collection,
+                target,
+                schema=schema,
+                index_params=index_params,
+                consistency_level=self.config.consistency_level,
+                properties=properties,
+                timeout=self.config.timeout_s,
             )
         except MilvusStoreError:
             # Another process may have created it meanwhile; the caller then checks that it fits.
@@ -1126,7 +1239,11 @@ class MilvusStore(Store):
             raise InvalidChunksError(prepared.problems, f"store stage, {self.where}")
         for batch in _batches(prepared.rows, batch_size or self.config.write_batch_size, MAX_REQUEST_BYTES):
             self._call(
-                "upsert", client.upsert, self.config.collection, [row.values for row in batch], timeout=self.config.timeout_s
+                "upsert",
+                client.upsert,
+                self.config.collection,
+                [row.values for row in batch],
+                timeout=self.config.timeout_s,
             )
         return len(prepared.rows)
 
@@ -1156,7 +1273,9 @@ class MilvusStore(Store):
                 reasons.append(f"{label}: {name} is not valid Unicode text (it holds a lone surrogate)")
                 continue
             if sizes[name] > limit:
-                reasons.append(f"{label}: {name} is {sizes[name]} bytes of UTF-8, over the collection's limit of {limit}")
+                reasons.append(
+                    f"{label}: {name} is {sizes[name]} bytes of UTF-8, over the collection's limit of {limit}"
+                )
         if not chunk.id:
             reasons.append(f"{label}: the id is empty")
         vector = _vector_problem_or_list(chunk.vectors.get(self.config.vector_field), dimension)
@@ -1177,7 +1296,9 @@ class MilvusStore(Store):
         else:
             metadata_bytes = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8", "surrogatepass"))
             if metadata_bytes > JSON_MAX_BYTES:
-                reasons.append(f"{label}: metadata is {metadata_bytes} bytes of JSON, over Milvus' limit of {JSON_MAX_BYTES}")
+                reasons.append(
+                    f"{label}: metadata is {metadata_bytes} bytes of JSON, over Milvus' limit of {JSON_MAX_BYTES}"
+                )
         if reasons:
             return reasons
         values = {
@@ -1202,7 +1323,9 @@ class MilvusStore(Store):
         filterable, unfilterable = self._by_filterability(ids)
         for start in range(0, len(filterable), DELETE_BATCH_SIZE):
             expression = filters.in_list("source_id", filterable[start : start + DELETE_BATCH_SIZE])
-            self._call("delete", client.delete, self.config.collection, filter=expression, timeout=self.config.timeout_s)
+            self._call(
+                "delete", client.delete, self.config.collection, filter=expression, timeout=self.config.timeout_s
+            )
         for source_id in unfilterable:
             self._delete_ids(client, [row["id"] for row in self._rows_of_unfilterable(client, source_id)])
 
@@ -1217,13 +1340,19 @@ class MilvusStore(Store):
             return
         client, _ = existing
         keep_sets = {source_id: set(ids) for source_id, ids in keep.items()}
-        stale = [row["id"] for row in self._chunk_rows(client, list(keep_sets)) if row["id"] not in keep_sets[row["source_id"]]]
+        stale = [
+            row["id"]
+            for row in self._chunk_rows(client, list(keep_sets))
+            if row["id"] not in keep_sets[row["source_id"]]
+        ]
         self._delete_ids(client, stale)
 
     def _delete_ids(self, client: Any, chunk_ids: Sequence[str]) -> None:
         for start in range(0, len(chunk_ids), DELETE_BATCH_SIZE):
             expression = filters.in_list("id", chunk_ids[start : start + DELETE_BATCH_SIZE])
-            self._call("delete", client.delete, self.config.collection, filter=expression, timeout=self.config.timeout_s)
+            self._call(
+                "delete", client.delete, self.config.collection, filter=expression, timeout=self.config.timeout_s
+            )
 
     def _by_filterability(self, source_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """Source ids a filter expression can match, and those it cannot on this engine.
@@ -1261,13 +1390,27 @@ class MilvusStore(Store):
     def _chunk_ids_of(self, client: Any, source_ids: Sequence[str]) -> list[dict[str, Any]]:
         """``{"id", "source_id"}`` of every chunk of these (filterable) sources."""
         rows = self._call(
-            "query", client.query, self.config.collection, filter=filters.in_list("source_id", source_ids),
-            output_fields=["id", "source_id"], limit=QUERY_WINDOW, consistency_level="Strong", timeout=self.config.timeout_s,
+            "query",
+            client.query,
+            self.config.collection,
+            filter=filters.in_list("source_id", source_ids),
+            output_fields=["id", "source_id"],
+            limit=QUERY_WINDOW,
+            consistency_level="Strong",
+            timeout=self.config.timeout_s,
         )
         if len(rows) < QUERY_WINDOW:
             return rows
         # More chunks than one query may return (a very large document): page with an iterator.
-        return list(self.query_pages(client, self.config.collection, filters.in_list("source_id", source_ids), ["id", "source_id"], QUERY_PAGE_ROWS))
+        return list(
+            self.query_pages(
+                client,
+                self.config.collection,
+                filters.in_list("source_id", source_ids),
+                ["id", "source_id"],
+                QUERY_PAGE_ROWS,
+            )
+        )
 
     def chunk_ids_of(self, source_ids: Sequence[str]) -> dict[str, list[str]]:
         """The chunk ids of each of these sources that has chunks (for reconciling the record)."""
@@ -1298,10 +1441,14 @@ class MilvusStore(Store):
         vector_bytes = sum(4 * (layout.dimension(name) or 0) for name in output_fields)
         # Milvus Lite 2.5 stalls until the deadline, instead of answering, on a page of 4,096 rows
         # of 768-dimension vectors (12.6 MB); 4.6 MB pages still work.
-        page_size = max(1, min(QUERY_PAGE_ROWS, QUERY_PAGE_VECTOR_BYTES // vector_bytes)) if vector_bytes else QUERY_PAGE_ROWS
+        page_size = (
+            max(1, min(QUERY_PAGE_ROWS, QUERY_PAGE_VECTOR_BYTES // vector_bytes)) if vector_bytes else QUERY_PAGE_ROWS
+        )
         yield from self.query_pages(client, self.config.collection, "", output_fields, page_size)
 
-    def query_pages(self, client: Any, collection: str, expression: str, output_fields: Sequence[str], page_size: int) -> Iterator[dict[str, Any]]:
+    def query_pages(
+        self, client: Any, collection: str, expression: str, output_fields: Sequence[str], page_size: int
+    ) -> Iterator[dict[str, Any]]:
         """Rows of ``collection`` (this store's or a companion's) matching ``expression``, fetched
         page by page with a query iterator, never offset + limit (Milvus caps those at 16,384).
 
@@ -1311,8 +1458,13 @@ class MilvusStore(Store):
         if self.endpoint.lite_path is not None:
             _quiet_lite_iterator_timestamp_warning()
         iterator = self._call(
-            "query", client.query_iterator, collection, batch_size=page_size, filter=expression,
-            output_fields=list(output_fields), timeout=self.config.timeout_s,
+            "query",
+            client.query_iterator,
+            collection,
+            batch_size=page_size,
+            filter=expression,
+            output_fields=list(output_fields),
+            timeout=self.config.timeout_s,
         )
         try:
             while page := self._call("query", iterator.next):
@@ -1334,8 +1486,13 @@ class MilvusStore(Store):
             return 0
         client, _ = existing
         result = self._call(
-            "count", client.query, self.config.collection, filter="", output_fields=["count(*)"],
-            consistency_level="Strong", timeout=self.config.timeout_s,
+            "count",
+            client.query,
+            self.config.collection,
+            filter="",
+            output_fields=["count(*)"],
+            consistency_level="Strong",
+            timeout=self.config.timeout_s,
         )
         return int(result[0]["count(*)"])
 
@@ -1359,11 +1516,22 @@ class MilvusStore(Store):
             raise ValueError(f"{self.where}: query vector {query}")
         params = {"metric_type": layout.metric or self.config.dense_index()[1], "params": dict(search_params or {})}
         results = self._call(
-            "search", client.search, self.config.collection, data=[encode_vector(query, self.config.vector_storage)], anns_field=self.config.vector_field,
-            limit=top_k, filter=filter_expr or "", output_fields=list(output_fields), search_params=params,
-            consistency_level=self.config.consistency_level, timeout=self.config.timeout_s,
+            "search",
+            client.search,
+            self.config.collection,
+            data=[encode_vector(query, self.config.vector_storage)],
+            anns_field=self.config.vector_field,
+            limit=top_k,
+            filter=filter_expr or "",
+            output_fields=list(output_fields),
+            search_params=params,
+            consistency_level=self.config.consistency_level,
+            timeout=self.config.timeout_s,
         )
-        return [DenseHit(id=str(hit["id"]), score=float(hit["distance"]), fields=dict(hit.get("entity") or {})) for hit in results[0]]
+        return [
+            DenseHit(id=str(hit["id"]), score=float(hit["distance"]), fields=dict(hit.get("entity") or {}))
+            for hit in results[0]
+        ]
 
     def search(
         self,
@@ -1380,13 +1548,27 @@ class MilvusStore(Store):
         client, layout = self._ready()
         metric, data = self._request_data(request, layout)
         results = self._call(
-            "search", client.search, self.config.collection, data=[data], anns_field=request.field,
-            limit=request.limit, filter=filter_expr or "", output_fields=list(output_fields),
+            "search",
+            client.search,
+            self.config.collection,
+            data=[data],
+            anns_field=request.field,
+            limit=request.limit,
+            filter=filter_expr or "",
+            output_fields=list(output_fields),
             search_params={"metric_type": metric, "params": dict(search_params or {})},
-            consistency_level=self.config.consistency_level, timeout=self.config.timeout_s,
+            consistency_level=self.config.consistency_level,
+            timeout=self.config.timeout_s,
         )
         dimension = layout.dimension(self.config.vector_field) or 1
-        return [Hit(str(hit["id"]), _higher_is_better(metric, float(hit["distance"]), dimension), dict(hit.get("entity") or {})) for hit in results[0]]
+        return [
+            Hit(
+                str(hit["id"]),
+                _higher_is_better(metric, float(hit["distance"]), dimension),
+                dict(hit.get("entity") or {}),
+            )
+            for hit in results[0]
+        ]
 
     def hybrid_search(
         self,
@@ -1405,7 +1587,9 @@ class MilvusStore(Store):
         if not requests:
             raise ValueError("hybrid search needs at least one request")
         if isinstance(fusion, WeightedFusion) and len(fusion.weights) != len(requests):
-            raise ValueError(f"weighted fusion needs one weight per branch: {len(requests)} branches, {len(fusion.weights)} weights")
+            raise ValueError(
+                f"weighted fusion needs one weight per branch: {len(requests)} branches, {len(fusion.weights)} weights"
+            )
         pymilvus = require("pymilvus", purpose="the Milvus store")
         client, layout = self._ready()
         branches = []
@@ -1413,8 +1597,11 @@ class MilvusStore(Store):
             metric, data = self._request_data(request, layout)
             branches.append(
                 pymilvus.AnnSearchRequest(
-                    data=[data], anns_field=request.field, param={"metric_type": metric, "params": {}},
-                    limit=request.limit, expr=self._engine_filter(filter_expr) if filter_expr else None,
+                    data=[data],
+                    anns_field=request.field,
+                    param={"metric_type": metric, "params": {}},
+                    limit=request.limit,
+                    expr=self._engine_filter(filter_expr) if filter_expr else None,
                 )
             )
         if isinstance(fusion, RRFFusion):
@@ -1422,8 +1609,15 @@ class MilvusStore(Store):
         else:
             ranker = pymilvus.WeightedRanker(*fusion.weights, norm_score=fusion.normalize)
         results = self._call(
-            "hybrid search", client.hybrid_search, self.config.collection, branches, ranker, limit=top_k,
-            output_fields=list(output_fields), consistency_level=self.config.consistency_level, timeout=self.config.timeout_s,
+            "hybrid search",
+            client.hybrid_search,
+            self.config.collection,
+            branches,
+            ranker,
+            limit=top_k,
+            output_fields=list(output_fields),
+            consistency_level=self.config.consistency_level,
+            timeout=self.config.timeout_s,
         )
         # Fused scores (RRF sums, weighted sums of normalised scores) are already higher-is-better.
         return [Hit(str(hit["id"]), float(hit["distance"]), dict(hit.get("entity") or {})) for hit in results[0]]
@@ -1448,7 +1642,9 @@ class MilvusStore(Store):
                 raise ValueError(f"{self.where}: query sparse vector {sparse}")
             return metric, sparse
         known = [self.config.vector_field, *self.config.sparse_fields()]
-        raise ValueError(f"{self.where}: cannot search field {request.field!r}; the store's vector fields are {', '.join(known)}")
+        raise ValueError(
+            f"{self.where}: cannot search field {request.field!r}; the store's vector fields are {', '.join(known)}"
+        )
 
     # ---- full rebuilds: a new collection behind an alias ----------------------------------
 
@@ -1460,10 +1656,12 @@ class MilvusStore(Store):
         client = self._connect()
         if not self._collection_exists(client):
             return None
-        description = self._call("describe collection", client.describe_collection, self.config.collection, timeout=self.config.timeout_s)
+        description = self._call(
+            "describe collection", client.describe_collection, self.config.collection, timeout=self.config.timeout_s
+        )
         return str(description.get("collection_name") or self.config.collection)
 
-    def with_collection(self, name: str) -> "MilvusStore":
+    def with_collection(self, name: str) -> MilvusStore:
         """The same store settings writing to another collection (on the same shared client)."""
         twin = type(self)(self.config.model_copy(update={"collection": name}))
         twin.base_dir = self.base_dir
@@ -1492,7 +1690,11 @@ class MilvusStore(Store):
         elif previous != name:
             self._call("alter alias", client.alter_alias, target, name, timeout=timeout)
         else:
-            logger.warning("%s: replacing the collection with an alias of %r (queries fail until the alias exists)", self.where, target)
+            logger.warning(
+                "%s: replacing the collection with an alias of %r (queries fail until the alias exists)",
+                self.where,
+                target,
+            )
             self._call("drop collection", client.drop_collection, name, timeout=timeout)
             self._call("create alias", client.create_alias, target, name, timeout=timeout)
         self._layout, self._loaded = None, False  # the next read describes and loads the new collection
@@ -1515,13 +1717,13 @@ class MilvusStore(Store):
         path = self._lite_file()
         return sorted(path.parent.glob(f"{glob.escape(path.stem)}{REBUILD_INFIX}*{path.suffix}"))
 
-    def with_lite_path(self, path: Path) -> "MilvusStore":
+    def with_lite_path(self, path: Path) -> MilvusStore:
         """The same store settings on another Milvus Lite file."""
         twin = type(self)(self.config.model_copy(update={"uri": str(path)}))
         twin.base_dir = self.base_dir
         return twin
 
-    def replace_lite_file(self, build: "MilvusStore") -> None:
+    def replace_lite_file(self, build: MilvusStore) -> None:
         """Move ``build``'s database file over this one (one atomic rename), both closed first.
 
         Every store of this process on either file must be closed: Milvus Lite flushes a file when
@@ -1532,7 +1734,9 @@ class MilvusStore(Store):
         self.close()
         busy = [str(p) for p in (served, built) if _clients.in_use(p)]
         if busy:
-            raise MilvusStoreError(f"{self.where}: cannot replace the database file: still open elsewhere in this process: {', '.join(busy)}")
+            raise MilvusStoreError(
+                f"{self.where}: cannot replace the database file: still open elsewhere in this process: {', '.join(busy)}"
+            )
         os.replace(built, served)
         _lite_lock_file(built).unlink(missing_ok=True)
         _own_lock_file(built).unlink(missing_ok=True)

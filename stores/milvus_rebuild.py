@@ -84,7 +84,9 @@ class FileRebuild(Rebuild):
         # name, is the record of what is served now.
         built = self.store.endpoint.lite_path
         self.served.replace_lite_file(self.store)
-        return f"full rebuild: {self.served.endpoint.lite_path} replaced by the rebuilt database (built as {built.name})"
+        return (
+            f"full rebuild: {self.served.endpoint.lite_path} replaced by the rebuilt database (built as {built.name})"
+        )
 
     def discard(self) -> None:
         self.store.delete_lite_file()

@@ -46,7 +46,7 @@ class MilvusRecords(RecordStore):
     _PAGE = 1000  # rows per iterator page and per upsert
     _IDS_PER_FILTER = 256  # ids per ``id in [...]`` expression: keeps each filter small for the server's parser
 
-    def __init__(self, store: "MilvusStore"):
+    def __init__(self, store: MilvusStore):
         self.store = store
         self._name: str | None = None
         self._body_max = BODY_MAX_BYTES
@@ -59,7 +59,7 @@ class MilvusRecords(RecordStore):
         chunks). Resolved on first use, after the run prepared the collection, or by :meth:`bind`."""
         return self.bind()._name  # type: ignore[return-value]
 
-    def bind(self) -> "MilvusRecords":
+    def bind(self) -> MilvusRecords:
         """Fix this record to the collection the store serves now, so that a later switch of the
         alias (a full rebuild) cannot move it to the new collection's record."""
         if self._name is None:
@@ -70,7 +70,9 @@ class MilvusRecords(RecordStore):
         """Drop the record with the collection it describes (after a full rebuild replaced both)."""
         client = self.store._connect()
         if self.store._call("has_collection", client.has_collection, self.name, timeout=self.store.config.timeout_s):
-            self.store._call("drop records collection", client.drop_collection, self.name, timeout=self.store.config.timeout_s)
+            self.store._call(
+                "drop records collection", client.drop_collection, self.name, timeout=self.store.config.timeout_s
+            )
         self._dropped = True
 
     def _client(self) -> Any:
@@ -95,8 +97,15 @@ class MilvusRecords(RecordStore):
             schema.add_field("dummy", DataType.FLOAT_VECTOR, dim=2)
             index = client.prepare_index_params()
             index.add_index(field_name="dummy", index_type="FLAT", metric_type="L2")
-            store._call("create records collection", client.create_collection, self.name, schema=schema, index_params=index,
-                        consistency_level="Strong", timeout=timeout)  # the skip decisions read their own writes
+            store._call(
+                "create records collection",
+                client.create_collection,
+                self.name,
+                schema=schema,
+                index_params=index,
+                consistency_level="Strong",
+                timeout=timeout,
+            )  # the skip decisions read their own writes
         description = store._call("describe records collection", client.describe_collection, self.name, timeout=timeout)
         for column in description.get("fields", []):
             if column.get("name") == "body":
@@ -106,8 +115,13 @@ class MilvusRecords(RecordStore):
     def _query(self, expression: str, limit: int) -> list[dict[str, Any]]:
         """Rows of a query known to match at most ``limit`` rows (ids listed, the run row)."""
         return self.store._call(
-            "query records", self._client().query, self.name, filter=expression, output_fields=["id", "body"],
-            limit=limit, timeout=self.store.config.timeout_s,
+            "query records",
+            self._client().query,
+            self.name,
+            filter=expression,
+            output_fields=["id", "body"],
+            limit=limit,
+            timeout=self.store.config.timeout_s,
         )
 
     def _iterate(self, expression: str) -> Iterator[dict[str, Any]]:
@@ -118,7 +132,7 @@ class MilvusRecords(RecordStore):
     def get(self, source_ids: Sequence[str]) -> dict[str, SourceRecord]:
         found: dict[str, SourceRecord] = {}
         for start in range(0, len(source_ids), self._IDS_PER_FILTER):
-            ids = [source_row_id(source_id) for source_id in source_ids[start:start + self._IDS_PER_FILTER]]
+            ids = [source_row_id(source_id) for source_id in source_ids[start : start + self._IDS_PER_FILTER]]
             expression = filters.all_of(filters.eq("kind", "source"), filters.in_list("id", ids))
             for row in self._query(expression, len(ids)):
                 record = SourceRecord.from_json(row["body"])
@@ -138,24 +152,37 @@ class MilvusRecords(RecordStore):
             self._client()  # learns the body's size limit
             rows = [self._row(record) for record in records]
             for start in range(0, len(rows), self._PAGE):
-                self._upsert(rows[start:start + self._PAGE])
+                self._upsert(rows[start : start + self._PAGE])
 
     def _row(self, record: SourceRecord) -> dict[str, Any]:
         body = record.to_json()
-        body_bytes, scope_bytes = len(body.encode("utf-8", "surrogatepass")), len(record.scope.encode("utf-8", "surrogatepass"))
+        body_bytes, scope_bytes = (
+            len(body.encode("utf-8", "surrogatepass")),
+            len(record.scope.encode("utf-8", "surrogatepass")),
+        )
         if scope_bytes > SCOPE_MAX_BYTES:
-            raise RecordTooLarge(f"the source scope is {scope_bytes} bytes of UTF-8; the index record keeps at most {SCOPE_MAX_BYTES}")
+            raise RecordTooLarge(
+                f"the source scope is {scope_bytes} bytes of UTF-8; the index record keeps at most {SCOPE_MAX_BYTES}"
+            )
         if body_bytes > self._body_max:
             raise RecordTooLarge(
                 f"the index record of this source is {body_bytes} bytes of UTF-8 (its id alone is "
                 f"{len(record.source_id.encode('utf-8', 'surrogatepass'))}); {self.name!r} keeps at most {self._body_max}"
             )
-        return {"id": source_row_id(record.source_id), "kind": "source", "scope": record.scope, "body": body, "dummy": self._DUMMY}
+        return {
+            "id": source_row_id(record.source_id),
+            "kind": "source",
+            "scope": record.scope,
+            "body": body,
+            "dummy": self._DUMMY,
+        }
 
     def delete(self, source_ids: Sequence[str]) -> None:
         for start in range(0, len(source_ids), self._PAGE):
-            row_ids = [source_row_id(source_id) for source_id in source_ids[start:start + self._PAGE]]
-            self.store._call("delete records", self._client().delete, self.name, ids=row_ids, timeout=self.store.config.timeout_s)
+            row_ids = [source_row_id(source_id) for source_id in source_ids[start : start + self._PAGE]]
+            self.store._call(
+                "delete records", self._client().delete, self.name, ids=row_ids, timeout=self.store.config.timeout_s
+            )
 
     def put_run(self, summary: dict[str, Any]) -> None:
         body = json.dumps(summary, sort_keys=True, default=str)  # a compact summary: counts, no failure list

@@ -22,7 +22,9 @@ DATASETS = Path(os.environ.get("RAG_PIPELINE_DATASETS", ROOT.parent / "shared" /
 @pytest.fixture(scope="session")
 def datasets_dir() -> Path:
     if not DATASETS.is_dir():
-        pytest.skip(f"shared datasets not found at {DATASETS} (set RAG_PIPELINE_DATASETS); they are not part of a clone")
+        pytest.skip(
+            f"shared datasets not found at {DATASETS} (set RAG_PIPELINE_DATASETS); they are not part of a clone"
+        )
     return DATASETS
 
 
@@ -113,7 +115,9 @@ _OUTCOME_ORDER = ("passed", "failed", "error", "skipped")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    _server_tier_report.test_ids = {item.nodeid for item in items if "milvus_server" in getattr(item, "fixturenames", ())}
+    _server_tier_report.test_ids = {
+        item.nodeid for item in items if "milvus_server" in getattr(item, "fixturenames", ())
+    }
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

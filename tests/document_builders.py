@@ -24,7 +24,9 @@ def _pdf_string(text: str) -> str:
 def _page_stream(lines: Sequence[str], drawing_segments: int) -> bytes:
     text = "".join(f"BT /F1 11 Tf 72 {740 - 16 * i} Td {_pdf_string(line)} Tj ET\n" for i, line in enumerate(lines))
     # A hatch of short strokes: three graphics operators (m, l, S) per segment, as a CAD export has.
-    drawing = "".join(f"{50 + i % 500} {60 + i % 37} m {52 + i % 500} {70 + i % 37} l S\n" for i in range(drawing_segments))
+    drawing = "".join(
+        f"{50 + i % 500} {60 + i % 37} m {52 + i % 500} {70 + i % 37} l S\n" for i in range(drawing_segments)
+    )
     return (drawing + text).encode("latin-1")
 
 
@@ -233,7 +235,10 @@ def odp(slides: Sequence[tuple[str, Sequence[str], str]]) -> bytes:
             + f"<presentation:notes>{_text_box('notes', f'<text:p>{escape(notes)}</text:p>')}</presentation:notes>"
             + "</draw:page>"
         )
-    return odf_package("application/vnd.oasis.opendocument.presentation", f"<office:presentation>{''.join(pages)}</office:presentation>")
+    return odf_package(
+        "application/vnd.oasis.opendocument.presentation",
+        f"<office:presentation>{''.join(pages)}</office:presentation>",
+    )
 
 
 def ods_cell(text: str, repeat: int = 1) -> str:
@@ -251,7 +256,9 @@ def ods(sheets: Sequence[tuple[str, Sequence[str]]]) -> bytes:
         body = "".join(f"<table:table-row>{row}</table:table-row>" for row in rows)
         padding = f'<table:table-row table:number-rows-repeated="1048000">{ods_cell("", 1024)}</table:table-row>'
         tables.append(f'<table:table table:name="{escape(name)}">{body}{padding}</table:table>')
-    return odf_package("application/vnd.oasis.opendocument.spreadsheet", f"<office:spreadsheet>{''.join(tables)}</office:spreadsheet>")
+    return odf_package(
+        "application/vnd.oasis.opendocument.spreadsheet", f"<office:spreadsheet>{''.join(tables)}</office:spreadsheet>"
+    )
 
 
 # -- legacy Office (Compound File Binary) ---------------------------------------------------
@@ -276,9 +283,11 @@ def compound_file(stream_name: str, data: bytes) -> bytes:
     data = data.ljust(4096, b"\0")  # 4096 bytes and up live in regular sectors, not the mini stream
     data_sectors = -(-len(data) // 512)
     header = (
-        b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(16)
+        b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+        + bytes(16)
         + struct.pack("<HHHHH6xIIIIIIIII", 0x3E, 3, 0xFFFE, 9, 6, 0, 1, 1, 0, 4096, _END_OF_CHAIN, 0, _END_OF_CHAIN, 0)
-        + struct.pack("<I", 0) + struct.pack("<I", _FREE) * 108  # the DIFAT: the FAT is sector 0
+        + struct.pack("<I", 0)
+        + struct.pack("<I", _FREE) * 108  # the DIFAT: the FAT is sector 0
     )
     # sector 0: the FAT; sector 1: the directory; sectors 2..: the stream, chained in order
     fat = [_FAT_SECTOR, _END_OF_CHAIN] + [3 + i for i in range(data_sectors - 1)] + [_END_OF_CHAIN]

@@ -82,7 +82,13 @@ class FakeApi:
         size = seen.body.get("dimensions") or seen.body.get("output_dimension") or self.size
         vectors = [fake_vector(t, size) for t in seen.texts]
         if self.style == "cohere":
-            body = {"id": "r1", "embeddings": {"float": vectors}, "texts": seen.texts, "meta": {}, "response_type": "embeddings_by_type"}
+            body = {
+                "id": "r1",
+                "embeddings": {"float": vectors},
+                "texts": seen.texts,
+                "meta": {},
+                "response_type": "embeddings_by_type",
+            }
         else:  # reversed on purpose: clients must order by "index"
             data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)][::-1]
             body = {"object": "list", "data": data, "model": seen.body.get("model"), "usage": {"total_tokens": 1}}
@@ -118,7 +124,9 @@ def serve() -> Iterator[Callable[..., FakeApi]]:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                seen = Seen(self.path, {k.lower(): v for k, v in self.headers.items()}, json.loads(raw), time.monotonic())
+                seen = Seen(
+                    self.path, {k.lower(): v for k, v in self.headers.items()}, json.loads(raw), time.monotonic()
+                )
                 status, headers, body = api.handle(seen)
                 try:
                     self.send_response(status)
@@ -178,21 +186,62 @@ class Case:
 
 
 CASES = [
-    Case(OpenAIEmbedder, "openai", "/v1/embeddings", "/v1", {"model": "text-embedding-3-large", "dimensions": DIM},
-         {"model": "text-embedding-3-large", "dimensions": DIM, "encoding_format": "float"},
-         {"model": "text-embedding-3-large", "dimensions": DIM}),
-    Case(CohereEmbedder, "cohere", "/v2/embed", "", {"model": "embed-v4.0", "dimensions": DIM},
-         {"model": "embed-v4.0", "input_type": "search_document", "embedding_types": ["float"], "output_dimension": DIM, "truncate": "END"},
-         {"input_type": "search_query"}),
-    Case(JinaEmbedder, "openai", "/v1/embeddings", "/v1", {"model": "jina-embeddings-v3", "dimensions": DIM},
-         {"model": "jina-embeddings-v3", "task": "retrieval.passage", "dimensions": DIM, "embedding_type": "float"},
-         {"task": "retrieval.query"}),
-    Case(VoyageEmbedder, "openai", "/v1/embeddings", "/v1", {"model": "voyage-3.5", "dimensions": DIM},
-         {"model": "voyage-3.5", "input_type": "document", "output_dimension": DIM, "truncation": True},
-         {"input_type": "query"}),
-    Case(MixedbreadEmbedder, "openai", "/v1/embeddings", "/v1", {"dimensions": DIM},
-         {"model": "mixedbread-ai/mxbai-embed-large-v1", "dimensions": DIM, "normalized": True, "encoding_format": "float"},
-         {"prompt": "Represent this sentence for searching relevant passages: "}),
+    Case(
+        OpenAIEmbedder,
+        "openai",
+        "/v1/embeddings",
+        "/v1",
+        {"model": "text-embedding-3-large", "dimensions": DIM},
+        {"model": "text-embedding-3-large", "dimensions": DIM, "encoding_format": "float"},
+        {"model": "text-embedding-3-large", "dimensions": DIM},
+    ),
+    Case(
+        CohereEmbedder,
+        "cohere",
+        "/v2/embed",
+        "",
+        {"model": "embed-v4.0", "dimensions": DIM},
+        {
+            "model": "embed-v4.0",
+            "input_type": "search_document",
+            "embedding_types": ["float"],
+            "output_dimension": DIM,
+            "truncate": "END",
+        },
+        {"input_type": "search_query"},
+    ),
+    Case(
+        JinaEmbedder,
+        "openai",
+        "/v1/embeddings",
+        "/v1",
+        {"model": "jina-embeddings-v3", "dimensions": DIM},
+        {"model": "jina-embeddings-v3", "task": "retrieval.passage", "dimensions": DIM, "embedding_type": "float"},
+        {"task": "retrieval.query"},
+    ),
+    Case(
+        VoyageEmbedder,
+        "openai",
+        "/v1/embeddings",
+        "/v1",
+        {"model": "voyage-3.5", "dimensions": DIM},
+        {"model": "voyage-3.5", "input_type": "document", "output_dimension": DIM, "truncation": True},
+        {"input_type": "query"},
+    ),
+    Case(
+        MixedbreadEmbedder,
+        "openai",
+        "/v1/embeddings",
+        "/v1",
+        {"dimensions": DIM},
+        {
+            "model": "mixedbread-ai/mxbai-embed-large-v1",
+            "dimensions": DIM,
+            "normalized": True,
+            "encoding_format": "float",
+        },
+        {"prompt": "Represent this sentence for searching relevant passages: "},
+    ),
 ]
 
 
@@ -213,7 +262,9 @@ def test_provider_protocol(serve, case: Case):
         assert "prompt" not in document_request.body  # the instruction is for queries only
     sent = document_request.texts
     assert sent == [t or " " for t in DOCS]  # empty texts go as one space: the APIs refuse ""
-    np.testing.assert_allclose(vectors, [fake_vector(t) for t in sent], atol=1e-6)  # input order, whatever the answer's order
+    np.testing.assert_allclose(
+        vectors, [fake_vector(t) for t in sent], atol=1e-6
+    )  # input order, whatever the answer's order
     np.testing.assert_allclose(query, fake_vector(query_request.texts[0]), atol=1e-6)
     assert vectors.dtype == np.float32 and embedder.dimension == DIM
 
@@ -235,14 +286,21 @@ def test_openai_compatible_server_gets_the_catalog_prefixes(serve):
     embedder.embed_query("a question")
     assert [s.texts for s in api.seen] == [["passage: a document"], ["query: a question"]]
     assert embedder.model_id == "openai-compatible/intfloat/e5-small-v2 (dimensions=8, document_prefix='passage: ')"
-    custom = OpenAIEmbedder(base_url=api.url, model="intfloat/e5-small-v2", api_key_env=None, document_prefix="", query_prefix="")
+    custom = OpenAIEmbedder(
+        base_url=api.url, model="intfloat/e5-small-v2", api_key_env=None, document_prefix="", query_prefix=""
+    )
     assert (custom.document_prefix, custom.query_prefix) == ("", "")
     assert OpenAIEmbedder(model="text-embedding-3-small").document_prefix == ""  # OpenAI's own models need none
 
 
 def test_fingerprint_covers_vectors_not_transport():
     base = OpenAIEmbedder().fingerprint_settings()
-    assert OpenAIEmbedder(max_concurrency=9, requests_per_minute=10, base_url="https://proxy.example/v1").fingerprint_settings() != base
+    assert (
+        OpenAIEmbedder(
+            max_concurrency=9, requests_per_minute=10, base_url="https://proxy.example/v1"
+        ).fingerprint_settings()
+        != base
+    )
     assert OpenAIEmbedder(max_concurrency=9, requests_per_minute=10, timeout_seconds=5).fingerprint_settings() == base
     assert OpenAIEmbedder(dimensions=256).fingerprint_settings() != base
     cohere = CohereEmbedder().fingerprint_settings()
@@ -272,7 +330,9 @@ def test_cohere_sends_at_most_96_texts(serve):
 def test_batches_follow_the_token_limit(serve):
     api = serve()
     texts = ["x" * 60] * 5 + ["y" * 600]  # 21 estimated tokens each, then one of 201 (alone over the limit)
-    OpenAIEmbedder(base_url=api.url, api_key_env=None, max_tokens_per_request=50, max_concurrency=1, dimensions=DIM).embed_documents(texts)
+    OpenAIEmbedder(
+        base_url=api.url, api_key_env=None, max_tokens_per_request=50, max_concurrency=1, dimensions=DIM
+    ).embed_documents(texts)
     assert api.request_sizes == [2, 2, 1, 1]
 
 
@@ -283,7 +343,9 @@ def test_openai_counts_tokens_with_its_tokenizer():
 
 def test_client_side_request_rate(serve):
     api = serve()
-    embedder = OpenAIEmbedder(base_url=api.url, max_inputs_per_request=1, max_concurrency=4, requests_per_minute=600, dimensions=DIM)
+    embedder = OpenAIEmbedder(
+        base_url=api.url, max_inputs_per_request=1, max_concurrency=4, requests_per_minute=600, dimensions=DIM
+    )
     embedder.embed_documents([f"t{i}" for i in range(14)])  # 10 per second, bursts of 10
     arrivals = sorted(s.at for s in api.seen)
     assert arrivals[-1] - arrivals[0] >= 0.3
@@ -332,7 +394,10 @@ def test_retry_after_as_http_date():
     now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
     headers = {"retry-after": format_datetime(now + timedelta(seconds=7), usegmt=True)}
     assert retry_after_seconds(headers, now=lambda: now) == pytest.approx(7.0)
-    assert retry_after_seconds({"retry-after": format_datetime(now - timedelta(seconds=7), usegmt=True)}, now=lambda: now) == 0.0
+    assert (
+        retry_after_seconds({"retry-after": format_datetime(now - timedelta(seconds=7), usegmt=True)}, now=lambda: now)
+        == 0.0
+    )
     assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == pytest.approx(0.25)
     assert retry_after_seconds({"retry-after": "soon"}) is None and retry_after_seconds({}) is None
 
@@ -371,7 +436,9 @@ def test_timeout_then_success(serve):
 def test_gives_up_after_max_retries(serve):
     api = serve()
     api.script.extend([json_reply({"error": "overloaded"}, 503)] * 5)
-    with pytest.raises(EmbeddingApiError, match=r"OpenAI: gave up after 3 attempts; last: HTTP 503 Service Unavailable"):
+    with pytest.raises(
+        EmbeddingApiError, match=r"OpenAI: gave up after 3 attempts; last: HTTP 503 Service Unavailable"
+    ):
         OpenAIEmbedder(base_url=api.url, dimensions=DIM, max_retries=2, **FAST).embed_documents(["a"])
     assert len(api.seen) == 3
 
@@ -399,7 +466,9 @@ def test_auth_errors_fail_fast_without_the_key(serve, status):
 def test_bad_request_fails_fast_with_the_server_reason(serve):
     api = serve()
     api.script.append(json_reply({"error": {"message": f"dimensions must be <= 3072 (key {KEY})"}}, 400))
-    with pytest.raises(EmbeddingApiError, match=r"OpenAI: HTTP 400 Bad Request \(not retried\): .*dimensions must be <= 3072") as raised:
+    with pytest.raises(
+        EmbeddingApiError, match=r"OpenAI: HTTP 400 Bad Request \(not retried\): .*dimensions must be <= 3072"
+    ) as raised:
         OpenAIEmbedder(base_url=api.url, dimensions=DIM).embed_documents(["a"])
     assert KEY not in str(raised.value) and "(key ***)" in str(raised.value)
     assert len(api.seen) == 1
@@ -409,9 +478,13 @@ def test_a_key_echoed_escaped_or_in_pieces_is_scrubbed_from_errors_and_retry_log
     # The server writes the key as JSON \u escapes, quotes both ends of it, and echoes a Basic auth header.
     escaped = "".join(f"\\u{ord(c):04x}" for c in KEY)
     auth = base64.b64encode(f"key:{KEY}".encode()).decode()
-    body = f'{{"error": {{"message": "{escaped}", "hint": "{KEY[:10]}...{KEY[-10:]}", "auth": "Basic {auth}"}}}}'.encode()
+    body = (
+        f'{{"error": {{"message": "{escaped}", "hint": "{KEY[:10]}...{KEY[-10:]}", "auth": "Basic {auth}"}}}}'.encode()
+    )
     api = serve()
-    api.script.extend([(503, {"Content-Type": "application/json"}, body), (400, {"Content-Type": "application/json"}, body)])
+    api.script.extend(
+        [(503, {"Content-Type": "application/json"}, body), (400, {"Content-Type": "application/json"}, body)]
+    )
     with caplog.at_level(logging.WARNING, logger="rag_pipeline.embed"), pytest.raises(EmbeddingApiError) as raised:
         OpenAIEmbedder(base_url=api.url, dimensions=DIM, **FAST).embed_documents(["a"])
     message, logged = str(raised.value), caplog.text
@@ -463,14 +536,26 @@ def test_malformed_cohere_answer(serve):
 
 def test_the_key_never_leaks(serve, caplog):
     api = serve()
-    api.script.extend([json_reply({"error": KEY}, 429, **{"Retry-After": "0"}), json_reply({"error": {"message": f"bad key {KEY}"}}, 401)])
+    api.script.extend(
+        [
+            json_reply({"error": KEY}, 429, **{"Retry-After": "0"}),
+            json_reply({"error": {"message": f"bad key {KEY}"}}, 401),
+        ]
+    )
     embedder = OpenAIEmbedder(base_url=api.url, dimensions=DIM, **FAST)
     with caplog.at_level(logging.DEBUG):
         with pytest.raises(EmbeddingApiError) as raised:
             embedder.embed_documents(["a"])
     assert api.seen[0].headers["authorization"] == f"Bearer {KEY}"  # it was sent ...
-    for text in (caplog.text, str(raised.value), repr(raised.value), repr(embedder), json.dumps(embedder.to_dict()),
-                 json.dumps(embedder.fingerprint_settings()), embedder.model_id):
+    for text in (
+        caplog.text,
+        str(raised.value),
+        repr(raised.value),
+        repr(embedder),
+        json.dumps(embedder.to_dict()),
+        json.dumps(embedder.fingerprint_settings()),
+        embedder.model_id,
+    ):
         assert KEY not in text  # ... and shown nowhere
 
 
@@ -515,7 +600,9 @@ def test_jina_late_chunking_sends_one_document_per_request(serve):
 
 def test_jina_late_chunking_splits_documents_beyond_its_context(serve):
     api = serve()
-    embedder = JinaEmbedder(base_url=api.url, late_chunking=True, late_chunking_max_tokens=40, dimensions=DIM, max_concurrency=1)
+    embedder = JinaEmbedder(
+        base_url=api.url, late_chunking=True, late_chunking_max_tokens=40, dimensions=DIM, max_concurrency=1
+    )
     embedder.begin_run()
     embedder.embed([_document("long", ["a" * 60, "b" * 60, "c" * 60])])  # 21 estimated tokens each
     assert api.request_sizes == [1, 1, 1]

@@ -131,7 +131,11 @@ def test_core_imports_nothing_above_it_and_stages_import_only_core():
     for module, imported in import_graph().items():
         package = module.split(".")[0]
         if package in allowed:
-            wrong += [f"{module} imports {target}" for target in sorted(imported) if target.split(".")[0] not in allowed[package]]
+            wrong += [
+                f"{module} imports {target}"
+                for target in sorted(imported)
+                if target.split(".")[0] not in allowed[package]
+            ]
     assert wrong == []
 
 

@@ -64,7 +64,9 @@ def _vocabulary() -> dict[str, int]:
     return words
 
 
-def save_tokenizer(folder: Path, template: str | None, padding_side: str, eos: str | None = None, byte_level: bool = False) -> Any:
+def save_tokenizer(
+    folder: Path, template: str | None, padding_side: str, eos: str | None = None, byte_level: bool = False
+) -> Any:
     """A tokenizer whose post-processor applies ``template`` (e.g. "[CLS] $A [SEP]").
 
     Encoders get a WordLevel model over the test vocabulary; decoders a byte-level BPE without
@@ -85,11 +87,20 @@ def save_tokenizer(folder: Path, template: str | None, padding_side: str, eos: s
         backend.pre_tokenizer = pre_tokenizers.Whitespace()
     if template:
         used = [t for t in template.split() if t in vocabulary]
-        backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocabulary[t]) for t in used])
+        backend.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(t, vocabulary[t]) for t in used]
+        )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        bos_token="<s>", eos_token=eos or "</s>", additional_special_tokens=["<|endoftext|>", "<|user|>", "<|embed|>"],
-        padding_side=padding_side, model_input_names=["input_ids", "attention_mask"],
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        bos_token="<s>",
+        eos_token=eos or "</s>",
+        additional_special_tokens=["<|endoftext|>", "<|user|>", "<|embed|>"],
+        padding_side=padding_side,
+        model_input_names=["input_ids", "attention_mask"],
     )
     tokenizer.save_pretrained(folder)
     return tokenizer
@@ -99,8 +110,14 @@ VOCABULARY_SIZE = len(SPECIALS) + 256  # the larger of the two vocabularies (byt
 
 
 def _small(**settings: Any) -> dict[str, Any]:
-    return {"vocab_size": max(len(_vocabulary()), VOCABULARY_SIZE), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, **settings}
+    return {
+        "vocab_size": max(len(_vocabulary()), VOCABULARY_SIZE),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        **settings,
+    }
 
 
 def bert(folder: Path) -> None:
@@ -131,7 +148,9 @@ def qwen3(folder: Path) -> None:
     from transformers import Qwen3Config, Qwen3Model
 
     # 64 wide: Qwen3-Embedding is trained for cuts down to 32 dimensions.
-    settings = _small(hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+    settings = _small(
+        hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=16, max_position_embeddings=512
+    )
     Qwen3Model(Qwen3Config(**settings)).save_pretrained(folder)
 
 
@@ -149,7 +168,9 @@ def t5_with_dense(folder: Path) -> None:
     from safetensors.torch import save_file
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=max(len(_vocabulary()), VOCABULARY_SIZE), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    config = T5Config(
+        vocab_size=max(len(_vocabulary()), VOCABULARY_SIZE), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4
+    )
     T5EncoderModel(config).save_pretrained(folder)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -159,10 +180,19 @@ def t5_with_dense(folder: Path) -> None:
     ]
     (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}))
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
+    )
     (folder / "2_Dense").mkdir()
     (folder / "2_Dense" / "config.json").write_text(
-        json.dumps({"in_features": 32, "out_features": DENSE_OUT, "bias": False, "activation_function": "torch.nn.modules.linear.Identity"})
+        json.dumps(
+            {
+                "in_features": 32,
+                "out_features": DENSE_OUT,
+                "bias": False,
+                "activation_function": "torch.nn.modules.linear.Identity",
+            }
+        )
     )
     save_file({"linear.weight": torch.randn(DENSE_OUT, 32)}, str(folder / "2_Dense" / "model.safetensors"))
 
@@ -306,7 +336,9 @@ def leading_count(tokenizer: Any, prefix: str) -> int:
     return len(encoded["input_ids"]) - trailing
 
 
-def pooled_alone(model: Any, ids: list[int], pooling: str, skip: int, extra: dict[str, Any] | None = None) -> np.ndarray:
+def pooled_alone(
+    model: Any, ids: list[int], pooling: str, skip: int, extra: dict[str, Any] | None = None
+) -> np.ndarray:
     """The pooled state of one unpadded input."""
     with torch.inference_mode():
         hidden = model(input_ids=torch.tensor([ids]), **(extra or {}))[0][0]
@@ -366,7 +398,9 @@ def test_every_builtin_family_has_a_test_model():
 def test_family_conventions_reach_the_model(tmp_path, family: ModelFamily, padding_side: str):
     architecture, hub_id = FAMILY_MODELS[family.name]
     folder = build_model(tmp_path, architecture, hub_id, padding_side)
-    embedder = HuggingFaceEmbedder(model=str(folder), device="cpu", batch_size=8, trust_remote_code=family.trust_remote_code)
+    embedder = HuggingFaceEmbedder(
+        model=str(folder), device="cpu", batch_size=8, trust_remote_code=family.trust_remote_code
+    )
     assert embedder.family == family  # identified by the folder's hub-id name
     conventions = embedder.conventions
     tokenizer = embedder.encoder.tokenizer
@@ -392,7 +426,8 @@ def test_family_conventions_reach_the_model(tmp_path, family: ModelFamily, paddi
     # 2. The vectors are the family's pooling of each text's own states (no padding involved).
     model = load_direct(folder, conventions.bidirectional_attention)
     for vectors, prefix, texts, task in [
-        (documents, family.document_prefix, TEXTS, family.document_task), ([query], family.query_prefix, [QUERY], family.query_task),
+        (documents, family.document_prefix, TEXTS, family.document_task),
+        ([query], family.query_prefix, [QUERY], family.query_task),
     ]:
         skip = 0 if family.pool_prefix_tokens else leading_count(tokenizer, prefix)
         extra = {"adapter_mask": torch.tensor([ADAPTERS.index(task)])} if task else None
@@ -406,7 +441,9 @@ def test_family_conventions_reach_the_model(tmp_path, family: ModelFamily, paddi
         causal = load_direct(folder, bidirectional=False)
         ids = expected_ids(tokenizer, family.document_prefix + TEXTS[1], family.end_token)
         skip = 0 if family.pool_prefix_tokens else leading_count(tokenizer, family.document_prefix)
-        assert not np.allclose(pooled_alone(causal, ids, family.pooling, skip), pooled_alone(model, ids, family.pooling, skip), atol=1e-4)
+        assert not np.allclose(
+            pooled_alone(causal, ids, family.pooling, skip), pooled_alone(model, ids, family.pooling, skip), atol=1e-4
+        )
     if not family.pool_prefix_tokens:  # the instruction really is left out
         ids = expected_ids(tokenizer, family.document_prefix + TEXTS[1], family.end_token)
         with_prefix = finish(pooled_alone(model, ids, "mean", 0), folder, family.normalize)
@@ -502,12 +539,16 @@ def test_spec_overrides_any_convention(e5_folder):
     assert (default.query_prefix, default.document_prefix) == ("query: ", "passage: ")
     assert _sent_ids(default, lambda: default.embed_query("x")) == [tokenizer("query: x")["input_ids"]]
 
-    custom = HuggingFaceEmbedder(model=str(e5_folder), device="cpu", query_prefix="", document_prefix="doc: ", pooling="cls")
+    custom = HuggingFaceEmbedder(
+        model=str(e5_folder), device="cpu", query_prefix="", document_prefix="doc: ", pooling="cls"
+    )
     assert _sent_ids(custom, lambda: custom.embed_query("x")) == [tokenizer("x")["input_ids"]]
     assert _sent_ids(custom, lambda: custom.embed_documents(["x"])) == [tokenizer("doc: x")["input_ids"]]
     model = load_direct(e5_folder, bidirectional=False)
     np.testing.assert_allclose(
-        custom.embed_documents(["x"])[0], finish(pooled_alone(model, tokenizer("doc: x")["input_ids"], "cls", 0), e5_folder, True), atol=2e-5
+        custom.embed_documents(["x"])[0],
+        finish(pooled_alone(model, tokenizer("doc: x")["input_ids"], "cls", 0), e5_folder, True),
+        atol=2e-5,
     )
     # What differs from the model's own conventions is part of its identity; the query side is not.
     assert custom.model_id.endswith('(pooling=cls, document_prefix="doc: ")')
@@ -529,13 +570,21 @@ def test_spec_picks_another_family_or_none(e5_folder):
 
 
 def test_sentence_transformers_files_take_precedence_over_the_family(e5_folder):
-    (e5_folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"query": "q> ", "document": "d> "}}))
-    (e5_folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]))
+    (e5_folder / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": "q> ", "document": "d> "}})
+    )
+    (e5_folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
     (e5_folder / "1_Pooling").mkdir()
-    (e5_folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    (e5_folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
+    )
     embedder = HuggingFaceEmbedder(model=str(e5_folder), device="cpu")
     conventions = embedder.conventions
     assert (conventions.query_prefix, conventions.document_prefix, conventions.pooling) == ("q> ", "d> ", "cls")
@@ -619,7 +668,10 @@ def test_end_token_survives_truncation(tmp_path):
     tokenizer = embedder.encoder.tokenizer
     rows = _sent_ids(embedder, lambda: embedder.embed_documents([TEXTS[1], "x"]))
     end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    assert sorted(rows, key=len) == [[tokenizer.convert_tokens_to_ids("x"), end], [*tokenizer(TEXTS[1])["input_ids"][:3], end]]
+    assert sorted(rows, key=len) == [
+        [tokenizer.convert_tokens_to_ids("x"), end],
+        [*tokenizer(TEXTS[1])["input_ids"][:3], end],
+    ]
     assert embedder.truncated_texts == 1
 
 
@@ -660,5 +712,7 @@ def test_task_adapter_missing_from_the_model(tmp_path):
     embedder = HuggingFaceEmbedder(model=str(folder), device="cpu", trust_remote_code=True)
     with pytest.raises(ModelLoadError, match="no task adapter for retrieval.query, retrieval.passage"):
         embedder.embed_documents(["x"])
-    plain = HuggingFaceEmbedder(model=str(folder), device="cpu", trust_remote_code=True, query_task="", document_task="")
+    plain = HuggingFaceEmbedder(
+        model=str(folder), device="cpu", trust_remote_code=True, query_task="", document_task=""
+    )
     assert plain.embed_documents(["x"]).shape == (1, 32)

@@ -160,13 +160,19 @@ def test_same_chunks_as_langchain_for_its_own_settings():
     for _ in range(150):
         parts = []
         for _ in range(rng.randint(0, 250)):
-            parts.append(rng.choice(words) if rng.random() < 0.85 else rng.choice(["\n\n", "\n", "  ", "x" * rng.randint(10, 60)]))
+            parts.append(
+                rng.choice(words)
+                if rng.random() < 0.85
+                else rng.choice(["\n\n", "\n", "  ", "x" * rng.randint(10, 60)])
+            )
             parts.append(" ")
         text = "".join(parts)
         size = rng.randint(5, 300)
         overlap = rng.randint(0, size - 1)
         keep = rng.choice([True, "end"])
-        theirs = RecursiveCharacterTextSplitter(chunk_size=size, chunk_overlap=overlap, keep_separator=keep).split_text(text)
+        theirs = RecursiveCharacterTextSplitter(chunk_size=size, chunk_overlap=overlap, keep_separator=keep).split_text(
+            text
+        )
         chunker = RecursiveChunker(chunk_size=size, chunk_overlap=overlap, keep_separator=keep)
         ours = [text[a:b] for a, b in chunker.split(document(text))]
         # LangChain sometimes emits a chunk that lies inside its neighbour; we drop those.
@@ -270,7 +276,9 @@ def test_keep_separator_false_keeps_separators_out_of_chunk_edges():
 
 def test_keep_separator_end_puts_separators_at_chunk_ends():
     text = "one; two; three; four; five; six; seven; eight"
-    chunks = RecursiveChunker(chunk_size=12, chunk_overlap=0, separators=[";"], keep_separator="end").chunk(document(text))
+    chunks = RecursiveChunker(chunk_size=12, chunk_overlap=0, separators=[";"], keep_separator="end").chunk(
+        document(text)
+    )
     assert all(c.text.endswith(";") for c in chunks[:-1])
 
 
@@ -279,7 +287,9 @@ def test_regex_and_language_separators():
     chunks = RecursiveChunker(chunk_size=45, chunk_overlap=0, language="markdown").chunk(document(text))
     assert [c.text.split("\n")[0] for c in chunks] == ["# Title", "## Part one", "## Part two"]
     by_regex = RecursiveChunker(chunk_size=45, chunk_overlap=0, separators=[r"\n#{1,6} ", ""], is_separator_regex=True)
-    assert by_regex.split(document(text)) == RecursiveChunker(chunk_size=45, chunk_overlap=0, language="markdown").split(document(text))
+    assert by_regex.split(document(text)) == RecursiveChunker(
+        chunk_size=45, chunk_overlap=0, language="markdown"
+    ).split(document(text))
 
 
 def random_text(rng: random.Random) -> str:
@@ -316,13 +326,17 @@ def random_elements(text: str, rng: random.Random) -> list[Element]:
     return elements
 
 
-def check_properties(doc: ParsedDocument, spans: list[Span], limit: int, size_of: Callable[[str], int], overlap: int | None) -> None:
+def check_properties(
+    doc: ParsedDocument, spans: list[Span], limit: int, size_of: Callable[[str], int], overlap: int | None
+) -> None:
     text = doc.text
     assert all(0 <= a < b <= len(text) for a, b in spans)
     assert all(text[a:b] == text[a:b].strip() and text[a:b] for a, b in spans)
     assert_in_order(spans)
     assert_covers(text, spans)
-    assert all(size_of(text[a:b]) <= limit for a, b in spans), [text[a:b] for a, b in spans if size_of(text[a:b]) > limit]
+    assert all(size_of(text[a:b]) <= limit for a, b in spans), [
+        text[a:b] for a, b in spans if size_of(text[a:b]) > limit
+    ]
     if overlap is not None:
         assert all(previous_end - start <= overlap for (_, previous_end), (start, _) in zip(spans, spans[1:]))
 
@@ -377,7 +391,10 @@ def test_respect_elements_merges_small_elements_and_cuts_only_oversized_ones():
     )
     chunks = RecursiveChunker(chunk_size=120, chunk_overlap=0, respect_elements=True).chunk(doc)
     assert_exact(doc, chunks)
-    assert chunks[0].text == "Installation\n\nInstall the package with pip.\n\nPython 3.10 or newer.\n\nTwo gigabytes of disk."
+    assert (
+        chunks[0].text
+        == "Installation\n\nInstall the package with pip.\n\nPython 3.10 or newer.\n\nTwo gigabytes of disk."
+    )
     assert chunks[0].metadata["categories"] == ["ListItem", "NarrativeText", "Title"]
     big = doc.elements[4]
     inside = [c for c in chunks if big.start <= c.start and c.end <= big.end]
@@ -387,7 +404,11 @@ def test_respect_elements_merges_small_elements_and_cuts_only_oversized_ones():
         for element in doc.elements:
             if element is big:
                 continue
-            assert chunk.end <= element.start or chunk.start >= element.end or (chunk.start <= element.start and element.end <= chunk.end)
+            assert (
+                chunk.end <= element.start
+                or chunk.start >= element.end
+                or (chunk.start <= element.start and element.end <= chunk.end)
+            )
     assert chunks[-1].text == "A short closing remark."
 
 
@@ -412,16 +433,26 @@ def test_respect_elements_overlap_repeats_whole_elements_only():
 
 def test_respect_elements_keeps_text_no_element_covers():
     text = "Covered paragraph.\n\nloose text the parser skipped\n\nAnother covered one."
-    elements = [Element("Covered paragraph.", "NarrativeText", 0, 18), Element("Another covered one.", "NarrativeText", 51, 71)]
+    elements = [
+        Element("Covered paragraph.", "NarrativeText", 0, 18),
+        Element("Another covered one.", "NarrativeText", 51, 71),
+    ]
     assert text[51:71] == "Another covered one."
     doc = document(text, elements)
     spans = RecursiveChunker(chunk_size=30, chunk_overlap=0, respect_elements=True).split(doc)
-    assert [text[a:b] for a, b in spans] == ["Covered paragraph.", "loose text the parser skipped", "Another covered one."]
+    assert [text[a:b] for a, b in spans] == [
+        "Covered paragraph.",
+        "loose text the parser skipped",
+        "Another covered one.",
+    ]
 
 
 @pytest.mark.parametrize(
     "chunker",
-    [RecursiveChunker(chunk_size=200, chunk_overlap=50, split_on_headings=True), TokenChunker(chunk_size=50, chunk_overlap=10, split_on_headings=True)],
+    [
+        RecursiveChunker(chunk_size=200, chunk_overlap=50, split_on_headings=True),
+        TokenChunker(chunk_size=50, chunk_overlap=10, split_on_headings=True),
+    ],
 )
 def test_split_on_headings_never_spans_two_sections(chunker):
     doc = structured_document(
@@ -451,7 +482,9 @@ def test_split_on_headings_never_spans_two_sections(chunker):
 
 
 def test_split_on_headings_with_respect_elements():
-    doc = structured_document([("Title", "A"), ("NarrativeText", "alpha " * 5), ("Title", "B"), ("NarrativeText", "beta " * 5)])
+    doc = structured_document(
+        [("Title", "A"), ("NarrativeText", "alpha " * 5), ("Title", "B"), ("NarrativeText", "beta " * 5)]
+    )
     chunks = RecursiveChunker(chunk_size=500, chunk_overlap=0, split_on_headings=True, respect_elements=True).chunk(doc)
     assert [c.text for c in chunks] == ["A\n\n" + ("alpha " * 5).strip(), "B\n\n" + ("beta " * 5).strip()]
 
@@ -492,7 +525,9 @@ def byte_level_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory):
 def test_hugging_face_byte_level_tokenizer_offsets_inside_characters(byte_level_tokenizer_dir):
     text = EMOJI + CHINESE
     doc = document(text)
-    chunker = TokenChunker(chunk_size=5, chunk_overlap=0, strip_whitespace=False, tokenizer=str(byte_level_tokenizer_dir))
+    chunker = TokenChunker(
+        chunk_size=5, chunk_overlap=0, strip_whitespace=False, tokenizer=str(byte_level_tokenizer_dir)
+    )
     encoding = chunker.tokenization.tokenizer.encode(text, add_special_tokens=False)
     # Several tokens share a character: the offsets really fall inside characters.
     assert len({start for start, _ in encoding.offsets}) < len(encoding.offsets)
@@ -509,9 +544,14 @@ def test_hugging_face_byte_level_tokenizer_offsets_inside_characters(byte_level_
 
 def test_output_is_deterministic():
     doc = document(MIXED * 4)
-    for make in (lambda: RecursiveChunker(chunk_size=80, chunk_overlap=20), lambda: TokenChunker(chunk_size=20, chunk_overlap=5)):
+    for make in (
+        lambda: RecursiveChunker(chunk_size=80, chunk_overlap=20),
+        lambda: TokenChunker(chunk_size=20, chunk_overlap=5),
+    ):
         first, second = make().chunk(doc), make().chunk(doc)
-        assert [(c.id, c.start, c.end, c.text, c.metadata) for c in first] == [(c.id, c.start, c.end, c.text, c.metadata) for c in second]
+        assert [(c.id, c.start, c.end, c.text, c.metadata) for c in first] == [
+            (c.id, c.start, c.end, c.text, c.metadata) for c in second
+        ]
         assert len({c.id for c in first}) == len(first)
 
 
@@ -521,7 +561,13 @@ def test_output_is_deterministic():
         (RecursiveChunker, {}),
         (
             RecursiveChunker,
-            {"chunk_size": 300, "chunk_overlap": 0, "separators": ["\n\n", "。", ""], "keep_separator": "end", "respect_elements": True},
+            {
+                "chunk_size": 300,
+                "chunk_overlap": 0,
+                "separators": ["\n\n", "。", ""],
+                "keep_separator": "end",
+                "respect_elements": True,
+            },
         ),
         (RecursiveChunker, {"language": "markdown", "split_on_headings": True, "strip_whitespace": False}),
         (TokenChunker, {"chunk_size": 128, "chunk_overlap": 16, "encoding": "o200k_base"}),
@@ -547,7 +593,9 @@ def test_fingerprint_names_the_default_encoding():
 @pytest.mark.parametrize("cls", [RecursiveChunker, TokenChunker])
 @pytest.mark.parametrize("size,overlap", [(100, 100), (100, 150)])
 def test_overlap_not_smaller_than_size_is_a_clear_error(cls, size, overlap):
-    with pytest.raises(ValidationError, match=rf"chunk_overlap \({overlap}\) must be smaller than chunk_size \({size}\)"):
+    with pytest.raises(
+        ValidationError, match=rf"chunk_overlap \({overlap}\) must be smaller than chunk_size \({size}\)"
+    ):
         cls(chunk_size=size, chunk_overlap=overlap)
 
 
@@ -571,7 +619,9 @@ def test_bad_settings_are_rejected_with_the_reason(cls, settings, message):
 
 
 @pytest.mark.parametrize("text", ["", "   \n\n\t  "])
-@pytest.mark.parametrize("chunker", [RecursiveChunker(), TokenChunker(), RecursiveChunker(respect_elements=True, split_on_headings=True)])
+@pytest.mark.parametrize(
+    "chunker", [RecursiveChunker(), TokenChunker(), RecursiveChunker(respect_elements=True, split_on_headings=True)]
+)
 def test_empty_or_blank_document_gives_no_chunks(chunker, text):
     assert chunker.chunk(document(text)) == []
 
@@ -594,7 +644,11 @@ def test_chunks_carry_what_the_source_and_parser_know_about_the_document():
     from core.types import SourceDocument
 
     source = SourceDocument(
-        "repo/docs/a.md", "git:repo/docs/a.md", "text/markdown", "h", b"# Title\n\nSome text here.",
+        "repo/docs/a.md",
+        "git:repo/docs/a.md",
+        "text/markdown",
+        "h",
+        b"# Title\n\nSome text here.",
         {"file_name": "a.md", "relative_path": "docs/a.md", "commit": "0123abc"},
     )
     parsed = UnstructuredParser().parse(source)

@@ -25,17 +25,29 @@ CORPUS = {
     "d3": ("Orbits", "Satellites in low orbit circle the Earth every ninety minutes."),
     "d4": ("Roses", "Prune roses in late winter above an outward bud."),
     # Long enough for several chunks: its best chunk must count once, as the document.
-    "d5": ("Volcanoes", " ".join(["Volcanoes erupt when magma rises through the crust."] * 3 + ["Lava cools into basalt rock."] * 3)),
+    "d5": (
+        "Volcanoes",
+        " ".join(["Volcanoes erupt when magma rises through the crust."] * 3 + ["Lava cools into basalt rock."] * 3),
+    ),
 }
-QUERIES = {"q1": "how long to steep green tea", "q2": "when to prune roses", "q3": "what happens when magma rises", "q4": "unjudged"}
+QUERIES = {
+    "q1": "how long to steep green tea",
+    "q2": "when to prune roses",
+    "q3": "what happens when magma rises",
+    "q4": "unjudged",
+}
 QRELS = [("q1", "d1", 1), ("q2", "d4", 1), ("q3", "d5", 1)]
 
 
 def write_beir(folder: Path) -> Path:
     (folder / "qrels").mkdir(parents=True)
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "title": t, "text": x}) + "\n" for k, (t, x) in CORPUS.items()))
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": k, "title": t, "text": x}) + "\n" for k, (t, x) in CORPUS.items())
+    )
     (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in QUERIES.items()))
-    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in QRELS))
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in QRELS)
+    )
     return folder
 
 
@@ -97,12 +109,26 @@ def test_every_mode_is_measured_and_chunks_map_to_documents(tmp_path):
 def test_cli_eval(tmp_path):
     folder = write_beir(tmp_path / "tiny")
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec_dict()))
-    command = [sys.executable, "-m", "pipeline", "-q", "eval", str(tmp_path / "spec.yaml"), "--beir", str(folder), "--modes", "bm25", "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "-q",
+        "eval",
+        str(tmp_path / "spec.yaml"),
+        "--beir",
+        str(folder),
+        "--modes",
+        "bm25",
+        "--json",
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["results"][0]["mode"] == "bm25" and report["results"][0]["metrics"]["R@100"] == 1.0
-    missing = subprocess.run(command[:6] + ["--beir", str(tmp_path / "nowhere")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        command[:6] + ["--beir", str(tmp_path / "nowhere")], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert missing.returncode == 2 and "is not a BEIR dataset" in missing.stderr
 
 

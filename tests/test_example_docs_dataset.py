@@ -71,7 +71,11 @@ def test_example_docs_parse_or_fail_with_a_clear_reason(datasets_dir: Path) -> N
 
     assert len(outcomes) == 246
     bare = [f"{o.source_id}: {o.error}" for o in failed if not o.error or BARE_EXCEPTION.match(o.error)]
-    died = [f"{o.source_id}: {o.error}" for o in failed if "process died" in (o.error or "") or "killed by signal" in (o.error or "")]
+    died = [
+        f"{o.source_id}: {o.error}"
+        for o in failed
+        if "process died" in (o.error or "") or "killed by signal" in (o.error or "")
+    ]
     assert not bare, "exceptions other than ParseFailure escaped the parser:\n" + "\n".join(bare)
     assert not died, "parser workers crashed:\n" + "\n".join(died)
     for outcome in parsed:

@@ -14,7 +14,7 @@ from stores import filters
 from stores.filters import FilterValueError
 
 HOSTILE = [
-    'a"b\'c.md',
+    "a\"b'c.md",
     'x" or id != "',
     '" or 1==1 or "',
     "' or 1==1 or '",
@@ -150,7 +150,11 @@ def test_combinators_parenthesise_each_part():
 
 def test_from_mapping_builds_one_conjunction_of_safe_parts():
     expression = filters.from_mapping(
-        {"source_id": 'a" or 1==1 or "', "chunk_index": {"gte": 1, "lt": 3}, "media_type": ["application/pdf", "text/html"]}
+        {
+            "source_id": 'a" or 1==1 or "',
+            "chunk_index": {"gte": 1, "lt": 3},
+            "media_type": ["application/pdf", "text/html"],
+        }
     )
     assert expression == (
         '(source_id == "a\\" or 1==1 or \\"") and ((chunk_index >= 1) and (chunk_index < 3)) and '
@@ -158,7 +162,9 @@ def test_from_mapping_builds_one_conjunction_of_safe_parts():
     )
     assert filters.from_mapping({}) == ""
     assert filters.from_mapping({"a.b": 1}) == '(metadata["a"]["b"] == 1)'
-    assert filters.from_mapping({"headings": {"contains": "Setup"}}) == '((json_contains(metadata["headings"], "Setup")))'
+    assert (
+        filters.from_mapping({"headings": {"contains": "Setup"}}) == '((json_contains(metadata["headings"], "Setup")))'
+    )
 
 
 def test_page_filters_match_chunks_by_their_page_list():

@@ -25,15 +25,20 @@ from tests.plugins.components import PLUGINS
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="the git command is not installed")
 
 GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.com",
-    "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "test@example.com",
-    "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "test@example.com",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
 }
 TOKEN = "glpat-Secr3tTok3n-never-print-me"
 
 
 def git(cwd: Path, *args: str) -> str:
-    done = subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV}, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        ["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV}, capture_output=True, text=True, check=True
+    )
     return done.stdout.strip()
 
 
@@ -55,12 +60,16 @@ def work(tmp_path: Path) -> Path:
     work = tmp_path / "handbook"
     work.mkdir()
     git(work, "init", "-q", "-b", "main")
-    commit(work, "first", {
-        "guide.md": "# Guide\n\nFace the hive entrance south-east.\n",
-        "notes/compost.txt": "Turn the compost heap every two weeks.\n",
-        "odd name é 'q'.txt": "Names with spaces, accents and quotes survive.\n",
-        ".github/ci.yml": "hidden: excluded by default\n",
-    })
+    commit(
+        work,
+        "first",
+        {
+            "guide.md": "# Guide\n\nFace the hive entrance south-east.\n",
+            "notes/compost.txt": "Turn the compost heap every two weeks.\n",
+            "odd name é 'q'.txt": "Names with spaces, accents and quotes survive.\n",
+            ".github/ci.yml": "hidden: excluded by default\n",
+        },
+    )
     (work / "link.md").symlink_to("guide.md")
     git(work, "add", "link.md")
     git(work, "commit", "-q", "-m", "a symlink")
@@ -224,11 +233,20 @@ def git_http(work, tmp_path) -> Iterator[tuple[str, list[str]]]:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             path, _, query = self.path.partition("?")
             env = {
-                "PATH": os.environ["PATH"], "GIT_PROJECT_ROOT": str(root), "GIT_HTTP_EXPORT_ALL": "1",
-                "REQUEST_METHOD": self.command, "PATH_INFO": path, "QUERY_STRING": query, "REMOTE_USER": "oauth2",
-                "CONTENT_TYPE": self.headers.get("Content-Type", ""), "CONTENT_LENGTH": str(len(body)),
-                "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""), "HTTP_GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
-                "GATEWAY_INTERFACE": "CGI/1.1", "SERVER_PROTOCOL": "HTTP/1.0", "REMOTE_ADDR": "127.0.0.1",
+                "PATH": os.environ["PATH"],
+                "GIT_PROJECT_ROOT": str(root),
+                "GIT_HTTP_EXPORT_ALL": "1",
+                "REQUEST_METHOD": self.command,
+                "PATH_INFO": path,
+                "QUERY_STRING": query,
+                "REMOTE_USER": "oauth2",
+                "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+                "CONTENT_LENGTH": str(len(body)),
+                "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
+                "HTTP_GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
+                "GATEWAY_INTERFACE": "CGI/1.1",
+                "SERVER_PROTOCOL": "HTTP/1.0",
+                "REMOTE_ADDR": "127.0.0.1",
             }
             out = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True, check=True).stdout
             head, _, payload = out.partition(b"\r\n\r\n")
@@ -260,12 +278,22 @@ def test_token_in_url_authenticates_and_is_never_stored_logged_or_shown(git_http
     assert {r.metadata["relative_path"] for r in refs} == {"guide.md", "notes/compost.txt", "odd name é 'q'.txt"}
     assert seen and seen[-1].startswith("Basic ")  # the helper answered git's 401 with our credentials
     assert source.read(refs[0])
-    mirror_files = "".join(p.read_text(errors="replace") for p in (tmp_path / "mirrors").rglob("*") if p.is_file() and p.stat().st_size < 1_000_000)
-    shown = [repr(r) for r in refs] + [source.display, source.scope, mirror_files] + [r.getMessage() for r in caplog.records]
+    mirror_files = "".join(
+        p.read_text(errors="replace")
+        for p in (tmp_path / "mirrors").rglob("*")
+        if p.is_file() and p.stat().st_size < 1_000_000
+    )
+    shown = (
+        [repr(r) for r in refs]
+        + [source.display, source.scope, mirror_files]
+        + [r.getMessage() for r in caplog.records]
+    )
     assert not any(TOKEN in text for text in shown)
     assert refs[0].metadata["repository"] == url
 
-    wrong = GitSource(repo=url.replace("http://", "http://oauth2:wrong-Secr3t-value@"), cache_dir=str(tmp_path / "other"))
+    wrong = GitSource(
+        repo=url.replace("http://", "http://oauth2:wrong-Secr3t-value@"), cache_dir=str(tmp_path / "other")
+    )
     with pytest.raises(GitError) as failed:
         list(wrong.list())
     assert "wrong-Secr3t-value" not in str(failed.value) and "clone failed" in str(failed.value)

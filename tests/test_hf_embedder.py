@@ -27,7 +27,8 @@ TEXTS = [
     "Late chunking embeds the whole document once and pools token vectors per chunk. " * 3,
     "Ein deutscher Satz über Vektorsuche und Einbettungen.",
     "向量数据库用于检索增强生成。",
-    "The quick brown fox jumps over the lazy dog, again and again, until the dog finally wakes up. " * 12,  # > 256 tokens
+    "The quick brown fox jumps over the lazy dog, again and again, until the dog finally wakes up. "
+    * 12,  # > 256 tokens
     "RAG",
     "Batched inference pads every text to the longest one in its batch.",
     "x " * 40,
@@ -168,7 +169,9 @@ def test_truncation_is_counted_and_warned_once(caplog):
     assert len(warnings) == 1 and "2 of 4 texts" in warnings[0].getMessage() and "16 tokens" in warnings[0].getMessage()
     assert embedder.run_notes() == [f"3 texts longer than {MINILM_HUB_ID}'s 16 tokens were truncated"]
     # A truncated text embeds as its first 16 tokens.
-    np.testing.assert_allclose(embedder.embed_documents([too_long])[0], embedder.embed_documents(["word " * 14])[0], atol=1e-5)
+    np.testing.assert_allclose(
+        embedder.embed_documents([too_long])[0], embedder.embed_documents(["word " * 14])[0], atol=1e-5
+    )
 
 
 def test_default_max_length_is_the_trained_length(minilm):
@@ -194,9 +197,15 @@ def test_model_id_names_the_model_not_the_machine(minilm_folder):
     assert HuggingFaceEmbedder(model=MINILM_HUB_ID).model_id == MINILM_HUB_ID
     assert HuggingFaceEmbedder(model=minilm_folder).model_id == MINILM_HUB_ID  # the shipped folder by path
     changed = HuggingFaceEmbedder(pooling="cls", normalize=False, max_length=128, document_prefix="passage: ")
-    assert changed.model_id == f'{MINILM_HUB_ID} (pooling=cls, normalize=false, max_length=128, document_prefix="passage: ")'
+    assert (
+        changed.model_id
+        == f'{MINILM_HUB_ID} (pooling=cls, normalize=false, max_length=128, document_prefix="passage: ")'
+    )
     # Spelling out the model's own conventions, or changing the query side, keeps the identity.
-    assert HuggingFaceEmbedder(pooling="mean", normalize=True, max_length=256, query_prefix="q: ").model_id == MINILM_HUB_ID
+    assert (
+        HuggingFaceEmbedder(pooling="mean", normalize=True, max_length=256, query_prefix="q: ").model_id
+        == MINILM_HUB_ID
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of device: auto")
@@ -222,13 +231,27 @@ def test_cuda_vectors_agree_with_cpu(minilm_vectors, dtype):
 def test_to_dict_from_dict_round_trip():
     assert HuggingFaceEmbedder().to_dict() == {"type": "huggingface"}
     embedder = HuggingFaceEmbedder(
-        model="all-MiniLM-L6-v2", pooling="cls", normalize=False, max_length=128, query_prefix="query: ",
-        document_prefix="passage: ", batch_size=8, device="cpu", num_threads=1,
+        model="all-MiniLM-L6-v2",
+        pooling="cls",
+        normalize=False,
+        max_length=128,
+        query_prefix="query: ",
+        document_prefix="passage: ",
+        batch_size=8,
+        device="cpu",
+        num_threads=1,
     )
     data = embedder.to_dict()
     assert data == {
-        "type": "huggingface", "pooling": "cls", "normalize": False, "max_length": 128, "query_prefix": "query: ",
-        "document_prefix": "passage: ", "batch_size": 8, "device": "cpu", "num_threads": 1,
+        "type": "huggingface",
+        "pooling": "cls",
+        "normalize": False,
+        "max_length": 128,
+        "query_prefix": "query: ",
+        "document_prefix": "passage: ",
+        "batch_size": 8,
+        "device": "cpu",
+        "num_threads": 1,
     }
     rebuilt = HuggingFaceEmbedder.from_dict(data)
     assert rebuilt.config == embedder.config and rebuilt.to_dict() == data
@@ -237,7 +260,12 @@ def test_to_dict_from_dict_round_trip():
 def test_fingerprint_ignores_speed_and_query_settings():
     base = HuggingFaceEmbedder().fingerprint_settings()
     assert base == {"type": "huggingface", "model": MINILM_HUB_ID}
-    assert HuggingFaceEmbedder(batch_size=2, max_batch_tokens=512, device="cpu", num_threads=1, query_prefix="q: ").fingerprint_settings() == base
+    assert (
+        HuggingFaceEmbedder(
+            batch_size=2, max_batch_tokens=512, device="cpu", num_threads=1, query_prefix="q: "
+        ).fingerprint_settings()
+        == base
+    )
     assert HuggingFaceEmbedder(document_prefix="passage: ").fingerprint_settings() != base
     assert HuggingFaceEmbedder(max_length=64).fingerprint_settings() != base
 
@@ -301,7 +329,9 @@ def _save_tiny_model(folder: Path, config, padding_side: str, **tokenizer_settin
 
     torch.manual_seed(0)
     AutoModel.from_config(config).save_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"), padding_side=padding_side, **tokenizer_settings)
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path("all-MiniLM-L6-v2"), padding_side=padding_side, **tokenizer_settings
+    )
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -310,8 +340,12 @@ def _tiny_bert(folder: Path, tokenizer, padding_side: str = "right") -> Path:
     from transformers import BertConfig
 
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
     )
     return _save_tiny_model(folder, config, padding_side)
 
@@ -321,8 +355,14 @@ def _tiny_gpt2(folder: Path, tokenizer, padding_side: str) -> Path:
     from transformers import GPT2Config
 
     config = GPT2Config(
-        vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=tokenizer.vocab_size,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     # Decoder tokenizers give no token_type_ids (GPT-2 would add them to its input embeddings).
     return _save_tiny_model(folder, config, padding_side, model_input_names=["input_ids", "attention_mask"])
@@ -352,7 +392,9 @@ def test_cls_pooling_picks_the_first_real_token(tmp_path, minilm_tokenizer, padd
     got = embedder.embed_documents(POOLING_TEXTS)
     assert "Loading weights" not in capfd.readouterr().err  # no progress bar when stderr is not a terminal
     np.testing.assert_allclose(got, _alone(folder, POOLING_TEXTS, 0), atol=1e-5)
-    mean = HuggingFaceEmbedder(model=str(folder), pooling="mean", normalize=False, device="cpu").embed_documents(POOLING_TEXTS)
+    mean = HuggingFaceEmbedder(model=str(folder), pooling="mean", normalize=False, device="cpu").embed_documents(
+        POOLING_TEXTS
+    )
     assert not np.allclose(got, mean, atol=1e-3)
 
 

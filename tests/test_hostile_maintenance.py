@@ -58,7 +58,9 @@ def test_a_source_of_more_than_16384_documents_keeps_every_command_working(tmp_p
         report = pipeline.reconcile(repair=False)
         assert report.clean and report.sources_recorded == count == report.sources_with_chunks
         # One record gone from the file: the next reindex deletes exactly that source.
-        corpus.write_text("".join(json.dumps({"_id": f"d{i}", "text": f"document {i}"}) + "\n" for i in range(1, count)))
+        corpus.write_text(
+            "".join(json.dumps({"_id": f"d{i}", "text": f"document {i}"}) + "\n" for i in range(1, count))
+        )
         removed = pipeline.reindex()
         assert removed.changes.deleted == 1 and removed.changes.unchanged == count - 1
         assert pipeline.store.count() == count - 1
@@ -106,7 +108,10 @@ def test_two_sources_with_one_namespace_are_refused_instead_of_overwriting(tmp_p
     for folder, text in (("a/docs", "from a"), ("b/docs", "from b")):
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "same.txt").write_text(text)
-    sources = [{"type": "local", "path": str(tmp_path / "a" / "docs")}, {"type": "local", "path": str(tmp_path / "b" / "docs")}]
+    sources = [
+        {"type": "local", "path": str(tmp_path / "a" / "docs")},
+        {"type": "local", "path": str(tmp_path / "b" / "docs")},
+    ]
     spec = milvus_spec(tmp_path, sources)
     spec["stages"]["parser"] = {"type": "unstructured"}
     with Pipeline(spec, allowed_modules=PLUGINS) as pipeline:
@@ -114,7 +119,10 @@ def test_two_sources_with_one_namespace_are_refused_instead_of_overwriting(tmp_p
         assert any("overlapping prefixes 'docs/' and 'docs/'" in p for p in problems), problems
         summary = pipeline.reindex()
         assert not summary.ok and summary.documents_indexed == 0
-        assert [(f.source_id, f.stage) for f in summary.failures] == [("docs/same.txt", "list"), ("docs/same.txt", "write")]
+        assert [(f.source_id, f.stage) for f in summary.failures] == [
+            ("docs/same.txt", "list"),
+            ("docs/same.txt", "write"),
+        ]
         assert all("source id collision" in f.reason for f in summary.failures)
         assert pipeline.store.count() == 0
         assert pipeline.store.index_record().get(["docs/same.txt"])["docs/same.txt"].status == "failed"
@@ -136,7 +144,9 @@ def test_a_non_utf8_file_name_and_its_escaped_spelling_are_two_sources(tmp_path)
 
 
 def test_an_emptied_file_loses_its_chunks_and_a_full_rebuild_still_switches(tmp_path):
-    with Pipeline(milvus_spec(tmp_path, memory_source({"a.txt": "alpha", "b.txt": "beta"})), allowed_modules=PLUGINS) as pipeline:
+    with Pipeline(
+        milvus_spec(tmp_path, memory_source({"a.txt": "alpha", "b.txt": "beta"})), allowed_modules=PLUGINS
+    ) as pipeline:
         pipeline.reindex()
         pipeline.sources[0].config.documents["a.txt"] = "  \n "
         summary = pipeline.reindex()
@@ -165,7 +175,11 @@ def test_every_spec_problem_is_reported_at_once(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "validate", str(path), "--allow-module", "tests.plugins"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "runner.batch_size" in result.stderr and "stages.chunker.chunk_size" in result.stderr, result.stderr

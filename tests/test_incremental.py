@@ -57,7 +57,12 @@ def test_unchanged_rerun_reads_parses_and_embeds_nothing():
     assert (first.changes.added, first.changes.unchanged) == (2, 0) and index.embedded
     second = index.run()
     assert second.documents_seen == 0 and second.chunks_written == 0 and index.embedded == []
-    assert (second.changes.added, second.changes.updated, second.changes.unchanged, second.changes.deleted) == (0, 0, 2, 0)
+    assert (second.changes.added, second.changes.updated, second.changes.unchanged, second.changes.deleted) == (
+        0,
+        0,
+        2,
+        0,
+    )
     assert index.pipeline.store.count() == 3
     assert "2 unchanged" in second.format()
     assert index.records.last_run()["changes"]["unchanged"] == 2

@@ -92,7 +92,11 @@ def test_rebuild_that_would_lose_indexed_data_is_not_switched(tmp_path):
         pipeline.sources[0].config.documents = {"a.txt": "ALPHA", "b.txt": "beta", "new.txt": "<corrupt>"}
         summary = pipeline.full_rebuild()
         assert summary.documents_failed == 1 and texts(store) == {"mem/a.txt": {"ALPHA"}, "mem/b.txt": {"beta"}}
-        assert store.serving_collection().startswith("docs__rebuild_") if store.has_aliases else rebuild_files(tmp_path) == []
+        assert (
+            store.serving_collection().startswith("docs__rebuild_")
+            if store.has_aliases
+            else rebuild_files(tmp_path) == []
+        )
 
 
 def test_listing_failure_keeps_the_serving_collection(tmp_path):
@@ -101,7 +105,10 @@ def test_listing_failure_keeps_the_serving_collection(tmp_path):
         pipeline.sources[0].config.fail_listing_after = 1
         summary = pipeline.full_rebuild()
         assert any("not switched" in note and "listing" in note for note in summary.notes)
-        assert pipeline.store.serving_collection() == "docs" and set(texts(pipeline.store)) == {"mem/a.txt", "mem/b.txt"}
+        assert pipeline.store.serving_collection() == "docs" and set(texts(pipeline.store)) == {
+            "mem/a.txt",
+            "mem/b.txt",
+        }
 
 
 def test_leftover_of_a_crashed_rebuild_is_dropped_by_the_next(tmp_path):
@@ -158,8 +165,10 @@ def test_reconcile_deletes_orphans_and_redoes_sources_whose_chunks_drifted(tmp_p
         a_ids = store.chunk_ids_by_source()["mem/a.txt"]
         client.delete("docs", ids=[a_ids[0]])
         client.delete("docs", filter='source_id == "mem/b.txt"')
-        stray = [dict(row, id=f"{row['id'][:-4]}beef", source_id="mem/ghost.txt") for row in
-                 client.query("docs", filter='source_id == "mem/c.txt"', output_fields=["*"])]
+        stray = [
+            dict(row, id=f"{row['id'][:-4]}beef", source_id="mem/ghost.txt")
+            for row in client.query("docs", filter='source_id == "mem/c.txt"', output_fields=["*"])
+        ]
         client.insert("docs", stray)
 
         dry = pipeline.reconcile(repair=False)
@@ -225,7 +234,9 @@ def test_transient_write_failures_are_retried_and_the_index_converges(tmp_path, 
 
 
 def test_write_failure_beyond_the_retries_keeps_the_old_version_and_heals_next_run(tmp_path, monkeypatch):
-    with milvus_pipeline(tmp_path, {"a.txt": "alpha", "b.txt": "beta"}, max_attempts=2, retry_max_wait_s=0.01) as pipeline:
+    with milvus_pipeline(
+        tmp_path, {"a.txt": "alpha", "b.txt": "beta"}, max_attempts=2, retry_max_wait_s=0.01
+    ) as pipeline:
         pipeline.reindex()
         pipeline.sources[0].config.documents = {"a.txt": "alpha v2", "b.txt": "beta"}
         client = pipeline.store._connect()

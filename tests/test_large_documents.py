@@ -110,7 +110,9 @@ def test_chunks_built_a_range_at_a_time_are_the_chunks_built_at_once():
     plan = RecursiveChunker(chunk_size=300, chunk_overlap=50).plan(document)
     whole = plan.chunks()
     pieces = [chunk for start in range(0, len(plan), 7) for chunk in plan.chunks(start, start + 7)]
-    assert [(c.id, c.index, c.start, c.end, c.text, c.metadata) for c in pieces] == [(c.id, c.index, c.start, c.end, c.text, c.metadata) for c in whole]
+    assert [(c.id, c.index, c.start, c.end, c.text, c.metadata) for c in pieces] == [
+        (c.id, c.index, c.start, c.end, c.text, c.metadata) for c in whole
+    ]
     assert all(document.text[c.start : c.end] == c.text for c in whole)
 
 
@@ -121,24 +123,59 @@ def paragraphs_document() -> ParsedDocument:
         heading = number % 25 == 0
         text = words(rng, 3).title() if heading else words(rng, rng.randint(5, 120)) + "."
         category = "Title" if heading else "NarrativeText"
-        elements.append(Element(text, category, cursor, cursor + len(text), page_number=1 + number // 40, heading_path=(text,) if heading else ()))
+        elements.append(
+            Element(
+                text,
+                category,
+                cursor,
+                cursor + len(text),
+                page_number=1 + number // 40,
+                heading_path=(text,) if heading else (),
+            )
+        )
         parts.append(text)
         cursor += len(text) + 2
-    return ParsedDocument("docs/paragraphs.txt", "file:///docs/paragraphs.txt", "text/plain", "h", "\n\n".join(parts), tuple(elements), {"file_name": "paragraphs.txt"})
+    return ParsedDocument(
+        "docs/paragraphs.txt",
+        "file:///docs/paragraphs.txt",
+        "text/plain",
+        "h",
+        "\n\n".join(parts),
+        tuple(elements),
+        {"file_name": "paragraphs.txt"},
+    )
 
 
 def single_line_document() -> ParsedDocument:
     text = words(random.Random(12), 12000)
-    return ParsedDocument("docs/single.txt", "file:///docs/single.txt", "text/plain", "h", text, (Element(text, "NarrativeText", 0, len(text)),), {"file_name": "single.txt"})
+    return ParsedDocument(
+        "docs/single.txt",
+        "file:///docs/single.txt",
+        "text/plain",
+        "h",
+        text,
+        (Element(text, "NarrativeText", 0, len(text)),),
+        {"file_name": "single.txt"},
+    )
 
 
 @pytest.mark.parametrize(
     ("document", "settings", "count", "digest"),
     [
         (paragraphs_document, {}, 170, "d07056da982992f9"),
-        (paragraphs_document, {"chunk_size": 300, "chunk_overlap": 50, "respect_elements": True, "split_on_headings": True}, 621, "483a9555368f9e11"),
+        (
+            paragraphs_document,
+            {"chunk_size": 300, "chunk_overlap": 50, "respect_elements": True, "split_on_headings": True},
+            621,
+            "483a9555368f9e11",
+        ),
         (single_line_document, {}, 78, "8d7405e1c17e48a5"),
-        (single_line_document, {"chunk_size": 300, "chunk_overlap": 50, "respect_elements": True, "split_on_headings": True}, 250, "278295c64b911b0b"),
+        (
+            single_line_document,
+            {"chunk_size": 300, "chunk_overlap": 50, "respect_elements": True, "split_on_headings": True},
+            250,
+            "278295c64b911b0b",
+        ),
     ],
 )
 def test_chunk_ids_and_spans_are_those_existing_indexes_hold(document, settings, count, digest):
@@ -154,7 +191,9 @@ def test_element_index_finds_what_a_scan_of_every_element_finds():
     elements = []
     for _ in range(300):  # overlapping, nested, empty and out-of-order elements included
         start = rng.randint(0, 5000)
-        elements.append(Element("x", rng.choice(["Title", "NarrativeText"]), start, start + rng.choice([0, 1, 10, 80, 900])))
+        elements.append(
+            Element("x", rng.choice(["Title", "NarrativeText"]), start, start + rng.choice([0, 1, 10, 80, 900]))
+        )
     document = ParsedDocument("s", "u", "text/plain", "h", "x" * 6000, tuple(elements))
     index = ElementIndex(document.elements)
     for _ in range(500):
@@ -171,7 +210,10 @@ def test_a_parse_result_crosses_the_worker_pipe_in_parts_and_arrives_unchanged(m
     monkeypatch.setattr(parse_pool, "_TEXT_PIECE_CHARS", 7)  # many pieces, some cut inside a run of non-ASCII
     monkeypatch.setattr(parse_pool, "_ELEMENT_BATCH", 3)
     text = "Bees 🐝 and 茶叶 in spring; a lone surrogate \ud800 survives. " * 5
-    elements = tuple(Element(text[i : i + 9], "NarrativeText", i, i + 9, page_number=i % 3, heading_path=("h",), metadata={"n": i}) for i in range(0, 200, 9))
+    elements = tuple(
+        Element(text[i : i + 9], "NarrativeText", i, i + 9, page_number=i % 3, heading_path=("h",), metadata={"n": i})
+        for i in range(0, 200, 9)
+    )
     parsed = ParsedDocument("s/1", "file:///s/1", "text/plain", "hash", text, elements, {"file_name": "1.txt"})
     sending, receiving = Pipe()
     parse_pool.send_parsed(sending, parsed, None)
@@ -211,7 +253,10 @@ def test_an_embed_failure_in_a_later_slice_fails_the_document_and_keeps_its_prev
     summary = pipeline.reindex(records=records)
     (failure,) = summary.failures
     assert (failure.source_id, failure.stage) == ("mem/big.txt", "embed")
-    assert "cannot embed text containing 'POISON'" in failure.reason and "its previous version stays searchable" in failure.reason
+    assert (
+        "cannot embed text containing 'POISON'" in failure.reason
+        and "its previous version stays searchable" in failure.reason
+    )
     assert re.search(r"\(slice (\d+) of (\d+), chunks \d+-\d+ of \d+;", failure.reason)
     assert log.kinds("mem/big.txt").count("upsert") >= 3  # the slices before the failing one were written ...
     assert "delete_stale" not in log.kinds("mem/big.txt")  # ... and nothing of the first version was deleted
@@ -250,7 +295,10 @@ def test_a_write_failure_in_a_later_slice_fails_the_document_and_writes_none_of_
     summary = pipeline.reindex(records=records)
     (failure,) = summary.failures
     assert (failure.source_id, failure.stage) == ("mem/big.txt", "write")
-    assert re.search(r"RuntimeError: the store refused the request \(writing slice \d+ of \d+; its previous version stays searchable\)", failure.reason)
+    assert re.search(
+        r"RuntimeError: the store refused the request \(writing slice \d+ of \d+; its previous version stays searchable\)",
+        failure.reason,
+    )
     kinds = log.kinds("mem/big.txt")
     assert kinds.count("refused") == 1 and kinds.index("refused") > 1 and "upsert" in kinds
     assert kinds[kinds.index("refused") + 1 :] == ["record failed"]  # no later slice was written, nothing deleted
@@ -340,7 +388,9 @@ def test_a_large_single_line_document_is_processed_in_bounded_memory(tmp_path):
     chunks on two cores, and the model's own memory is the same for every document.
     """
     script = MEMORY_SCRIPT.format(repo=str(REPO), megabytes=MEGABYTES)
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["failed"] == 0 and result["chunks"] > 25_000

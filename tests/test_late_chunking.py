@@ -40,7 +40,14 @@ MIXED = "Milvus 是一个向量数据库。It stores embeddings for retrieval-au
 
 
 def document(text: str, source_id: str = "doc") -> ParsedDocument:
-    return ParsedDocument(source_id=source_id, uri=f"file:///{source_id}", media_type="text/plain", content_hash="0", text=text, elements=())
+    return ParsedDocument(
+        source_id=source_id,
+        uri=f"file:///{source_id}",
+        media_type="text/plain",
+        content_hash="0",
+        text=text,
+        elements=(),
+    )
 
 
 def chunked(text: str, spans: list[tuple[int, int]], source_id: str = "doc") -> ChunkedDocument:
@@ -79,7 +86,9 @@ def late() -> LateChunkingEmbedder:
     return LateChunkingEmbedder(device="cpu")
 
 
-def reference_vectors(direct, text: str, spans: list[tuple[int, int]], prefix: str = "", normalize: bool = True) -> np.ndarray:
+def reference_vectors(
+    direct, text: str, spans: list[tuple[int, int]], prefix: str = "", normalize: bool = True
+) -> np.ndarray:
     """Span means from one direct model call, with the token rule written out token by token.
 
     A text token belongs to each span holding its middle character (the left one of two); [CLS]
@@ -89,7 +98,12 @@ def reference_vectors(direct, text: str, spans: list[tuple[int, int]], prefix: s
     encoded = tokenizer(prefix + text, return_offsets_mapping=True, return_tensors="pt")
     offsets = encoded.pop("offset_mapping")[0].tolist()
     with torch.inference_mode():
-        hidden = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).last_hidden_state[0].double().numpy()
+        hidden = (
+            model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+            .last_hidden_state[0]
+            .double()
+            .numpy()
+        )
     last = len(offsets) - 1
     members: list[list[int]] = [[] for _ in spans]
     for position, (start, end) in enumerate(offsets):
@@ -152,7 +166,9 @@ def test_document_prefix_tokens_join_the_first_chunk(direct):
     spans = cut_into(ENGLISH, 3)
     doc = chunked(ENGLISH, spans)
     prefixed.embed([doc])
-    np.testing.assert_allclose(vectors_of(doc), reference_vectors(direct, ENGLISH, spans, prefix="passage: "), atol=2e-5)
+    np.testing.assert_allclose(
+        vectors_of(doc), reference_vectors(direct, ENGLISH, spans, prefix="passage: "), atol=2e-5
+    )
 
 
 def test_a_chunk_inside_one_token_or_without_tokens_still_gets_a_vector_and_is_reported():
@@ -231,7 +247,9 @@ def test_window_plan_covers_every_token_once_from_its_best_window(capacity):
                 assert (owner[window.own_start : window.own_end] == -1).all(), "a token is owned twice"
                 owner[window.own_start : window.own_end] = index
             assert (owner >= 0).all(), f"tokens left out: {np.flatnonzero(owner < 0)}"
-            assert all(b[0] < a[1] - overlap + 1 for a, b in zip(bounds, bounds[1:])), "windows share fewer than overlap tokens"
+            assert all(b[0] < a[1] - overlap + 1 for a, b in zip(bounds, bounds[1:])), (
+                "windows share fewer than overlap tokens"
+            )
             expected = [_best_window_by_brute_force(t, bounds, text_count) for t in range(text_count)]
             assert owner.tolist() == expected
 
@@ -258,7 +276,14 @@ def _tiny_bert(layers: int = 2, hidden: int = 32):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     return BertModel(config).eval()
 
 
@@ -294,7 +319,9 @@ def test_stitched_windows_count_every_token_once(context_free_folder):
     LateChunkingEmbedder(model=str(context_free_folder), device="cpu", window_tokens=512).embed([one_pass])
     for window, overlap in [(12, 0), (12, 5), (16, 4), (33, 20)]:
         doc = chunked(text, spans)
-        embedder = LateChunkingEmbedder(model=str(context_free_folder), device="cpu", window_tokens=window, overlap_tokens=overlap, batch_size=5)
+        embedder = LateChunkingEmbedder(
+            model=str(context_free_folder), device="cpu", window_tokens=window, overlap_tokens=overlap, batch_size=5
+        )
         embedder.embed([doc])
         assert embedder.windowed_documents == 1
         np.testing.assert_allclose(vectors_of(doc), vectors_of(one_pass), atol=1e-5)
@@ -306,7 +333,9 @@ def test_each_token_keeps_its_embedding_from_the_window_where_it_has_most_contex
     window, overlap = 16, 6
     words = [f"w{i}" for i in range(40)]
     text = " ".join(words)
-    embedder = LateChunkingEmbedder(model=str(position_only_folder), device="cpu", window_tokens=window, overlap_tokens=overlap, normalize=False)
+    embedder = LateChunkingEmbedder(
+        model=str(position_only_folder), device="cpu", window_tokens=window, overlap_tokens=overlap, normalize=False
+    )
     tokens = tokenize_document(embedder.encoder.tokenizer, text)
     starts = tokens.text_starts.tolist()
     # One chunk per text token; first/last chunks also hold [CLS]/[SEP], so only the inner ones are read.
@@ -374,11 +403,22 @@ def test_cls_pooling_model_gets_cls_queries_and_span_mean_chunks(tmp_path, minil
 
     torch.manual_seed(0)
     config = ModernBertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=8192, pad_token_id=0, bos_token_id=101, eos_token_id=102, cls_token_id=101,
-        sep_token_id=102, global_attn_every_n_layers=1,
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=8192,
+        pad_token_id=0,
+        bos_token_id=101,
+        eos_token_id=102,
+        cls_token_id=101,
+        sep_token_id=102,
+        global_attn_every_n_layers=1,
     )
-    folder = _save_tiny(tmp_path / "tiny-modernbert", ModernBertModel(config).eval(), minilm_folder, model_max_length=8192)
+    folder = _save_tiny(
+        tmp_path / "tiny-modernbert", ModernBertModel(config).eval(), minilm_folder, model_max_length=8192
+    )
     embedder = LateChunkingEmbedder(model=str(folder), pooling="cls", device="cpu")
     spans = cut_into(ENGLISH, 3)
     doc = chunked(ENGLISH, spans)
@@ -389,7 +429,9 @@ def test_cls_pooling_model_gets_cls_queries_and_span_mean_chunks(tmp_path, minil
     np.testing.assert_allclose(vectors_of(doc), expected, atol=2e-5)
     query = tokenizer("where is berlin", return_tensors="pt")
     with torch.inference_mode():
-        cls = model(input_ids=query["input_ids"], attention_mask=query["attention_mask"]).last_hidden_state[0, 0].numpy()
+        cls = (
+            model(input_ids=query["input_ids"], attention_mask=query["attention_mask"]).last_hidden_state[0, 0].numpy()
+        )
     np.testing.assert_allclose(embedder.embed_query("where is berlin"), cls / np.linalg.norm(cls), atol=2e-5)
     assert embedder.window_size() == 8192
 
@@ -401,7 +443,13 @@ def test_window_larger_than_the_model_allows_is_refused(tiny_bert_folder):
 
 
 def test_a_prefix_that_leaves_no_room_names_the_document(tiny_bert_folder):
-    embedder = LateChunkingEmbedder(model=str(tiny_bert_folder), device="cpu", window_tokens=12, overlap_tokens=3, document_prefix="represent this long scientific passage for retrieval: ")
+    embedder = LateChunkingEmbedder(
+        model=str(tiny_bert_folder),
+        device="cpu",
+        window_tokens=12,
+        overlap_tokens=3,
+        document_prefix="represent this long scientific passage for retrieval: ",
+    )
     with pytest.raises(ValueError, match=r"late chunking of reports/q3\.pdf: a 12-token window leaves"):
         embedder.embed([chunked(ENGLISH, cut_into(ENGLISH, 2), "reports/q3.pdf")])
 
@@ -416,7 +464,13 @@ def test_registry_resolves_late_to_this_class():
 def test_to_dict_from_dict_round_trip():
     embedder = LateChunkingEmbedder(window_tokens=256, overlap_tokens=32, batch_size=8, query_prefix="query: ")
     data = embedder.to_dict()
-    assert data == {"type": "late", "window_tokens": 256, "overlap_tokens": 32, "batch_size": 8, "query_prefix": "query: "}
+    assert data == {
+        "type": "late",
+        "window_tokens": 256,
+        "overlap_tokens": 32,
+        "batch_size": 8,
+        "query_prefix": "query: ",
+    }
     again = LateChunkingEmbedder.from_dict(data)
     assert again.config == embedder.config and again.to_dict() == data
     with pytest.raises(ValueError, match="type 'late'"):
@@ -440,7 +494,9 @@ def test_invalid_settings_are_refused(settings, message):
 def test_model_id_and_fingerprint_tell_late_vectors_from_naive_ones():
     naive, late_default = HuggingFaceEmbedder(), LateChunkingEmbedder()
     assert late_default.model_id == f"{naive.model_id} [late chunking]"
-    assert LateChunkingEmbedder(window_tokens=128, overlap_tokens=16).model_id.endswith("[late chunking, window_tokens=128, overlap_tokens=16]")
+    assert LateChunkingEmbedder(window_tokens=128, overlap_tokens=16).model_id.endswith(
+        "[late chunking, window_tokens=128, overlap_tokens=16]"
+    )
     assert late_default.fingerprint_settings() != naive.fingerprint_settings()
     assert LateChunkingEmbedder(batch_size=4).fingerprint_settings() == late_default.fingerprint_settings()
     assert LateChunkingEmbedder(window_tokens=128).fingerprint_settings() != late_default.fingerprint_settings()

@@ -59,7 +59,9 @@ TOPICS = [
 ]
 TOPIC_TEXT = " ".join(sentence for topic in TOPICS for sentence in topic)
 CHINESE_TEXT = "长城是中国古代的军事防御工程。它东起山海关，西至嘉峪关。熊猫生活在四川的山林里。熊猫主要吃竹子；它们每天要吃很多竹子。"
-MIXED_TEXT = "Meta-Chunking splits text with a small model. 它根据困惑度切分文本。 The chunks keep exact offsets.然后再合并。"
+MIXED_TEXT = (
+    "Meta-Chunking splits text with a small model. 它根据困惑度切分文本。 The chunks keep exact offsets.然后再合并。"
+)
 
 
 def document(text: str, name: str = "doc") -> ParsedDocument:
@@ -161,7 +163,9 @@ def test_packed_decoder_matches_transformers(lm: CausalLM) -> None:
     assert lm.packed is not None, "SmolLM2 (llama) should take the packed path"
     sequences = [lm.start_token_ids() + lm.tokenizer(text)["input_ids"] for text in (TOPIC_TEXT, CHINESE_TEXT)]
     packed = lm.token_losses(sequences, batch_size=8, window_tokens=4096, max_context_tokens=8192)
-    reference = dataclasses.replace(lm, packed=None).token_losses(sequences, batch_size=1, window_tokens=4096, max_context_tokens=8192)
+    reference = dataclasses.replace(lm, packed=None).token_losses(
+        sequences, batch_size=1, window_tokens=4096, max_context_tokens=8192
+    )
     for ours, theirs in zip(packed, reference):
         assert ours.shape == theirs.shape and (ours - theirs).abs().max().item() < 1e-3
 
@@ -227,7 +231,9 @@ def test_window_path_matches_single_pass(lm: CausalLM, ppl: PerplexityChunker) -
     [single] = lm.token_losses([sequence], 1, 4096, 8192)
     [pieces] = lm.token_losses([sequence], 1, 40, 8192)
     assert (single - pieces).abs().max().item() < 1e-3
-    assert sentence_scores(single, units.token_ranges, 1) == pytest.approx(sentence_scores(pieces, units.token_ranges, 1), abs=1e-4)
+    assert sentence_scores(single, units.token_ranges, 1) == pytest.approx(
+        sentence_scores(pieces, units.token_ranges, 1), abs=1e-4
+    )
 
 
 def test_deterministic(ppl: PerplexityChunker) -> None:

@@ -67,7 +67,9 @@ def server_store(milvus_server, server_collection):
 
 def rows(store: MilvusStore) -> list[tuple[str, str]]:
     client, _ = store._ready()
-    found = client.query(store.config.collection, filter="", output_fields=["source_id", "text"], limit=1000, consistency_level="Strong")
+    found = client.query(
+        store.config.collection, filter="", output_fields=["source_id", "text"], limit=1000, consistency_level="Strong"
+    )
     return sorted((row["source_id"], row["text"]) for row in found)
 
 
@@ -134,8 +136,10 @@ def test_hostile_source_ids_select_exactly_their_source(server_store):
 def test_delete_stale_keeps_only_the_listed_chunks_of_each_source(server_store):
     store = server_store()
     store.prepare(DIM, MODEL)
-    hostile = 'dir/a"b\'c.md'
-    old = [make_chunk(hostile, i) for i in range(4)] + [make_chunk("b.md", i) for i in range(2)] + [make_chunk("c.md", 0)]
+    hostile = "dir/a\"b'c.md"
+    old = (
+        [make_chunk(hostile, i) for i in range(4)] + [make_chunk("b.md", i) for i in range(2)] + [make_chunk("c.md", 0)]
+    )
     store.upsert(old)
     new = make_chunk(hostile, 0, text="rewritten")
     store.upsert([new])
@@ -194,7 +198,10 @@ def test_validate_and_ingest_refuse_what_the_server_version_lacks(milvus_server,
     spec_file.write_text(yaml.safe_dump(spec))
     validate = subprocess.run(
         [sys.executable, "-m", "pipeline", "validate", str(spec_file), "--allow-module", "tests.plugins"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert validate.returncode == 2, validate.stderr
     assert needs in validate.stderr
@@ -213,9 +220,19 @@ def test_validate_and_ingest_refuse_what_the_server_version_lacks(milvus_server,
 
 def test_incremental_reindex_keeps_its_record_on_the_server(milvus_server, server_collection):
     spec = base_spec()
-    docs = {"a.txt": "alpha\nbeta", "b.txt": "\n".join(f"line {i}" for i in range(5)), "c.txt": "gamma", "d.txt": "delta"}
+    docs = {
+        "a.txt": "alpha\nbeta",
+        "b.txt": "\n".join(f"line {i}" for i in range(5)),
+        "c.txt": "gamma",
+        "d.txt": "delta",
+    }
     spec["stages"]["source"]["documents"] = docs
-    spec["stages"]["store"] = {"type": "milvus", "uri": milvus_server.uri, "collection": server_collection, "write_batch_size": 2}
+    spec["stages"]["store"] = {
+        "type": "milvus",
+        "uri": milvus_server.uri,
+        "collection": server_collection,
+        "write_batch_size": 2,
+    }
     pipeline = Pipeline(spec, allowed_modules=PLUGINS)
     source = pipeline.sources[0].config
     try:
@@ -228,12 +245,18 @@ def test_incremental_reindex_keeps_its_record_on_the_server(milvus_server, serve
         changes = pipeline.reindex().changes
         assert (changes.added, changes.updated, changes.deleted, changes.unchanged) == (1, 1, 2, 1)
 
-        expected = sorted((f"mem/{name}", line) for name, text in source.documents.items() for line in text.splitlines())
+        expected = sorted(
+            (f"mem/{name}", line) for name, text in source.documents.items() for line in text.splitlines()
+        )
         assert rows(pipeline.store) == expected  # exactly what a clean build writes
         records = pipeline.store.index_record()
         # The record follows the collection the name serves (behind an alias from the first ingest).
         assert records.name == f"{pipeline.store.serving_collection()}_records"
-        assert {r.source_id: r.status for r in records.all()} == {"mem/b.txt": "indexed", "mem/d.txt": "indexed", "mem/e.txt": "indexed"}
+        assert {r.source_id: r.status for r in records.all()} == {
+            "mem/b.txt": "indexed",
+            "mem/d.txt": "indexed",
+            "mem/e.txt": "indexed",
+        }
         assert records.get(["mem/b.txt"])["mem/b.txt"].chunk_count == 7
         assert records.last_run()["changes"]["deleted"] == 2
         # The lock's claims live beside the record, read back with Strong consistency.
@@ -279,7 +302,9 @@ def test_dense_query_after_a_pipeline_ingest(server_pipeline, milvus_server):
     scores = [h.score for h in dense.hits]
     assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
     kitchen = ["kitchen/steeping", "kitchen/coffee"]
-    assert set(ids(server_pipeline.query("hot water", mode="dense", top_k=6, filters={"source_id": kitchen}))) == set(kitchen)
+    assert set(ids(server_pipeline.query("hot water", mode="dense", top_k=6, filters={"source_id": kitchen}))) == set(
+        kitchen
+    )
     assert server_pipeline.query("hot water", mode="dense", filters={"media_type": "application/pdf"}).hits == []
     for hostile in ['cars/tyres" or source_id != "', "cars/tyres' or 1==1 or '", "cars/tyres\\", "cars/tyres\n"]:
         assert server_pipeline.query("tyres", mode="dense", top_k=6, filters={"source_id": hostile}).hits == []
@@ -302,11 +327,13 @@ def sparse_store_on(build) -> MilvusStore:
     """Three chunks with dense, BM25 and learned sparse vectors, in a store from ``server_store``."""
     store = build(bm25={"analyzer": "english"}, learned_sparse={"field": "learned"})
     store.prepare(DIM, MODEL, sparse_model_id="test/splade-a")
-    store.upsert([
-        sparse_chunk("cats.md", "Cats chase the red laser dot", 0, {10: 1.0, 11: 0.5}, [1]),
-        sparse_chunk("dogs.md", "Dogs fetch sticks in the park", 1, {20: 2.0}, [2, 3]),
-        sparse_chunk("birds.md", "Birds sing at dawn", 2, {10: 0.2, 30: 1.0}, [7]),
-    ])
+    store.upsert(
+        [
+            sparse_chunk("cats.md", "Cats chase the red laser dot", 0, {10: 1.0, 11: 0.5}, [1]),
+            sparse_chunk("dogs.md", "Dogs fetch sticks in the park", 1, {20: 2.0}, [2, 3]),
+            sparse_chunk("birds.md", "Birds sing at dawn", 2, {10: 0.2, 30: 1.0}, [7]),
+        ]
+    )
     return store
 
 
@@ -316,8 +343,12 @@ def test_bm25_and_learned_sparse_search(milvus_server, server_store):
     bm25 = store.search(SearchRequest("bm25", "laser cats", 5))
     assert [h.fields["source_id"] for h in bm25] == ["cats.md"] and bm25[0].score > 0
     learned = store.search(SearchRequest("learned", {10: 1.0}, 5))
-    assert [h.fields["source_id"] for h in learned] == ["cats.md", "birds.md"] and learned[0].score == pytest.approx(1.0)
-    paged = store.search(SearchRequest("learned", {10: 1.0, 20: 1.0, 30: 1.0}, 10), filters.from_mapping({"page": {"gte": 2, "lte": 7}}))
+    assert [h.fields["source_id"] for h in learned] == ["cats.md", "birds.md"] and learned[0].score == pytest.approx(
+        1.0
+    )
+    paged = store.search(
+        SearchRequest("learned", {10: 1.0, 20: 1.0, 30: 1.0}, 10), filters.from_mapping({"page": {"gte": 2, "lte": 7}})
+    )
     assert {h.fields["source_id"] for h in paged} == {"dogs.md", "birds.md"}
 
 
@@ -392,12 +423,17 @@ def test_server_limits_are_checked_before_writing_and_fail_one_document_alone(mi
     # same reason as on Milvus Lite (which does not enforce the limits itself).
     deep = ("😀" * 24 + "/") * 41 + "😀" * 14 + ".txt"
     too_long = "x" * 4100 + ".txt"
-    pipeline = server_pipeline_for(milvus_server, server_collection, {deep: "alpha", too_long: "beta", "plain.txt": "gamma"})
+    pipeline = server_pipeline_for(
+        milvus_server, server_collection, {deep: "alpha", too_long: "beta", "plain.txt": "gamma"}
+    )
     try:
         summary = pipeline.reindex()
         assert summary.documents_indexed == 2 and summary.documents_failed == 1, summary.format()
         (failure,) = summary.failures
-        assert failure.stage == "write" and "source_id is 4108 bytes of UTF-8, over the collection's limit of 4096" in failure.reason
+        assert (
+            failure.stage == "write"
+            and "source_id is 4108 bytes of UTF-8, over the collection's limit of 4096" in failure.reason
+        )
         assert {row[0] for row in rows(pipeline.store)} == {f"mem/{deep}", "mem/plain.txt"}
         assert pipeline.store.index_record().get([f"mem/{deep}"])[f"mem/{deep}"].status == "indexed"
         assert pipeline.reindex().changes.unchanged == 2

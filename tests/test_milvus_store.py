@@ -77,8 +77,10 @@ def test_create_upsert_count_and_rerun_does_not_duplicate(open_store):
 def test_delete_stale_keeps_only_the_listed_chunks_of_each_source(open_store):
     store = open_store()
     store.prepare(DIM, MODEL)
-    hostile = 'dir/a"b\'c.md'
-    old = [make_chunk(hostile, i) for i in range(4)] + [make_chunk("b.md", i) for i in range(2)] + [make_chunk("c.md", 0)]
+    hostile = "dir/a\"b'c.md"
+    old = (
+        [make_chunk(hostile, i) for i in range(4)] + [make_chunk("b.md", i) for i in range(2)] + [make_chunk("c.md", 0)]
+    )
     store.upsert(old)
     new = [make_chunk(hostile, 0, text="rewritten")]
     store.upsert(new)
@@ -107,8 +109,15 @@ def test_changed_text_under_the_same_id_replaces_the_row(open_store):
 @pytest.mark.parametrize(
     ("dimension", "model", "expected"),
     [
-        (16, MODEL, [r"collection 'docs' at .*index\.db", "stores 8-d vectors from model test/model-a",
-                     "16-d vectors with model test/model-a"]),
+        (
+            16,
+            MODEL,
+            [
+                r"collection 'docs' at .*index\.db",
+                "stores 8-d vectors from model test/model-a",
+                "16-d vectors with model test/model-a",
+            ],
+        ),
         (DIM, "test/model-b", ["stores vectors from model test/model-a", "embedder is test/model-b", "not comparable"]),
     ],
 )
@@ -191,7 +200,7 @@ def test_stores_on_the_same_folder_share_one_client(open_store):
 
 
 HOSTILE_SOURCE_IDS = [
-    'a"b\'c.md',
+    "a\"b'c.md",
     'x" or id != "',
     '" or 1==1 or "',
     "' or 1==1 or '",
@@ -273,7 +282,10 @@ def test_bad_vectors_are_refused_per_document(open_store):
 
 def test_search_dense_returns_the_nearest_first(open_store):
     if LITE_MAJOR >= 3:
-        index, search_params = {"type": "HNSW", "metric": "COSINE", "params": {"M": 8, "efConstruction": 64}}, {"ef": 32}
+        index, search_params = (
+            {"type": "HNSW", "metric": "COSINE", "params": {"M": 8, "efConstruction": 64}},
+            {"ef": 32},
+        )
     else:
         index, search_params = {"type": "IVF_FLAT", "metric": "COSINE", "params": {"nlist": 4}}, {"nprobe": 4}
     store = open_store(index=index)
@@ -392,7 +404,9 @@ def test_a_token_echoed_json_escaped_or_in_pieces_is_scrubbed(monkeypatch):
     escaped = "".join(f"\\u{ord(c):04x}" for c in secret)
 
     def fails():
-        raise RuntimeError(f'{{"detail": "bad token {escaped}", "seen": "{secret[:9]}", "url": "x?t={secret.replace("/", "%2F")}"}}')
+        raise RuntimeError(
+            f'{{"detail": "bad token {escaped}", "seen": "{secret[:9]}", "url": "x?t={secret.replace("/", "%2F")}"}}'
+        )
 
     with pytest.raises(MilvusStoreError) as failed:
         store._call("describe collection", fails)
@@ -406,7 +420,7 @@ def test_a_folder_held_by_another_process_gets_a_clear_message(open_store, tmp_p
         f"""
         from stores.milvus import MilvusStore
         try:
-            MilvusStore(uri={str(tmp_path / 'index.db')!r}, collection="docs").count()
+            MilvusStore(uri={str(tmp_path / "index.db")!r}, collection="docs").count()
         except Exception as exc:
             print(exc)
         """
@@ -422,7 +436,7 @@ def test_an_idle_lite_connection_logs_no_grpc_errors(tmp_path):
         f"""
         import time
         from stores.milvus import MilvusStore
-        store = MilvusStore(uri={str(tmp_path / 'index.db')!r}, collection="docs")
+        store = MilvusStore(uri={str(tmp_path / "index.db")!r}, collection="docs")
         store.prepare({DIM}, {MODEL!r})
         time.sleep(40)
         print("rows", store.count())
@@ -491,7 +505,13 @@ def test_config_is_validated(settings, message):
 
 def test_config_round_trips_and_fingerprint_ignores_speed_settings():
     store = MilvusStore(uri="./x.db", collection="docs", write_batch_size=64, index={"type": "HNSW"})
-    assert store.to_dict() == {"type": "milvus", "uri": "./x.db", "collection": "docs", "write_batch_size": 64, "index": {"type": "HNSW"}}
+    assert store.to_dict() == {
+        "type": "milvus",
+        "uri": "./x.db",
+        "collection": "docs",
+        "write_batch_size": 64,
+        "index": {"type": "HNSW"},
+    }
     assert MilvusStore.from_dict(store.to_dict()).config == store.config
     assert "write_batch_size" not in store.fingerprint_settings()
     assert store.fingerprint_settings()["collection"] == "docs"
@@ -513,11 +533,13 @@ def sparse_chunk(source_id: str, text: str, axis: int, sparse: dict, pages: list
 def sparse_store(open_store):
     store = open_store(bm25={"analyzer": "english"}, learned_sparse={"field": "learned"})
     store.prepare(DIM, MODEL, sparse_model_id="test/splade-a")
-    store.upsert([
-        sparse_chunk("cats.md", "Cats chase the red laser dot", 0, {10: 1.0, 11: 0.5}, [1]),
-        sparse_chunk("dogs.md", "Dogs fetch sticks in the park", 1, {20: 2.0}, [2, 3]),
-        sparse_chunk("birds.md", "Birds sing at dawn", 2, {10: 0.2, 30: 1.0}, [7]),
-    ])
+    store.upsert(
+        [
+            sparse_chunk("cats.md", "Cats chase the red laser dot", 0, {10: 1.0, 11: 0.5}, [1]),
+            sparse_chunk("dogs.md", "Dogs fetch sticks in the park", 1, {20: 2.0}, [2, 3]),
+            sparse_chunk("birds.md", "Birds sing at dawn", 2, {10: 0.2, 30: 1.0}, [7]),
+        ]
+    )
     return store
 
 
@@ -526,7 +548,9 @@ def test_bm25_and_learned_sparse_search_with_higher_is_better_scores(sparse_stor
     assert [h.fields["source_id"] for h in bm25] == ["cats.md"]  # Lite's BM25 comes back negative: flipped
     assert bm25[0].score > 0
     learned = sparse_store.search(SearchRequest("learned", {10: 1.0}, 5))
-    assert [h.fields["source_id"] for h in learned] == ["cats.md", "birds.md"] and learned[0].score == pytest.approx(1.0)
+    assert [h.fields["source_id"] for h in learned] == ["cats.md", "birds.md"] and learned[0].score == pytest.approx(
+        1.0
+    )
     dense = sparse_store.search(SearchRequest("dense", np.eye(DIM, dtype=np.float32)[1], 1))
     assert dense[0].fields["source_id"] == "dogs.md" and dense[0].score == pytest.approx(1.0)
     with pytest.raises(ValueError, match="cannot search field 'nope'"):
@@ -542,7 +566,9 @@ def test_hybrid_search_fuses_branches_and_applies_the_filter_to_each(sparse_stor
     assert fused[0].score == pytest.approx(1 / 61)
     weighted = sparse_store.hybrid_search(requests, WeightedFusion((1.0, 0.0)), top_k=2)
     assert weighted[0].fields["source_id"] == "dogs.md"
-    only_cats = sparse_store.hybrid_search(requests, RRFFusion(), top_k=3, filter_expr=filters.eq("source_id", "cats.md"))
+    only_cats = sparse_store.hybrid_search(
+        requests, RRFFusion(), top_k=3, filter_expr=filters.eq("source_id", "cats.md")
+    )
     assert [h.fields["source_id"] for h in only_cats] == ["cats.md"]
     with pytest.raises(ValueError, match="one weight per branch"):
         sparse_store.hybrid_search(requests, WeightedFusion((1.0,)), top_k=2)
@@ -550,7 +576,9 @@ def test_hybrid_search_fuses_branches_and_applies_the_filter_to_each(sparse_stor
 
 def test_page_filters_select_chunks_by_their_pages(sparse_store):
     query = SearchRequest("learned", {10: 1.0, 20: 1.0, 30: 1.0}, 10)
-    found = lambda conditions: {h.fields["source_id"] for h in sparse_store.search(query, filters.from_mapping(conditions))}  # noqa: E731
+    found = lambda conditions: {
+        h.fields["source_id"] for h in sparse_store.search(query, filters.from_mapping(conditions))
+    }  # noqa: E731
     assert found({"page": 3}) == {"dogs.md"}
     assert found({"page": {"gte": 1, "lte": 2}}) == {"cats.md", "dogs.md"}
     assert found({"page": [7], "source_id": ["birds.md", "cats.md"]}) == {"birds.md"}
@@ -612,7 +640,9 @@ def test_compact_vector_storage_finds_the_nearest_and_keeps_its_field_type(open_
         hits = store.search(SearchRequest("dense", query, 5))
         assert hits[0].id == chunks[target].id
         assert all(0 < hit.score <= 1.0 for hit in hits) and hits[0].score >= hits[-1].score
-    fused = store.hybrid_search([SearchRequest("dense", vectors[9], 5), SearchRequest("bm25", "chunk 9 of a.md", 5)], RRFFusion(), top_k=3)
+    fused = store.hybrid_search(
+        [SearchRequest("dense", vectors[9], 5), SearchRequest("bm25", "chunk 9 of a.md", 5)], RRFFusion(), top_k=3
+    )
     assert fused[0].id == chunks[9].id
 
     with pytest.raises(StoreSchemaError, match=f"field 'dense' is {field_type}, the store writes FLOAT_VECTOR"):
@@ -628,7 +658,10 @@ def test_binary_storage_settings_are_checked(open_store):
         with pytest.raises(ValueError, match="12 is not a multiple of 8"):
             open_store(vector_storage="binary").prepare(12, MODEL)
     else:
-        assert "stores only float32 vectors, not vector_storage binary" in open_store(vector_storage="binary").check(16, MODEL)[0]
+        assert (
+            "stores only float32 vectors, not vector_storage binary"
+            in open_store(vector_storage="binary").check(16, MODEL)[0]
+        )
 
 
 def test_chinese_bm25_with_the_jieba_analyzer(open_store):

@@ -34,7 +34,7 @@ SESSION_TOKEN = "moto-session-token-b81d44-never-print-me"
 
 HOSTILE_KEYS = {
     "naïve café.txt": "Crème brûlée needs a very hot grill.",
-    'say "cheese" and \'smile\'.txt': "Quotes in a key must survive the trip.",
+    "say \"cheese\" and 'smile'.txt": "Quotes in a key must survive the trip.",
     "中文 文件/说明.txt": "茶叶应在八十度的水中冲泡。",
     "a+b=c&d?.txt": "Reserved URL characters are part of the key.",
     "100% done.txt": "Percent signs are not escapes here.",
@@ -76,7 +76,11 @@ class S3Server:
 
 def _middleware(app, server: S3Server):  # type: ignore[no-untyped-def]
     def wrapped(environ, start_response):  # type: ignore[no-untyped-def]
-        method, path, query = environ["REQUEST_METHOD"], environ.get("RAW_URI", environ["PATH_INFO"]).split("?")[0], environ.get("QUERY_STRING", "")
+        method, path, query = (
+            environ["REQUEST_METHOD"],
+            environ.get("RAW_URI", environ["PATH_INFO"]).split("?")[0],
+            environ.get("QUERY_STRING", ""),
+        )
         with server.lock:
             server.requests.append((method, path, query))
             fault = next((f for f in server.faults if f.times > 0 and f.matches(method, path, query)), None)
@@ -86,7 +90,9 @@ def _middleware(app, server: S3Server):  # type: ignore[no-untyped-def]
             body = f"<?xml version='1.0'?><Error><Code>{fault.code}</Code><Message>injected {fault.code}</Message></Error>".encode()
             if method == "HEAD":  # a HEAD answer has headers only, as S3 sends it
                 body = b""
-            start_response(f"{fault.status} Injected", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+            start_response(
+                f"{fault.status} Injected", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))]
+            )
             return [body]
         return app(environ, start_response)
 
@@ -155,7 +161,9 @@ def bucket(s3_server) -> Iterator[Bucket]:
 
 
 def source(server: S3Server, bucket: Bucket, prefix: str = "docs", **settings) -> ObjectStoreSource:
-    return ObjectStoreSource(url=f"s3://{bucket.name}/{prefix}", endpoint_url=server.url, max_attempts=3, retry_max_wait_s=0.05, **settings)
+    return ObjectStoreSource(
+        url=f"s3://{bucket.name}/{prefix}", endpoint_url=server.url, max_attempts=3, retry_max_wait_s=0.05, **settings
+    )
 
 
 def spec(server: S3Server, bucket: Bucket, store: dict, **settings) -> dict:
@@ -163,8 +171,14 @@ def spec(server: S3Server, bucket: Bucket, store: dict, **settings) -> dict:
         "version": 1,
         "name": "s3-test",
         "stages": {
-            "source": {"type": "object-store", "url": f"s3://{bucket.name}/docs", "endpoint_url": server.url,
-                       "max_attempts": 3, "retry_max_wait_s": 0.05, **settings},
+            "source": {
+                "type": "object-store",
+                "url": f"s3://{bucket.name}/docs",
+                "endpoint_url": server.url,
+                "max_attempts": 3,
+                "retry_max_wait_s": 0.05,
+                **settings,
+            },
             "parser": {"type": "unstructured"},
             "chunker": {"type": "recursive", "chunk_size": 400, "chunk_overlap": 0},
             "embedder": {"type": "tests.plugins.components:HashEmbedder"},  # plumbing: the test is about the source
@@ -190,12 +204,18 @@ def test_reindex_cycle_against_s3_downloads_only_what_changed(s3_server, bucket,
     for key, text in HOSTILE_KEYS.items():
         bucket.put(f"docs/{key}", text)
     bucket.put("elsewhere/outside.txt", "Not under the prefix.")
-    pipeline = Pipeline(spec(s3_server, bucket, {"type": "milvus", "uri": str(tmp_path / "index.db"), "collection": "docs"}), allowed_modules=PLUGINS)
+    pipeline = Pipeline(
+        spec(s3_server, bucket, {"type": "milvus", "uri": str(tmp_path / "index.db"), "collection": "docs"}),
+        allowed_modules=PLUGINS,
+    )
     scope = f"s3://{bucket.name}/docs/"
     try:
         first = pipeline.reindex()
         assert first.documents_failed == 0, first.failures
-        expected = {f"{scope}guide.txt": "The hive entrance faces south-east.", f"{scope}notes/compost.txt": "Turn the compost heap every two weeks."}
+        expected = {
+            f"{scope}guide.txt": "The hive entrance faces south-east.",
+            f"{scope}notes/compost.txt": "Turn the compost heap every two weeks.",
+        }
         expected.update({f"{scope}{key}": text for key, text in HOSTILE_KEYS.items()})
         assert indexed_texts(pipeline) == expected  # every odd key round-trips into its source id, bytes intact
         assert first.changes.added == len(expected)
@@ -209,7 +229,11 @@ def test_reindex_cycle_against_s3_downloads_only_what_changed(s3_server, bucket,
         bucket.delete("docs/notes/compost.txt")
         s3_server.requests.clear()
         changed = pipeline.reindex()
-        assert (changed.changes.updated, changed.changes.deleted, changed.changes.unchanged) == (1, 1, len(expected) - 2)
+        assert (changed.changes.updated, changed.changes.deleted, changed.changes.unchanged) == (
+            1,
+            1,
+            len(expected) - 2,
+        )
         assert s3_server.object_reads(bucket.name) == [f"/{bucket.name}/docs/guide.txt"]
         texts = indexed_texts(pipeline)
         assert texts[f"{scope}guide.txt"].endswith("behind a hedge.") and f"{scope}notes/compost.txt" not in texts
@@ -233,7 +257,14 @@ def test_refs_carry_identity_signal_and_metadata(s3_server, bucket):
 
 
 def test_include_exclude_and_excluded_prefixes_are_not_listed(s3_server, bucket):
-    for key in ("docs/a.md", "docs/b.txt", "docs/.hidden.txt", "docs/drafts/c.md", "docs/drafts/deeper/d.md", "docs/keep/e.md"):
+    for key in (
+        "docs/a.md",
+        "docs/b.txt",
+        "docs/.hidden.txt",
+        "docs/drafts/c.md",
+        "docs/drafts/deeper/d.md",
+        "docs/keep/e.md",
+    ):
         bucket.put(key, "x")
     bucket.put("docs/folder-marker/", b"")  # the "folder" objects consoles create
     s3_server.requests.clear()
@@ -287,7 +318,9 @@ def test_size_cap_is_enforced_without_downloading_and_while_streaming(s3_server,
 
 def test_listing_failure_deletes_nothing(s3_server, bucket, tmp_path):
     bucket.put("docs/a.txt", "alpha")
-    pipeline = Pipeline(spec(s3_server, bucket, {"type": "tests.plugins.components:MemoryStore"}), allowed_modules=PLUGINS)
+    pipeline = Pipeline(
+        spec(s3_server, bucket, {"type": "tests.plugins.components:MemoryStore"}), allowed_modules=PLUGINS
+    )
     records = MemoryRecords()
     assert pipeline.reindex(records=records).changes.added == 1
     s3_server.fail(lambda m, p, q: "list-type" in q, 503, "ServiceUnavailable", times=10)
@@ -312,7 +345,10 @@ def test_credentials_never_reach_specs_logs_errors_or_the_index(s3_server, bucke
         {"endpoint_url": f"http://{ACCESS_KEY}:{SECRET_KEY}@127.0.0.1:9"},
     ):
         with pytest.raises(SpecError) as refused:
-            parse_spec(spec(s3_server, bucket, {"type": "tests.plugins.components:MemoryStore"}, **bad), allowed_modules=PLUGINS)
+            parse_spec(
+                spec(s3_server, bucket, {"type": "tests.plugins.components:MemoryStore"}, **bad),
+                allowed_modules=PLUGINS,
+            )
         assert "credentials" in str(refused.value) and not any(s in str(refused.value) for s in secrets)
         with pytest.raises(ValueError) as direct:
             ObjectStoreSource(url=f"s3://{bucket.name}/docs", **bad) if "url" not in bad else ObjectStoreSource(**bad)
@@ -324,7 +360,10 @@ def test_credentials_never_reach_specs_logs_errors_or_the_index(s3_server, bucke
     for library in ("botocore", "aiobotocore", "s3fs", "fsspec"):  # the CLI quiets them; a test before may have run it
         caplog.set_level(logging.DEBUG, logger=library)
     s3_server.fail(lambda m, p, q: p.endswith("/denied.txt") and m == "GET", 403, "AccessDenied", times=1)
-    pipeline = Pipeline(spec(s3_server, bucket, {"type": "milvus", "uri": str(tmp_path / "index.db"), "collection": "docs"}), allowed_modules=PLUGINS)
+    pipeline = Pipeline(
+        spec(s3_server, bucket, {"type": "milvus", "uri": str(tmp_path / "index.db"), "collection": "docs"}),
+        allowed_modules=PLUGINS,
+    )
     try:
         summary = pipeline.reindex()
         assert summary.documents_indexed == 1 and [f.stage for f in summary.failures] == ["read"]
@@ -390,5 +429,9 @@ def test_multi_source_example_spec_is_valid(monkeypatch):
     types = [s.type_name for s in loaded.sources]
     assert types == ["local", "object-store", "web"]
     built = [s.build(loaded.base_dir) for s in loaded.sources]
-    assert [s.scope for s in built] == ["docs/", "s3://example-bucket/handbook/", "docs.python.org/"]  # three cleanup scopes
+    assert [s.scope for s in built] == [
+        "docs/",
+        "s3://example-bucket/handbook/",
+        "docs.python.org/",
+    ]  # three cleanup scopes
     assert built[1].config.endpoint_url is None  # ${S3_ENDPOINT_URL:-} left empty: AWS's own endpoint

@@ -75,7 +75,9 @@ def write_docx_bomb(path: Path, inflated_mib: int = 256) -> None:
         package.writestr("[Content_Types].xml", _CONTENT_TYPES)
         package.writestr("_rels/.rels", _PACKAGE_RELATIONSHIPS)
         with package.open("word/document.xml", "w", force_zip64=True) as body:
-            body.write(f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><w:document xmlns:w="{_WORD_NS}"><w:body>'.encode())
+            body.write(
+                f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><w:document xmlns:w="{_WORD_NS}"><w:body>'.encode()
+            )
             for _ in range(inflated_mib):
                 body.write(block)
             body.write(b"</w:body></w:document>")
@@ -99,7 +101,9 @@ class IsolationRun:
     def assert_isolated(self, hostile: str, ordinary: set[str], reason: str) -> None:
         """The hostile file failed at parse for ``reason`` everywhere it is recorded; the others are indexed."""
         assert [(f.source_id, f.stage, f.reason) for f in self.summary.failures] == [(hostile, "parse", reason)]
-        assert [(entry["source_id"], entry["stage"], entry["reason"]) for entry in self.logged] == [(hostile, "parse", reason)]
+        assert [(entry["source_id"], entry["stage"], entry["reason"]) for entry in self.logged] == [
+            (hostile, "parse", reason)
+        ]
         failed = self.records[hostile]
         assert (failed.status, failed.stage, failed.reason) == ("failed", "parse", reason)
         assert self.summary.documents_seen == len(ordinary) + 1 and self.summary.documents_indexed == len(ordinary)
@@ -125,7 +129,11 @@ def ingest(tmp_path: Path, documents: Path, **caps: Any) -> IsolationRun:
         summary = pipeline.ingest()
         chunks = pipeline.store.chunk_ids_by_source()
         records = {r.source_id: r for r in pipeline.store.index_record().all()}
-    logged = [json.loads(line) for line in failures_file.read_text(encoding="utf-8").splitlines()] if failures_file.exists() else []
+    logged = (
+        [json.loads(line) for line in failures_file.read_text(encoding="utf-8").splitlines()]
+        if failures_file.exists()
+        else []
+    )
     return IsolationRun(summary, chunks, records, logged)
 
 

@@ -135,7 +135,10 @@ def test_plain_text_uses_the_native_path_with_titles(examples: dict[str, ParsedD
     turning = element_containing(doc, "garden fork every two weeks")
     assert turning.category == "NarrativeText"
     assert turning.heading_path == ("Turning the Heap",)
-    assert [e.text for e in doc.elements if e.category == "Title"][:2] == ["Home Composting Without the Smell", "Greens and Browns"]
+    assert [e.text for e in doc.elements if e.category == "Title"][:2] == [
+        "Home Composting Without the Smell",
+        "Greens and Browns",
+    ]
 
 
 def test_chinese_markdown_keeps_real_headings_only(examples: dict[str, ParsedDocument]) -> None:
@@ -171,7 +174,10 @@ def test_chinese_paragraphs_labelled_title_by_unstructured_are_demoted() -> None
         ("This sentence ends with a full stop.", False),
         ("唐代陆羽写成了世界上第一部茶学专著《茶经》，系统地总结了种茶、制茶和饮茶的方法。", False),
         ("明清时期散茶冲泡的方法逐渐普及，与今天的泡茶方式十分接近", False),  # a comma inside: a sentence
-        ("中国是茶的故乡饮茶的历史可以追溯到几千年以前最早的茶叶被当作药材使用后来才逐渐成为日常饮品", False),  # too long
+        (
+            "中国是茶的故乡饮茶的历史可以追溯到几千年以前最早的茶叶被当作药材使用后来才逐渐成为日常饮品",
+            False,
+        ),  # too long
         ("x" * 121, False),
     ],
 )
@@ -182,7 +188,10 @@ def test_heading_rule(text: str, is_heading: bool) -> None:
 def test_plain_text_dialogue_is_not_a_title() -> None:
     text = 'CHAPTER I\n\n"Are you coming?"\n\nShe asked it twice, and nobody in the long room answered her at all.\n'
     doc = UnstructuredParser().parse(source("novel.txt", text.encode()))
-    assert [(e.category, e.text) for e in doc.elements][:2] == [("Title", "CHAPTER I"), ("NarrativeText", '"Are you coming?"')]
+    assert [(e.category, e.text) for e in doc.elements][:2] == [
+        ("Title", "CHAPTER I"),
+        ("NarrativeText", '"Are you coming?"'),
+    ]
 
 
 # -- Markdown without unstructured's extras ----------------------------------------------------
@@ -224,11 +233,17 @@ def test_unstructured_markdown_matches_native_headings(parser: UnstructuredParse
     assert via_unstructured.metadata["parser"] == "unstructured"
     assert "Front matter" not in via_unstructured.text
     titles = [e.text for e in via_unstructured.elements if e.category == "Title"]
-    assert titles == [e.text for e in native.elements if e.category == "Title"] == ["Release Notes", "Upgrading", "Known Issues"]
+    assert (
+        titles
+        == [e.text for e in native.elements if e.category == "Title"]
+        == ["Release Notes", "Upgrading", "Known Issues"]
+    )
 
 
 def test_markdown_reader_details() -> None:
-    blocks = MarkdownBlocks("Title\n===\n\n1. first\n2) second\n\n# \n\n![logo](x.png) and `code` and _em_ and __strong__").blocks()
+    blocks = MarkdownBlocks(
+        "Title\n===\n\n1. first\n2) second\n\n# \n\n![logo](x.png) and `code` and _em_ and __strong__"
+    ).blocks()
     assert [(b.category, b.text, b.depth) for b in blocks] == [
         ("Title", "Title", 0),
         ("ListItem", "first", None),
@@ -339,7 +354,9 @@ def test_encrypted_pdf_fails_and_copy_protected_pdf_parses(parser: UnstructuredP
         ("archive.zip", b"PK\x05\x06" + b"\x00" * 18, "unsupported file type|empty"),
     ],
 )
-def test_corrupt_and_unsupported_files_fail_with_a_reason(parser: UnstructuredParser, name: str, content: bytes, reason: str) -> None:
+def test_corrupt_and_unsupported_files_fail_with_a_reason(
+    parser: UnstructuredParser, name: str, content: bytes, reason: str
+) -> None:
     with pytest.raises(ParseFailure, match=reason):
         parser.parse(source(name, content))
 
@@ -395,7 +412,9 @@ def test_declared_html_charset_is_used(parser: UnstructuredParser) -> None:
     assert doc.metadata["encoding"] == "iso8859-7"
 
 
-def test_pdf_without_its_dependencies_names_the_install_command(parser: UnstructuredParser, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pdf_without_its_dependencies_names_the_install_command(
+    parser: UnstructuredParser, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Without pikepdf unstructured itself returns no text and no error; the parser must say why.
     monkeypatch.setitem(sys.modules, "pikepdf", None)
     with pytest.raises(ParseFailure, match=r"need pikepdf.*unstructured-inference==1\.6\.14.*torch==2\.13\.0"):
@@ -442,7 +461,9 @@ def test_importing_the_parser_is_cheap_and_telemetry_is_off() -> None:
         "import os; assert os.environ['DO_NOT_TRACK'] == '1'"
     )
     env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -451,7 +472,12 @@ def test_importing_the_parser_is_cheap_and_telemetry_is_off() -> None:
 
 def test_config_round_trips_and_the_parser_pickles() -> None:
     parser = UnstructuredParser(strategy="auto", languages=["eng", "deu"], text_parser="unstructured")
-    assert parser.to_dict() == {"type": "unstructured", "strategy": "auto", "languages": ["eng", "deu"], "text_parser": "unstructured"}
+    assert parser.to_dict() == {
+        "type": "unstructured",
+        "strategy": "auto",
+        "languages": ["eng", "deu"],
+        "text_parser": "unstructured",
+    }
     rebuilt = UnstructuredParser.from_dict(parser.to_dict())
     assert rebuilt.config == parser.config
     assert pickle.loads(pickle.dumps(parser)).config == parser.config

@@ -213,10 +213,18 @@ def test_odp_gives_slide_text_with_slide_numbers(parser: UnstructuredParser, nam
 
 def test_ods_gives_one_table_per_sheet(parser: UnstructuredParser) -> None:
     value_only = '<table:table-cell office:value-type="float" office:value="0.75"/>'
-    spaced = '<table:table-cell office:value-type="string"><text:p>net<text:s text:c="2"/>weight</text:p></table:table-cell>'
+    spaced = (
+        '<table:table-cell office:value-type="string"><text:p>net<text:s text:c="2"/>weight</text:p></table:table-cell>'
+    )
     content = ods(
         [
-            ("Prices", [ods_cell("Fruit") + ods_cell("", 3) + ods_cell("Price"), ods_cell("Plum") + ods_cell("", 3) + value_only]),
+            (
+                "Prices",
+                [
+                    ods_cell("Fruit") + ods_cell("", 3) + ods_cell("Price"),
+                    ods_cell("Plum") + ods_cell("", 3) + value_only,
+                ],
+            ),
             ("Notes", [spaced, ods_cell("")]),  # a row of one empty cell is dropped
         ]
     )
@@ -237,7 +245,9 @@ def test_ods_table_html_is_dropped_when_too_long_or_turned_off() -> None:
     big = UnstructuredParser().parse(source("big.ods", ods([("Inventory", rows)])))
     assert "text_as_html" not in big.elements[0].metadata and "item 300" in big.text
     small = ods([("One", [ods_cell("a") + ods_cell("b")])])
-    assert "text_as_html" not in UnstructuredParser(table_html=False).parse(source("one.ods", small)).elements[0].metadata
+    assert (
+        "text_as_html" not in UnstructuredParser(table_html=False).parse(source("one.ods", small)).elements[0].metadata
+    )
 
 
 @pytest.mark.parametrize(
@@ -258,9 +268,13 @@ def _encrypted_ods() -> bytes:
     with zipfile.ZipFile(io.BytesIO(ods([("S", [ods_cell("a")])]))) as plain, zipfile.ZipFile(out, "w") as package:
         package.writestr("mimetype", plain.read("mimetype"))
         package.writestr("content.xml", b"\x8f\x02 ciphertext, not XML")
-        package.writestr("META-INF/manifest.xml", plain.read("META-INF/manifest.xml").replace(
-            b'manifest:media-type="text/xml"/>', b'manifest:media-type="text/xml"><manifest:encryption-data/></manifest:file-entry>'
-        ))
+        package.writestr(
+            "META-INF/manifest.xml",
+            plain.read("META-INF/manifest.xml").replace(
+                b'manifest:media-type="text/xml"/>',
+                b'manifest:media-type="text/xml"><manifest:encryption-data/></manifest:file-entry>',
+            ),
+        )
     return out.getvalue()
 
 
@@ -268,11 +282,17 @@ def _encrypted_ods() -> bytes:
     ("name", "content", "reason"),
     [
         ("sheet.ods", b"this is not a zip file at all", "corrupt ODS: not a valid zip container"),
-        ("deck.odp", odf_package("application/vnd.oasis.opendocument.presentation", "<office:text/>"), "corrupt ODP: content.xml holds no presentation"),
+        (
+            "deck.odp",
+            odf_package("application/vnd.oasis.opendocument.presentation", "<office:text/>"),
+            "corrupt ODP: content.xml holds no presentation",
+        ),
         ("secret.ods", _encrypted_ods(), "encrypted ODS"),
     ],
 )
-def test_bad_opendocument_files_fail_with_a_reason(parser: UnstructuredParser, name: str, content: bytes, reason: str) -> None:
+def test_bad_opendocument_files_fail_with_a_reason(
+    parser: UnstructuredParser, name: str, content: bytes, reason: str
+) -> None:
     with pytest.raises(ParseFailure, match=reason):
         parser.parse(source(name, content))
 
@@ -287,7 +307,9 @@ def test_legacy_office_without_libreoffice_names_the_tool_and_the_install_flag(
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no soffice, no libreoffice
     parser = UnstructuredParser()
     kind = name.rsplit(".", 1)[1].upper()
-    with pytest.raises(ParseFailure, match=rf"legacy {kind} files need LibreOffice \(soffice\).*bash scripts/install.sh --libreoffice"):
+    with pytest.raises(
+        ParseFailure, match=rf"legacy {kind} files need LibreOffice \(soffice\).*bash scripts/install.sh --libreoffice"
+    ):
         parser.parse(source(name, compound_file(stream, b"legacy content")))
     with caplog.at_level(logging.WARNING, logger="rag_pipeline.parser"):
         assert parser.check() == []  # other formats still parse: not a problem that stops the run
@@ -298,13 +320,27 @@ def _saved_as(content: bytes, suffix: str, target: str, folder: Path) -> bytes:
     source_file = folder / f"original.{suffix}"
     source_file.write_bytes(content)
     subprocess.run(
-        ["soffice", f"-env:UserInstallation={(folder / 'profile').as_uri()}", "--headless", "--convert-to", target, "--outdir", str(folder), str(source_file)],
-        check=True, capture_output=True, timeout=120,
+        [
+            "soffice",
+            f"-env:UserInstallation={(folder / 'profile').as_uri()}",
+            "--headless",
+            "--convert-to",
+            target,
+            "--outdir",
+            str(folder),
+            str(source_file),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     return (folder / f"original.{target}").read_bytes()
 
 
-@pytest.mark.skipif(shutil.which("soffice") is None, reason="LibreOffice (soffice) is not installed; bash scripts/install.sh --libreoffice installs it")
+@pytest.mark.skipif(
+    shutil.which("soffice") is None,
+    reason="LibreOffice (soffice) is not installed; bash scripts/install.sh --libreoffice installs it",
+)
 def test_legacy_doc_and_ppt_are_converted_with_libreoffice(parser: UnstructuredParser, tmp_path: Path) -> None:
     doc_file = _saved_as(docx_bytes(_report()), "docx", "doc", tmp_path)
     doc = parser.parse(source("report.doc", doc_file))
@@ -319,7 +355,10 @@ def test_legacy_doc_and_ppt_are_converted_with_libreoffice(parser: UnstructuredP
         parser.parse(source("hollow.doc", compound_file("WordDocument", b"not a Word document")))
 
 
-@pytest.mark.skipif(shutil.which("soffice") is None, reason="LibreOffice (soffice) is not installed; bash scripts/install.sh --libreoffice installs it")
+@pytest.mark.skipif(
+    shutil.which("soffice") is None,
+    reason="LibreOffice (soffice) is not installed; bash scripts/install.sh --libreoffice installs it",
+)
 def test_a_conversion_past_its_time_limit_fails_with_a_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from connectors import office
 

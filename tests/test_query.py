@@ -97,7 +97,9 @@ def test_scores_are_higher_is_better_in_every_mode(ingested):
 
 def test_weighted_fusion(ingested):
     folder = ingested.spec.base_dir
-    weighted = Pipeline(spec_for(folder, fusion={"method": "weighted", "weights": {"dense": 1.0, "bm25": 0.0}}), base_dir=folder)
+    weighted = Pipeline(
+        spec_for(folder, fusion={"method": "weighted", "weights": {"dense": 1.0, "bm25": 0.0}}), base_dir=folder
+    )
     try:
         # With all the weight on dense, the hybrid order is the dense order.
         assert ids(weighted.query(QUERY, mode="hybrid", top_k=2)) == ids(ingested.query(QUERY, mode="dense", top_k=2))
@@ -111,7 +113,9 @@ def test_filters_restrict_results(ingested):
     assert set(ids(result)) == set(kitchen)
     one = ingested.query("hot water", mode="dense", top_k=6, filters={"source_id": "cars/tyres"})
     assert ids(one) == ["cars/tyres"]
-    by_metadata = ingested.query("hot water", mode="bm25", top_k=6, filters={"media_type": "text/plain", "chunk_index": {"lt": 1}})
+    by_metadata = ingested.query(
+        "hot water", mode="bm25", top_k=6, filters={"media_type": "text/plain", "chunk_index": {"lt": 1}}
+    )
     assert ids(by_metadata) and all(hit.metadata["media_type"] == "text/plain" for hit in by_metadata.hits)
     assert ingested.query("hot water", mode="dense", filters={"media_type": "application/pdf"}).hits == []
 
@@ -148,7 +152,11 @@ def test_bad_filters_and_requests_are_input_errors(ingested):
 def test_concurrent_queries_match_sequential_ones(ingested):
     queries = [QUERY, "hot water for a drink", "pruning roses", "satellite orbit", "tyre pressure", "espresso"]
     modes = ("dense", "bm25", "hybrid")
-    expected = {(q, m): [(h.id, round(h.score, 6)) for h in ingested.query(q, mode=m, top_k=4).hits] for q in queries for m in modes}
+    expected = {
+        (q, m): [(h.id, round(h.score, 6)) for h in ingested.query(q, mode=m, top_k=4).hits]
+        for q in queries
+        for m in modes
+    }
     results: dict = {}
     errors: list = []
 
@@ -156,7 +164,9 @@ def test_concurrent_queries_match_sequential_ones(ingested):
         try:
             for i in range(len(expected)):
                 q, m = list(expected)[(i + offset) % len(expected)]
-                results.setdefault((q, m), []).append([(h.id, round(h.score, 6)) for h in ingested.query(q, mode=m, top_k=4).hits])
+                results.setdefault((q, m), []).append(
+                    [(h.id, round(h.score, 6)) for h in ingested.query(q, mode=m, top_k=4).hits]
+                )
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -172,7 +182,9 @@ def test_concurrent_queries_match_sequential_ones(ingested):
 
 def test_query_before_any_ingest_is_a_clear_error(tmp_path):
     pipeline = Pipeline(spec_for(tmp_path), base_dir=tmp_path)
-    with pytest.raises(QueryError, match=r"nothing to search: collection 'docs' at .*index\.db does not exist yet; run an ingest first"):
+    with pytest.raises(
+        QueryError, match=r"nothing to search: collection 'docs' at .*index\.db does not exist yet; run an ingest first"
+    ):
         pipeline.query("anything")
     assert not (tmp_path / "index.db").exists()  # the query created nothing
     pipeline.close()
@@ -185,7 +197,9 @@ def test_query_section_is_validated_and_round_trips(tmp_path):
     assert parsed.query.fusion.k == 10 and parsed.reranker.config.top_n == 5
     assert parse_spec(parsed.to_dict()).to_dict() == parsed.to_dict()
     (tmp_path / "bad.yaml").write_text(
-        yaml.safe_dump({**spec, "query": {"mode": "semantic", "fusion": {"k": 0}, "reranker": {"type": "nope"}}}, sort_keys=False)
+        yaml.safe_dump(
+            {**spec, "query": {"mode": "semantic", "fusion": {"k": 0}, "reranker": {"type": "nope"}}}, sort_keys=False
+        )
     )
     from pipeline.spec import load_spec
 
@@ -213,7 +227,9 @@ def test_cli_query_prints_a_table_or_json_and_uses_exit_codes(tmp_path):
     before = run("query", str(tmp_path / "spec.yaml"), "tea")
     assert before.returncode == 3 and "run an ingest first" in before.stderr
     assert run("ingest", str(tmp_path / "spec.yaml")).returncode == 0
-    result = run("query", str(tmp_path / "spec.yaml"), QUERY, "--json", "-k", "2", "--filter", "source_id=errors/zx9004")
+    result = run(
+        "query", str(tmp_path / "spec.yaml"), QUERY, "--json", "-k", "2", "--filter", "source_id=errors/zx9004"
+    )
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     assert [h["source_id"] for h in payload["hits"]] == ["errors/zx9004"]

@@ -27,7 +27,11 @@ def quickstart_index(tmp_path_factory):
     def ingest():
         return subprocess.run(
             [sys.executable, "-m", "pipeline", "ingest", "examples/quickstart.yaml", "--json"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
 
     first = ingest()

@@ -105,7 +105,11 @@ def test_every_failure_is_recorded_at_its_stage_and_the_run_goes_on(tmp_path):
 
 def test_a_large_document_is_written_slice_by_slice_with_the_rows_and_failures_of_the_local_runner():
     lines = [f"line {i} " + "word " * (i % 7 + 3) for i in range(60)]
-    docs = {"big.txt": "\n".join(lines), "poisoned.txt": "\n".join([*lines, "POISON near the end", *lines[:9]]), "small.txt": "one line"}
+    docs = {
+        "big.txt": "\n".join(lines),
+        "poisoned.txt": "\n".join([*lines, "POISON near the end", *lines[:9]]),
+        "small.txt": "one line",
+    }
     runs = {}
     for runner_type in ("local", "ray"):
         spec = plugin_spec(docs, runner_type, embedder={"fail_on": "POISON"}, slice_chunks=4)
@@ -119,7 +123,9 @@ def test_a_large_document_is_written_slice_by_slice_with_the_rows_and_failures_o
     assert [getattr(summary, c) for c in counts] == [getattr(expected, c) for c in counts]
     assert summary.documents_indexed == 2 and summary.chunks_written > 4 * 4
     (failure,) = summary.failures
-    assert [(f.source_id, f.stage, f.reason) for f in expected.failures] == [(failure.source_id, failure.stage, failure.reason)]
+    assert [(f.source_id, f.stage, f.reason) for f in expected.failures] == [
+        (failure.source_id, failure.stage, failure.reason)
+    ]
     assert failure.source_id == "mem/poisoned.txt" and "its previous version stays searchable" in failure.reason
 
 
@@ -140,7 +146,10 @@ def test_a_worker_that_dies_without_caps_loses_documents_that_are_still_recorded
     pipeline = Pipeline(plugin_spec(docs, parse_workers=0, ray={"parse_batch_size": 1}), allowed_modules=PLUGINS)
     summary = pipeline.ingest()
     failed = {f.source_id: (f.stage, f.reason) for f in summary.failures}
-    assert failed["mem/b-exit.txt"] == ("parse", "lost in the Ray cluster: a worker that held it died before its result reached the driver")
+    assert failed["mem/b-exit.txt"] == (
+        "parse",
+        "lost in the Ray cluster: a worker that held it died before its result reached the driver",
+    )
     assert {stage for stage, _ in failed.values()} == {"parse"}
     # every document is accounted for: indexed, or recorded as failed (and so redone by the next reindex)
     assert summary.documents_seen == 4 and summary.documents_indexed + summary.documents_failed == 4
@@ -169,7 +178,10 @@ def write_texts(folder: Path) -> None:
     folder.mkdir()
     topics = ["solar panels", "river deltas", "sourdough bread", "chess openings", "glacier retreat"]
     for i, topic in enumerate(topics):
-        paragraphs = [f"{topic.title()} note {i}.{j}: {topic} are discussed here in plain words, sentence {j}." * 3 for j in range(3)]
+        paragraphs = [
+            f"{topic.title()} note {i}.{j}: {topic} are discussed here in plain words, sentence {j}." * 3
+            for j in range(3)
+        ]
         (folder / f"{i}-{topic.replace(' ', '-')}.txt").write_text("\n\n".join(paragraphs), encoding="utf-8")
 
 
@@ -197,9 +209,15 @@ def test_real_files_give_the_same_index_as_the_local_runner(tmp_path):
             summary = pipeline.ingest()
             assert summary.ok, summary.format()
             hits = pipeline.query("how are glaciers changing?", top_k=5, mode="dense").hits
-            results[runner_type] = (summary.chunks_written, pipeline.store.chunk_ids_by_source(), [(h.id, round(h.score, 4)) for h in hits])
+            results[runner_type] = (
+                summary.chunks_written,
+                pipeline.store.chunk_ids_by_source(),
+                [(h.id, round(h.score, 4)) for h in hits],
+            )
     assert results["ray"][0] == results["local"][0] > 5
-    assert {s: sorted(ids) for s, ids in results["ray"][1].items()} == {s: sorted(ids) for s, ids in results["local"][1].items()}
+    assert {s: sorted(ids) for s, ids in results["ray"][1].items()} == {
+        s: sorted(ids) for s, ids in results["local"][1].items()
+    }
     assert results["ray"][2] == results["local"][2]
 
 
@@ -234,7 +252,9 @@ def test_cluster_plan_gives_one_embed_actor_per_gpu_when_the_embedder_can_use_on
 
     gpu_node = {"CPU": 16.0, "GPU": 4.0}
     assert ClusterPlan.for_cluster(RaySettings(), gpu_node, HuggingFaceEmbedder()) == ClusterPlan(4, 1.0, 12)
-    assert ClusterPlan.for_cluster(RaySettings(), gpu_node, HuggingFaceEmbedder(device="cpu")) == ClusterPlan(1, 0.0, 15)
+    assert ClusterPlan.for_cluster(RaySettings(), gpu_node, HuggingFaceEmbedder(device="cpu")) == ClusterPlan(
+        1, 0.0, 15
+    )
     assert ClusterPlan.for_cluster(RaySettings(), gpu_node, HashEmbedder()) == ClusterPlan(1, 0.0, 15)
     shared = RaySettings(gpus_per_actor=0.5, parse_concurrency=3)
     assert ClusterPlan.for_cluster(shared, gpu_node, HuggingFaceEmbedder()) == ClusterPlan(8, 0.5, 3)

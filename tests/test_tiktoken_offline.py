@@ -41,7 +41,9 @@ def run_offline(code: str, env_overrides: dict[str, str | None]) -> dict:
         else:
             env[key] = value
     script = NO_NETWORK + textwrap.dedent(code)
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -172,7 +174,9 @@ def test_encoding_without_offline_file_says_which_ones_work(tmp_path: Path, monk
 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tiktoken.load, "read_file", no_network)
-    with pytest.raises(TiktokenDataError, match="only cl100k_base, o200k_base, o200k_harmony are available without a network"):
+    with pytest.raises(
+        TiktokenDataError, match="only cl100k_base, o200k_base, o200k_harmony are available without a network"
+    ):
         get_encoding("r50k_base")
 
 

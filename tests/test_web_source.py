@@ -148,12 +148,31 @@ def site() -> Iterator[Site]:
 
 def build_site(site: Site, secret_file: Path) -> None:
     site.pages["/robots.txt"] = Page(b"User-agent: *\nDisallow: /private/\n", "text/plain")
-    site.html("/", "Garden handbook", "Start here for the handbook.", [
-        "/docs/intro", "/docs/setup", "/notes.txt", "/docs/intro#part-2", "/private/secret", "/loop-a", "/missing", "/slow",
-        "/huge", "/huge-undeclared", secret_file.as_uri(), "http://169.254.169.254/latest/meta-data/",
-        "http://localhost:1/elsewhere", "mailto:bees@example.com", "javascript:alert(1)",
-    ])
-    site.html("/docs/intro", "Introduction to beekeeping", "Face the hive entrance south-east.", ["/docs/deep/page", "/"])
+    site.html(
+        "/",
+        "Garden handbook",
+        "Start here for the handbook.",
+        [
+            "/docs/intro",
+            "/docs/setup",
+            "/notes.txt",
+            "/docs/intro#part-2",
+            "/private/secret",
+            "/loop-a",
+            "/missing",
+            "/slow",
+            "/huge",
+            "/huge-undeclared",
+            secret_file.as_uri(),
+            "http://169.254.169.254/latest/meta-data/",
+            "http://localhost:1/elsewhere",
+            "mailto:bees@example.com",
+            "javascript:alert(1)",
+        ],
+    )
+    site.html(
+        "/docs/intro", "Introduction to beekeeping", "Face the hive entrance south-east.", ["/docs/deep/page", "/"]
+    )
     site.html("/docs/setup", "Setting up the hive", "Put a hedge two metres in front of the entrance.")
     site.html("/docs/deep/page", "Swarm season", "Inspect the brood frames every nine days.", ["/docs/deeper"])
     site.html("/docs/deeper", "Too deep", "Three hops from the start page.")
@@ -169,9 +188,17 @@ def build_site(site: Site, secret_file: Path) -> None:
 
 def crawl_spec(site: Site, tmp_path: Path, **settings) -> dict:
     source = {
-        "type": "web", "start_urls": [f"{site.url}/"], "max_depth": 2, "allow_private_addresses": True, "delay_s": 0,
-        "timeout_s": 0.5, "max_page_bytes": 100_000, "max_attempts": 2, "retry_max_wait_s": 0.05,
-        "cache_dir": str(tmp_path / "crawl-cache"), **settings,
+        "type": "web",
+        "start_urls": [f"{site.url}/"],
+        "max_depth": 2,
+        "allow_private_addresses": True,
+        "delay_s": 0,
+        "timeout_s": 0.5,
+        "max_page_bytes": 100_000,
+        "max_attempts": 2,
+        "retry_max_wait_s": 0.05,
+        "cache_dir": str(tmp_path / "crawl-cache"),
+        **settings,
     }
     return {
         "version": 1,
@@ -227,16 +254,30 @@ def test_crawl_reindex_cycle_uses_conditional_requests(site, tmp_path):
     # Each page body crossed the wire once: read() got the body the listing had already fetched.
     downloads = site.gets(200)
     assert sorted(p for p in downloads if p.startswith(("/docs", "/notes")) or p == "/") == [
-        "/", "/docs/deep/page", "/docs/intro", "/docs/setup", "/notes.txt"]
+        "/",
+        "/docs/deep/page",
+        "/docs/intro",
+        "/docs/setup",
+        "/notes.txt",
+    ]
     assert site.gets(404) == ["/missing"]
     assert "missing" not in str(first.failures)  # a 404 is a page that is gone, not a failure
 
     site.clear()
     second = index.run()
-    assert second.changes.unchanged == 5 and second.changes.added == second.changes.updated == second.changes.deleted == 0
+    assert (
+        second.changes.unchanged == 5 and second.changes.added == second.changes.updated == second.changes.deleted == 0
+    )
     # No unchanged page's body was downloaded (the failing pages are tried again, as failures are).
-    assert [p for p in site.gets(200) if p in ("/", "/docs/intro", "/docs/setup", "/docs/deep/page", "/notes.txt")] == []
-    assert sorted(site.gets(304)) == ["/", "/docs/intro", "/docs/setup", "/notes.txt"]  # conditional GETs below max depth
+    assert [
+        p for p in site.gets(200) if p in ("/", "/docs/intro", "/docs/setup", "/docs/deep/page", "/notes.txt")
+    ] == []
+    assert sorted(site.gets(304)) == [
+        "/",
+        "/docs/intro",
+        "/docs/setup",
+        "/notes.txt",
+    ]  # conditional GETs below max depth
     assert [h.path for h in site.hits if h.method == "HEAD"] == ["/docs/deep/page"]  # a leaf at max depth
 
     site.html("/docs/setup", "Setting up the hive", "Put a hedge two metres in front, and a water tray nearby.")
@@ -268,7 +309,9 @@ def test_url_list_and_sitemaps_are_probed_with_head(site, tmp_path):
         f'<?xml version="1.0"?><sitemapindex xmlns="http://www.sitemaps.org/schemas/sitemap/0.9"><sitemap><loc>{site.url}/sitemap-pages.xml.gz</loc></sitemap></sitemapindex>'.encode(),
         "application/xml",
     )
-    spec = crawl_spec(site, tmp_path, start_urls=[], urls=[f"{site.url}/notes.txt"], sitemaps=[f"{site.url}/sitemap.xml"])
+    spec = crawl_spec(
+        site, tmp_path, start_urls=[], urls=[f"{site.url}/notes.txt"], sitemaps=[f"{site.url}/sitemap.xml"]
+    )
     index = Index(spec)
     host = site.url.removeprefix("http://")
     first = index.run()
@@ -358,9 +401,27 @@ def test_credentials_in_urls_and_multi_host_sources_are_rejected():
 def test_depth_and_page_limits(site, tmp_path):
     build_site(site, tmp_path / "none.txt")
     host = site.url.removeprefix("http://")
-    only_start = [r.source_id for r in WebSource(start_urls=[f"{site.url}/"], max_depth=0, allow_private_addresses=True, delay_s=0, cache_dir=str(tmp_path / "c1")).list()]
+    only_start = [
+        r.source_id
+        for r in WebSource(
+            start_urls=[f"{site.url}/"],
+            max_depth=0,
+            allow_private_addresses=True,
+            delay_s=0,
+            cache_dir=str(tmp_path / "c1"),
+        ).list()
+    ]
     assert only_start == [f"{host}/"]
-    two = [r.source_id for r in WebSource(start_urls=[f"{site.url}/"], max_pages=2, allow_private_addresses=True, delay_s=0, cache_dir=str(tmp_path / "c2")).list()]
+    two = [
+        r.source_id
+        for r in WebSource(
+            start_urls=[f"{site.url}/"],
+            max_pages=2,
+            allow_private_addresses=True,
+            delay_s=0,
+            cache_dir=str(tmp_path / "c2"),
+        ).list()
+    ]
     assert two == [f"{host}/", f"{host}/docs/intro"]
 
 
@@ -420,7 +481,11 @@ def test_link_extraction_and_url_normalisation():
     <a href="https://example.com:443/caf\xc3\xa9">u</a><a href="mailto:x@y">m</a><a href="HTTP://other.example.com:80/">o</a></body></html>"""
     found = extract_links(html, "https://example.com/start")
     assert found.links == [
-        "https://example.com/docs/intro", "https://example.com/x%20y", "https://example.com/caf%C3%A9", "mailto:x@y", "http://other.example.com/",
+        "https://example.com/docs/intro",
+        "https://example.com/x%20y",
+        "https://example.com/caf%C3%A9",
+        "mailto:x@y",
+        "http://other.example.com/",
     ]
     assert found.noindex and not found.nofollow
     assert normalize_url("https://bücher.example/ä?q=1 2#frag") == "https://xn--bcher-kva.example/%C3%A4?q=1%202"

@@ -47,9 +47,18 @@ Side = Literal["query", "document"]
 
 # Settings that change how fast or how politely vectors are fetched, never which vectors.
 TRANSPORT_SETTINGS = (
-    "base_url", "api_key_env", "max_inputs_per_request", "max_tokens_per_request", "max_concurrency",
-    "requests_per_minute", "tokens_per_minute", "timeout_seconds", "max_retries", "backoff_base_seconds",
-    "backoff_max_seconds", "max_retry_after_seconds",
+    "base_url",
+    "api_key_env",
+    "max_inputs_per_request",
+    "max_tokens_per_request",
+    "max_concurrency",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "timeout_seconds",
+    "max_retries",
+    "backoff_base_seconds",
+    "backoff_max_seconds",
+    "max_retry_after_seconds",
 )
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -62,20 +71,36 @@ class ApiEmbedderConfig(ComponentConfig):
 
     model: str = Field(..., min_length=1, description="The provider's model name.")
     base_url: str = Field(..., pattern=r"^https?://", description="API root, e.g. https://api.openai.com/v1.")
-    api_key_env: str | None = Field(..., description="Name of the environment variable holding the API key; null for none.")
-    dimensions: int | None = Field(None, ge=1, description="Output size the API is asked for (Matryoshka models); default: the model's.")
-    query_prefix: str | None = Field(None, description="Prepended to queries before sending; default: the catalog's for the model, else none.")
-    document_prefix: str | None = Field(None, description="Prepended to documents before sending; default: the catalog's, else none.")
+    api_key_env: str | None = Field(
+        ..., description="Name of the environment variable holding the API key; null for none."
+    )
+    dimensions: int | None = Field(
+        None, ge=1, description="Output size the API is asked for (Matryoshka models); default: the model's."
+    )
+    query_prefix: str | None = Field(
+        None, description="Prepended to queries before sending; default: the catalog's for the model, else none."
+    )
+    document_prefix: str | None = Field(
+        None, description="Prepended to documents before sending; default: the catalog's, else none."
+    )
     max_inputs_per_request: int = Field(..., ge=1, description="Texts per request (the provider's documented limit).")
-    max_tokens_per_request: int | None = Field(None, ge=1, description="Estimated tokens per request, where the provider caps them.")
+    max_tokens_per_request: int | None = Field(
+        None, ge=1, description="Estimated tokens per request, where the provider caps them."
+    )
     max_concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
     requests_per_minute: float | None = Field(None, gt=0, description="Client-side request budget (token bucket).")
-    tokens_per_minute: float | None = Field(None, gt=0, description="Client-side token budget (token bucket, estimated tokens).")
+    tokens_per_minute: float | None = Field(
+        None, gt=0, description="Client-side token budget (token bucket, estimated tokens)."
+    )
     timeout_seconds: float = Field(60.0, gt=0, description="Per request; a timeout is retried.")
     max_retries: int = Field(6, ge=0, description="Retries of 429, 5xx, timeouts and dropped connections.")
-    backoff_base_seconds: float = Field(1.0, gt=0, description="First backoff ceiling; doubles per retry (full jitter).")
+    backoff_base_seconds: float = Field(
+        1.0, gt=0, description="First backoff ceiling; doubles per retry (full jitter)."
+    )
     backoff_max_seconds: float = Field(60.0, gt=0, description="Largest backoff ceiling.")
-    max_retry_after_seconds: float = Field(300.0, gt=0, description="Fail instead of waiting longer than this for Retry-After.")
+    max_retry_after_seconds: float = Field(
+        300.0, gt=0, description="Fail instead of waiting longer than this for Retry-After."
+    )
 
     @field_validator("api_key_env")
     @classmethod
@@ -142,7 +167,9 @@ class ApiEmbedder(Embedder):
     def dimension(self) -> int:
         with self._lock:
             if self._dimension is None:
-                self._dimension = self.config.dimensions or self.known_dimensions.get(self.config.model) or self._probe_dimension()
+                self._dimension = (
+                    self.config.dimensions or self.known_dimensions.get(self.config.model) or self._probe_dimension()
+                )
             return self._dimension
 
     @property
@@ -224,7 +251,9 @@ class ApiEmbedder(Embedder):
         for text in texts:
             prepared = self.prepare(text, side)
             cost = counter.count(prepared)
-            full = len(current) >= limit_inputs or (limit_tokens is not None and current and tokens + cost > limit_tokens)
+            full = len(current) >= limit_inputs or (
+                limit_tokens is not None and current and tokens + cost > limit_tokens
+            )
             if full:
                 requests.append(Request(current, tokens))
                 current, tokens = [], 0
@@ -242,7 +271,9 @@ class ApiEmbedder(Embedder):
         if len(requests) == 1 or self.config.max_concurrency == 1:
             parts = [call(r) for r in requests]
         else:
-            with ThreadPoolExecutor(max_workers=self.config.max_concurrency, thread_name_prefix=f"{self.type_name}-embed") as pool:
+            with ThreadPoolExecutor(
+                max_workers=self.config.max_concurrency, thread_name_prefix=f"{self.type_name}-embed"
+            ) as pool:
                 futures = [pool.submit(call, r) for r in requests]
                 try:
                     parts = [f.result() for f in futures]
@@ -254,7 +285,10 @@ class ApiEmbedder(Embedder):
 
     def _call(self, request: Request, side: Side, extra: dict[str, Any] | None = None) -> np.ndarray:
         body = self.transport.post_json(
-            self.endpoint(), {**self.payload(request.texts, side), **(extra or {})}, api_key=self._api_key(), tokens=request.tokens
+            self.endpoint(),
+            {**self.payload(request.texts, side), **(extra or {})},
+            api_key=self._api_key(),
+            tokens=request.tokens,
         )
         return self._checked(self.read_vectors(body, len(request.texts)), len(request.texts))
 
@@ -263,7 +297,11 @@ class ApiEmbedder(Embedder):
             raise MalformedResponse(self.provider, f"returned {len(rows)} embeddings for {count} inputs")
         expected = self._dimension or self.config.dimensions or self.known_dimensions.get(self.config.model)
         for number, row in enumerate(rows):
-            if not isinstance(row, list) or not row or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row):
+            if (
+                not isinstance(row, list)
+                or not row
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)
+            ):
                 raise MalformedResponse(self.provider, f"embedding {number} is not a list of numbers")
             if expected is not None and len(row) != expected:
                 raise MalformedResponse(self.provider, f"embedding {number} has {len(row)} values, expected {expected}")
@@ -307,10 +345,14 @@ class ApiEmbedder(Embedder):
                     max_connections=config.max_concurrency,
                     limiter=RateLimiter(config.requests_per_minute, config.tokens_per_minute),
                     policy=RetryPolicy(
-                        max_retries=config.max_retries, backoff_base_seconds=config.backoff_base_seconds,
-                        backoff_max_seconds=config.backoff_max_seconds, max_retry_after_seconds=config.max_retry_after_seconds,
+                        max_retries=config.max_retries,
+                        backoff_base_seconds=config.backoff_base_seconds,
+                        backoff_max_seconds=config.backoff_max_seconds,
+                        max_retry_after_seconds=config.max_retry_after_seconds,
                     ),
-                    key_hint=f"the key in ${config.api_key_env}" if config.api_key_env else "the request (no API key is configured)",
+                    key_hint=f"the key in ${config.api_key_env}"
+                    if config.api_key_env
+                    else "the request (no API key is configured)",
                 )
             return self._transport
 
@@ -335,7 +377,9 @@ class ApiEmbedder(Embedder):
         retried = {k: v for k, v in retried.items() if v}
         if retried:
             reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(retried.items()))
-            notes.append(f"{self.provider}: {sum(retried.values())} of {stats.requests - self._requests_before_run} requests retried ({reasons})")
+            notes.append(
+                f"{self.provider}: {sum(retried.values())} of {stats.requests - self._requests_before_run} requests retried ({reasons})"
+            )
         waited = self._transport.limiter.waited_seconds - self._waited_before_run
         if waited >= 1:
             notes.append(f"{self.provider}: waited {math.ceil(waited)} s for the client-side rate limits")

@@ -50,11 +50,23 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
 class OpenAIConfig(ApiEmbedderConfig):
-    model: str = Field("text-embedding-3-small", min_length=1, description="e.g. text-embedding-3-large, or the model a compatible server serves.")
-    base_url: str = Field(OPENAI_BASE_URL, pattern=r"^https?://", description="Another OpenAI-compatible server: vLLM, TEI, Ollama, LiteLLM ...")
-    api_key_env: str | None = Field("OPENAI_API_KEY", description="Environment variable holding the key; null for servers without one.")
+    model: str = Field(
+        "text-embedding-3-small",
+        min_length=1,
+        description="e.g. text-embedding-3-large, or the model a compatible server serves.",
+    )
+    base_url: str = Field(
+        OPENAI_BASE_URL,
+        pattern=r"^https?://",
+        description="Another OpenAI-compatible server: vLLM, TEI, Ollama, LiteLLM ...",
+    )
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the key; null for servers without one."
+    )
     max_inputs_per_request: int = Field(2048, ge=1, description="OpenAI: 2048 (TEI's default is 32).")
-    max_tokens_per_request: int | None = Field(300_000, ge=1, description="OpenAI: 300,000 tokens summed over a request's inputs.")
+    max_tokens_per_request: int | None = Field(
+        300_000, ge=1, description="OpenAI: 300,000 tokens summed over a request's inputs."
+    )
 
 
 class TiktokenCounter(TokenCounter):
@@ -111,13 +123,19 @@ class OpenAIEmbedder(ApiEmbedder):
 
 
 class CohereConfig(ApiEmbedderConfig):
-    model: str = Field("embed-v4.0", min_length=1, description="e.g. embed-v4.0, embed-english-v3.0, embed-multilingual-v3.0.")
+    model: str = Field(
+        "embed-v4.0", min_length=1, description="e.g. embed-v4.0, embed-english-v3.0, embed-multilingual-v3.0."
+    )
     base_url: str = Field("https://api.cohere.com", pattern=r"^https?://")
-    api_key_env: str | None = Field("CO_API_KEY", description="Environment variable holding the key (Cohere's SDK reads CO_API_KEY).")
+    api_key_env: str | None = Field(
+        "CO_API_KEY", description="Environment variable holding the key (Cohere's SDK reads CO_API_KEY)."
+    )
     max_inputs_per_request: int = Field(96, ge=1, description="Cohere: 96 texts per call.")
     document_input_type: str = Field("search_document", min_length=1, description="input_type for documents.")
     query_input_type: str = Field("search_query", min_length=1, description="input_type for queries.")
-    truncate: Literal["NONE", "START", "END"] = Field("END", description="What Cohere does with over-long texts; NONE makes them errors.")
+    truncate: Literal["NONE", "START", "END"] = Field(
+        "END", description="What Cohere does with over-long texts; NONE makes them errors."
+    )
 
 
 class CohereEmbedder(ApiEmbedder):
@@ -126,8 +144,11 @@ class CohereEmbedder(ApiEmbedder):
     config: CohereConfig
     provider = "Cohere"
     known_dimensions = {
-        "embed-v4.0": 1536, "embed-english-v3.0": 1024, "embed-multilingual-v3.0": 1024,
-        "embed-english-light-v3.0": 384, "embed-multilingual-light-v3.0": 384,
+        "embed-v4.0": 1536,
+        "embed-english-v3.0": 1024,
+        "embed-multilingual-v3.0": 1024,
+        "embed-english-light-v3.0": 384,
+        "embed-multilingual-light-v3.0": 384,
     }
     query_settings = ("query_prefix", "query_input_type")
 
@@ -169,14 +190,24 @@ _JINA_TASK_MODELS = ("jina-embeddings-v3", "jina-embeddings-v4")
 
 
 class JinaConfig(ApiEmbedderConfig):
-    model: str = Field("jina-embeddings-v3", min_length=1, description="e.g. jina-embeddings-v3, jina-embeddings-v2-base-en.")
+    model: str = Field(
+        "jina-embeddings-v3", min_length=1, description="e.g. jina-embeddings-v3, jina-embeddings-v2-base-en."
+    )
     base_url: str = Field("https://api.jina.ai/v1", pattern=r"^https?://")
     api_key_env: str | None = Field("JINA_API_KEY", description="Environment variable holding the key.")
     max_inputs_per_request: int = Field(2048, ge=1, description="Jina: 2048 inputs per request.")
-    document_task: str | None = Field(None, description="Default: retrieval.passage for v3/v4 models, none for others; '' for none.")
-    query_task: str | None = Field(None, description="Default: retrieval.query for v3/v4 models, none for others; '' for none.")
-    late_chunking: bool = Field(False, description="Embed each document's chunks in one request so they see the whole document.")
-    late_chunking_max_tokens: int = Field(8192, ge=16, description="Estimated tokens of one late-chunking request (the model's context).")
+    document_task: str | None = Field(
+        None, description="Default: retrieval.passage for v3/v4 models, none for others; '' for none."
+    )
+    query_task: str | None = Field(
+        None, description="Default: retrieval.query for v3/v4 models, none for others; '' for none."
+    )
+    late_chunking: bool = Field(
+        False, description="Embed each document's chunks in one request so they see the whole document."
+    )
+    late_chunking_max_tokens: int = Field(
+        8192, ge=16, description="Estimated tokens of one late-chunking request (the model's context)."
+    )
     truncate: bool = Field(True, description="Let Jina cut over-long inputs instead of refusing them.")
 
 
@@ -186,9 +217,15 @@ class JinaEmbedder(ApiEmbedder):
     config: JinaConfig
     provider = "Jina"
     known_dimensions = {
-        "jina-embeddings-v3": 1024, "jina-embeddings-v4": 2048, "jina-embeddings-v2-base-en": 768,
-        "jina-embeddings-v2-small-en": 512, "jina-embeddings-v2-base-de": 768, "jina-embeddings-v2-base-es": 768,
-        "jina-embeddings-v2-base-zh": 768, "jina-embeddings-v2-base-code": 768, "jina-clip-v2": 1024,
+        "jina-embeddings-v3": 1024,
+        "jina-embeddings-v4": 2048,
+        "jina-embeddings-v2-base-en": 768,
+        "jina-embeddings-v2-small-en": 512,
+        "jina-embeddings-v2-base-de": 768,
+        "jina-embeddings-v2-base-es": 768,
+        "jina-embeddings-v2-base-zh": 768,
+        "jina-embeddings-v2-base-code": 768,
+        "jina-clip-v2": 1024,
     }
     query_settings = ("query_prefix", "query_task")
 
@@ -208,7 +245,12 @@ class JinaEmbedder(ApiEmbedder):
         return f"{self.config.base_url.rstrip('/')}/embeddings"
 
     def payload(self, texts: list[str], side: Side) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.config.model, "input": texts, "embedding_type": "float", "truncate": self.config.truncate}
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "input": texts,
+            "embedding_type": "float",
+            "truncate": self.config.truncate,
+        }
         task = self.task(side)
         if task is not None:
             body["task"] = task
@@ -255,7 +297,10 @@ class JinaEmbedder(ApiEmbedder):
         for text in texts:
             prepared = self.prepare(text, "document")
             cost = counter.count(prepared)
-            if current and (tokens + cost > self.config.late_chunking_max_tokens or len(current) >= self.config.max_inputs_per_request):
+            if current and (
+                tokens + cost > self.config.late_chunking_max_tokens
+                or len(current) >= self.config.max_inputs_per_request
+            ):
                 requests.append(Request(current, tokens))
                 current, tokens = [], 0
             current.append(prepared)
@@ -290,7 +335,9 @@ class VoyageConfig(ApiEmbedderConfig):
     base_url: str = Field("https://api.voyageai.com/v1", pattern=r"^https?://")
     api_key_env: str | None = Field("VOYAGE_API_KEY", description="Environment variable holding the key.")
     max_inputs_per_request: int = Field(1000, ge=1, description="Voyage: 1000 inputs per request.")
-    max_tokens_per_request: int | None = Field(None, ge=1, description="Default: the model's documented cap (120K to 1M tokens).")
+    max_tokens_per_request: int | None = Field(
+        None, ge=1, description="Default: the model's documented cap (120K to 1M tokens)."
+    )
     document_input_type: str | None = Field("document", description="input_type for documents; null for none.")
     query_input_type: str | None = Field("query", description="input_type for queries; null for none.")
     truncation: bool = Field(True, description="Let Voyage cut over-long inputs instead of refusing them.")
@@ -302,9 +349,18 @@ class VoyageEmbedder(ApiEmbedder):
     config: VoyageConfig
     provider = "Voyage"
     known_dimensions = {
-        "voyage-3.5": 1024, "voyage-3.5-lite": 1024, "voyage-3-large": 1024, "voyage-3": 1024, "voyage-3-lite": 512,
-        "voyage-code-3": 1024, "voyage-finance-2": 1024, "voyage-law-2": 1024, "voyage-multilingual-2": 1024,
-        "voyage-2": 1024, "voyage-large-2": 1536, "voyage-code-2": 1536,
+        "voyage-3.5": 1024,
+        "voyage-3.5-lite": 1024,
+        "voyage-3-large": 1024,
+        "voyage-3": 1024,
+        "voyage-3-lite": 512,
+        "voyage-code-3": 1024,
+        "voyage-finance-2": 1024,
+        "voyage-law-2": 1024,
+        "voyage-multilingual-2": 1024,
+        "voyage-2": 1024,
+        "voyage-large-2": 1536,
+        "voyage-code-2": 1536,
     }
     query_settings = ("query_prefix", "query_input_type")
 
@@ -344,7 +400,9 @@ class VoyageEmbedder(ApiEmbedder):
 class MixedbreadConfig(ApiEmbedderConfig):
     model: str = Field("mixedbread-ai/mxbai-embed-large-v1", min_length=1)
     base_url: str = Field("https://api.mixedbread.com/v1", pattern=r"^https?://")
-    api_key_env: str | None = Field("MXBAI_API_KEY", description="Environment variable holding the key (Mixedbread's SDK reads MXBAI_API_KEY).")
+    api_key_env: str | None = Field(
+        "MXBAI_API_KEY", description="Environment variable holding the key (Mixedbread's SDK reads MXBAI_API_KEY)."
+    )
     max_inputs_per_request: int = Field(256, ge=1, description="Mixedbread: 256 inputs per request.")
     normalized: bool = Field(True, description="Ask for unit-length vectors.")
 
@@ -366,7 +424,12 @@ class MixedbreadEmbedder(ApiEmbedder):
         return f"{self.config.base_url.rstrip('/')}/embeddings"
 
     def payload(self, texts: list[str], side: Side) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.config.model, "input": texts, "normalized": self.config.normalized, "encoding_format": "float"}
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "input": texts,
+            "normalized": self.config.normalized,
+            "encoding_format": "float",
+        }
         prompt = self.query_prefix if side == "query" else self.document_prefix
         if prompt:
             body["prompt"] = prompt

@@ -245,7 +245,9 @@ class ApiTransport:
                 status = response.status_code
                 if status not in RETRIED_STATUSES:
                     raise self._refusal(response)
-                last_problem = f"{status_text(status)}: {excerpt(response.text)}" if response.text else status_text(status)
+                last_problem = (
+                    f"{status_text(status)}: {excerpt(response.text)}" if response.text else status_text(status)
+                )
                 reason = "rate limited" if status == 429 else f"HTTP {status}"
                 wait = self._wait_for(response, attempt, last_problem)
             if attempt == self.policy.max_retries:
@@ -253,10 +255,17 @@ class ApiTransport:
             with self._stats_lock:
                 self.stats.add_retry(reason)
             log.warning(
-                "%s: %s; retrying in %.1f s (retry %d of %d)", self.provider, last_problem, wait, attempt + 1, self.policy.max_retries
+                "%s: %s; retrying in %.1f s (retry %d of %d)",
+                self.provider,
+                last_problem,
+                wait,
+                attempt + 1,
+                self.policy.max_retries,
             )
             self.sleep(wait)
-        raise EmbeddingApiError(self.provider, f"gave up after {self.policy.max_retries + 1} attempts; last: {last_problem}")
+        raise EmbeddingApiError(
+            self.provider, f"gave up after {self.policy.max_retries + 1} attempts; last: {last_problem}"
+        )
 
     def _wait_for(self, response: Any, attempt: int, problem: str) -> float:
         asked = retry_after_seconds(response.headers)
@@ -279,7 +288,9 @@ class ApiTransport:
         if status in AUTH_STATUSES:
             # No server text: some providers echo part of the key back.
             return EmbeddingApiError(
-                self.provider, f"{status_text(status)}: the API refused {self.key_hint}; check that it is valid and allowed to use this model", status
+                self.provider,
+                f"{status_text(status)}: the API refused {self.key_hint}; check that it is valid and allowed to use this model",
+                status,
             )
         detail = excerpt(response.text) if response.text else "no details"
         return EmbeddingApiError(self.provider, f"{status_text(status)} (not retried): {detail}", status)
@@ -290,5 +301,6 @@ class ApiTransport:
         except ValueError:
             kind = response.headers.get("content-type", "no content type")
             raise MalformedResponse(
-                self.provider, f"answered {status_text(response.status_code)} with a body that is not JSON ({kind}): {excerpt(response.text)!r}"
+                self.provider,
+                f"answered {status_text(response.status_code)} with a body that is not JSON ({kind}): {excerpt(response.text)!r}",
             ) from None

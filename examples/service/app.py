@@ -81,7 +81,9 @@ def create_app(spec_path: str | os.PathLike[str] | None = None, *, ingest_token:
     def run_query(request: Request, body: QueryRequest) -> dict[str, Any]:
         pipeline: Pipeline = request.app.state.pipeline
         try:
-            result = pipeline.query(body.text, top_k=body.top_k, filters=body.filters, mode=body.mode, rerank=body.rerank)
+            result = pipeline.query(
+                body.text, top_k=body.top_k, filters=body.filters, mode=body.mode, rerank=body.rerank
+            )
         except QueryInputError as exc:
             raise HTTPException(400, str(exc)) from None
         except QueryError as exc:

@@ -40,10 +40,12 @@ class MemorySource(Source):
                 raise ConnectionError("listing interrupted")
             data = self.config.documents[name].encode()
             signal = f"{hashlib.sha256(data).hexdigest()[:16]}{self.config.signal_suffix}"
-            yield SourceRef(f"{self.scope}{name}", f"memory:{name}", "text/plain", len(data), signal, {"file_name": name})
+            yield SourceRef(
+                f"{self.scope}{name}", f"memory:{name}", "text/plain", len(data), signal, {"file_name": name}
+            )
 
     def read(self, ref: SourceRef) -> bytes:
-        name = ref.source_id[len(self.scope):]
+        name = ref.source_id[len(self.scope) :]
         text = self.config.documents[name]
         if text == "<unreadable>":
             raise PermissionError(f"{name}: permission denied")
@@ -83,7 +85,15 @@ class LineParser(Parser):
             elements.append(Element(line, "NarrativeText", cursor, cursor + len(line)))
             joined += line
             cursor += len(line)
-        return ParsedDocument(document.source_id, document.uri, document.media_type, document.content_hash, joined, tuple(elements), {"file_name": document.metadata.get("file_name", "")})
+        return ParsedDocument(
+            document.source_id,
+            document.uri,
+            document.media_type,
+            document.content_hash,
+            joined,
+            tuple(elements),
+            {"file_name": document.metadata.get("file_name", "")},
+        )
 
 
 class ElementChunker(Chunker):
@@ -154,7 +164,9 @@ class MemoryStore(Store):
         return len(chunks)
 
     def delete_stale(self, keep: Mapping[str, Sequence[str]]) -> None:
-        for cid in [cid for cid, row in self.rows.items() if row["source_id"] in keep and cid not in set(keep[row["source_id"]])]:
+        for cid in [
+            cid for cid, row in self.rows.items() if row["source_id"] in keep and cid not in set(keep[row["source_id"]])
+        ]:
             del self.rows[cid]
 
     def delete_sources(self, source_ids: Sequence[str]) -> None:
