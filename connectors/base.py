@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 from core.component import Component
 from core.types import ParsedDocument, SourceDocument, SourceRef
@@ -26,6 +28,27 @@ def path_id(raw: bytes) -> str:
         if "\\" not in text:
             return text
     return raw.replace(b"\\", b"\\\\").decode("utf-8", errors="backslashreplace")
+
+
+# -- settings every listing source shares ------------------------------------------------------
+
+
+def _usable_namespace(value: str | None) -> str | None:
+    """A namespace prefixes every source id: surrounding slashes go, and one of only slashes is refused."""
+    if value is not None and not value.strip("/"):
+        raise ValueError("namespace must not be empty")
+    return value.strip("/") if value is not None else None
+
+
+def _patterns_not_blank(value: list[str]) -> list[str]:
+    if any(not pattern.strip() for pattern in value):
+        raise ValueError("patterns must not be blank")
+    return value
+
+
+# A source's ``namespace`` setting, and its ``include``/``exclude`` globs.
+Namespace = Annotated[str | None, AfterValidator(_usable_namespace)]
+GlobPatterns = Annotated[list[str], AfterValidator(_patterns_not_blank)]
 
 
 class Source(Component):

@@ -40,7 +40,7 @@ from urllib.parse import quote, unquote, urlsplit
 from pydantic import ConfigDict, Field, field_validator
 
 from connectors._remote import PathFilter, human_size, redact, scrub_url
-from connectors.base import Source, path_id
+from connectors.base import GlobPatterns, Namespace, Source, path_id
 from connectors.local import FileTooLarge, media_type_for
 from core.component import ComponentConfig
 from core.secrets import register_secret
@@ -81,12 +81,12 @@ class GitSource(Source):
             description="local repository path, or URL (https://, ssh://, git://, file://, user@host:path)",
         )
         ref: str = Field("HEAD", description="branch, tag or commit to index")
-        include: list[str] = Field(default_factory=lambda: ["**/*"], description="globs a file's path must match")
-        exclude: list[str] = Field(
+        include: GlobPatterns = Field(default_factory=lambda: ["**/*"], description="globs a file's path must match")
+        exclude: GlobPatterns = Field(
             default_factory=lambda: [".*"], description="globs that drop a file or directory; default: hidden ones"
         )
         max_file_bytes: int = Field(100 * 2**20, gt=0, description="larger files are listed and fail at read")
-        namespace: str | None = Field(None, description="prefix of every source id; default: the repository's name")
+        namespace: Namespace = Field(None, description="prefix of every source id; default: the repository's name")
         cache_dir: str | None = Field(
             None, description="where URL repositories are mirrored; default: $XDG_CACHE_HOME/rag-pipeline/git"
         )
@@ -118,13 +118,6 @@ class GitSource(Source):
                     "ref must be a branch, tag or commit name (letters, digits and ._/@{}^~+-, not starting with '-')"
                 )
             return value
-
-        @field_validator("namespace")
-        @classmethod
-        def _namespace_is_usable(cls, value: str | None) -> str | None:
-            if value is not None and not value.strip("/"):
-                raise ValueError("namespace must not be empty")
-            return value.strip("/") if value is not None else None
 
     config: Config
 

@@ -34,9 +34,9 @@ from functools import cached_property
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote_to_bytes
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from connectors.base import Source, path_id
+from connectors.base import GlobPatterns, Namespace, Source, path_id
 from core.component import ComponentConfig
 from core.types import SourceRef
 
@@ -187,31 +187,17 @@ class LocalDirectorySource(Source):
 
     class Config(ComponentConfig):
         path: str = Field(description="the folder to index; relative paths are resolved against the spec's folder")
-        include: list[str] = Field(
+        include: GlobPatterns = Field(
             default_factory=lambda: ["**/*"], description="globs a file must match (any of them)"
         )
-        exclude: list[str] = Field(
+        exclude: GlobPatterns = Field(
             default_factory=lambda: [".*"],
             description="globs that drop a file or a whole directory; default: hidden ones",
         )
         recursive: bool = True
         follow_symlinks: bool = Field(True, description="follow symlinks that stay inside the folder")
         max_file_bytes: int = Field(100 * 2**20, gt=0, description="larger files are listed and fail at read")
-        namespace: str | None = Field(None, description="prefix of every source id; default: the folder's name")
-
-        @field_validator("namespace")
-        @classmethod
-        def _namespace_is_usable(cls, value: str | None) -> str | None:
-            if value is not None and not value.strip("/"):
-                raise ValueError("namespace must not be empty")
-            return value.strip("/") if value is not None else None
-
-        @field_validator("include", "exclude")
-        @classmethod
-        def _patterns_not_blank(cls, value: list[str]) -> list[str]:
-            if any(not p.strip() for p in value):
-                raise ValueError("patterns must not be blank")
-            return value
+        namespace: Namespace = Field(None, description="prefix of every source id; default: the folder's name")
 
     config: Config
 

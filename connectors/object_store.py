@@ -46,7 +46,7 @@ from connectors._remote import (
     retrying,
     url_has_credentials,
 )
-from connectors.base import Source
+from connectors.base import GlobPatterns, Source
 from connectors.local import FileTooLarge, media_type_for
 from core.component import ComponentConfig, require
 from core.types import SourceRef
@@ -170,10 +170,10 @@ class ObjectStoreSource(Source):
             default_factory=dict,
             description="extra fsspec options (requester_pays, account_name ...); never credentials",
         )
-        include: list[str] = Field(
+        include: GlobPatterns = Field(
             default_factory=lambda: ["**/*"], description="globs a key (relative to the prefix) must match"
         )
-        exclude: list[str] = Field(
+        exclude: GlobPatterns = Field(
             default_factory=lambda: [".*"], description="globs that drop an object or a whole 'directory'"
         )
         max_file_bytes: int = Field(
@@ -189,7 +189,8 @@ class ObjectStoreSource(Source):
         def _url_names_a_bucket(cls, value: str) -> str:
             if url_has_credentials(value) or "@" in urlsplit(value).netloc:
                 raise ValueError(
-                    "the URL must not contain credentials; they come from the environment or the AWS/GCP/Azure configuration"
+                    "the URL must not contain credentials; they come from the environment or the AWS/GCP/Azure "
+                    "configuration"
                 )
             parts = urlsplit(value)
             if parts.scheme.lower() not in BACKENDS:
@@ -223,13 +224,6 @@ class ObjectStoreSource(Source):
                 )
             return value
 
-        @field_validator("include", "exclude")
-        @classmethod
-        def _patterns_not_blank(cls, value: list[str]) -> list[str]:
-            if any(not p.strip() for p in value):
-                raise ValueError("patterns must not be blank")
-            return value
-
     config: Config
 
     # -- configuration derived once --------------------------------------------------------
@@ -258,7 +252,8 @@ class ObjectStoreSource(Source):
         for module in ("fsspec", backend.module):
             if importlib.util.find_spec(module) is None:
                 problems.append(
-                    f"object-store source: {self.config.url} needs {module}; run: pip install 'rag-pipeline[{backend.extra}]'"
+                    f"object-store source: {self.config.url} needs {module}; run: pip install "
+                    f"'rag-pipeline[{backend.extra}]'"
                 )
         if backend.protocol != "s3":
             s3_only = [name for name in ("endpoint_url", "region", "profile") if getattr(self.config, name) is not None]

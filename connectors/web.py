@@ -71,7 +71,7 @@ from connectors._http import (
     origin_of,
 )
 from connectors._remote import PathFilter, describe_error, url_has_credentials
-from connectors.base import Source
+from connectors.base import GlobPatterns, Namespace, Source
 from connectors.local import MEDIA_TYPES, media_type_for
 from core.component import ComponentConfig
 from core.types import SourceRef, sha256_hex
@@ -264,10 +264,10 @@ class WebSource(Source):
         )
         max_depth: int = Field(2, ge=0, description="link hops from a start URL (0: the start pages only)")
         max_pages: int = Field(1000, ge=1, description="pages listed at most, per run")
-        include: list[str] = Field(
+        include: GlobPatterns = Field(
             default_factory=lambda: ["**"], description="globs over the URL path (without the leading /)"
         )
-        exclude: list[str] = Field(
+        exclude: GlobPatterns = Field(
             default_factory=list, description="globs over the URL path; excluded pages are not fetched"
         )
         media_types: list[str] = Field(
@@ -288,7 +288,7 @@ class WebSource(Source):
             False, description="allow loopback, private and link-local addresses (intranets, tests)"
         )
         allowed_schemes: list[Literal["http", "https", "file"]] = Field(default_factory=lambda: ["http", "https"])
-        namespace: str | None = Field(
+        namespace: Namespace = Field(
             None, description="prefix of every source id; required when pages span several hosts"
         )
         cache_dir: str | None = Field(None, description="crawl cache folder; default: $XDG_CACHE_HOME/rag-pipeline/web")
@@ -309,13 +309,6 @@ class WebSource(Source):
                     raise ValueError(f"{value!r}: {exc}") from None
             return normalized
 
-        @field_validator("namespace")
-        @classmethod
-        def _namespace_is_usable(cls, value: str | None) -> str | None:
-            if value is not None and not value.strip("/"):
-                raise ValueError("namespace must not be empty")
-            return value.strip("/") if value is not None else None
-
         @model_validator(mode="after")
         def _pages_and_scope(self) -> WebSource.Config:
             seeds = [*self.urls, *self.sitemaps, *self.start_urls]
@@ -330,7 +323,8 @@ class WebSource(Source):
             netlocs = {urlsplit(u).netloc for u in seeds}
             if self.namespace is None and (len(netlocs) != 1 or "" in netlocs or self.allowed_hosts):
                 raise ValueError(
-                    "the pages span several hosts (or local files): set namespace, the prefix that keeps their source ids together"
+                    "the pages span several hosts (or local files): set namespace, the prefix that keeps their "
+                    "source ids together"
                 )
             return self
 

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from core.secrets import install_log_filter, scrub
 
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     reindex.add_argument(
         "--full-rebuild",
         action="store_true",
-        help="build a new collection from scratch, then switch the collection name (an alias) to it; queries never see a half-built index",
+        help="build a new collection from scratch, then switch the collection name (an alias) to it; queries never "
+        "see a half-built index",
     )
     reindex.add_argument("--lock-ttl", type=float, default=DEFAULT_LOCK_TTL_S, metavar="SECONDS", help=LOCK_TTL_HELP)
 
@@ -124,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help='restrict results; VALUE is JSON or a plain string, e.g. source_id=docs/a.md, page=\'{"gte": 2, "lte": 5}\', '
+        help='restrict results; VALUE is JSON or a plain string, e.g. source_id=docs/a.md, page=\'{"gte": 2, "lte": '
+        "5}', "
         "media_type='[\"application/pdf\"]' (repeatable, all must hold)",
     )
     query.add_argument("--no-rerank", action="store_true", help="skip the spec's reranker")
@@ -217,31 +219,40 @@ def _run_eval(pipeline, args) -> int:  # type: ignore[no-untyped-def]
     return EXIT_PARTIAL if any("failed to ingest" in note for note in report.notes) else EXIT_OK
 
 
-def _run_reindex(pipeline, args) -> int:  # type: ignore[no-untyped-def]
+def _under_lock(command: str, action: Callable[[], int]) -> int:
+    """Run ``action``, the work of a command that takes the re-index lock: another live run holding
+    the lock is exit 4 ("<command> skipped"), anything else that stops it exit 3 ("<command> aborted")."""
     from core.errors import is_lock_conflict
+
+    try:
+        return action()
+    except Exception as exc:
+        if is_lock_conflict(exc):
+            print(scrub(f"{command} skipped: {exc}"), file=sys.stderr)
+            return EXIT_LOCK_HELD
+        logging.getLogger("rag_pipeline").debug("%s aborted", command, exc_info=True)
+        print(scrub(f"{command} aborted: {exc}"), file=sys.stderr)
+        return EXIT_FATAL
+
+
+def _print_summary(summary, as_json: bool) -> int:  # type: ignore[no-untyped-def]
+    print(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) if as_json else summary.format(), flush=True)
+    return EXIT_OK if summary.ok else EXIT_PARTIAL
+
+
+def _run_reindex(pipeline, args) -> int:  # type: ignore[no-untyped-def]
     from pipeline.reindex_job import run_on_schedule
 
     def once() -> int:
-        try:
-            with pipeline.lease(args.lock_ttl) as lease:
-                rebuild = pipeline.full_rebuild if args.full_rebuild else pipeline.reindex
-                summary = rebuild(lease=lease)
-        except Exception as exc:
-            if is_lock_conflict(exc):
-                print(f"reindex skipped: {exc}", file=sys.stderr)
-                return EXIT_LOCK_HELD
-            logging.getLogger("rag_pipeline").debug("run aborted", exc_info=True)
-            print(f"reindex aborted: {exc}", file=sys.stderr)
-            return EXIT_FATAL
-        print(
-            json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) if args.json else summary.format(), flush=True
-        )
-        return EXIT_OK if summary.ok else EXIT_PARTIAL
+        with pipeline.lease(args.lock_ttl) as lease:
+            rebuild = pipeline.full_rebuild if args.full_rebuild else pipeline.reindex
+            summary = rebuild(lease=lease)
+        return _print_summary(summary, args.json)
 
     if not args.schedule:
-        return once()
+        return _under_lock("reindex", once)
     try:
-        return run_on_schedule(args.schedule, once)
+        return run_on_schedule(args.schedule, lambda: _under_lock("reindex", once))
     except ValueError as exc:
         print(f"reindex: {exc}", file=sys.stderr)
         return EXIT_BAD_SPEC
@@ -250,9 +261,7 @@ def _run_reindex(pipeline, args) -> int:  # type: ignore[no-untyped-def]
 
 
 def _run_reconcile(pipeline, args) -> int:  # type: ignore[no-untyped-def]
-    from core.errors import is_lock_conflict
-
-    try:
+    def reconcile() -> int:
         if args.dry_run:
             print(pipeline.reconcile(repair=False).format(), flush=True)
             return EXIT_OK
@@ -262,15 +271,9 @@ def _run_reconcile(pipeline, args) -> int:  # type: ignore[no-untyped-def]
             if report.clean:
                 return EXIT_OK
             summary = pipeline.reindex(lease=lease)  # redo what was marked, under the same lock
-    except Exception as exc:
-        if is_lock_conflict(exc):
-            print(f"reconcile skipped: {exc}", file=sys.stderr)
-            return EXIT_LOCK_HELD
-        logging.getLogger("rag_pipeline").debug("reconcile aborted", exc_info=True)
-        print(f"reconcile aborted: {exc}", file=sys.stderr)
-        return EXIT_FATAL
-    print(summary.format(), flush=True)
-    return EXIT_OK if summary.ok else EXIT_PARTIAL
+        return _print_summary(summary, as_json=False)
+
+    return _under_lock("reconcile", reconcile)
 
 
 def _run_status(pipeline) -> int:  # type: ignore[no-untyped-def]
@@ -283,26 +286,18 @@ def _run_status(pipeline) -> int:  # type: ignore[no-untyped-def]
             raise TypeError(f"{type(pipeline.store).__name__} keeps no index record")
         print(format_status(record, pipeline.store.lock_claims()))
     except Exception as exc:
-        print(f"status unavailable: {exc}", file=sys.stderr)
+        print(scrub(f"status unavailable: {exc}"), file=sys.stderr)
         return EXIT_LOCK_HELD if is_lock_conflict(exc) else EXIT_FATAL
     return EXIT_OK
 
 
 def _run_ingest(pipeline, args) -> int:  # type: ignore[no-untyped-def]
-    from core.errors import is_lock_conflict
-
-    try:
+    def ingest() -> int:
         with pipeline.lease(args.lock_ttl) as lease:
             summary = pipeline.ingest(lease=lease)
-    except Exception as exc:  # the run could not start or continue at all
-        if is_lock_conflict(exc):
-            print(f"ingest skipped: {exc}", file=sys.stderr)
-            return EXIT_LOCK_HELD
-        logging.getLogger("rag_pipeline").debug("run aborted", exc_info=True)
-        print(f"ingest aborted: {exc}", file=sys.stderr)
-        return EXIT_FATAL
-    print(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) if args.json else summary.format())
-    return EXIT_OK if summary.ok else EXIT_PARTIAL
+        return _print_summary(summary, args.json)
+
+    return _under_lock("ingest", ingest)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
