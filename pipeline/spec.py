@@ -55,8 +55,9 @@ class RaySettings(BaseModel):
 
     address: str | None = Field(
         None,
-        description="Cluster to run on: 'ray://<head>:10001' (Ray Client), or 'auto' / '<head>:6379' from a node of the cluster; "
-        "null: the RAY_ADDRESS environment variable if set, else a new local instance. Every worker needs the project and its models installed.",
+        description="Cluster to run on: 'ray://<head>:10001' (Ray Client), or 'auto' / '<head>:6379' from a node of "
+        "the cluster; null: the RAY_ADDRESS environment variable if set, else a new local instance. Every worker "
+        "needs the project and its models installed.",
     )
     num_cpus: int | None = Field(
         None,
@@ -66,7 +67,8 @@ class RaySettings(BaseModel):
     embed_actors: int | None = Field(
         None,
         ge=1,
-        description="Actors holding the chunker and embedder models; default: one per GPU when the embed actors use GPUs, else 1.",
+        description="Actors holding the chunker and embedder models; default: one per GPU when the embed actors use "
+        "GPUs, else 1.",
     )
     embed_cpus: float = Field(
         1.0, gt=0, description="CPUs each embed actor reserves; on CPU workers torch uses that many threads."
@@ -74,12 +76,14 @@ class RaySettings(BaseModel):
     gpus_per_actor: float | None = Field(
         None,
         ge=0,
-        description="GPUs each embed actor reserves; default: 1 when the cluster has GPUs and the embedder's device is auto or cuda, else 0.",
+        description="GPUs each embed actor reserves; default: 1 when the cluster has GPUs and the embedder's device "
+        "is auto or cuda, else 0.",
     )
     parse_concurrency: int | None = Field(
         None,
         ge=1,
-        description="Parse tasks running at once, one CPU each; default: the cluster's CPUs left after the embed actors, at least 1.",
+        description="Parse tasks running at once, one CPU each; default: the cluster's CPUs left after the embed "
+        "actors, at least 1.",
     )
     parse_batch_size: int = Field(
         8, ge=1, description="Documents a parse task takes from the driver at a time and hands on as one block."
@@ -97,7 +101,8 @@ class RunnerConfig(BaseModel):
 
     type: Literal["local", "ray"] = Field(
         "local",
-        description="local: threads and parser processes on this machine; ray: the same stages on Ray Data (pip install '.[ray]').",
+        description="local: threads and parser processes on this machine; ray: the same stages on Ray Data (pip "
+        "install '.[ray]').",
     )
     ray: RaySettings = Field(default_factory=RaySettings, description="Settings of the Ray runner (type: ray).")
     # Large batches let the embedder sort more chunks by length (less padding): on SciFact with
@@ -127,7 +132,8 @@ class RunnerConfig(BaseModel):
     parse_workers: int = Field(
         1,
         ge=0,
-        description="Parser worker processes (with the Ray runner: one per parse task when above 0); 0 parses in-process (no time/memory caps).",
+        description="Parser worker processes (with the Ray runner: one per parse task when above 0); 0 parses "
+        "in-process (no time/memory caps).",
     )
     parse_timeout_s: float = Field(
         120.0, gt=0, description="A document whose parse takes longer is killed and recorded."
@@ -136,7 +142,11 @@ class RunnerConfig(BaseModel):
         4096, ge=256, description="Resident-memory cap per parser worker (a worker above it is killed); null for none."
     )
     failures_file: str | None = Field(
-        None, description="JSONL file of per-document failures (default: <store name>.failures.jsonl next to the spec)."
+        None,
+        description=(
+            "JSONL file of per-document failures (default: <spec name>.failures.jsonl next to the spec, "
+            "pipeline.failures.jsonl without a name)."
+        ),
     )
     progress: Literal["auto", "always", "never"] = "auto"
     cleanup: Literal["none", "incremental", "full"] = Field(
@@ -359,7 +369,8 @@ def _component(
 ) -> ComponentSpec | None:
     if not isinstance(raw, dict):
         problems.append(
-            f"{located.where(path)} {_dotted(path)}: expected a mapping with a 'type' key, got {json.dumps(raw, default=str)}"
+            f"{located.where(path)} {_dotted(path)}: expected a mapping with a 'type' key, got "
+            f"{json.dumps(raw, default=str)}"
         )
         return None
     settings = dict(raw)
@@ -369,7 +380,8 @@ def _component(
         return None
     if not isinstance(type_name, str):
         problems.append(
-            f"{located.where(path + ('type',))} {_dotted(path + ('type',))}: expected a string, got {json.dumps(type_name, default=str)}"
+            f"{located.where(path + ('type',))} {_dotted(path + ('type',))}: expected a string, got "
+            f"{json.dumps(type_name, default=str)}"
         )
         return None
     try:
@@ -427,7 +439,8 @@ def parse_spec(
     for key in raw_stages:
         if key not in STAGES + OPTIONAL_STAGES:
             problems.append(
-                f"{located.where(('stages', key))} stages.{key}: unknown stage; expected one of {', '.join(STAGES + OPTIONAL_STAGES)}"
+                f"{located.where(('stages', key))} stages.{key}: unknown stage; expected one of "
+                f"{', '.join(STAGES + OPTIONAL_STAGES)}"
             )
     for kind in STAGES:
         path: YamlPath = ("stages", kind)

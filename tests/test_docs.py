@@ -17,8 +17,9 @@ For every fenced block in README.md, docs/*.md and benchmarks/RESULTS.md:
   ``python <file>.py`` / ``bash <file>.sh`` of this repository exists and knows the options given.
 
 Every relative link (and its ``#anchor``) must point to an existing file (and heading), the README
-must list every subcommand and link every docs page, and the generated spec reference in
-docs/spec.md must match ``python -m pipeline schema``. Failures name the file and the line.
+must keep its two first commands, list every subcommand, show examples/quickstart.yaml as it is and
+link every docs page, and the generated spec reference in docs/spec.md must match
+``python -m pipeline schema``. Failures name the file and the line.
 
 Regenerate the spec reference after changing a component's settings:
 
@@ -33,13 +34,18 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+
+try:
+    import tomllib  # Python 3.11+
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = None  # type: ignore[assignment]
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script (--write-spec-reference)
@@ -164,7 +170,9 @@ def yaml_block_problems(block: Block) -> list[str]:
             spec["stages"].update(part)
         else:
             spec.update(part)
-        problems += [f"{rel(block.path)}:{block.line + 1 + offset}: does not validate: {p}" for p in spec_problems(spec, entry)]
+        problems += [
+            f"{rel(block.path)}:{block.line + 1 + offset}: does not validate: {p}" for p in spec_problems(spec, entry)
+        ]
     return problems
 
 
@@ -218,6 +226,8 @@ def test_python_blocks_compile_and_import() -> None:
 
 
 def test_toml_blocks_parse() -> None:
+    if tomllib is None:
+        pytest.skip("tomllib needs Python 3.11")
     problems = []
     for block in all_blocks("toml"):
         try:
@@ -293,7 +303,9 @@ def cli_problems(where: str, argv: list[str], options: dict[str, set[str]]) -> l
 
     words = [t for t in argv if not t.startswith("-")]
     if not words or words[0] not in options:
-        return [f"{where}: 'python -m pipeline {' '.join(argv)}': {words[0] if words else '(none)'!r} is not a subcommand (known: {', '.join(options)})"]
+        named = repr(words[0]) if words else "nothing"
+        command = " ".join(["python -m pipeline", *argv])
+        return [f"{where}: '{command}': {named} is not a subcommand (known: {', '.join(options)})"]
     sub = words[0]
     problems = [
         f"{where}: 'python -m pipeline {sub}' has no option {flag} (see python -m pipeline {sub} --help)"
@@ -339,7 +351,11 @@ def bash_block_problems(block: Block, options: dict[str, set[str]]) -> tuple[lis
                 used.update(t for t in argv[:1] if t in options)
             elif token == "rag-pipeline" and i == 0:
                 problems += cli_problems(where, tokens[1:], options)
-            elif (is_python(token) or token == "bash") and i + 1 < len(tokens) and re.search(r"\.(py|sh)$", tokens[i + 1]):
+            elif (
+                (is_python(token) or token == "bash")
+                and i + 1 < len(tokens)
+                and re.search(r"\.(py|sh)$", tokens[i + 1])
+            ):
                 problems += script_problems(where, tokens[i + 1], tokens[i + 2 :])
     return problems, used
 
@@ -372,11 +388,26 @@ def test_readme_keeps_the_two_commands_and_lists_every_subcommand() -> None:
         "bash scripts/install.sh && .venv/bin/python -m pipeline ingest examples/quickstart.yaml",
         "bash scripts/install.sh --dev && .venv/bin/python scripts/milvus_server.py run -- .venv/bin/python -m pytest",
     ):
-        assert command in head, f"README.md: the first lines must keep the command {command!r} (CI and newcomers run it)"
+        assert command in head, (
+            f"README.md: the first lines must keep the command {command!r} (CI and newcomers run it)"
+        )
     commands_section = readme.split("## Commands", 1)[-1].split("\n## ", 1)[0] if "## Commands" in readme else ""
     assert commands_section, "README.md: no '## Commands' section"
-    missing = [name for name in cli_options() if not re.search(rf"python -m pipeline {re.escape(name)}(?![\w-])", commands_section)]
+    missing = [
+        name
+        for name in cli_options()
+        if not re.search(rf"python -m pipeline {re.escape(name)}(?![\w-])", commands_section)
+    ]
     assert not missing, f"README.md '## Commands' does not list: {', '.join(missing)}"
+
+
+def test_readme_shows_the_quickstart_spec_as_it_is() -> None:
+    example = REPO / "examples" / "quickstart.yaml"
+    shown = [b for b in blocks(REPO / "README.md") if b.lang == "yaml" and "name: quickstart" in b.text]
+    assert shown, "README.md: no yaml block with the quickstart spec"
+    assert yaml.safe_load(shown[0].text) == yaml.safe_load(example.read_text(encoding="utf-8")), (
+        f"{shown[0].where}: differs from examples/quickstart.yaml; show the file as it is"
+    )
 
 
 # -- links ---------------------------------------------------------------------------------------
@@ -523,12 +554,16 @@ def _table(
             if "$ref" in ref:
                 def_name = ref["$ref"].rsplit("/", 1)[-1]
                 nested.append((f"{title.split(':')[0].strip('`')}.{name}", defs[def_name]))
-                description = (description + " " if description else "") + f"See `{title.split(':')[0].strip('`')}.{name}` below."
+                description = (
+                    description + " " if description else ""
+                ) + f"See `{title.split(':')[0].strip('`')}.{name}` below."
         out.append(f"| `{name}` | {_cell(_type(prop, defs))} | {_cell(default)} | {_prose(description)} |")
     return out + [""]
 
 
-def _section(title: str, model: dict[str, Any], defs: dict[str, Any], component: tuple[str, str] | None = None) -> list[str]:
+def _section(
+    title: str, model: dict[str, Any], defs: dict[str, Any], component: tuple[str, str] | None = None
+) -> list[str]:
     nested: list[tuple[str, dict[str, Any]]] = []
     out = _table(title, model, defs, nested, component)
     while nested:
@@ -541,7 +576,10 @@ def spec_reference(schema: dict[str, Any]) -> str:
     defs = schema.get("$defs", {})
     props = schema["properties"]
     out = ["### Top level", ""]
-    top = {"properties": {k: v for k, v in props.items() if k not in ("stages", "runner", "query")}, "required": schema.get("required", [])}
+    top = {
+        "properties": {k: v for k, v in props.items() if k not in ("stages", "runner", "query")},
+        "required": schema.get("required", []),
+    }
     out += ["| setting | type | default | description |", "|---|---|---|---|"]
     for name, prop in top["properties"].items():
         default = "required" if name in top["required"] else f"`{json.dumps(prop.get('default'))}`"
@@ -576,7 +614,9 @@ def spec_reference(schema: dict[str, Any]) -> str:
 
 def test_spec_reference_matches_the_schema() -> None:
     text = (REPO / "docs" / "spec.md").read_text(encoding="utf-8")
-    assert REFERENCE_START in text and REFERENCE_END in text, f"docs/spec.md: markers {REFERENCE_START} / {REFERENCE_END} missing"
+    assert REFERENCE_START in text and REFERENCE_END in text, (
+        f"docs/spec.md: markers {REFERENCE_START} / {REFERENCE_END} missing"
+    )
     current = text.split(REFERENCE_START, 1)[1].split(REFERENCE_END, 1)[0].strip("\n") + "\n"
     line = text[: text.index(REFERENCE_START)].count("\n") + 1
     assert current == spec_reference(cli_schema()), (
@@ -590,7 +630,9 @@ def write_spec_reference() -> None:
     text = path.read_text(encoding="utf-8")
     before, rest = text.split(REFERENCE_START, 1)
     _, after = rest.split(REFERENCE_END, 1)
-    path.write_text(f"{before}{REFERENCE_START}\n\n{spec_reference(cli_schema())}\n{REFERENCE_END}{after}", encoding="utf-8")
+    path.write_text(
+        f"{before}{REFERENCE_START}\n\n{spec_reference(cli_schema())}\n{REFERENCE_END}{after}", encoding="utf-8"
+    )
     print(f"wrote the spec reference into {rel(path)}")
 
 
