@@ -17,7 +17,7 @@ from pipeline.incremental import ChangeTracker, stage_fingerprint
 from pipeline.lease import DEFAULT_TTL_S, Lease, index_lock
 from pipeline.query import Mode, QueryEngine, QueryResult
 from pipeline.report import Progress, RunSummary
-from pipeline.runner import LocalRunner
+from pipeline.runner import LocalRunner, RunPlan
 from pipeline.spec import Spec, load_spec, parse_spec
 from stores.base import Rebuild
 
@@ -175,7 +175,7 @@ class Pipeline:
                 )
 
                 runner_class = RayRunner
-            runner = runner_class(
+            plan = RunPlan(
                 self.sources,
                 self.parser,
                 self.chunker,
@@ -186,6 +186,7 @@ class Pipeline:
                 sparse=self.sparse,
                 tracker=tracker,
             )
+            runner = runner_class(plan)
             return runner.run(progress)
 
     def _fingerprint(self) -> str:
@@ -358,9 +359,9 @@ def overlapping_scopes(sources: list[Any]) -> list[str]:
             a, b = first.scope, sources[j].scope
             if a.startswith(b) or b.startswith(a):
                 problems.append(
-                    f"stages.source[{i}] ({first.type_name}) and stages.source[{j}] ({sources[j].type_name}) give source ids "
-                    f"with overlapping prefixes {a!r} and {b!r}, so their documents can overwrite each other: give each "
-                    "source its own namespace (or id_prefix)"
+                    f"stages.source[{i}] ({first.type_name}) and stages.source[{j}] ({sources[j].type_name}) give "
+                    f"source ids with overlapping prefixes {a!r} and {b!r}, so their documents can overwrite each "
+                    "other: give each source its own namespace (or id_prefix)"
                 )
     return problems
 

@@ -53,6 +53,7 @@ from pipeline.incremental import ChangeTracker
 from pipeline.parse_pool import ParseOutcome, ParserPool
 from pipeline.report import FailureLog, Progress, RunSummary
 from pipeline.runner import (
+    RunPlan,
     RunBook,
     StoreWrites,
     WriteBehind,
@@ -128,7 +129,8 @@ class ComponentRecipe:
             cls = getattr(importlib.import_module(module_name), name)
         except (ImportError, AttributeError) as exc:
             raise ImportError(
-                f"{self.target} cannot be loaded on this Ray worker ({exc}); every worker needs the project and the spec's plugins installed"
+                f"{self.target} cannot be loaded on this Ray worker ({exc}); every worker needs the project and the "
+                "spec's plugins installed"
             ) from exc
         component = cls.from_dict(self.settings)
         component.base_dir = Path(self.base_dir)
@@ -330,7 +332,8 @@ class ClusterPlan:
         actors = settings.embed_actors or (max(1, int(gpus // per_actor)) if per_actor else 1)
         if actors * per_actor > gpus:
             raise ValueError(
-                f"ray: {actors} embed actors with {per_actor:g} GPU each need {actors * per_actor:g} GPUs; the cluster has {gpus:g}"
+                f"ray: {actors} embed actors with {per_actor:g} GPU each need {actors * per_actor:g} GPUs; the cluster "
+                f"has {gpus:g}"
             )
         if actors * settings.embed_cpus + 1 > cpus:
             raise ValueError(
@@ -430,48 +433,30 @@ class EmbedderNotes:
 
 
 class RayRunner:
-    """Runs the stages on Ray Data; same inputs, failure handling, record and summary as :class:`pipeline.runner.LocalRunner`."""
+    """Runs the stages on Ray Data; same inputs, failure handling, record and summary as
+    :class:`pipeline.runner.LocalRunner`."""
 
-    def __init__(
-        self,
-        sources: Sequence[Source],
-        parser: Parser,
-        chunker: Chunker,
-        embedder: Embedder,
-        store: Store,
-        config: RunnerConfig,
-        failures_path: Path | None = None,
-        sparse: SparseEncoder | None = None,
-        tracker: ChangeTracker | None = None,
-    ):
-        self.sources = sources
-        self.parser = parser
-        self.chunker = chunker
-        self.embedder = embedder
-        self.sparse = sparse
-        self.store = store
-        self.writer = BatchWriter(store, config.cleanup, tracker)
-        self.config = config
-        self.failures_path = failures_path
-        self.tracker = tracker
+    def __init__(self, plan: RunPlan):
+        self.plan = plan
+        self.writer = BatchWriter(plan.store, plan.config.cleanup, plan.tracker)
 
     def run(self, progress: Progress | None = None) -> RunSummary:
         ray = import_ray()  # before anything is read: a missing extra fails the run at once
-        config = self.config
-        summary = RunSummary(failures_file=str(self.failures_path) if self.failures_path else None)
-        failures = FailureLog(self.failures_path)
-        book = RunBook(summary, failures, self.tracker)
+        config = self.plan.config
+        summary = self.plan.summary()
+        failures = FailureLog(self.plan.failures_path)
+        book = RunBook(summary, failures, self.plan.tracker)
         progress = progress or Progress(config.progress)
         notes = EmbedderNotes()
         started = time.monotonic()
         try:
-            prepare_store(self.store, self.embedder, self.sparse)
-            documents = read_sources(self.sources, self.tracker, book, self.writer.guard)
+            prepare_store(self.plan.store, self.plan.embedder, self.plan.sparse)
+            documents = read_sources(self.plan.sources, self.plan.tracker, book, self.writer.guard)
             first = next(documents, None)
             if first is not None:  # when nothing changed, no workers start and no model loads anywhere
                 self._stream(ray, chain([first], documents), book, progress, notes)
-            if self.tracker is not None:
-                record_run(self.tracker, summary, started)
+            if self.plan.tracker is not None:
+                record_run(self.plan.tracker, summary, started)
         finally:
             progress.close()
             failures.close()
@@ -489,12 +474,12 @@ class RayRunner:
         notes: EmbedderNotes,
     ) -> None:
         """Feed the documents to the cluster and write the embedded batches as they come back."""
-        config = self.config
+        config = self.plan.config
         summary = book.summary
         connecting = time.monotonic()
         connect(ray, config.ray)
         book.time("ray start", time.monotonic() - connecting)
-        plan = ClusterPlan.for_cluster(config.ray, ray.cluster_resources(), self.embedder)
+        plan = ClusterPlan.for_cluster(config.ray, ray.cluster_resources(), self.plan.embedder)
         log.info(
             "ray: %d parse tasks, %d embed actors (%g GPU each)",
             plan.parse_tasks,
@@ -531,11 +516,11 @@ class RayRunner:
 
         # Every document passes through the feed: keep it on the driver's node, and a few blocks deep per parse task.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-        capacity = max(2 * self.config.ray.parse_batch_size * plan.parse_tasks, self.config.batch_size)
+        capacity = max(2 * self.plan.config.ray.parse_batch_size * plan.parse_tasks, self.plan.config.batch_size)
         return ray.remote(DocumentFeed).options(num_cpus=0, scheduling_strategy=here).remote(capacity)
 
     def _dataset(self, ray: Any, feed: Any, plan: ClusterPlan) -> Any:
-        settings = self.config.ray
+        settings = self.plan.config.ray
         slots = ray.data.range(plan.parse_tasks, override_num_blocks=plan.parse_tasks)
         slots.context.enable_progress_bars = (
             False  # the run's own Progress reports; this context belongs to this dataset
@@ -552,22 +537,22 @@ class RayRunner:
             max_calls=1,
             fn_kwargs={
                 "feed": feed,
-                "parser": ComponentRecipe.of(self.parser),
-                "caps": ParseCaps.of(self.config),
+                "parser": ComponentRecipe.of(self.plan.parser),
+                "caps": ParseCaps.of(self.plan.config),
                 "block_size": settings.parse_batch_size,
             },
         )
         return parsed.map_batches(
             EmbedActor,
-            batch_size=self.config.batch_size,
+            batch_size=self.plan.config.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=plan.embed_actors),
             num_cpus=settings.embed_cpus,
             num_gpus=plan.gpus_per_actor or None,
             fn_constructor_kwargs={
-                "chunker": ComponentRecipe.of(self.chunker),
-                "embedder": ComponentRecipe.of(self.embedder),
-                "sparse": ComponentRecipe.of(self.sparse) if self.sparse is not None else None,
-                "slice_chunks": self.config.slice_chunks,
+                "chunker": ComponentRecipe.of(self.plan.chunker),
+                "embedder": ComponentRecipe.of(self.plan.embedder),
+                "sparse": ComponentRecipe.of(self.plan.sparse) if self.plan.sparse is not None else None,
+                "slice_chunks": self.plan.config.slice_chunks,
             },
         )

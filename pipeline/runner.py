@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -201,41 +202,47 @@ class WriteBehind:
             raise RuntimeError(f"the store writer stopped: {describe_error(self._error)}") from self._error
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run is given, whichever runner runs it: the stages, the store, the runner settings,
+    where failures are written and the change tracker (incremental runs; None for a plain run)."""
+
+    sources: Sequence[Source]
+    parser: Parser
+    chunker: Chunker
+    embedder: Embedder
+    store: Store
+    config: RunnerConfig
+    failures_path: Path | None = None
+    sparse: SparseEncoder | None = None
+    tracker: ChangeTracker | None = None  # skips unchanged sources and keeps the record (pipeline.incremental)
+
+    def summary(self) -> RunSummary:
+        return RunSummary(failures_file=str(self.failures_path) if self.failures_path else None)
+
+
 class LocalRunner:
-    def __init__(
-        self,
-        sources: Sequence[Source],
-        parser: Parser,
-        chunker: Chunker,
-        embedder: Embedder,
-        store: Store,
-        config: RunnerConfig,
-        failures_path: Path | None = None,
-        sparse: SparseEncoder | None = None,
-        tracker: ChangeTracker | None = None,
-    ):
-        self.sources = sources
-        self.parser = parser
-        self.models = ChunkAndEmbed(chunker, embedder, sparse, slice_chunks=config.slice_chunks)
-        self.writer = BatchWriter(store, config.cleanup, tracker)
-        self.store = store
-        self.config = config
-        self.failures_path = failures_path
-        self.tracker = tracker  # incremental mode: skips unchanged sources, keeps the record (pipeline.incremental)
+    """Runs the stages in this process, with parser worker processes (:class:`ParserPool`)."""
+
+    def __init__(self, plan: RunPlan):
+        self.plan = plan
+        config = plan.config
+        self.models = ChunkAndEmbed(plan.chunker, plan.embedder, plan.sparse, slice_chunks=config.slice_chunks)
+        self.writer = BatchWriter(plan.store, config.cleanup, plan.tracker)
 
     def run(self, progress: Progress | None = None) -> RunSummary:
-        config = self.config
-        summary = RunSummary(failures_file=str(self.failures_path) if self.failures_path else None)
-        failures = FailureLog(self.failures_path)
-        book = RunBook(summary, failures, self.tracker)
+        config = self.plan.config
+        summary = self.plan.summary()
+        failures = FailureLog(self.plan.failures_path)
+        book = RunBook(summary, failures, self.plan.tracker)
         progress = progress or Progress(config.progress)
         embedder = self.models.embedder
         started = time.monotonic()
         embedder.begin_run()
         try:
-            prepare_store(self.store, embedder, self.models.sparse)
+            prepare_store(self.plan.store, embedder, self.models.sparse)
             pool = ParserPool(
-                self.parser,
+                self.plan.parser,
                 workers=config.parse_workers,
                 timeout_s=config.parse_timeout_s,
                 memory_mb=config.parse_memory_mb,
@@ -250,7 +257,7 @@ class LocalRunner:
             try:
                 waited = time.monotonic()
                 for batch in outcome_batches(
-                    pool.imap(read_sources(self.sources, self.tracker, book, self.writer.guard)),
+                    pool.imap(read_sources(self.plan.sources, self.plan.tracker, book, self.writer.guard)),
                     config.batch_size,
                     config.max_batch_chars,
                 ):
@@ -264,8 +271,8 @@ class LocalRunner:
                     waited = time.monotonic()
             finally:
                 writer.close()
-            if self.tracker is not None:
-                record_run(self.tracker, summary, started)
+            if self.plan.tracker is not None:
+                record_run(self.plan.tracker, summary, started)
         finally:
             progress.close()
             failures.close()
@@ -335,7 +342,8 @@ def slices_of(
 def read_sources(
     sources: Sequence[Source], tracker: ChangeTracker | None, book: RunBook, guard: SourceIdGuard
 ) -> Iterator[SourceDocument | ParseOutcome]:
-    """List and read lazily (in the runner's feeder thread), skipping what the tracker calls unchanged; failures as outcomes.
+    """List and read lazily (in the runner's feeder thread), skipping what the tracker calls unchanged;
+    failures as outcomes.
 
     A source id listed twice in the run fails (see :class:`pipeline.stages.SourceIdGuard`)."""
     for source in sources:

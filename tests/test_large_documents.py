@@ -26,7 +26,10 @@ from pipeline import Pipeline
 from tests.plugins.components import PLUGINS, base_spec
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "bees hive honey comb queen worker drone nectar pollen frame smoke entrance winter spring swarm colony brood wax the of and to in is that for it as was with".split()
+WORDS = (
+    "bees hive honey comb queen worker drone nectar pollen frame smoke entrance winter spring swarm colony brood wax "
+    "the of and to in is that for it as was with"
+).split()
 SLICE = 4  # chunks per slice in these tests
 
 
@@ -296,7 +299,8 @@ def test_a_write_failure_in_a_later_slice_fails_the_document_and_writes_none_of_
     (failure,) = summary.failures
     assert (failure.source_id, failure.stage) == ("mem/big.txt", "write")
     assert re.search(
-        r"RuntimeError: the store refused the request \(writing slice \d+ of \d+; its previous version stays searchable\)",
+        r"RuntimeError: the store refused the request \(writing slice \d+ of \d+; its previous version stays "
+        r"searchable\)",
         failure.reason,
     )
     kinds = log.kinds("mem/big.txt")
@@ -320,7 +324,7 @@ import json, random, sys, threading
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 import psutil
-from pipeline.runner import LocalRunner
+from pipeline.runner import LocalRunner, RunPlan
 from pipeline.spec import RunnerConfig
 from connectors.local import LocalDirectorySource
 from connectors.parsing import UnstructuredParser
@@ -368,13 +372,17 @@ with (folder / "document.txt").open("w") as out:  # one line, no paragraph break
         out.write(" ".join(rng.choice(words) for _ in range(180))[:999] + " ")
 threading.Thread(target=watch_worker, daemon=True).start()
 store = CountingStore()
-runner = LocalRunner(
-    [LocalDirectorySource(path=str(folder))], UnstructuredParser(), RecursiveChunker(chunk_size=1000, chunk_overlap=200),
+runner = LocalRunner(RunPlan(
+    [LocalDirectorySource(path=str(folder))], UnstructuredParser(),
+    RecursiveChunker(chunk_size=1000, chunk_overlap=200),
     HashEmbedder(dimension=384), store, RunnerConfig(parse_workers=1, progress="never"),
-)
+))
 summary = runner.run()
 done.set()
-print(json.dumps({{"chunks": store.written, "failed": summary.documents_failed, "main_mib": peak_mib("self"), "worker_mib": worker_peak[0]}}))
+print(json.dumps({{
+    "chunks": store.written, "failed": summary.documents_failed,
+    "main_mib": peak_mib("self"), "worker_mib": worker_peak[0],
+}}))
 """
 
 
