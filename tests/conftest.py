@@ -114,7 +114,32 @@ _server_tier_report = _ServerTierReport()
 _OUTCOME_ORDER = ("passed", "failed", "error", "skipped")
 
 
+# -- test kinds: `pytest -m unit` (seconds), `-m integration`, `-m slow` ------------------------
+# A unit module runs in this process only: no Milvus, no model weights, no worker processes (local
+# HTTP servers and `git` are fine). Every other module is integration; tests over the shared
+# datasets are also marked slow, one by one. A new module is integration until it is listed here.
+UNIT_MODULES = frozenset(
+    {
+        "test_api_embedders.py",
+        "test_architecture.py",
+        "test_chunkers.py",
+        "test_docs.py",
+        "test_filters.py",
+        "test_incremental.py",
+        "test_local_source.py",
+        "test_secrets.py",
+        "test_sentences.py",
+        "test_server_features.py",
+        "test_spec.py",
+        "test_tiktoken_offline.py",
+    }
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        unit = item.path.name in UNIT_MODULES
+        item.add_marker(pytest.mark.unit if unit else pytest.mark.integration)
     _server_tier_report.test_ids = {
         item.nodeid for item in items if "milvus_server" in getattr(item, "fixturenames", ())
     }
