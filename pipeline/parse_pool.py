@@ -17,7 +17,8 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 from connectors.base import ParseFailure, Parser
 from core.errors import ParserStartupError
-from core.types import ParsedDocument, SourceDocument
+from core.types import Element, ElementTable, ParsedDocument, SourceDocument
 
 log = logging.getLogger("rag_pipeline.parse")
 
@@ -62,7 +63,7 @@ class ParseOutcome:
 def _build_parser(target: str, settings: dict[str, Any], base_dir: str) -> Parser:
     module_name, _, attr = target.partition(":")
     cls = getattr(importlib.import_module(module_name), attr)
-    parser = cls.from_dict(settings)
+    parser: Parser = cls.from_dict(settings)
     parser.base_dir = Path(base_dir)
     return parser
 
@@ -94,7 +95,7 @@ def send_source(conn: Connection, source: SourceDocument) -> None:
 
 def receive_source(conn: Connection) -> SourceDocument | None:
     """The next document sent with :func:`send_source`; None when the pool says stop."""
-    identity = conn.recv()
+    identity: SourceDocument | None = conn.recv()
     if identity is None:
         return None
     return replace(identity, content=conn.recv_bytes())
@@ -108,30 +109,53 @@ def send_parsed(conn: Connection, parsed: ParsedDocument | None, error: str | No
     """Send a parse result: a header (the document without text and elements, the error, how many
     parts follow), then the text as UTF-8 pieces and the elements in batches. Pickled whole, a
     100 MB document of paragraphs is a 200 MB pickle (its text, and its elements' texts again) in
-    this process and in the receiving one, on top of the document itself."""
+    this process and in the receiving one, on top of the document itself. Elements whose texts are
+    their slices of the document text (what parsers make) travel as columns without their texts,
+    and arrive as an :class:`ElementTable` that cuts each text from the document text when read."""
     if parsed is None:
-        conn.send((None, error, 0, 0))
+        conn.send((None, error, 0, 0, False))
         return
-    text, elements = parsed.text, parsed.elements
+    text = parsed.text
+    elements = parsed.elements if isinstance(parsed.elements, ElementTable) else ElementTable.of(text, parsed.elements)
+    columnar = isinstance(elements, ElementTable)
     pieces = range(0, len(text), _TEXT_PIECE_CHARS)
     batches = range(0, len(elements), _ELEMENT_BATCH)
-    conn.send((replace(parsed, text="", elements=()), error, len(pieces), len(batches)))
+    conn.send((replace(parsed, text="", elements=()), error, len(pieces), len(batches), columnar))
     for start in pieces:  # surrogatepass: any str round-trips, as it does through pickle
         conn.send_bytes(text[start : start + _TEXT_PIECE_CHARS].encode("utf-8", "surrogatepass"))
     for start in batches:
-        conn.send(elements[start : start + _ELEMENT_BATCH])
+        stop = start + _ELEMENT_BATCH
+        if isinstance(elements, ElementTable):
+            conn.send(tuple(list(column[start:stop]) for column in _columns(elements)))
+        else:
+            conn.send(elements[start:stop])
+
+
+def _columns(table: ElementTable) -> tuple[Sequence[Any], ...]:
+    return (table.categories, table.starts, table.ends, table.pages, table.heading_paths, table.metadata)
 
 
 def receive_parsed(
-    conn: Connection, header: tuple[ParsedDocument | None, str | None, int, int]
+    conn: Connection, header: tuple[ParsedDocument | None, str | None, int, int, bool]
 ) -> tuple[ParsedDocument | None, str | None]:
     """The result whose header (see :func:`send_parsed`) was just received: the rest is read now."""
-    document, error, pieces, batches = header
+    document, error, pieces, batches, columnar = header
     if document is None:
         return None, error
     text = "".join(conn.recv_bytes().decode("utf-8", "surrogatepass") for _ in range(pieces))
-    elements = tuple(element for _ in range(batches) for element in conn.recv())
-    return replace(document, text=text, elements=elements), error
+    if not columnar:
+        elements: Sequence[Element] = tuple(element for _ in range(batches) for element in conn.recv())
+        return replace(document, text=text, elements=elements), error
+    categories: list[str] = []
+    starts, ends = array("q"), array("q")
+    pages: list[int | None] = []
+    heading_paths: list[tuple[str, ...]] = []
+    metadata: list[dict[str, Any]] = []
+    for _ in range(batches):
+        for column, part in zip((categories, starts, ends, pages, heading_paths, metadata), conn.recv(), strict=True):
+            column.extend(part)
+    table = ElementTable(text, (categories, starts, ends, pages, heading_paths, metadata))
+    return replace(document, text=text, elements=table), error
 
 
 def _worker_main(conn: Connection, target: str, settings: dict[str, Any], base_dir: str) -> None:
@@ -178,7 +202,8 @@ class _Worker:
         try:
             import psutil
 
-            return psutil.Process(self.process.pid).memory_info().rss / 2**20
+            resident: float = psutil.Process(self.process.pid).memory_info().rss / 2**20
+            return resident
         except Exception:
             return 0.0
 
@@ -315,7 +340,7 @@ class ParserPool:
         try:
             pool = [_Worker(ctx, self._target, settings, base_dir) for _ in range(self.workers)]
             while not stop.is_set():
-                for i, worker in enumerate(pool):
+                for worker in pool:
                     while worker.task is None and not exhausted:
                         item = next(sources, None)
                         if item is None:
@@ -358,9 +383,12 @@ class ParserPool:
                                 pool[i] = _Worker(ctx, self._target, settings, base_dir)
                                 pool[i].assign(source)
                                 continue
-                            reason = f"parser process died (exit code {code})"
+                            reason: str | None = f"parser process died (exit code {code})"
                             if code is not None and code < 0:
-                                reason = f"parser process was killed by signal {-code} (often the system running out of memory)"
+                                reason = (
+                                    f"parser process was killed by signal {-code} (often the system running out of "
+                                    "memory)"
+                                )
                             worker.kill()
                             pool[i] = _Worker(ctx, self._target, settings, base_dir)
                             parsed, error = None, reason
@@ -402,7 +430,8 @@ def _startup_failure(target: str, attempts: int, exit_code: int | None) -> str:
         f"(last exit code {exit_code}), so no document can be parsed; the workers' own error is on stderr above. "
         'A common cause: a Python script that runs the pipeline without an `if __name__ == "__main__":` guard. '
         "Workers start with the 'spawn' method, which imports the script again and so runs the pipeline again. "
-        "Put the call under the guard, or set runner.parse_workers: 0 to parse in the calling process (no time or memory caps)."
+        "Put the call under the guard, or set runner.parse_workers: 0 to parse in the calling process (no time or "
+        "memory caps)."
     )
 
 

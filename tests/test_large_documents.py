@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
 import re
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from chunkers.base import ElementIndex
+from chunkers.base import ElementIndex, build_chunks
 from chunkers.recursive import RecursiveChunker
 from core.records import MemoryRecords
-from core.types import Element, ParsedDocument
+from core.types import Element, ElementTable, ParsedDocument
 from pipeline import Pipeline
 from tests.plugins.components import PLUGINS, base_spec
 
@@ -221,8 +223,35 @@ def test_a_parse_result_crosses_the_worker_pipe_in_parts_and_arrives_unchanged(m
     sending, receiving = Pipe()
     parse_pool.send_parsed(sending, parsed, None)
     parse_pool.send_parsed(sending, None, "corrupt file")
-    assert parse_pool.receive_parsed(receiving, receiving.recv()) == (parsed, None)
+    received, error = parse_pool.receive_parsed(receiving, receiving.recv())
+    assert (received, error) == (parsed, None)
+    # The elements came as columns: each text is cut from the document text when read, not held twice.
+    assert isinstance(received.elements, ElementTable) and list(received.elements) == list(elements)
     assert parse_pool.receive_parsed(receiving, receiving.recv()) == (None, "corrupt file")
+    # A parser whose element texts are not their slices of the text: the elements travel as they are.
+    odd = replace(parsed, elements=(replace(elements[0], text="not the slice"),))
+    parse_pool.send_parsed(sending, odd, None)
+    received, _ = parse_pool.receive_parsed(receiving, receiving.recv())
+    assert received == odd and isinstance(received.elements, tuple)
+
+
+def test_an_element_table_reads_compares_and_pickles_as_its_elements():
+    text = "Title\n\nFirst paragraph.\n\nSecond one."
+    elements = (
+        Element("Title", "Title", 0, 5, page_number=1),
+        Element("First paragraph.", "NarrativeText", 7, 23, page_number=1, heading_path=("Title",), metadata={"a": 1}),
+        Element("Second one.", "NarrativeText", 25, 36, page_number=2, heading_path=("Title",)),
+    )
+    table = ElementTable.of(text, elements)
+    assert isinstance(table, ElementTable) and len(table) == 3
+    assert table == elements and tuple(table) == elements and table[-1] == elements[-1] and table[1:] == elements[1:]
+    with pytest.raises(IndexError):
+        table[3]
+    document = ParsedDocument("s", "u", "text/plain", "h", text, table)
+    assert pickle.loads(pickle.dumps(document)) == document == replace(document, elements=elements)
+    assert build_chunks(document, [(0, 23), (25, 36)]) == build_chunks(
+        replace(document, elements=elements), [(0, 23), (25, 36)]
+    )
 
 
 # -- write order and failures -------------------------------------------------------------------
@@ -321,6 +350,7 @@ def edit(pipeline: Pipeline, documents: dict[str, str]) -> None:
 MEGABYTES = 24
 MEMORY_SCRIPT = """
 import json, random, sys, threading
+from dataclasses import replace
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 import psutil
