@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import PipelineError
+from core.search import Hit, RRFFusion, SearchRequest, WeightedFusion
 
 if TYPE_CHECKING:
     from embedders.base import Embedder
     from embedders.sparse import SparseEncoder
     from rerankers.base import Reranker
-    from stores.milvus import Hit, MilvusStore, SearchRequest
+    from stores.milvus import MilvusStore
 
 Branch = Literal["dense", "bm25", "sparse"]
 Mode = Literal["auto", "dense", "bm25", "sparse", "hybrid"]
@@ -161,7 +162,8 @@ class QueryEngine:
             raise QueryInputError(f"hybrid search over {', '.join(configured)}: {self._why_missing(missing[0])}")
         if len(configured) < 2:
             raise QueryInputError(
-                f"hybrid search needs two branches, this spec has only {', '.join(configured)}: {self._why_missing('bm25')}"
+                f"hybrid search needs two branches, this spec has only {', '.join(configured)}: "
+                f"{self._why_missing('bm25')}"
             )
         return list(configured)
 
@@ -200,7 +202,8 @@ class QueryEngine:
         mode: Mode | None = None,
         rerank: bool | None = None,
     ) -> QueryResult:
-        """The ``top_k`` best chunks for ``text``; ``filters`` restrict them (see :func:`stores.filters.from_mapping`)."""
+        """The ``top_k`` best chunks for ``text``; ``filters`` restrict them (see
+        :func:`stores.filters.from_mapping`)."""
         from stores import filters as filter_expressions
 
         started = time.perf_counter()
@@ -219,7 +222,7 @@ class QueryEngine:
         if rerank and self.reranker is None:
             raise QueryInputError("reranking was asked for, but the spec's query section has no reranker")
         # Every chunk returned is rescored: rerank top_n candidates, or top_k if that is more.
-        wanted = max(top_k, self.reranker.config.top_n) if use_reranker else top_k
+        wanted = max(top_k, self.reranker.config.top_n) if use_reranker and self.reranker is not None else top_k
         seconds: dict[str, float] = {}
         hits = self._retrieve(text, resolved, min(wanted, MAX_LIMIT), expression, seconds)
         rerank_scores: list[float | None] = [None] * len(hits)
@@ -237,8 +240,6 @@ class QueryEngine:
         return QueryResult(query=text, mode=resolved, reranked=use_reranker, hits=chunks, seconds=seconds)
 
     def _retrieve(self, text: str, mode: Mode, limit: int, expression: str, seconds: dict[str, float]) -> list[Hit]:
-        from stores.milvus import RRFFusion, WeightedFusion
-
         branches: list[Branch] = self.hybrid_branches() if mode == "hybrid" else [mode]  # type: ignore[list-item]
         for branch in branches:
             if branch not in self.available_branches():
@@ -264,8 +265,6 @@ class QueryEngine:
         return hits
 
     def _request(self, branch: Branch, text: str, limit: int) -> SearchRequest:
-        from stores.milvus import SearchRequest
-
         store_config = self.store.config
         if branch == "dense":
             return SearchRequest(store_config.vector_field, self.embedder.embed_query(text), limit)

@@ -49,6 +49,7 @@ from pydantic import Field, field_validator, model_validator
 from core.component import ComponentConfig, require
 from core.errors import LockConflict, PipelineError, StoreSchemaError
 from core.records import RecordStore
+from core.search import Fusion, Hit, RRFFusion, SearchRequest, WeightedFusion
 from core.secrets import register_secret, scrub
 from core.types import Chunk
 from stores import filters, server_features
@@ -140,47 +141,6 @@ class DenseHit:
     score: float
     fields: dict[str, Any]
 
-
-@dataclass(frozen=True)
-class Hit:
-    """One retrieved row. ``score`` is higher-is-better for every metric and fusion: Milvus Lite's
-    negative BM25 scores are flipped and L2 distances negated, so callers never need to know the metric."""
-
-    id: str
-    score: float
-    fields: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class SearchRequest:
-    """One retrieval branch: a vector field and what to search it with.
-
-    ``data`` is a dense vector for the dense field, a ``{term id: weight}`` mapping for a learned
-    sparse field, or the query text itself for the BM25 field (Milvus tokenises it).
-    """
-
-    field: str
-    data: Any
-    limit: int
-
-
-@dataclass(frozen=True)
-class RRFFusion:
-    """Reciprocal rank fusion: score = sum over branches of 1 / (k + rank)."""
-
-    k: int = 60
-
-
-@dataclass(frozen=True)
-class WeightedFusion:
-    """Weighted sum of per-branch scores (one weight per request, in order); Milvus maps each
-    branch's scores into [0, 1] first (arctan for IP and BM25) unless ``normalize`` is false."""
-
-    weights: tuple[float, ...]
-    normalize: bool = True
-
-
-Fusion = RRFFusion | WeightedFusion
 
 # Lucene's English stop words, which is what the Milvus server's "_english_" list expands to;
 # spelt out because Milvus Lite 3 takes stop words only as a literal list.
@@ -300,8 +260,8 @@ class MilvusStoreConfig(ComponentConfig):
     uri: str = Field(
         "./milvus.db",
         description=(
-            "A local path ending in .db (Milvus Lite, relative to the spec's folder: a file for Lite 2.5, a folder for Lite 3), "
-            "or http(s)://, tcp:// or unix: for a Milvus server or Zilliz Cloud."
+            "A local path ending in .db (Milvus Lite, relative to the spec's folder: a file for Lite 2.5, a folder "
+            "for Lite 3), or http(s)://, tcp:// or unix: for a Milvus server or Zilliz Cloud."
         ),
     )
     token_env: str = Field(
@@ -315,7 +275,8 @@ class MilvusStoreConfig(ComponentConfig):
         "float32",
         description=(
             "How dense vectors are kept: float32; float16 (half the memory); binary (the sign of each dimension, 32x "
-            "smaller, searched by Hamming distance with a BIN_FLAT index). Quality cost: benchmarks/retrieval_quality.py."
+            "smaller, searched by Hamming distance with a BIN_FLAT index). Quality cost: "
+            "benchmarks/retrieval_quality.py."
         ),
     )
     index: IndexConfig = Field(default_factory=IndexConfig)
@@ -712,8 +673,9 @@ class CollectionLayout:
             stored_model = self.properties.get(PROPERTY_SPARSE_MODEL)
             if sparse_model_id and stored_model and stored_model != sparse_model_id:
                 problems.append(
-                    f"{where} stores sparse vectors from {stored_model}; the spec's sparse encoder is {sparse_model_id}. "
-                    "Sparse vectors of different models are not comparable: use a new collection name"
+                    f"{where} stores sparse vectors from {stored_model}; the spec's sparse encoder is "
+                    f"{sparse_model_id}. Sparse vectors of different models are not comparable: use a new collection "
+                    "name"
                 )
         return problems
 
@@ -870,7 +832,8 @@ class MilvusStore(Store):
             reraise=True,
         )
         try:
-            return retrying(fn, *args, **kwargs)
+            result: T = retrying(fn, *args, **kwargs)
+            return result
         except (MilvusStoreError, StoreSchemaError):
             raise
         except Exception as exc:
@@ -968,8 +931,8 @@ class MilvusStore(Store):
             backslashes, letter = match.groups()
             if letter != "t":
                 raise MilvusStoreError(
-                    f"{self.where}: Milvus Lite {_lite_version()} cannot match text containing a line break in a filter "
-                    "(a Milvus server or Milvus Lite 3 can); rename the source or use a server"
+                    f"{self.where}: Milvus Lite {_lite_version()} cannot match text containing a line break in a "
+                    "filter (a Milvus server or Milvus Lite 3 can); rename the source or use a server"
                 )
             return backslashes + "\t"
 
@@ -988,7 +951,8 @@ class MilvusStore(Store):
         if engine < 3 and self.config.index.type not in LITE2_INDEX_TYPES:
             return [
                 f"{self.where}: Milvus Lite {_lite_version()} builds only {', '.join(LITE2_INDEX_TYPES)} indexes, not "
-                f"{self.config.index.type}; use one of those, or a Milvus server (or Milvus Lite 3) for {self.config.index.type}"
+                f"{self.config.index.type}; use one of those, or a Milvus server (or Milvus Lite 3) for "
+                f"{self.config.index.type}"
             ]
         return []
 
@@ -1006,9 +970,10 @@ class MilvusStore(Store):
     def _collection_exists(self, client: Any) -> bool:
         if not self._database_exists(client):
             return False
-        return self._call(
+        exists: bool = self._call(
             "has_collection", client.has_collection, self.config.collection, timeout=self.config.timeout_s
         )
+        return exists
 
     def _describe(self, client: Any) -> CollectionLayout:
         name, timeout = self.config.collection, self.config.timeout_s
@@ -1104,7 +1069,8 @@ class MilvusStore(Store):
             raise ValueError(f"{self.where}: the vector dimension must be a positive integer, got {dimension!r}")
         if dimension > MAX_DIMENSION:  # Milvus refuses it too, but only at create time and without naming the embedder
             raise ValueError(
-                f"{self.where}: Milvus stores vectors of at most {MAX_DIMENSION} dimensions, the embedder makes {dimension}"
+                f"{self.where}: Milvus stores vectors of at most {MAX_DIMENSION} dimensions, the embedder makes "
+                f"{dimension}"
             )
         if self.config.vector_storage == "binary" and dimension % 8:
             raise ValueError(
@@ -1301,6 +1267,7 @@ class MilvusStore(Store):
                 )
         if reasons:
             return reasons
+        assert not isinstance(vector, str)  # a problem with the vector is one of the reasons above
         values = {
             "id": chunk.id,
             "source_id": chunk.source_id,
@@ -1363,7 +1330,8 @@ class MilvusStore(Store):
         """
         if self._lite_engine() != 2:
             return list(source_ids), []
-        filterable, unfilterable = [], []
+        filterable: list[str] = []
+        unfilterable: list[str] = []
         for source_id in source_ids:
             (unfilterable if "\n" in source_id or "\r" in source_id else filterable).append(source_id)
         return filterable, unfilterable
@@ -1389,7 +1357,7 @@ class MilvusStore(Store):
 
     def _chunk_ids_of(self, client: Any, source_ids: Sequence[str]) -> list[dict[str, Any]]:
         """``{"id", "source_id"}`` of every chunk of these (filterable) sources."""
-        rows = self._call(
+        rows: list[dict[str, Any]] = self._call(
             "query",
             client.query,
             self.config.collection,
@@ -1735,7 +1703,8 @@ class MilvusStore(Store):
         busy = [str(p) for p in (served, built) if _clients.in_use(p)]
         if busy:
             raise MilvusStoreError(
-                f"{self.where}: cannot replace the database file: still open elsewhere in this process: {', '.join(busy)}"
+                f"{self.where}: cannot replace the database file: still open elsewhere in this process: "
+                f"{', '.join(busy)}"
             )
         os.replace(built, served)
         _lite_lock_file(built).unlink(missing_ok=True)
@@ -1796,7 +1765,8 @@ def _vector_problem_or_list(vector: Any, dimension: int | None) -> list[float] |
         return f"has {array.shape[0]} dimensions, the collection stores {dimension}"
     if not np.isfinite(array).all():
         return "contains NaN or infinite values"
-    return array.tolist()
+    values: list[float] = array.tolist()
+    return values
 
 
 def _higher_is_better(metric: str, distance: float, dimension: int) -> float:

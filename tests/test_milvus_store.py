@@ -393,7 +393,8 @@ def test_an_error_that_echoes_the_token_is_scrubbed(monkeypatch):
     with pytest.raises(MilvusStoreError) as failed:
         store._call("describe collection", fails)
     assert str(failed.value) == (
-        "collection 'documents' at https://example.invalid: describe collection failed: RuntimeError: auth failed for token ***"
+        "collection 'documents' at https://example.invalid: describe collection failed: RuntimeError: auth failed for "
+        "token ***"
     )
 
 
@@ -519,7 +520,7 @@ def test_config_round_trips_and_fingerprint_ignores_speed_settings():
 
 # -- sparse fields, BM25 and hybrid search -----------------------------------------------------
 
-from stores.milvus import RRFFusion, SearchRequest, WeightedFusion  # noqa: E402
+from core.search import RRFFusion, SearchRequest, WeightedFusion  # noqa: E402
 
 
 def sparse_chunk(source_id: str, text: str, axis: int, sparse: dict, pages: list[int]) -> Chunk:
@@ -576,9 +577,10 @@ def test_hybrid_search_fuses_branches_and_applies_the_filter_to_each(sparse_stor
 
 def test_page_filters_select_chunks_by_their_pages(sparse_store):
     query = SearchRequest("learned", {10: 1.0, 20: 1.0, 30: 1.0}, 10)
-    found = lambda conditions: {
-        h.fields["source_id"] for h in sparse_store.search(query, filters.from_mapping(conditions))
-    }  # noqa: E731
+
+    def found(conditions):
+        return {h.fields["source_id"] for h in sparse_store.search(query, filters.from_mapping(conditions))}
+
     assert found({"page": 3}) == {"dogs.md"}
     assert found({"page": {"gte": 1, "lte": 2}}) == {"cats.md", "dogs.md"}
     assert found({"page": [7], "source_id": ["birds.md", "cats.md"]}) == {"birds.md"}

@@ -1,0 +1,52 @@
+"""What a search asks a store and what it gets back, in types that name no engine.
+
+The query path (:mod:`pipeline.query`) builds :class:`SearchRequest` branches and a fusion, and
+reads :class:`Hit` rows; a store turns them into its engine's requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved row. ``score`` is higher-is-better for every metric and fusion: Milvus Lite's
+    negative BM25 scores are flipped and L2 distances negated, so callers never need to know the metric."""
+
+    id: str
+    score: float
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """One retrieval branch: a vector field and what to search it with.
+
+    ``data`` is a dense vector for the dense field, a ``{term id: weight}`` mapping for a learned
+    sparse field, or the query text itself for the BM25 field (Milvus tokenises it).
+    """
+
+    field: str
+    data: Any
+    limit: int
+
+
+@dataclass(frozen=True)
+class RRFFusion:
+    """Reciprocal rank fusion: score = sum over branches of 1 / (k + rank)."""
+
+    k: int = 60
+
+
+@dataclass(frozen=True)
+class WeightedFusion:
+    """Weighted sum of per-branch scores (one weight per request, in order); Milvus maps each
+    branch's scores into [0, 1] first (arctan for IP and BM25) unless ``normalize`` is false."""
+
+    weights: tuple[float, ...]
+    normalize: bool = True
+
+
+Fusion = RRFFusion | WeightedFusion
