@@ -188,7 +188,14 @@ class _Worker:
 
     def assign(self, source: SourceDocument) -> None:
         self.started = time.monotonic()
-        send_source(self.conn, source)
+        self.task = source
+        try:
+            send_source(self.conn, source)
+        except OSError:
+            # The worker is gone already (BrokenPipeError), e.g. it died starting up: the document
+            # stays here whole, and the poll loop meets the worker's end of file and handles it
+            # like any worker that died (a fresh worker, or ParserStartupError).
+            return
         # A ready worker has the bytes now; one still starting keeps them here until it is ready,
         # as a fresh worker gets the document again if this one dies first.
         self.task = without_content(source) if self.ready else source

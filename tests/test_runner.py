@@ -175,6 +175,29 @@ def test_script_without_main_guard_gets_a_clear_error_not_a_failure_per_document
     assert "documents:" not in done.stdout  # no run summary: nothing was recorded as parsed or failed
 
 
+def test_a_document_sent_to_a_worker_that_already_died_is_kept_not_a_broken_pipe():
+    """The worker of a script without the main guard can die before the pool writes to it; the
+    write must not surface as a raw BrokenPipeError (the pool then reports ParserStartupError)."""
+    import multiprocessing
+
+    from core.errors import ParserStartupError
+    from core.types import SourceDocument
+    from pipeline.parse_pool import ParserPool, _Worker
+    from tests.plugins.components import LineParser
+
+    worker = _Worker(multiprocessing.get_context("spawn"), "tests.plugins.no_such_module:Parser", {}, ".")
+    worker.process.join(60)
+    assert worker.process.exitcode not in (None, 0)  # it could not import its parser
+    document = SourceDocument("s/big", "file:///big", "text/plain", "h", b"x" * 4_000_000)
+    worker.assign(document)  # raised BrokenPipeError before
+    assert worker.task == document  # kept whole, for a fresh worker
+    worker.kill()
+    pool = ParserPool(LineParser(), workers=1)
+    pool._target = "tests.plugins.no_such_module:Parser"  # every worker dies starting, as in such a script
+    with pytest.raises(ParserStartupError, match="3 parser worker processes in a row exited"):
+        list(pool.imap([document]))
+
+
 def test_worker_that_dies_starting_does_not_fail_the_document(monkeypatch):
     """One worker exiting before its parser is ready is retried with a fresh one; the document parses."""
     from core.types import SourceDocument
