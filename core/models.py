@@ -216,7 +216,8 @@ class ModelFilesError(ValueError):
     """A model folder whose sentence-transformers files cannot be applied."""
 
 
-def _read_json(folder: str, filename: str) -> dict[str, Any] | list[Any] | None:
+def _read_json(folder: str, filename: str) -> Any:
+    """The parsed JSON file (whatever its shape), or None where it is missing or unreadable."""
     local = Path(folder)
     if local.is_dir():
         candidate = local / filename
@@ -229,6 +230,18 @@ def _read_json(folder: str, filename: str) -> dict[str, Any] | list[Any] | None:
         return None
 
 
+def _read_json_object(folder: str, filename: str) -> dict[str, Any]:
+    """The JSON object in the file; {} where it is missing; ModelFilesError where it holds something else."""
+    value = _read_json(folder, filename)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ModelFilesError(
+            f"{folder}: {filename} holds a JSON {type(value).__name__}, not the object of settings it must"
+        )
+    return value
+
+
 def _dense_layer(model_path: str, module_path: str) -> DenseLayer:
     config = _read_json(model_path, f"{module_path}/config.json")
     if not isinstance(config, dict):
@@ -236,8 +249,8 @@ def _dense_layer(model_path: str, module_path: str) -> DenseLayer:
     activation = _DENSE_ACTIVATIONS.get(str(config.get("activation_function", "torch.nn.modules.activation.Tanh")))
     if activation is None:
         raise ModelFilesError(
-            f"its sentence-transformers Dense module {module_path!r} uses activation {config.get('activation_function')!r}; "
-            f"supported: {', '.join(_DENSE_ACTIVATIONS)}"
+            f"its sentence-transformers Dense module {module_path!r} uses activation "
+            f"{config.get('activation_function')!r}; supported: {', '.join(_DENSE_ACTIVATIONS)}"
         )
     try:
         return DenseLayer(
@@ -263,9 +276,11 @@ def read_sentence_transformers_settings(model_path: str) -> SentenceTransformers
     normalize = False
     dense: list[DenseLayer] = []
     for module in modules:
+        if not isinstance(module, dict):
+            raise ModelFilesError(f"{model_path}: modules.json lists {module!r}, not a module's settings")
         module_type = module.get("type", "")
         if module_type.endswith("Pooling"):
-            config = _read_json(model_path, f"{module.get('path', '1_Pooling')}/config.json") or {}
+            config = _read_json_object(model_path, f"{module.get('path', '1_Pooling')}/config.json")
             if config.get("pooling_mode_cls_token"):
                 pooling = "cls"
             elif config.get("pooling_mode_lasttoken"):
@@ -280,8 +295,8 @@ def read_sentence_transformers_settings(model_path: str) -> SentenceTransformers
             normalize = True
         elif module_type.endswith("Dense"):
             dense.append(_dense_layer(model_path, str(module.get("path", ""))))
-    st_config = _read_json(model_path, "sentence_bert_config.json") or {}
-    prompts = (_read_json(model_path, "config_sentence_transformers.json") or {}).get("prompts") or {}
+    st_config = _read_json_object(model_path, "sentence_bert_config.json")
+    prompts = _read_json_object(model_path, "config_sentence_transformers.json").get("prompts") or {}
     return SentenceTransformersSettings(
         pooling=pooling,
         normalize=normalize,
@@ -322,7 +337,8 @@ def load_dense_weights(model_path: str, layer: DenseLayer) -> dict[str, Any]:
             from safetensors.torch import load_file
 
             return load_file(str(local))
-        return torch.load(local, map_location="cpu", weights_only=True)
+        weights: dict[str, Any] = torch.load(local, map_location="cpu", weights_only=True)
+        return weights
     raise ModelFilesError(
         f"its sentence-transformers Dense module {layer.path!r} has no model.safetensors or pytorch_model.bin"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -13,7 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from core.models import resolve_model_path
+from core.models import ModelFilesError, read_sentence_transformers_settings, resolve_model_path
 from embedders import huggingface
 from embedders.huggingface import HuggingFaceEmbedder, ModelLoadError
 from embedders.pooling import cls_pool, last_token_pool, max_pool, mean_pool
@@ -438,3 +439,24 @@ def test_pooling_ignores_padding_on_either_side(pooler, by_hand, side):
     pooled = pooler(hidden, mask)
     assert pooled.dtype == torch.float32
     torch.testing.assert_close(pooled, torch.stack([by_hand(states) for states in real]))
+
+
+@pytest.mark.parametrize(
+    ("filename", "content"),
+    [
+        ("1_Pooling/config.json", "[1, 2]"),
+        ("sentence_bert_config.json", '"max_seq_length"'),
+        ("config_sentence_transformers.json", "[]"),
+        ("modules.json", '["Pooling"]'),
+    ],
+)
+def test_a_model_settings_file_of_the_wrong_shape_is_named_not_an_attribute_error(tmp_path, filename, content):
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    assert read_sentence_transformers_settings(str(tmp_path)).pooling == "mean"
+    (tmp_path / filename).write_text(content)
+    with pytest.raises(ModelFilesError, match=filename.split("/")[-1]):
+        read_sentence_transformers_settings(str(tmp_path))
