@@ -120,7 +120,8 @@ class Result:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process (all its threads, Milvus Lite 3's in-process server among them) and its ended children."""
+    """CPU time of this process (all its threads, Milvus Lite 3's in-process server among them) and its
+    ended children."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
@@ -377,7 +378,8 @@ def run_system(system: str, python: str, folder: Path, job_args: list[str]) -> R
         return None
     result = Result(**json.loads(result_file.read_text(encoding="utf-8")))
     print(
-        f"{LABELS[system]}: {result.seconds:.1f} s wall, {result.cpu_seconds:.1f} s CPU, {result.chunks} chunks, {result.rows} rows",
+        f"{LABELS[system]}: {result.seconds:.1f} s wall, {result.cpu_seconds:.1f} s CPU, {result.chunks} chunks, "
+        f"{result.rows} rows",
         flush=True,
     )
     return result
@@ -401,9 +403,10 @@ def report(runs: dict[str, list[Result]], n_docs: int) -> list[str]:
     lines = []
     for system, result in best.items():
         lines.append(
-            f"{result.label:<10} {result.seconds:8.1f} s  ({result.cpu_seconds:.0f} s CPU)  {result.documents / result.seconds:6.1f} documents/s  "
-            f"{result.chunks} chunks  {result.rows} rows  embed batch {result.embed_batch_size}  "
-            f"milvus-lite {result.versions.get('milvus-lite')}  load {result.loadavg_before[0]:.1f} -> {result.loadavg_after[0]:.1f}"
+            f"{result.label:<10} {result.seconds:8.1f} s  ({result.cpu_seconds:.0f} s CPU)  "
+            f"{result.documents / result.seconds:6.1f} documents/s  {result.chunks} chunks  {result.rows} rows  embed "
+            f"batch {result.embed_batch_size}  milvus-lite {result.versions.get('milvus-lite')}  load "
+            f"{result.loadavg_before[0]:.1f} -> {result.loadavg_after[0]:.1f}"
         )
         if len(runs[system]) > 1:
             lines.append("  runs: " + ", ".join(f"{r.seconds:.1f} s" for r in runs[system]))
@@ -418,9 +421,9 @@ def report(runs: dict[str, list[Result]], n_docs: int) -> list[str]:
             other = best.get(system)
             if other is not None:
                 lines.append(
-                    f"ours {ours.seconds:.1f} s vs {other.label} {other.seconds:.1f} s: ratio {other.seconds / ours.seconds:.2f} "
-                    f"(CPU {ours.cpu_seconds:.0f} s vs {other.cpu_seconds:.0f} s: {other.cpu_seconds / ours.cpu_seconds:.2f}; "
-                    f"{other.label} / ours, above 1 means ours is faster)"
+                    f"ours {ours.seconds:.1f} s vs {other.label} {other.seconds:.1f} s: ratio "
+                    f"{other.seconds / ours.seconds:.2f} (CPU {ours.cpu_seconds:.0f} s vs {other.cpu_seconds:.0f} s: "
+                    f"{other.cpu_seconds / ours.cpu_seconds:.2f}; {other.label} / ours, above 1 means ours is faster)"
                 )
     engines = {r.versions.get("milvus-lite", "?").split(".")[0] for r in best.values()}
     if len(engines) > 1:
@@ -442,7 +445,8 @@ def main() -> None:
     parser.add_argument(
         "--anchors-python",
         default=os.environ.get(ANCHORS_PYTHON_ENV, str(DEFAULT_ANCHORS_PYTHON)),
-        help=f"interpreter of the anchors' environment (benchmarks/anchors_env.sh; default ${ANCHORS_PYTHON_ENV} or {DEFAULT_ANCHORS_PYTHON})",
+        help=f"interpreter of the anchors' environment (benchmarks/anchors_env.sh; default ${ANCHORS_PYTHON_ENV} or "
+        f"{DEFAULT_ANCHORS_PYTHON})",
     )
     parser.add_argument(
         "--embed-batch-size",
@@ -473,7 +477,8 @@ def main() -> None:
         return
     if not Path(args.anchors_python).is_file() and any(s != "ours" for s in systems):
         print(
-            f"SKIP LlamaIndex and LangChain: no interpreter at {args.anchors_python}; create it with benchmarks/anchors_env.sh or pass --anchors-python"
+            f"SKIP LlamaIndex and LangChain: no interpreter at {args.anchors_python}; create it with "
+            "benchmarks/anchors_env.sh or pass --anchors-python"
         )
         systems = [s for s in systems if s == "ours"]
     if not systems:
@@ -490,7 +495,8 @@ def main() -> None:
         docs.mkdir()
         n_docs = write_corpus(corpus, docs, args.limit)
         print(
-            f"corpus: SciFact, {n_docs} documents in {docs}; model {model}; cores {os.cpu_count()}; load {os.getloadavg()}",
+            f"corpus: SciFact, {n_docs} documents in {docs}; model {model}; cores {os.cpu_count()}; load "
+            f"{os.getloadavg()}",
             flush=True,
         )
         job_args = ["--docs", str(docs), "--model", str(model)]

@@ -140,7 +140,8 @@ def evaluate(name: str, run: Run, dataset_folder: Path, index_dir: Path, max_que
         print(summary.format(), flush=True)
         if cutting is not None:
             print(
-                f"{name}: {cutting.reused} document vectors cut from {run.documents_from}'s index, the rest ran through the model",
+                f"{name}: {cutting.reused} document vectors cut from {run.documents_from}'s index, the rest ran "
+                "through the model",
                 flush=True,
             )
             sample = list(full_vectors)[:16]
@@ -188,7 +189,8 @@ def report(figures: dict[str, dict]) -> list[str]:
             delta = f"{ndcg - base:+.4f}"
             verdict = f"vs {run.compare_to} ({base:.4f}): {100 * (ndcg - base) / base:+.1f}%"
         lines.append(
-            f"{name:<11}{f['model_id']:<62}{f['dimension']:>5}{ndcg:>9.4f}{f['metrics']['R@100']:>8.4f}{published:>11}{delta:>8}  {verdict}"
+            f"{name:<11}{f['model_id']:<62}{f['dimension']:>5}{ndcg:>9.4f}{f['metrics']['R@100']:>8.4f}"
+            f"{published:>11}{delta:>8}  {verdict}"
         )
     lines.append(f"published: {MTEB_RESULTS}")
     return lines

@@ -1,6 +1,7 @@
 """Ingest throughput on SciFact: the whole pipeline versus the pure model time for the same chunks.
 
-    python benchmarks/ingest_throughput.py [--limit N] [--datasets DIR] [--runner local|ray|local,ray] [--ray-embed-actors N]
+    python benchmarks/ingest_throughput.py [--limit N] [--datasets DIR] [--runner local|ray|local,ray]
+        [--ray-embed-actors N]
 
 Writes SciFact's abstracts (title + text, as BEIR joins them) to a folder of .txt files, ingests
 it into a fresh Milvus Lite index with the spec below (local source -> unstructured parser ->
@@ -209,7 +210,8 @@ def main() -> None:
         f"corpus: SciFact, {n_docs} documents, {len(texts)} chunks (recursive 1000/100), all-MiniLM-L6-v2, Milvus Lite"
     )
     print(
-        f"cpu threads: torch {torch_threads()}, cores {os.cpu_count()}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        f"cpu threads: torch {torch_threads()}, cores {os.cpu_count()}; load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     for runner, seconds, summary, ray_start_seconds in runs:
         print(
@@ -230,7 +232,8 @@ def main() -> None:
         print(f"  whole run: {n_docs / seconds:.1f} documents/s, {summary.chunks_written / seconds:.1f} chunks/s")
     for runner, seconds, _, _ in runs:
         print(
-            f"{runner} pipeline {seconds:.1f} s vs pure model time {model_seconds:.1f} s (batches of {best_batching}): ratio {seconds / model_seconds:.2f}"
+            f"{runner} pipeline {seconds:.1f} s vs pure model time {model_seconds:.1f} s (batches of {best_batching}): "
+            f"ratio {seconds / model_seconds:.2f}"
         )
 
 

@@ -256,10 +256,11 @@ def describe(run: Run) -> list[str]:
     p = run.peaks
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in run.stage_seconds.items())
     return [
-        f"  {run.label}: {run.documents} documents ({run.failed} failed), {run.chunks} chunks in {run.seconds:.1f} s = {run.rate:.1f} chunks/s "
-        f"({run.cpu_rate:.1f} per CPU second)",
-        f"    peak RSS: main {p.main_mib:.0f} MiB (getrusage {run.main_rusage_mib:.0f}), parser worker {p.worker_mib:.0f} MiB, "
-        f"main + worker at once {p.together_mib:.0f} MiB; Milvus Lite server {p.milvus_mib:.0f} MiB",
+        f"  {run.label}: {run.documents} documents ({run.failed} failed), {run.chunks} chunks in {run.seconds:.1f} s = "
+        f"{run.rate:.1f} chunks/s ({run.cpu_rate:.1f} per CPU second)",
+        f"    peak RSS: main {p.main_mib:.0f} MiB (getrusage {run.main_rusage_mib:.0f}), parser worker "
+        f"{p.worker_mib:.0f} MiB, main + worker at once {p.together_mib:.0f} MiB; Milvus Lite server "
+        f"{p.milvus_mib:.0f} MiB",
         f"    time per stage: {stages}",
     ]
 
@@ -283,8 +284,9 @@ def run_variant(variant: str, options: argparse.Namespace, work: Path) -> None:
     large, small = max(larges, key=lambda r: r.rate), max(smalls, key=lambda r: r.rate)
     best = f"best of {options.repeat}: " if options.repeat > 1 else ""
     print(
-        f"  {best}large {large.rate:.1f} chunks/s vs small docs {small.rate:.1f} chunks/s: ratio {large.rate / small.rate:.2f}; "
-        f"per CPU second {large.cpu_rate:.1f} vs {small.cpu_rate:.1f}: ratio {large.cpu_rate / small.cpu_rate:.2f}",
+        f"  {best}large {large.rate:.1f} chunks/s vs small docs {small.rate:.1f} chunks/s: ratio "
+        f"{large.rate / small.rate:.2f}; per CPU second {large.cpu_rate:.1f} vs {small.cpu_rate:.1f}: ratio "
+        f"{large.cpu_rate / small.cpu_rate:.2f}",
         flush=True,
     )
     if options.json:
@@ -320,11 +322,13 @@ def main() -> None:
 
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}")
     print(
-        f"spec: recursive {CHUNK_SIZE}/{CHUNK_OVERLAP}, all-MiniLM-L6-v2 max_length {options.max_tokens or 'default (256)'}, "
-        f"{options.embed_threads or 'default'} torch threads; Milvus Lite; runner defaults"
+        f"spec: recursive {CHUNK_SIZE}/{CHUNK_OVERLAP}, all-MiniLM-L6-v2 max_length "
+        f"{options.max_tokens or 'default (256)'}, {options.embed_threads or 'default'} torch threads; Milvus Lite; "
+        "runner defaults"
     )
     print(
-        f"large document: {options.megabytes:g} MB; load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"large document: {options.megabytes:g} MB; load average before: "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         flush=True,
     )
     if options.keep:

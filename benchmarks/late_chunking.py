@@ -120,7 +120,10 @@ def load_scifact(folder: Path, chunker: RecursiveChunker, limit: int | None, see
         others = [r["_id"] for r in records if r["_id"] not in judged]
         sampled = set(random.Random(seed).sample(others, max(limit - len(judged), 0)))
         records = [r for r in records if r["_id"] in judged or r["_id"] in sampled]
-        description = f"{len(records):,} of {total:,} documents: all {len(judged)} judged + {len(sampled):,} sampled (seed {seed})"
+        description = (
+            f"{len(records):,} of {total:,} documents: all {len(judged)} judged + {len(sampled):,} sampled (seed "
+            f"{seed})"
+        )
 
     documents = [scifact_document(r) for r in records]
     return Corpus(_chunk(chunker, documents), queries, qrels), description
@@ -283,7 +286,8 @@ def compare(
         print(f"{label} {_display(metric)} naive {scores['naive'][metric]:.3f} vs late {scores['late'][metric]:.3f}")
     ratio = late_vectors.seconds / naive_vectors.seconds
     print(
-        f"{label} embedding time late {late_vectors.seconds:.1f} s vs naive {naive_vectors.seconds:.1f} s: ratio {ratio:.2f}"
+        f"{label} embedding time late {late_vectors.seconds:.1f} s vs naive {naive_vectors.seconds:.1f} s: ratio "
+        f"{ratio:.2f}"
     )
     for side, embedder in (("naive", naive), ("late", late)):
         for note in embedder.run_notes():
@@ -340,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         chunker = RecursiveChunker(chunk_size=args.scifact_chunk_size, chunk_overlap=args.chunk_overlap)
         corpus, description = load_scifact(args.datasets / "scifact", chunker, args.scifact_limit, args.seed)
         print(
-            f"SciFact: BEIR test split, {description}; RecursiveChunker {args.scifact_chunk_size} chars, overlap {args.chunk_overlap}"
+            f"SciFact: BEIR test split, {description}; RecursiveChunker {args.scifact_chunk_size} chars, overlap "
+            f"{args.chunk_overlap}"
         )
         figures["scifact"] = {"corpus": description, **compare("SciFact", corpus, naive, late, ["nDCG@10"])}
     if args.only in (None, "sec"):

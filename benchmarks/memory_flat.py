@@ -394,42 +394,50 @@ class Report:
             f"{c.total_bytes / 1e6:.1f} MB, seed {self.settings.seed}; Milvus Lite {self.milvus_lite}",
             f"spec: recursive {self.settings.chunk_size}/{self.settings.chunk_overlap}, all-MiniLM-L6-v2 max_length "
             f"{self.settings.max_tokens or 'default'}, {self.settings.embed_threads or 'default'} torch threads",
-            f"indexed {self.documents_indexed} documents ({self.documents_failed} failed), {self.chunks_written} chunks "
-            f"in {self.ingest_seconds:.1f} s: {self.documents_per_second:.1f} documents/s",
+            f"indexed {self.documents_indexed} documents ({self.documents_failed} failed), {self.chunks_written} "
+            f"chunks in {self.ingest_seconds:.1f} s: {self.documents_per_second:.1f} documents/s",
             "time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.stage_seconds.items()),
             "memory at each share of the documents (MiB; RSS summed over the tree, PSS counts shared pages once):",
-            f"  {'share':>5} {'docs':>7} {'time s':>7} {'tree RSS':>9} {'main':>7} {'parsers':>8} {'milvus':>7} {'other':>6} {'tree PSS':>9} {'py objects':>11}",
+            f"  {'share':>5} {'docs':>7} {'time s':>7} {'tree RSS':>9} {'main':>7} {'parsers':>8} {'milvus':>7} "
+            f"{'other':>6} {'tree PSS':>9} {'py objects':>11}",
         ]
         for p in self.checkpoints:
             r = p.rss
             out.append(
-                f"  {p.share:>5.0%} {p.documents:>7} {p.at_s:>7.1f} {r.total_mib:>9.1f} {r.main_mib:>7.1f} {r.parsers_mib:>8.1f} "
-                f"{r.milvus_mib:>7.1f} {r.other_mib:>6.1f} {p.pss_total_mib:>9.1f} {p.python_objects:>11}"
+                f"  {p.share:>5.0%} {p.documents:>7} {p.at_s:>7.1f} {r.total_mib:>9.1f} {r.main_mib:>7.1f} "
+                f"{r.parsers_mib:>8.1f} {r.milvus_mib:>7.1f} {r.other_mib:>6.1f} {p.pss_total_mib:>9.1f} "
+                f"{p.python_objects:>11}"
             )
         if len(self.checkpoints) >= 2:
             first, last = self.checkpoints[0], self.checkpoints[-1]
             out.append(
-                f"growth 25% -> 100%: tree RSS {last.rss.total_mib - first.rss.total_mib:+.1f} MiB, main {last.rss.main_mib - first.rss.main_mib:+.1f}, "
-                f"milvus {last.rss.milvus_mib - first.rss.milvus_mib:+.1f}, python objects {last.python_objects - first.python_objects:+d}"
+                f"growth 25% -> 100%: tree RSS {last.rss.total_mib - first.rss.total_mib:+.1f} MiB, main "
+                f"{last.rss.main_mib - first.rss.main_mib:+.1f}, milvus "
+                f"{last.rss.milvus_mib - first.rss.milvus_mib:+.1f}, python objects "
+                f"{last.python_objects - first.python_objects:+d}"
             )
         out.append("peak RSS within each quarter of the documents (MiB):")
         for high, tree, main, milvus in self.quarter_peaks():
             out.append(
-                f"  up to {high:>4.0%}: tree {tree.total_mib:7.1f}  main {main.main_mib:7.1f}  milvus {milvus.milvus_mib:6.1f}"
+                f"  up to {high:>4.0%}: tree {tree.total_mib:7.1f}  main {main.main_mib:7.1f}  milvus "
+                f"{milvus.milvus_mib:6.1f}"
             )
         if self.peak is not None:
             p = self.peak
             out.append(
-                f"peak tree RSS (sampled every {SAMPLE_INTERVAL_S} s, {len(self.samples)} samples): {p.total_mib:.1f} MiB at {p.at_s:.1f} s "
-                f"(main {p.main_mib:.1f}, parsers {p.parsers_mib:.1f}, milvus {p.milvus_mib:.1f}, other {p.other_mib:.1f}; {p.processes} processes)"
+                f"peak tree RSS (sampled every {SAMPLE_INTERVAL_S} s, {len(self.samples)} samples): {p.total_mib:.1f} "
+                f"MiB at {p.at_s:.1f} s (main {p.main_mib:.1f}, parsers {p.parsers_mib:.1f}, milvus "
+                f"{p.milvus_mib:.1f}, other {p.other_mib:.1f}; {p.processes} processes)"
             )
         out.append(
-            f"getrusage max RSS: this process {self.rusage_self_max_mib:.1f} MiB, largest reaped child {self.rusage_children_max_mib:.1f} MiB"
+            f"getrusage max RSS: this process {self.rusage_self_max_mib:.1f} MiB, largest reaped child "
+            f"{self.rusage_children_max_mib:.1f} MiB"
         )
         out.append(f"load average: {' '.join(f'{x:.2f}' for x in self.load_average)}; cores {os.cpu_count()}")
         verdict = "PASS" if self.passed else "FAIL"
         out.append(
-            f"{verdict}: peak tree RSS {self.peak.total_mib if self.peak else 0:.1f} MiB vs limit 2 GB ({self.limit_mib:.1f} MiB)"
+            f"{verdict}: peak tree RSS {self.peak.total_mib if self.peak else 0:.1f} MiB vs limit 2 GB "
+            f"({self.limit_mib:.1f} MiB)"
         )
         return out
 
@@ -513,7 +521,8 @@ def main() -> None:
         "--markdown-share",
         type=float,
         default=defaults.markdown_share,
-        help="share of .md files (unstructured's partition_md, ~1 s each on a busy core; .txt files take the native route)",
+        help="share of .md files (unstructured's partition_md, ~1 s each on a busy core; .txt files take the native "
+        "route)",
     )
     parser.add_argument(
         "--embed-threads", type=int, default=None, help="torch threads of the embedder (default: torch's choice)"

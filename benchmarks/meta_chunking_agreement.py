@@ -335,8 +335,8 @@ class Agreement:
 
     def summary(self) -> str:
         return (
-            f"{self.rate:.1%} of sentence ends agree ({self.agreeing}/{self.compared}); "
-            f"boundaries ours {self.ours} / official {self.official}; identical texts {self.texts_identical}/{self.texts}"
+            f"{self.rate:.1%} of sentence ends agree ({self.agreeing}/{self.compared}); boundaries ours {self.ours} / "
+            f"official {self.official}; identical texts {self.texts_identical}/{self.texts}"
         )
 
 
@@ -371,7 +371,8 @@ def compare(
         )
         if verbose and differing:
             print(
-                f"  {method} {text.language}/{text.id}: differs at {len(differing)} sentence end(s), non-space offsets {differing}"
+                f"  {method} {text.language}/{text.id}: differs at {len(differing)} sentence end(s), non-space offsets "
+                f"{differing}"
             )
     return agreement
 
@@ -395,7 +396,8 @@ def check_environments(official: OfficialChunker, texts: list[Text], chunkers: d
         ours = lm.token_losses([ids], 1, len(ids) + 1, lm.context_length)[0]
         difference = (ours - torch.tensor(theirs["losses"])).abs().max().item() if same_ids else float("nan")
         print(
-            f"  {text.language}/{text.id}: {len(ids)} tokens, identical ids: {same_ids}, max |loss difference| {difference:.2e}"
+            f"  {text.language}/{text.id}: {len(ids)} tokens, identical ids: {same_ids}, max |loss difference| "
+            f"{difference:.2e}"
         )
         good &= same_ids and difference < 1e-3
         margin = chunkers["margin"]
@@ -409,7 +411,8 @@ def check_environments(official: OfficialChunker, texts: list[Text], chunkers: d
             "first_input_ids"
         ]
         print(
-            f"  {text.language}/{text.id}: first margin prompt ({len(our_prompt)} tokens) identical: {our_prompt == their_prompt}"
+            f"  {text.language}/{text.id}: first margin prompt ({len(our_prompt)} tokens) identical: "
+            f"{our_prompt == their_prompt}"
         )
         good &= our_prompt == their_prompt
     return good
@@ -435,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     python = lmchunker_python(args.lmchunker_python)
     if python is None:
         print(
-            f"SKIP: the lmchunker environment is missing (set {LMCHUNKER_PYTHON_ENV}); see benchmarks/README_meta_chunking.md"
+            f"SKIP: the lmchunker environment is missing (set {LMCHUNKER_PYTHON_ENV}); see "
+            "benchmarks/README_meta_chunking.md"
         )
         return 0
 

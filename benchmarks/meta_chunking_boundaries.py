@@ -84,7 +84,8 @@ def joined_abstracts(
 
 
 def sentence_packing(documents: Sequence[ParsedDocument], target_mean: float) -> tuple[list[ChunkedDocument], int]:
-    """Sentences packed greedily up to T MiniLM tokens, T searched so the mean chunk length is closest to ``target_mean``."""
+    """Sentences packed greedily up to T MiniLM tokens, T searched so the mean chunk length is closest
+    to ``target_mean``."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(EMBEDDER_TOKENIZER))

@@ -53,7 +53,8 @@ def chunk_all(chunker: Chunker, documents: Sequence[ParsedDocument]) -> tuple[li
         batch = documents[start : start + LM_BATCH_DOCUMENTS]
         chunked += [ChunkedDocument(d, chunks) for d, chunks in zip(batch, chunker.chunk_batch(batch)) if chunks]
         print(
-            f"\r  {type(chunker).__name__}: {min(start + LM_BATCH_DOCUMENTS, len(documents))}/{len(documents)} documents",
+            f"\r  {type(chunker).__name__}: {min(start + LM_BATCH_DOCUMENTS, len(documents))}/{len(documents)} "
+            "documents",
             end="",
             file=sys.stderr,
             flush=True,
@@ -133,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     base, description = load_scifact(args.datasets / "scifact", RecursiveChunker(), args.scifact_limit, args.seed)
     documents = [d.document for d in base.documents]
     print(
-        f"SciFact: BEIR test split, {description}; {len(base.queries)} queries; torch threads {__import__('torch').get_num_threads()}, "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        f"SciFact: BEIR test split, {description}; {len(base.queries)} queries; torch threads "
+        f"{__import__('torch').get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     fitting = {"target_size": args.target_tokens, "size_tokenizer": EMBEDDER_TOKENIZER}
     chunkers = {"ppl": PerplexityChunker(**fitting), "margin": MarginSamplingChunker(**fitting)}

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     python = lmchunker_python(args.lmchunker_python)
     if python is None:
         print(
-            f"SKIP: the lmchunker environment is missing (set {LMCHUNKER_PYTHON_ENV}); see benchmarks/README_meta_chunking.md"
+            f"SKIP: the lmchunker environment is missing (set {LMCHUNKER_PYTHON_ENV}); see "
+            "benchmarks/README_meta_chunking.md"
         )
         return 0
 
@@ -142,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                 else (f"{official_seconds / len(texts):.2f} s vs {ours_seconds / len(texts):.2f} s per text")
             )
             print(
-                f"{method}: official {official_seconds:.1f} s, ours {ours_seconds:.1f} s: {official_seconds / ours_seconds:.2f}x faster ({unit})"
+                f"{method}: official {official_seconds:.1f} s, ours {ours_seconds:.1f} s: "
+                f"{official_seconds / ours_seconds:.2f}x faster ({unit})"
             )
             print(
-                f"{method}: forward tokens official {official_tokens} in {official_calls} calls, ours {counter.tokens} in {counter.calls} calls"
+                f"{method}: forward tokens official {official_tokens} in {official_calls} calls, ours {counter.tokens} "
+                f"in {counter.calls} calls"
             )
             print(f"{method}: {agreement.summary()}")
             saved["official"][method] = {f"{t.language}/{t.id}": r for t, r in zip(texts, official_results)}

@@ -162,7 +162,8 @@ def measure(args: argparse.Namespace) -> None:
 
     figures = {"engine": engine, "rows": count}
     print(
-        f"{engine}, {count} rows, {len(queries)} single queries, top_k {args.top_k} (hybrid: {args.candidates} per branch)"
+        f"{engine}, {count} rows, {len(queries)} single queries, top_k {args.top_k} (hybrid: {args.candidates} per "
+        "branch)"
     )
     for label, run in (("dense", dense), ("bm25", bm25), ("hybrid", hybrid)):
         for i in range(min(5, len(queries))):  # warm-up
@@ -203,7 +204,8 @@ def rerank(args: argparse.Namespace) -> None:
         reranker.rerank(query, passages)
         samples.append(time.perf_counter() - began)
     print(
-        f"rerank top {args.top_n} with {reranker.type_name} ({reranker.model_id}), {len(samples)} queries: {_percentiles(samples)}"
+        f"rerank top {args.top_n} with {reranker.type_name} ({reranker.model_id}), {len(samples)} queries: "
+        f"{_percentiles(samples)}"
     )
 
 

@@ -88,14 +88,15 @@ TARGET_BYTES_PER_SOURCE = 100.0
 MB = 2**20
 
 WORDS = (
-    "the of and to in is that for it as was with be by on not this are or from at which but have an they were there one "
-    "all we their been has when who will more no if out so what up its about into than them can only other new some could "
-    "time these two may then do first any now such like our over even most made after also did many before must through "
-    "back years where much way well down should because each just those people how too little state good very make world "
-    "still own see work long get here between both life being under never day same another know while last might great "
-    "old year off come since against go came right used take three index search vector model document chunk parser memory "
-    "corpus embedding store query pipeline record source batch worker process stage server cluster latency throughput "
-    "retrieval ranking score river forest mountain harbor bridge garden library market winter summer signal engine"
+    "the of and to in is that for it as was with be by on not this are or from at which but have an they were there "
+    "one all we their been has when who will more no if out so what up its about into than them can only other new "
+    "some could time these two may then do first any now such like our over even most made after also did many before "
+    "must through back years where much way well down should because each just those people how too little state good "
+    "very make world still own see work long get here between both life being under never day same another know while "
+    "last might great old year off come since against go came right used take three index search vector model "
+    "document chunk parser memory corpus embedding store query pipeline record source batch worker process stage "
+    "server cluster latency throughput retrieval ranking score river forest mountain harbor bridge garden library "
+    "market winter summer signal engine"
 ).split()
 
 
@@ -704,9 +705,9 @@ def describe_output(command: str, text: str) -> str:
             return text.strip().splitlines()[-1][:120] if text.strip() else ""
         changes = summary.get("changes") or {}
         return (
-            f"[{summary['documents_seen']} parsed, {summary['chunks_written']} chunks written, {summary['documents_failed']} failed; "
-            f"{changes.get('added', 0)} added, {changes.get('updated', 0)} updated, {changes.get('unchanged', 0)} unchanged, "
-            f"{changes.get('deleted', 0)} deleted]"
+            f"[{summary['documents_seen']} parsed, {summary['chunks_written']} chunks written, "
+            f"{summary['documents_failed']} failed; {changes.get('added', 0)} added, {changes.get('updated', 0)} "
+            f"updated, {changes.get('unchanged', 0)} unchanged, {changes.get('deleted', 0)} deleted]"
         )
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return "[" + " | ".join(lines[:3])[:200] + "]"
@@ -757,9 +758,10 @@ def cpu_description() -> list[str]:
     except (OSError, StopIteration, ValueError):
         pass
     return [
-        f"CPU: {info.get('model name', platform.processor() or 'unknown')}; {os.cpu_count()} logical CPUs visible; {memory}; "
-        f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
-        f"CPU flags (relevant to Milvus' SIMD kernels and hashing): {' '.join(relevant)}; absent: {' '.join(missing) or 'none'}",
+        f"CPU: {info.get('model name', platform.processor() or 'unknown')}; {os.cpu_count()} logical CPUs visible; "
+        f"{memory}; load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"CPU flags (relevant to Milvus' SIMD kernels and hashing): {' '.join(relevant)}; absent: "
+        f"{' '.join(missing) or 'none'}",
     ]
 
 
@@ -785,22 +787,24 @@ def verify_lines(v: dict[str, Any], references: list[str]) -> list[str]:
             else "exact sets not kept (sorted 64-bit digests only)"
         )
         lines.append(
-            f"vs {REFERENCE_NAMES[kind]}: {'EQUAL' if r['equal'] else 'DIFFERENT'} - rows {r['rows'][0]:,} / {r['rows'][1]:,} "
-            f"(digest {r['rows_digest'][0]} / {r['rows_digest'][1]}); records {r['records'][0]:,} / {r['records'][1]:,} (digest "
-            f"{r['records_digest'][0]} / {r['records_digest'][1]}); statuses {r['statuses'][0]} / {r['statuses'][1]}; sample of "
-            f"{v['sample_sources']} sources equal={r['sample_equal']}; {exact}; {r['seconds']} s"
+            f"vs {REFERENCE_NAMES[kind]}: {'EQUAL' if r['equal'] else 'DIFFERENT'} - rows {r['rows'][0]:,} / "
+            f"{r['rows'][1]:,} (digest {r['rows_digest'][0]} / {r['rows_digest'][1]}); records {r['records'][0]:,} / "
+            f"{r['records'][1]:,} (digest {r['records_digest'][0]} / {r['records_digest'][1]}); statuses "
+            f"{r['statuses'][0]} / {r['statuses'][1]}; sample of {v['sample_sources']} sources "
+            f"equal={r['sample_equal']}; {exact}; {r['seconds']} s"
         )
         if r.get("rows_only_maintained") or r.get("rows_only_reference"):
             lines.append(
-                f"  rows only in the maintained index: {r['rows_only_maintained']}; only in the reference: {r['rows_only_reference']}"
+                f"  rows only in the maintained index: {r['rows_only_maintained']}; only in the reference: "
+                f"{r['rows_only_reference']}"
             )
     return lines
 
 
 def table(case: Case, smallest: Case | None) -> str:
     header = (
-        f"{'step':<26} {'seconds':>9} {'run s':>8} {'CLI peak RSS MB':>15} {'CLI B/source':>12} {'Lite srv peak MB':>16} "
-        f"{'srv B/source':>12} {'load1':>5}  what it did"
+        f"{'step':<26} {'seconds':>9} {'run s':>8} {'CLI peak RSS MB':>15} {'CLI B/source':>12} "
+        f"{'Lite srv peak MB':>16} {'srv B/source':>12} {'load1':>5}  what it did"
     )
     lines = [f"size {case.size:,}, form {case.form}, store {case.store}", header, "-" * len(header)]
     for step in case.steps:
@@ -814,14 +818,15 @@ def table(case: Case, smallest: Case | None) -> str:
         seconds = f"{step.seconds:.1f}" if step.finished else f">{step.seconds:.0f} DNF"
         run_s = f"{step.run_s:.1f}" if step.run_s is not None else "-"
         lines.append(
-            f"{step.name:<26} {seconds:>9} {run_s:>8} {step.cli_maxrss / MB:>15.1f} {per_cli:>12} {step.server_maxrss / MB:>16.1f} "
-            f"{per_srv:>12} {step.load1:>5.1f}  {step.result}{' ' + step.note if step.note else ''}"
+            f"{step.name:<26} {seconds:>9} {run_s:>8} {step.cli_maxrss / MB:>15.1f} {per_cli:>12} "
+            f"{step.server_maxrss / MB:>16.1f} {per_srv:>12} {step.load1:>5.1f}  "
+            f"{step.result}{' ' + step.note if step.note else ''}"
         )
     ingest, quiet = case.step("ingest"), case.step("reindex, no change")
     if ingest and quiet and ingest.finished and quiet.finished:
         lines.append(
-            f"ratio no-change reindex / ingest (wall time of the CLI processes): {quiet.seconds:.2f} s / {ingest.seconds:.2f} s = "
-            f"{quiet.seconds / ingest.seconds:.4f}"
+            f"ratio no-change reindex / ingest (wall time of the CLI processes): {quiet.seconds:.2f} s / "
+            f"{ingest.seconds:.2f} s = {quiet.seconds / ingest.seconds:.4f}"
         )
         if quiet.run_s is not None and ingest.run_s:
             lines.append(
@@ -836,8 +841,8 @@ def table(case: Case, smallest: Case | None) -> str:
     if case.verify:
         references = [k for k in ("clean", "computed") if k in case.verify]
         lines.append(
-            f"equal to a clean build: {'YES' if case.verify['equal'] else 'NO'} (verify {case.verify['seconds']} s; expected sources "
-            f"{case.verify['expected_sources']:,})"
+            f"equal to a clean build: {'YES' if case.verify['equal'] else 'NO'} (verify {case.verify['seconds']} s; "
+            f"expected sources {case.verify['expected_sources']:,})"
         )
         lines += ["  " + line for line in verify_lines(case.verify, references)]
     if case.error:
@@ -873,8 +878,8 @@ def targets(cases: list[Case], sizes: list[int]) -> str:
                     else ""
                 )
                 lines.append(
-                    f"  {case.size:>9,}: no-change reindex <= 2% of ingest: {'met' if ratio <= TARGET_NO_CHANGE_RATIO else 'NOT MET'} "
-                    f"(wall {ratio:.2%}{own})"
+                    f"  {case.size:>9,}: no-change reindex <= 2% of ingest: "
+                    f"{'met' if ratio <= TARGET_NO_CHANGE_RATIO else 'NOT MET'} (wall {ratio:.2%}{own})"
                 )
             else:
                 lines.append(f"  {case.size:>9,}: no-change reindex <= 2% of ingest: NOT MEASURED")
@@ -942,8 +947,9 @@ def main() -> int:
         "--reference",
         choices=["auto", "clean", "computed", "both"],
         default="auto",
-        help=f"what the maintained index is compared with: a clean ingest into a fresh index, the rows and records computed "
-        f"from the corpus without a store, or both (auto: both up to {AUTO_CLEAN_MAX:,} documents, computed above)",
+        help="what the maintained index is compared with: a clean ingest into a fresh index, the rows and records "
+        f"computed from the corpus without a store, or both (auto: both up to {AUTO_CLEAN_MAX:,} documents, computed "
+        "above)",
     )
     args = parser.parse_args()
     sizes = sorted(int(s.replace("_", "")) for s in args.sizes.split(","))
@@ -955,19 +961,22 @@ def main() -> int:
     runner = Runner(args)
 
     print(
-        "scale_maintenance: PLUMBING ONLY - LineParser / ElementChunker / HashEmbedder (tests.plugins), no model, no real parser;"
+        "scale_maintenance: PLUMBING ONLY - LineParser / ElementChunker / HashEmbedder (tests.plugins), no model, no "
+        "real parser;"
     )
     print("  the times are the pipeline's listing, change record, chunk store and runner, not parsing or embedding.")
     print(
-        f"  folder form parser: {'LineParser (in-process)' if args.folder_parser == 'lines' else 'unstructured (native .txt path)'}; "
-        "jsonl form parser: LineParser (in-process)"
+        "  folder form parser: "
+        f"{'LineParser (in-process)' if args.folder_parser == 'lines' else 'unstructured (native .txt path)'}; jsonl "
+        "form parser: LineParser (in-process)"
     )
     print("command: " + " ".join([sys.executable, *sys.argv]))
     for line in cpu_description():
         print(line)
     info = runner.tool("--child-info", *([os.environ[SERVER_ENV]] if "server" in stores else []))
     print(
-        f"Python {info['python']}; pymilvus {info['pymilvus']}; Milvus Lite (milvus-lite) {info['milvus-lite']}; numpy {info['numpy']}"
+        f"Python {info['python']}; pymilvus {info['pymilvus']}; Milvus Lite (milvus-lite) {info['milvus-lite']}; numpy "
+        f"{info['numpy']}"
         + (f"; Milvus server {info['server']} at {os.environ[SERVER_ENV]}" if "server" in stores else "")
     )
     print(

@@ -114,7 +114,8 @@ def main() -> None:
 
     base = figures["storage"]["float32"]["metrics"]
     print(
-        f"\n{folder.name} (test), {len(dataset.queries)} queries, {len(chunks)} chunks, {dimension}-d all-MiniLM-L6-v2, dense mode"
+        f"\n{folder.name} (test), {len(dataset.queries)} queries, {len(chunks)} chunks, {dimension}-d "
+        "all-MiniLM-L6-v2, dense mode"
     )
     print(
         f"{'storage':<9}{'bytes/vector':>13}{'nDCG@10':>9}{'vs float32':>11}{'R@100':>8}{'vs float32':>11}{'p50 ms':>8}"

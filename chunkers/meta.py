@@ -331,7 +331,8 @@ class PerplexityChunkerConfig(LMChunkerConfig):
     def _window_inside_context(self) -> PerplexityChunkerConfig:
         if self.max_context_tokens is not None and self.window_tokens >= self.max_context_tokens:
             raise ValueError(
-                f"window_tokens ({self.window_tokens}) must be smaller than max_context_tokens ({self.max_context_tokens})"
+                f"window_tokens ({self.window_tokens}) must be smaller than max_context_tokens "
+                f"({self.max_context_tokens})"
             )
         return self
 
@@ -541,8 +542,8 @@ class MarginSamplingChunker(LMChunker):
                 )
                 if longest > lm.context_length:
                     raise ValueError(
-                        f"margin chunker: a prompt can reach {longest} tokens, more than the {lm.context_length} of {lm.name}; "
-                        "lower max_prompt_chunk_tokens or max_sentence_tokens"
+                        f"margin chunker: a prompt can reach {longest} tokens, more than the {lm.context_length} of "
+                        f"{lm.name}; lower max_prompt_chunk_tokens or max_sentence_tokens"
                     )
                 self._prompts = prompts
             return self._prompts

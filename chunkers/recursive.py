@@ -53,7 +53,8 @@ KeepSeparator = Literal["start", "end"] | None
 def _language_separators(language: str) -> list[str]:
     text_splitters = require("langchain_text_splitters", purpose="language-specific separators")
     splitter = text_splitters.RecursiveCharacterTextSplitter
-    return splitter.get_separators_for_language(text_splitters.Language(language))
+    separators: list[str] = splitter.get_separators_for_language(text_splitters.Language(language))
+    return separators
 
 
 def _language_names() -> list[str]:
@@ -83,7 +84,7 @@ class SeparatorSplitter:
         can_go_deeper = level is not None and self.patterns[level] is not None and level + 1 < len(self.patterns)
 
         def split_oversized(piece: Span) -> Iterator[Span]:
-            return self._split(piece, level + 1) if can_go_deeper else iter([piece])
+            return self._split(piece, level + 1) if can_go_deeper and level is not None else iter([piece])
 
         return pack_pieces(pieces, self.chunk_size, self.chunk_overlap, char_length, split_oversized)
 
@@ -132,7 +133,8 @@ class RecursiveChunker(Chunker):
         chunk_overlap: int = Field(200, ge=0, description="Characters of the end of a chunk the next one repeats.")
         separators: list[str] | None = Field(
             None,
-            description="Separators in order of preference; default: paragraph, line, CJK punctuation, space, character.",
+            description="Separators in order of preference; default: paragraph, line, CJK punctuation, space, "
+            "character.",
         )
         is_separator_regex: bool = Field(False, description="Treat the given separators as regular expressions.")
         language: str | None = Field(
@@ -140,8 +142,8 @@ class RecursiveChunker(Chunker):
         )
         keep_separator: bool | Literal["start", "end"] = Field(
             True,
-            description="Where a separator goes: start of the next piece (true/'start'), end of the previous one ('end'), "
-            "or nowhere at chunk edges (false).",
+            description="Where a separator goes: start of the next piece (true/'start'), end of the previous one "
+            "('end'), or nowhere at chunk edges (false).",
         )
 
         @field_validator("separators")

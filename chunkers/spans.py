@@ -52,7 +52,8 @@ class SpanChunkingConfig(ComponentConfig):
     )
     respect_elements: bool = Field(
         False,
-        description="Never cut inside a parsed element unless it alone exceeds chunk_size; small consecutive elements are merged.",
+        description="Never cut inside a parsed element unless it alone exceeds chunk_size; small consecutive elements "
+        "are merged.",
     )
     split_on_headings: bool = Field(
         False, description="Start a new chunk at every heading: no chunk spans two sections."

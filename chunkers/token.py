@@ -63,7 +63,8 @@ class TiktokenTokenization:
 
     def _encode(self, text: str) -> list[int]:
         # Text that looks like a special token ("<|endoftext|>") is ordinary document text here.
-        return self.encoding.encode(encodable(text), disallowed_special=())
+        ids: list[int] = self.encoding.encode(encodable(text), disallowed_special=())
+        return ids
 
     def token_starts(self, text: str) -> list[int]:
         np = require("numpy", purpose="token offsets")
@@ -75,7 +76,8 @@ class TiktokenTokenization:
         data = np.frombuffer(utf8, dtype=np.uint8)
         # Character index of every byte: count the bytes that begin a character (not 0b10xxxxxx).
         char_of_byte = np.cumsum((data & 0xC0) != 0x80) - 1
-        return char_of_byte[byte_starts].tolist()
+        starts: list[int] = char_of_byte[byte_starts].tolist()
+        return starts
 
     def count(self, text: str) -> int:
         return len(self._encode(text))
@@ -142,7 +144,8 @@ class TokenChunker(Chunker):
         chunk_overlap: int = Field(64, ge=0, description="Tokens of the end of a chunk the next one repeats.")
         encoding: str | None = Field(
             None,
-            description=f"tiktoken encoding or OpenAI model name (default {DEFAULT_ENCODING} when no tokenizer is given).",
+            description=f"tiktoken encoding or OpenAI model name (default {DEFAULT_ENCODING} when no tokenizer is "
+            "given).",
         )
         tokenizer: str | None = Field(
             None, description="Hugging Face tokenizer: hub id or local folder (a fast tokenizer)."

@@ -259,7 +259,7 @@ class HttpClient:
     def fetch(self, method: str, url: str, headers: Mapping[str, str] | None = None) -> FetchResult:
         """The response after redirects; raises a FetchError subclass when there is none to give."""
         settings = self.settings
-        return retrying(
+        result: FetchResult = retrying(
             attempts=settings.max_attempts,
             max_wait_s=settings.retry_max_wait_s,
             transient=_is_transient,
@@ -267,6 +267,7 @@ class HttpClient:
             what=f"{method} {url}",
             wait_hint=lambda exc: getattr(exc, "retry_after", None),
         )(self._follow, method, url, dict(headers or {}))
+        return result
 
     def _follow(self, method: str, url: str, headers: dict[str, str]) -> FetchResult:
         chain = [url]
@@ -296,7 +297,8 @@ class HttpClient:
         what = "URL" if first else "redirect target"
         if scheme not in self.settings.allowed_schemes:
             raise AddressRefused(
-                f"{what} {url}: scheme {scheme}:// is not allowed (allowed_schemes: {', '.join(sorted(self.settings.allowed_schemes))})"
+                f"{what} {url}: scheme {scheme}:// is not allowed (allowed_schemes: "
+                f"{', '.join(sorted(self.settings.allowed_schemes))})"
             )
         if scheme == "file":
             return

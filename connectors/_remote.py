@@ -237,7 +237,8 @@ def retrying(
 
     def wait(state: Any) -> float:
         hint = wait_hint(state.outcome.exception()) if wait_hint is not None and state.outcome is not None else None
-        return min(max(backoff(state), hint or 0.0), max_wait_s)
+        seconds: float = min(max(backoff(state), hint or 0.0), max_wait_s)
+        return seconds
 
     def log_retry(state: Any) -> None:
         error = state.outcome.exception()

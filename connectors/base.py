@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from abc import abstractmethod
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -67,7 +68,7 @@ class Source(Component):
     def scope(self) -> str:
         """The prefix shared by every source id this source yields (used to scope cleanup)."""
 
-    def check(self) -> list[str]:
+    def check(self) -> builtins.list[str]:  # builtins: the method list() above shadows the type here
         """Problems found without reading anything (a missing folder, missing credentials)."""
         return []
 

@@ -71,7 +71,8 @@ class JsonlSource(Source):
                     record_id = self._record_id(self._parse(raw, line_number), line_number)
                     if not seen.add(digest64(record_id)):
                         raise JsonlSourceError(
-                            f"{path}:{line_number}: duplicate {self.config.id_field} {record_id!r}; the first one is kept"
+                            f"{path}:{line_number}: duplicate {self.config.id_field} {record_id!r}; the first one is "
+                            "kept"
                         )
                 except JsonlSourceError as exc:
                     # Listed anyway, so the run records this line as failed and goes on with the rest.

@@ -25,6 +25,7 @@ text. Include/exclude globs follow the local source's rules, matched against the
 
 from __future__ import annotations
 
+import builtins
 import importlib.util
 import logging
 from collections.abc import Iterator
@@ -151,7 +152,8 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class ObjectStoreSource(Source):
-    """Objects under ``url`` (``s3://bucket/prefix``, ``gs://...``, ``az://container/...``), listed and read via fsspec."""
+    """Objects under ``url`` (``s3://bucket/prefix``, ``gs://...``, ``az://container/...``), listed and
+    read via fsspec."""
 
     type_name = "object-store"
 
@@ -338,7 +340,7 @@ class ObjectStoreSource(Source):
             if self._filter.wants(relative):
                 yield self._ref(relative, entry)
 
-    def _directory(self, path: str) -> list[dict[str, Any]] | None:
+    def _directory(self, path: str) -> builtins.list[dict[str, Any]] | None:  # list() above shadows the type
         """One delimiter level under ``path``, sorted by name; None when the prefix holds nothing."""
         uri = f"{self.backend.protocol}://{path}/"
         try:
@@ -399,7 +401,7 @@ class ObjectStoreSource(Source):
         self._check_size(ref.size)
         path = ref.uri[len(f"{self.backend.protocol}://") :]
         try:
-            data = self._call(f"reading {ref.uri}", self._read_capped, path)
+            data: bytes = self._call(f"reading {ref.uri}", self._read_capped, path)
         except FileTooLarge:
             raise
         except FileNotFoundError:

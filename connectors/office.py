@@ -76,7 +76,8 @@ def lift_text_boxes(xml: bytes) -> bytes:
             cursor.addnext(block)
             cursor = block
         last_lifted[anchor] = cursor
-    return etree.tostring(root, xml_declaration=True, encoding="UTF-8", standalone=True)
+    document: bytes = etree.tostring(root, xml_declaration=True, encoding="UTF-8", standalone=True)
+    return document
 
 
 # -- the package ------------------------------------------------------------------------------
@@ -143,7 +144,8 @@ def convert_with_libreoffice(content: bytes, kind: str, target: str) -> bytes:
     command = libreoffice_command()
     if command is None:
         raise ParseFailure(
-            f"legacy {kind} files need LibreOffice (soffice) to convert them, and it is not installed; {LIBREOFFICE_INSTALL_HINT}"
+            f"legacy {kind} files need LibreOffice (soffice) to convert them, and it is not installed; "
+            f"{LIBREOFFICE_INSTALL_HINT}"
         )
     with tempfile.TemporaryDirectory(prefix="rag-libreoffice-") as work:
         folder = Path(work)
@@ -167,7 +169,8 @@ def convert_with_libreoffice(content: bytes, kind: str, target: str) -> bytes:
         if not converted.is_file():
             detail = output.strip().splitlines()[-1] if output.strip() else f"exit status {returncode}"
             raise ParseFailure(
-                f"LibreOffice could not convert this {kind} file to {target.upper()} ({detail}); the file may be corrupt"
+                f"LibreOffice could not convert this {kind} file to {target.upper()} ({detail}); the file may be "
+                "corrupt"
             )
         return converted.read_bytes()
 

@@ -50,7 +50,7 @@ def opendocument_kind(content: bytes, extension: str) -> Kind | None:
         declared = content[38:120]
         for kind in ("presentation", "spreadsheet"):
             if declared.startswith(_MEDIA_TYPE_PREFIX + kind.encode()):
-                return kind  # type: ignore[return-value]
+                return kind
     return EXTENSIONS.get(extension)
 
 

@@ -614,7 +614,8 @@ class _UnstructuredCall:
             if named is not None and named != file_type and named.is_partitionable:
                 raise ParseFailure(f"corrupt or mislabelled {named.name} file: its content is {kind}, not {named.name}")
             raise ParseFailure(f"unsupported file type ({kind}); no parser for {self.file_name!r}")
-        return file_type.name
+        name: str = file_type.name
+        return name
 
     def text(self, text: str, metadata: dict[str, Any]) -> list[Block]:
         self._prepare()
@@ -815,7 +816,10 @@ class _UnstructuredCall:
         if self.config.strategy != "fast":
             return "no text found, not even by OCR"
         if images:
-            return "no text layer in this PDF, only images (a scan); strategy auto or ocr_only can read it with tesseract installed"
+            return (
+                "no text layer in this PDF, only images (a scan); strategy auto or ocr_only can read it with "
+                "tesseract installed"
+            )
         return "no text: the PDF's pages have neither a text layer nor images (blank pages, or text drawn as outlines)"
 
     def _why_unstructured_missed_pdf_text(self) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pdfminer.converter import PDFPageAggregator
-from pdfminer.layout import LAParams, LTImage, LTItem, LTLayoutContainer, LTTextBox
+from pdfminer.layout import LAParams, LTImage, LTLayoutContainer, LTTextBox
 from pdfminer.pdfinterp import PDFPageInterpreter, PDFResourceManager
 from pdfminer.pdfpage import PDFPage
 
@@ -44,7 +44,7 @@ def read_pdf_text(content: bytes) -> PdfText:
     return found
 
 
-def _leaves(container: LTLayoutContainer) -> Iterator[LTItem]:
+def _leaves(container: LTLayoutContainer) -> Iterator[LTTextBox | LTImage]:
     """Text boxes and images, looking inside figures."""
     for item in container:
         if isinstance(item, (LTTextBox, LTImage)):

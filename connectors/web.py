@@ -162,7 +162,8 @@ def parse_sitemap(body: bytes, max_bytes: int) -> tuple[list[str], list[str]]:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError as exc:
         raise WebListingError(f"sitemap is not valid XML: {exc}") from None
-    pages, nested = [], []
+    pages: list[str] = []
+    nested: list[str] = []
     for element in root:
         loc = next((child.text or "" for child in element if child.tag.rsplit("}", 1)[-1] == "loc"), "").strip()
         if not loc:
@@ -240,6 +241,10 @@ class _Downloaded:
     body: bytes
 
 
+def _default_schemes() -> list[Literal["http", "https", "file"]]:
+    return ["http", "https"]
+
+
 class WebSource(Source):
     """Web pages from ``urls``, ``sitemaps`` and a crawl from ``start_urls`` (see the module docs)."""
 
@@ -287,7 +292,7 @@ class WebSource(Source):
         allow_private_addresses: bool = Field(
             False, description="allow loopback, private and link-local addresses (intranets, tests)"
         )
-        allowed_schemes: list[Literal["http", "https", "file"]] = Field(default_factory=lambda: ["http", "https"])
+        allowed_schemes: list[Literal["http", "https", "file"]] = Field(default_factory=_default_schemes)
         namespace: Namespace = Field(
             None, description="prefix of every source id; required when pages span several hosts"
         )
@@ -323,8 +328,8 @@ class WebSource(Source):
             netlocs = {urlsplit(u).netloc for u in seeds}
             if self.namespace is None and (len(netlocs) != 1 or "" in netlocs or self.allowed_hosts):
                 raise ValueError(
-                    "the pages span several hosts (or local files): set namespace, the prefix that keeps their "
-                    "source ids together"
+                    "the pages span several hosts (or local files): set namespace, the prefix that keeps their source "
+                    "ids together"
                 )
             return self
 
@@ -582,6 +587,7 @@ class _Crawl:
             (log.warning if visit.seed else log.info)("%s is gone (HTTP %d); not listed", visit.url, result.status)
             return None
         self.visited.add(visit.url)
+        page: CachedPage | None
         if result.status == 304 and cached is not None:
             page, media_type = cached, cached.media_type
             validators = {

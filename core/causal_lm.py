@@ -442,6 +442,7 @@ class PrefixCache:
             self.contents[slot] = list(ids)
         with torch.inference_mode():
             if self.store is not None:
+                assert self.lm.packed is not None  # the store exists only with the packed decoder
                 hidden = self.lm.packed(rows, self.store)
                 ends = torch.tensor([len(row.ids) for row in rows]).cumsum(0) - 1
                 last = hidden.index_select(0, ends.to(hidden.device))
@@ -561,6 +562,7 @@ class CausalLM:
             # Absolute positions keep the distances between the kept keys and new queries right
             # after old entries are dropped (rotary encodings depend on the distance only).
             if store is not None:
+                assert self.packed is not None  # the store exists only with the packed decoder
                 hidden = self.packed([_Row(0, sequence[start:end], start)], store)
             else:
                 hidden = self.transformers_forward(sequence[start:end], start, cache)
@@ -625,7 +627,7 @@ def _cache_argument(decoder: Any) -> str:
     return _cache_arguments[kind]
 
 
-_cache: dict[tuple[str, str, str], CausalLM] = {}
+_cache: dict[tuple[str, str, str, str], CausalLM] = {}
 _cache_lock = threading.Lock()
 
 

@@ -106,7 +106,7 @@ class KnownSources:
             contents.append(digest64(content))
             flags.append(flag)
 
-        def as_numpy(values: array, dtype: type) -> np.ndarray:
+        def as_numpy(values: array[int], dtype: type) -> np.ndarray:
             return np.frombuffer(values, dtype=dtype).copy() if len(values) else np.zeros(0, dtype=dtype)
 
         return cls(

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterable
 from functools import cache
 from importlib.metadata import entry_points
+from typing import cast
 
 from core.component import Component
 from core.errors import ComponentNotFound
@@ -73,7 +74,7 @@ BASE_CLASSES = {
 ALLOWED_MODULES_ENV = "RAG_PIPELINE_ALLOWED_MODULES"
 
 
-def _load(target: str) -> type:
+def _load(target: str) -> object:
     module_name, _, attr = target.partition(":")
     module = importlib.import_module(module_name)
     return getattr(module, attr)
@@ -120,7 +121,7 @@ def resolve(kind: str, name: str, allowed_modules: Iterable[str] = ()) -> type[C
         cls = _load(target)
     except (ImportError, AttributeError) as exc:
         raise ComponentNotFound(f"{kind} type {name!r} ({target}) cannot be loaded: {exc}") from exc
-    base = _load(BASE_CLASSES[kind])
+    base = cast(type[Component], _load(BASE_CLASSES[kind]))  # every kind's base class is a Component
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ComponentNotFound(
             f"{kind} type {name!r} ({target}) is not a subclass of {base.__module__}.{base.__name__}"

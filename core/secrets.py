@@ -77,7 +77,7 @@ def _base64_cores(raw: bytes) -> set[str]:
     Inside a longer blob the secret starts at byte offset 0, 1 or 2 of a 3-byte group; the
     characters that mix its bits with its neighbours' differ from blob to blob, so they are cut.
     """
-    cores = set()
+    cores: set[str] = set()
     for align in range(3):
         encoded = base64.b64encode(bytes(align) + raw).decode("ascii")
         first, last = (8 * align + 5) // 6, (8 * (align + len(raw))) // 6

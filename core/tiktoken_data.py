@@ -90,7 +90,8 @@ def encoding_name(name: str) -> str:
     if name in tiktoken.list_encoding_names():
         return name
     try:
-        return tiktoken.encoding_name_for_model(name)
+        encoding: str = tiktoken.encoding_name_for_model(name)
+        return encoding
     except KeyError:
         raise ValueError(
             f"{name!r} is neither a tiktoken encoding ({', '.join(tiktoken.list_encoding_names())}) "
@@ -171,7 +172,10 @@ def get_encoding(name: str) -> Any:
         if bpe is None:
             hint = f"only {', '.join(OFFLINE_ENCODINGS)} are available without a network"
         elif folder is None:
-            hint = f"{CACHE_ENV} is set to an empty string, which turns tiktoken's file cache off; unset it or name a folder"
+            hint = (
+                f"{CACHE_ENV} is set to an empty string, which turns tiktoken's file cache off; unset it or name a "
+                "folder"
+            )
         else:
             hint = f"its file was installed in {folder}"
         raise TiktokenDataError(f"tiktoken encoding {resolved!r} cannot be loaded ({exc}); {hint}") from exc

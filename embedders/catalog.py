@@ -386,7 +386,7 @@ def _families_from(source: FamilySource) -> list[ModelFamily]:
     """A plugin's entry point may name a family, an iterable of families, or a function returning either."""
     if callable(source) and not isinstance(source, ModelFamily):
         source = source()
-    families = [source] if isinstance(source, ModelFamily) else list(source)  # type: ignore[arg-type]
+    families = [source] if isinstance(source, ModelFamily) else list(source)
     bad = [type(f).__name__ for f in families if not isinstance(f, ModelFamily)]
     if bad:
         raise CatalogError(f"expected ModelFamily objects, got {', '.join(bad)}")

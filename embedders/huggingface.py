@@ -121,7 +121,8 @@ class HuggingFaceConfig(ComponentConfig):
     family: str | None = Field(
         None,
         min_length=1,
-        description="Catalog family whose conventions apply (e.g. e5); 'none' for none. Default: found from the model's name.",
+        description="Catalog family whose conventions apply (e.g. e5); 'none' for none. Default: found from the "
+        "model's name.",
     )
     pooling: Pooling | None = Field(
         None, description="mean, cls, last or max; default: the model's own setting, else its family's, else mean."
@@ -132,15 +133,18 @@ class HuggingFaceConfig(ComponentConfig):
     max_length: int | None = Field(
         None,
         ge=2,
-        description="Tokens per text; longer texts are truncated and counted. Default: max_seq_length, else the family's, else the model's limit.",
+        description="Tokens per text; longer texts are truncated and counted. Default: max_seq_length, else the "
+        "family's, else the model's limit.",
     )
     query_prefix: str = Field(
         "",
-        description="Prepended to queries, e.g. 'query: ' for E5 models. Default: the model's prompt, else its family's.",
+        description="Prepended to queries, e.g. 'query: ' for E5 models. Default: the model's prompt, else its "
+        "family's.",
     )
     document_prefix: str = Field(
         "",
-        description="Prepended to documents, e.g. 'passage: ' for E5 models. Default: the model's prompt, else its family's.",
+        description="Prepended to documents, e.g. 'passage: ' for E5 models. Default: the model's prompt, else its "
+        "family's.",
     )
     pool_prefix_tokens: bool | None = Field(
         None, description="Include prefix tokens in mean pooling (false for Instructor and GritLM)."
@@ -170,7 +174,8 @@ class HuggingFaceConfig(ComponentConfig):
     max_batch_tokens: int | None = Field(
         None,
         ge=1,
-        description=f"Most padded tokens (texts x longest) per forward pass. Default: {CPU_BATCH_TOKENS} on a CPU, no limit elsewhere.",
+        description=f"Most padded tokens (texts x longest) per forward pass. Default: {CPU_BATCH_TOKENS} on a CPU, no "
+        "limit elsewhere.",
     )
     device: str = Field(
         "auto",
@@ -251,7 +256,7 @@ def tokenize(
         return_tensors="pt",
     )
     offsets = encoded.pop("offset_mapping", None)
-    if not truncate:
+    if max_length is None:  # not truncate
         truncated = [False] * len(texts)
     elif encoded.encodings is not None:
         truncated = [bool(encoding.overflowing) for encoding in encoded.encodings]
@@ -273,7 +278,7 @@ def _tokenize_ending_with(
         if not ids or ids[-1] != end_id:
             ids = [*ids, end_id]
         cut = max_length is not None and len(ids) > max_length
-        rows.append([*ids[: max_length - 1], end_id] if cut else ids)
+        rows.append([*ids[: max_length - 1], end_id] if cut and max_length is not None else ids)
         truncated.append(cut)
     padded = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
     return TokenizedBatch(inputs={name: tensor.to(device) for name, tensor in padded.items()}, truncated=truncated)
@@ -336,7 +341,8 @@ class LoadedEncoder:
             # vector would depend on the longest text in its batch.
             inputs["position_ids"] = (batch.attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
         outputs = self.model(**inputs, **(extra_inputs or {}), **self.forward_options)
-        return outputs[0]  # last_hidden_state, also for remote-code models that return tuples
+        states: Tensor = outputs[0]  # last_hidden_state, also for remote-code models that return tuples
+        return states
 
     def embed(
         self, texts: Sequence[str], *, skip_leading_tokens: int = 0, task: str | None = None
@@ -546,7 +552,8 @@ class HuggingFaceEmbedder(Embedder):
                 len(text),
                 self.encoder.max_length,
             )
-        return vectors[0]
+        vector: np.ndarray = vectors[0]
+        return vector
 
     def warm_up(self) -> None:
         self.encoder  # noqa: B018 - loads the weights once (under the embedder's lock)
@@ -656,7 +663,8 @@ class HuggingFaceEmbedder(Embedder):
         hidden_size = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "d_model", None)
         if not isinstance(hidden_size, int):
             raise ModelLoadError(
-                f"embedder model {self.config.model!r}: its config has no hidden_size, so the vector dimension is unknown"
+                f"embedder model {self.config.model!r}: its config has no hidden_size, so the vector dimension is "
+                "unknown"
             )
         max_positions = getattr(hf_config, "max_position_embeddings", None)
         try:
@@ -698,8 +706,8 @@ class HuggingFaceEmbedder(Embedder):
             else "was not trained for truncation (Matryoshka)"
         )
         raise ModelLoadError(
-            f"embedder model {info.name} ({family.name if family else 'no catalog family'}) {trained}, so its first {wanted} "
-            f"components lose quality; set allow_untrained_dimensions: true to cut them anyway"
+            f"embedder model {info.name} ({family.name if family else 'no catalog family'}) {trained}, so its first "
+            f"{wanted} components lose quality; set allow_untrained_dimensions: true to cut them anyway"
         )
 
     def _load(self, info: _ModelInfo) -> LoadedEncoder:
@@ -773,8 +781,8 @@ class HuggingFaceEmbedder(Embedder):
             ) from exc
         if tuple(weight.shape) != (layer.out_features, layer.in_features):
             raise ModelLoadError(
-                f"embedder model {self.config.model!r}: Dense module {layer.path!r} has weights of shape {tuple(weight.shape)}, "
-                f"its config says {layer.out_features}x{layer.in_features}"
+                f"embedder model {self.config.model!r}: Dense module {layer.path!r} has weights of shape "
+                f"{tuple(weight.shape)}, its config says {layer.out_features}x{layer.in_features}"
             )
         return weight, bias, layer.activation
 
@@ -786,8 +794,9 @@ class HuggingFaceEmbedder(Embedder):
         missing = [t for t in tasks if t not in adapters]
         if not _takes(forward, "adapter_mask") or missing:
             raise ModelLoadError(
-                f"embedder model {self.config.model!r} has no task adapter for {', '.join(missing or tasks)} "
-                f"(its adapters: {', '.join(adapters) or 'none'}); set query_task: '' and document_task: '' to embed without one"
+                f"embedder model {self.config.model!r} has no task adapter for {', '.join(missing or tasks)} (its "
+                f"adapters: {', '.join(adapters) or 'none'}); set query_task: '' and document_task: '' to embed "
+                "without one"
             )
         return {task: adapters.index(task) for task in tasks}
 
@@ -821,8 +830,8 @@ class HuggingFaceEmbedder(Embedder):
             raise ModelLoadError(
                 f"embedder model {model!r} is neither a local folder (looked for {self.resolve_path(model)}) nor a "
                 f"Hugging Face hub model this machine can fetch: the hub may be unreachable from here{offline}, or the "
-                f"id may be misspelled. Download it where the hub is reachable (hf download {model} --local-dir <folder>) "
-                f"and set the embedder's model: to that local folder. Cause: {reason}"
+                f"id may be misspelled. Download it where the hub is reachable (hf download {model} --local-dir "
+                f"<folder>) and set the embedder's model: to that local folder. Cause: {reason}"
             ) from exc
 
 

@@ -69,7 +69,8 @@ class LateChunkingConfig(HuggingFaceConfig):
     window_tokens: int | None = Field(
         None,
         ge=8,
-        description="Tokens per encoder input (special and prefix tokens included). Default: max_length, i.e. the model's own.",
+        description="Tokens per encoder input (special and prefix tokens included). Default: max_length, i.e. the "
+        "model's own.",
     )
     overlap_tokens: int | None = Field(
         None, ge=0, description="Text tokens shared by consecutive windows. Default: a quarter of window_tokens."
@@ -157,7 +158,8 @@ def tokenize_document(tokenizer: Any, text: str, prefix: str = "") -> DocumentTo
 
 def _middle_characters(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Each token's middle character (the left one of two); its start for zero-width tokens."""
-    return starts + np.maximum(ends - starts - 1, 0) // 2
+    middles: np.ndarray = starts + np.maximum(ends - starts - 1, 0) // 2
+    return middles
 
 
 # -- chunk spans -> token positions ------------------------------------------------------------------
@@ -288,7 +290,8 @@ def context_depth(token: np.ndarray, start: int, end: int, text_count: int) -> n
     unlimited = np.iinfo(np.int64).max
     left = token - start if start > 0 else np.full_like(token, unlimited)
     right = end - 1 - token if end < text_count else np.full_like(token, unlimited)
-    return np.minimum(left, right)
+    depth: np.ndarray = np.minimum(left, right)
+    return depth
 
 
 def _handover(current: tuple[int, int], following: tuple[int, int], text_count: int) -> int:
@@ -364,7 +367,8 @@ class SpanSums:
         counts = plan.token_counts()
         if np.any(counts == 0):
             raise ValueError(f"{int(np.sum(counts == 0))} chunks have no token to average (the document has no tokens)")
-        return totals / counts[:, None]
+        means: np.ndarray = totals / counts[:, None]
+        return means
 
 
 @dataclass
@@ -455,12 +459,14 @@ class LateChunkingEmbedder(HuggingFaceEmbedder):
         notes = super().run_notes()
         if self.windowed_documents:  # the model is loaded, so the window size is known
             notes.append(
-                f"late chunking: {_count(self.windowed_documents, 'document')} longer than one {self.window_size()}-token "
-                f"window embedded in overlapping windows ({self.overlap_size()} tokens shared)"
+                f"late chunking: {_count(self.windowed_documents, 'document')} longer than one "
+                f"{self.window_size()}-token window embedded in overlapping windows ({self.overlap_size()} tokens "
+                "shared)"
             )
         if self.chunks_inside_a_token:
             notes.append(
-                f"late chunking: {_count(self.chunks_inside_a_token, 'chunk')} inside a single token averaged the tokens they overlap"
+                f"late chunking: {_count(self.chunks_inside_a_token, 'chunk')} inside a single token averaged the "
+                "tokens they overlap"
             )
         if self.chunks_without_tokens:
             notes.append(
@@ -491,7 +497,8 @@ class LateChunkingEmbedder(HuggingFaceEmbedder):
         if capacity <= overlap:
             raise ValueError(
                 f"a {window}-token window leaves {capacity} tokens for text after {tokens.head + tokens.trail} special "
-                f"and prefix tokens, not more than overlap_tokens {overlap}; raise window_tokens or lower overlap_tokens"
+                f"and prefix tokens, not more than overlap_tokens {overlap}; raise window_tokens or lower "
+                "overlap_tokens"
             )
         return plan_windows(tokens.text_count, capacity, overlap)
 

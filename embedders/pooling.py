@@ -97,4 +97,5 @@ def without_leading_tokens(attention_mask: Tensor, count: int) -> Tensor:
 def l2_normalize(vectors: Tensor) -> Tensor:
     """Rows scaled to unit length; all-zero rows stay zero instead of becoming NaN."""
     norms = vectors.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    return vectors / norms
+    normalized: Tensor = vectors / norms
+    return normalized

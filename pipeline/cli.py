@@ -1,4 +1,5 @@
-"""Command line: ``python -m pipeline {ingest,reindex,reconcile,status,validate,schema,query,eval} ...`` (also installed as ``rag-pipeline``).
+"""Command line: ``python -m pipeline {ingest,reindex,reconcile,status,validate,schema,query,eval} ...``
+(also installed as ``rag-pipeline``).
 
 Exit codes: 0 success; 1 the run finished but some documents failed; 2 the spec (or for query and
 eval: a filter, mode or dataset) is invalid; 3 the run could not proceed (store unreachable, model
@@ -125,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help='restrict results; VALUE is JSON or a plain string, e.g. source_id=docs/a.md, page=\'{"gte": 2, "lte": '
-        "5}', "
+        help="restrict results; VALUE is JSON or a plain string, e.g. source_id=docs/a.md, "
+        'page=\'{"gte": 2, "lte": 5}\', '
         "media_type='[\"application/pdf\"]' (repeatable, all must hold)",
     )
     query.add_argument("--no-rerank", action="store_true", help="skip the spec's reranker")

@@ -122,7 +122,8 @@ class EvalReport:
             f"ingested in {self.ingest_seconds:.0f} s" if self.ingest_seconds is not None else "existing index reused"
         )
         lines = [
-            f"{self.dataset} ({self.split}): {self.documents} documents, {self.chunks} chunks in {self.collection!r}, {ingest}",
+            f"{self.dataset} ({self.split}): {self.documents} documents, {self.chunks} chunks in {self.collection!r}, "
+            f"{ingest}",
             f"{'mode':<16}{'nDCG@10':>9}{'R@100':>9}{'MRR@10':>9}{'p50 ms':>9}{'p95 ms':>9}{'queries':>9}",
         ]
         for r in self.results:

@@ -21,7 +21,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from core.component import Component
 from core.digests import KnownSources, digest64, sorted_contains
@@ -263,7 +263,7 @@ class ChangeTracker:
         """The scopes whose listing did not complete in this run."""
         return [scope for scope, entry in self._scopes.items() if entry.listing_failed]
 
-    def save_run(self, run_summary: dict) -> None:
+    def save_run(self, run_summary: dict[str, Any]) -> None:
         self.records.put_run(run_summary)
 
     # -- helpers ----------------------------------------------------------------------------------

@@ -167,8 +167,8 @@ class Lease:
         age = time.monotonic() - self._renewed
         if age > self.ttl_s * 2 / 3:
             raise LockLostError(
-                f"the re-index lock was last refreshed {age:.0f} s ago (TTL {self.ttl_s:.0f} s); another run may take it "
-                "over soon, so this run stops writing"
+                f"the re-index lock was last refreshed {age:.0f} s ago (TTL {self.ttl_s:.0f} s); another run may take "
+                "it over soon, so this run stops writing"
             )
 
     # -- heartbeat -------------------------------------------------------------------------------

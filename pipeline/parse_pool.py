@@ -151,8 +151,9 @@ def receive_parsed(
     pages: list[int | None] = []
     heading_paths: list[tuple[str, ...]] = []
     metadata: list[dict[str, Any]] = []
+    columns: tuple[Any, ...] = (categories, starts, ends, pages, heading_paths, metadata)
     for _ in range(batches):
-        for column, part in zip((categories, starts, ends, pages, heading_paths, metadata), conn.recv(), strict=True):
+        for column, part in zip(columns, conn.recv(), strict=True):
             column.extend(part)
     table = ElementTable(text, (categories, starts, ends, pages, heading_paths, metadata))
     return replace(document, text=text, elements=table), error

@@ -69,7 +69,8 @@ class Pipeline:
 
     @property
     def sources(self) -> list[Any]:
-        return self._component("sources")
+        sources: list[Any] = self._component("sources")
+        return sources
 
     @property
     def parser(self) -> Any:
@@ -131,10 +132,11 @@ class Pipeline:
         return index_lock(claims, ttl_s) if claims is not None else nullcontext()
 
     def _claims(self) -> ClaimStore | None:
-        return self.store.lock_claims()
+        claims: ClaimStore | None = self.store.lock_claims()
+        return claims
 
     def _records(self) -> RecordStore:
-        record = self.store.index_record()
+        record: RecordStore | None = self.store.index_record()
         if record is None:
             raise TypeError(f"{type(self.store).__name__} keeps no index record; pass a RecordStore (records=)")
         return record
@@ -187,7 +189,8 @@ class Pipeline:
                 tracker=tracker,
             )
             runner = runner_class(plan)
-            return runner.run(progress)
+            summary: RunSummary = runner.run(progress)
+            return summary
 
     def _fingerprint(self) -> str:
         return stage_fingerprint([self.parser, self.chunker, self.embedder, self.sparse])

@@ -44,17 +44,16 @@ from pathlib import Path
 from typing import Any, cast
 
 from chunkers.base import Chunker
-from connectors.base import Parser, Source
+from connectors.base import Parser
 from core.component import Component, MissingDependencyError, require
 from core.types import ChunkedDocument, SourceDocument
 from embedders.base import Embedder
 from embedders.sparse import SparseEncoder
-from pipeline.incremental import ChangeTracker
 from pipeline.parse_pool import ParseOutcome, ParserPool
 from pipeline.report import FailureLog, Progress, RunSummary
 from pipeline.runner import (
-    RunPlan,
     RunBook,
+    RunPlan,
     StoreWrites,
     WriteBehind,
     WriteUnit,
@@ -73,7 +72,6 @@ from pipeline.stages import (
     DocumentSlice,
     StageResult,
 )
-from stores.base import Store
 
 log = logging.getLogger("rag_pipeline")
 
@@ -132,7 +130,7 @@ class ComponentRecipe:
                 f"{self.target} cannot be loaded on this Ray worker ({exc}); every worker needs the project and the "
                 "spec's plugins installed"
             ) from exc
-        component = cls.from_dict(self.settings)
+        component: Component = cls.from_dict(self.settings)
         component.base_dir = Path(self.base_dir)
         return component
 
@@ -240,7 +238,7 @@ def parse_from_feed(
     import ray
 
     pool = ParserPool(
-        parser.build(),
+        cast(Parser, parser.build()),
         workers=0 if caps.in_process else 1,
         timeout_s=caps.timeout_s,
         memory_mb=caps.memory_mb,
@@ -295,10 +293,12 @@ class EmbedActor:
             )
         )
         del documents, outcomes
-        ledger = BatchLedger()  # each slice's row carries the times of that slice (read by the lambda below)
-        for part in slices_of(
-            self.models, large, lambda stage, seconds: ledger.time(stage, seconds), lambda source_id: False
-        ):
+        ledger = BatchLedger()  # each slice's row carries the times of that slice (read by time_slice below)
+
+        def time_slice(stage: str, seconds: float) -> None:
+            ledger.time(stage, seconds)  # the current slice's ledger: rebound after each slice
+
+        for part in slices_of(self.models, large, time_slice, lambda source_id: False):
             done = [part.document.source_id] if part.last or part.failure is not None else []
             yield self._row(EmbeddedBatch(done, [], ledger, self.actor_id, [], part))
             ledger = BatchLedger()

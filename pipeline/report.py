@@ -90,7 +90,8 @@ class RunSummary:
         """The summary as JSON-ready data, every text scrubbed (the CLI prints it with ``--json``)."""
         out = asdict(self)
         out["failures"] = [asdict(f) for f in self.failures]
-        return _scrubbed(out)
+        scrubbed: dict[str, Any] = _scrubbed(out)
+        return scrubbed
 
     def run_record(self) -> dict[str, Any]:
         """The compact summary kept as 'last run' in the index record (counts, not the failure list)."""
@@ -123,7 +124,8 @@ class RunSummary:
         if self.changes is not None:
             c = self.changes
             lines.append(
-                f"sources: {c.added} added, {c.updated} updated, {c.unchanged} unchanged, {c.deleted} deleted, {self.documents_failed} failed"
+                f"sources: {c.added} added, {c.updated} updated, {c.unchanged} unchanged, {c.deleted} deleted, "
+                f"{self.documents_failed} failed"
             )
         lines += [
             f"time: {self.seconds:.1f} s ({rate:.1f} documents/s)",

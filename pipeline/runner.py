@@ -27,9 +27,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from chunkers.base import Chunker, ChunkPlan
 from connectors.base import Parser, Source
@@ -172,7 +173,7 @@ class WriteBehind:
 
     def __init__(self, write: Callable[[WriteUnit], None], depth: int):
         self._write = write
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)  # WriteUnits, then _DONE
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="store-writer", daemon=True)
         self._thread.start()
@@ -336,7 +337,7 @@ def slices_of(
     while large:
         plan = large.pop(0)
         source_id = plan.document.source_id
-        yield from models.slices(plan, time_stage, lambda: abandoned(source_id))
+        yield from models.slices(plan, time_stage, partial(abandoned, source_id))
 
 
 def read_sources(

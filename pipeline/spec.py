@@ -233,7 +233,8 @@ class Spec:
         return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        text: str = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +350,7 @@ def _describe(error: Mapping[str, Any]) -> str:
         return "required key is missing"
     if kind in ("literal_error", "enum"):
         return f"{error['msg'][0].lower()}{error['msg'][1:]}, got {json.dumps(given, ensure_ascii=False, default=str)}"
-    msg = error["msg"]
+    msg: str = error["msg"]
     return msg[0].lower() + msg[1:]
 
 
@@ -418,6 +419,7 @@ def parse_spec(
         raise SpecError(problems)
     # The top level, the runner and every stage are validated apart, so one spec error never hides
     # another: a wrong runner setting and a wrong stage setting are reported together.
+    raw_stages: dict[str, Any] | None
     try:
         top = SpecModel.model_validate({key: value for key, value in data.items() if key != "runner"})
         raw_stages, raw_query, name = top.stages, top.query, top.name

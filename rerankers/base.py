@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -27,7 +28,7 @@ class RerankerConfig(ComponentConfig):
 
 class Reranker(Component):
     kind = "reranker"
-    Config = RerankerConfig
+    Config: ClassVar[type[RerankerConfig]] = RerankerConfig
     config: RerankerConfig
 
     @property
@@ -43,7 +44,7 @@ class Reranker(Component):
         scores = self.score(query, passages)
         return sorted(enumerate(scores), key=lambda pair: -pair[1])
 
-    def fingerprint_settings(self) -> dict:
+    def fingerprint_settings(self) -> dict[str, Any]:
         settings = self.to_dict()
         for key in ("batch_size", "device", "top_n"):
             settings.pop(key, None)

@@ -89,8 +89,8 @@ class CrossEncoderReranker(Reranker):
                 else "Hugging Face hub id (the hub may be unreachable from here)"
             )
             raise RerankerError(
-                f"cross-encoder {self.config.model!r} cannot be loaded as a {where}: {reason}. Download it where the hub "
-                f"is reachable (hf download {self.config.model} --local-dir <folder>) and set model: to that folder"
+                f"cross-encoder {self.config.model!r} cannot be loaded as a {where}: {reason}. Download it where the "
+                f"hub is reachable (hf download {self.config.model} --local-dir <folder>) and set model: to that folder"
             ) from exc
         model.to(device).eval()
         return _LoadedCrossEncoder(tokenizer, model, threading.Lock())

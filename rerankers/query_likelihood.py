@@ -78,8 +78,12 @@ class QueryLikelihoodReranker(Reranker):
         torch = require("torch", purpose="query-likelihood reranking")
         lm = self._model()
         before, after = self.config.prompt.split("{passage}")
+
+        def encode(text: str) -> list[int]:
+            ids: list[int] = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return ids
+
         with self._tokenizer_lock:
-            encode = lambda text: lm.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
             prefix, suffix = lm.start_token_ids() + encode(before), encode(after)
             query_ids = encode(" " + query.strip())
             passage_ids = [encode(p)[: self.config.max_passage_tokens] for p in passages]

@@ -137,7 +137,8 @@ class MilvusServer:
         started = time.monotonic()
         # The launcher's config writer fills its template with the data, log and port settings.
         _venv_python(
-            "import milvus, sys; milvus.MilvusServerConfig(data_dir=sys.argv[1], proxy_port=int(sys.argv[2])).resolve()",
+            "import milvus, sys; milvus.MilvusServerConfig(data_dir=sys.argv[1], "
+            "proxy_port=int(sys.argv[2])).resolve()",
             str(self.data_dir),
             str(GRPC_PORT),
         )

@@ -83,6 +83,7 @@ class FileRebuild(Rebuild):
         # The served file's record goes with it: the build's own record, written under the same
         # name, is the record of what is served now.
         built = self.store.endpoint.lite_path
+        assert built is not None  # the build store was made with with_lite_path()
         self.served.replace_lite_file(self.store)
         return (
             f"full rebuild: {self.served.endpoint.lite_path} replaced by the rebuilt database (built as {built.name})"

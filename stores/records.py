@@ -167,7 +167,8 @@ class MilvusRecords(RecordStore):
         if body_bytes > self._body_max:
             raise RecordTooLarge(
                 f"the index record of this source is {body_bytes} bytes of UTF-8 (its id alone is "
-                f"{len(record.source_id.encode('utf-8', 'surrogatepass'))}); {self.name!r} keeps at most {self._body_max}"
+                f"{len(record.source_id.encode('utf-8', 'surrogatepass'))}); {self.name!r} keeps at most "
+                f"{self._body_max}"
             )
         return {
             "id": source_row_id(record.source_id),

@@ -95,8 +95,8 @@ def unsupported(reported: str, config: Any, uri: str) -> list[str]:
             newest[setting] = feature
     where = public_uri(uri)
     return [
-        f"the Milvus server at {where} runs {reported.strip()}; {setting} needs {feature.needs} ({feature.description}). "
-        "Use a newer server, or remove that setting from the spec"
+        f"the Milvus server at {where} runs {reported.strip()}; {setting} needs {feature.needs} "
+        f"({feature.description}). Use a newer server, or remove that setting from the spec"
         for setting, feature in newest.items()
     ]
 

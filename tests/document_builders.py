@@ -203,7 +203,10 @@ ODF_NAMESPACES = (
 def odf_package(mimetype: str, body: str) -> bytes:
     """An OpenDocument zip: the mimetype entry first and stored (uncompressed), then the content
     and the manifest, as the specification (ODF 1.2 Part 3, 3.3) requires."""
-    content = f'<?xml version="1.0" encoding="UTF-8"?><office:document-content {ODF_NAMESPACES} office:version="1.2"><office:body>{body}</office:body></office:document-content>'
+    content = (
+        f'<?xml version="1.0" encoding="UTF-8"?><office:document-content {ODF_NAMESPACES} '
+        f'office:version="1.2"><office:body>{body}</office:body></office:document-content>'
+    )
     manifest = (
         '<?xml version="1.0" encoding="UTF-8"?>'
         '<manifest:manifest xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2">'

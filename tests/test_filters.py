@@ -31,8 +31,8 @@ HOSTILE = [
 def lite_tokens(expression: str):
     tokens = pytest.importorskip(
         "milvus_lite.search.filter.tokens",
-        reason="needs Milvus Lite 3's filter tokenizer (the default engine is Lite 2.5; tests/test_milvus_store.py and the "
-        "server tier check the same literals against real engines)",
+        reason="needs Milvus Lite 3's filter tokenizer (the default engine is Lite 2.5; tests/test_milvus_store.py "
+        "and the server tier check the same literals against real engines)",
     )
     return [t for t in tokens.tokenize(expression) if t.kind.name != "EOF"]
 

@@ -204,7 +204,8 @@ def test_check_reports_problems_without_running_git(tmp_path, monkeypatch):
 
 @pytest.fixture
 def git_http(work, tmp_path) -> Iterator[tuple[str, list[str]]]:
-    """``git http-backend`` behind Basic auth (user ``oauth2``, password TOKEN); yields (URL, Authorization headers seen)."""
+    """``git http-backend`` behind Basic auth (user ``oauth2``, password TOKEN); yields (URL,
+    Authorization headers seen)."""
     root = tmp_path / "served"
     root.mkdir()
     git(tmp_path, "clone", "-q", "--bare", str(work), str(root / "handbook.git"))

@@ -1,4 +1,5 @@
-"""Keeping a Milvus index right: full rebuilds (behind an alias, or a new Lite file), reconcile, transient write failures.
+"""Keeping a Milvus index right: full rebuilds (behind an alias, or a new Lite file), reconcile,
+transient write failures.
 
 Runs against Milvus Lite with the in-memory test source, parser and hash embedder.
 """

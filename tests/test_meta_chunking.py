@@ -58,7 +58,10 @@ TOPICS = [
     ],
 ]
 TOPIC_TEXT = " ".join(sentence for topic in TOPICS for sentence in topic)
-CHINESE_TEXT = "长城是中国古代的军事防御工程。它东起山海关，西至嘉峪关。熊猫生活在四川的山林里。熊猫主要吃竹子；它们每天要吃很多竹子。"
+CHINESE_TEXT = (
+    "长城是中国古代的军事防御工程。它东起山海关，西至嘉峪关。"
+    "熊猫生活在四川的山林里。熊猫主要吃竹子；它们每天要吃很多竹子。"
+)
 MIXED_TEXT = (
     "Meta-Chunking splits text with a small model. 它根据困惑度切分文本。 The chunks keep exact offsets.然后再合并。"
 )

@@ -182,7 +182,10 @@ def test_validate_and_ingest_refuse_what_the_server_version_lacks(milvus_server,
         pytest.skip(f"Milvus {milvus_server.version} has every feature the store can ask for: nothing to refuse")
     spec = base_spec()
     spec["stages"]["store"] = {"type": "milvus", "uri": milvus_server.uri, "collection": server_collection, "bm25": {}}
-    needs = f"the Milvus server at {milvus_server.uri} runs {milvus_server.version}; the store's bm25 field needs Milvus >= 2.5"
+    needs = (
+        f"the Milvus server at {milvus_server.uri} runs {milvus_server.version}; the store's bm25 field needs Milvus "
+        ">= 2.5"
+    )
 
     pipeline = Pipeline(spec, allowed_modules=PLUGINS)
     try:

@@ -87,7 +87,9 @@ def _middleware(app, server: S3Server):  # type: ignore[no-untyped-def]
             if fault is not None:
                 fault.times -= 1
         if fault is not None:
-            body = f"<?xml version='1.0'?><Error><Code>{fault.code}</Code><Message>injected {fault.code}</Message></Error>".encode()
+            body = (
+                f"<?xml version='1.0'?><Error><Code>{fault.code}</Code><Message>injected {fault.code}</Message></Error>"
+            ).encode()
             if method == "HEAD":  # a HEAD answer has headers only, as S3 sends it
                 body = b""
             start_response(

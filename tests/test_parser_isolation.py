@@ -76,7 +76,9 @@ def write_docx_bomb(path: Path, inflated_mib: int = 256) -> None:
         package.writestr("_rels/.rels", _PACKAGE_RELATIONSHIPS)
         with package.open("word/document.xml", "w", force_zip64=True) as body:
             body.write(
-                f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><w:document xmlns:w="{_WORD_NS}"><w:body>'.encode()
+                (
+                    f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><w:document xmlns:w="{_WORD_NS}"><w:body>'
+                ).encode()
             )
             for _ in range(inflated_mib):
                 body.write(block)

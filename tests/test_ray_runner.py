@@ -1,4 +1,5 @@
-"""The Ray runner against one local Ray instance (2 CPUs): same rows, failures, caps, record and summary as the local runner."""
+"""The Ray runner against one local Ray instance (2 CPUs): same rows, failures, caps, record and
+summary as the local runner."""
 
 import logging
 import os

@@ -182,7 +182,10 @@ def test_fragments_are_found_after_decoding_too():
 
 def test_text_sharing_fewer_than_min_fragment_characters_is_unchanged():
     near = MIN_FRAGMENT - 1
-    text = f"prefix {KEY[:near]} and {KEY[10 : 10 + near]} and {escape_all(KEY[20 : 20 + near])} and {quote(KEY[25 : 25 + near])}"
+    text = (
+        f"prefix {KEY[:near]} and {KEY[10 : 10 + near]} and {escape_all(KEY[20 : 20 + near])} and "
+        f"{quote(KEY[25 : 25 + near])}"
+    )
     assert registry(KEY).scrub(text) == text
     assert registry(KEY).scrub("ordinary text with no key at all") == "ordinary text with no key at all"
 

@@ -60,8 +60,8 @@ def test_bm25_and_learned_sparse_name_the_server_version_and_the_one_needed():
     assert problems == [
         "the Milvus server at http://127.0.0.1:19530 runs v2.3.5-lite; the store's bm25 field needs Milvus >= 2.5 "
         "(the built-in BM25 function). Use a newer server, or remove that setting from the spec",
-        "the Milvus server at http://127.0.0.1:19530 runs v2.3.5-lite; the store's learned_sparse field needs Milvus >= 2.4 "
-        "(sparse float vectors). Use a newer server, or remove that setting from the spec",
+        "the Milvus server at http://127.0.0.1:19530 runs v2.3.5-lite; the store's learned_sparse field needs Milvus "
+        ">= 2.4 (sparse float vectors). Use a newer server, or remove that setting from the spec",
     ]
     on_2_4 = unsupported("v2.4.5", config(bm25={}, learned_sparse={}), SERVER)
     assert len(on_2_4) == 1 and "bm25 field needs Milvus >= 2.5" in on_2_4[0]

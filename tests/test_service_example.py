@@ -146,7 +146,9 @@ def test_cron_examples_run_commands_the_cli_accepts():
     from pipeline.cli import build_parser
 
     line = next(
-        l for l in (REPO / "examples" / "cron" / "crontab").read_text().splitlines() if l and not l.startswith("#")
+        candidate
+        for candidate in (REPO / "examples" / "cron" / "crontab").read_text().splitlines()
+        if candidate and not candidate.startswith("#")
     )
     assert line.split()[:5] == ["*/30", "*", "*", "*", "*"]
     args = build_parser().parse_args(_cli_args(line.split("&&", 1)[1]))

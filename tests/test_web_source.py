@@ -62,7 +62,10 @@ class Site:
 
     def html(self, path: str, title: str, text: str, links: list[str] = (), head: str = "") -> None:
         anchors = "".join(f'<li><a href="{href}">{href}</a></li>' for href in links)
-        body = f"<html><head><title>{title}</title>{head}</head><body><h1>{title}</h1><p>{text}</p><ul>{anchors}</ul></body></html>"
+        body = (
+            f"<html><head><title>{title}</title>{head}</head>"
+            f"<body><h1>{title}</h1><p>{text}</p><ul>{anchors}</ul></body></html>"
+        )
         self.pages[path] = Page(body.encode())
 
     def edit(self, path: str, **changes) -> None:

@@ -136,7 +136,8 @@ class Request:
 
 
 class ApiEmbedder(Embedder):
-    """Base of the hosted-API embedders; subclasses implement :meth:`endpoint`, :meth:`payload` and :meth:`read_vectors`."""
+    """Base of the hosted-API embedders; subclasses implement :meth:`endpoint`, :meth:`payload` and
+    :meth:`read_vectors`."""
 
     Config: ClassVar[type[ApiEmbedderConfig]] = ApiEmbedderConfig
     config: ApiEmbedderConfig
@@ -239,7 +240,8 @@ class ApiEmbedder(Embedder):
         return self._embed_requests(self.batches(texts, "document"), "document")
 
     def embed_query(self, text: str) -> np.ndarray:
-        return self._embed_requests(self.batches([text], "query"), "query")[0]
+        vector: np.ndarray = self._embed_requests(self.batches([text], "query"), "query")[0]
+        return vector
 
     def batches(self, texts: Sequence[str], side: Side) -> list[Request]:
         """Consecutive runs of texts within the per-request input and token limits (input order kept)."""
@@ -378,7 +380,8 @@ class ApiEmbedder(Embedder):
         if retried:
             reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(retried.items()))
             notes.append(
-                f"{self.provider}: {sum(retried.values())} of {stats.requests - self._requests_before_run} requests retried ({reasons})"
+                f"{self.provider}: {sum(retried.values())} of {stats.requests - self._requests_before_run} requests "
+                f"retried ({reasons})"
             )
         waited = self._transport.limiter.waited_seconds - self._waited_before_run
         if waited >= 1:

@@ -271,7 +271,8 @@ class JinaEmbedder(ApiEmbedder):
         return options
 
     def embed(self, documents: Sequence[ChunkedDocument]) -> None:
-        """With ``late_chunking``, one request per document: Jina concatenates a request's inputs and pools each chunk."""
+        """With ``late_chunking``, one request per document: Jina concatenates a request's inputs and
+        pools each chunk."""
         if not self.config.late_chunking:
             super().embed(documents)
             return
@@ -317,8 +318,9 @@ class JinaEmbedder(ApiEmbedder):
         notes = super().run_notes()
         if self.split_documents:
             notes.append(
-                f"Jina late chunking: {self.split_documents} documents longer than {self.config.late_chunking_max_tokens} "
-                f"(estimated) tokens were embedded in several parts; chunks see only their own part"
+                f"Jina late chunking: {self.split_documents} documents longer than "
+                f"{self.config.late_chunking_max_tokens} (estimated) tokens were embedded in several parts; chunks see "
+                "only their own part"
             )
         return notes
 

@@ -289,7 +289,8 @@ class ApiTransport:
             # No server text: some providers echo part of the key back.
             return EmbeddingApiError(
                 self.provider,
-                f"{status_text(status)}: the API refused {self.key_hint}; check that it is valid and allowed to use this model",
+                f"{status_text(status)}: the API refused {self.key_hint}; check that it is valid and allowed to use "
+                "this model",
                 status,
             )
         detail = excerpt(response.text) if response.text else "no details"
@@ -302,5 +303,6 @@ class ApiTransport:
             kind = response.headers.get("content-type", "no content type")
             raise MalformedResponse(
                 self.provider,
-                f"answered {status_text(response.status_code)} with a body that is not JSON ({kind}): {excerpt(response.text)!r}",
+                f"answered {status_text(response.status_code)} with a body that is not JSON ({kind}): "
+                f"{excerpt(response.text)!r}",
             ) from None
