@@ -3,7 +3,7 @@
 The runner consults the record to skip unchanged sources and to find sources that disappeared,
 and writes it LAST for each source (after the chunks were upserted and the stale ones deleted),
 so a record that says ``indexed`` always describes chunks that are really there. Stores keep it
-where they keep chunks (``stores.records.MilvusRecords``); :class:`MemoryRecords` keeps it in a
+where they keep chunks (``stores.milvus.records.MilvusRecords``); :class:`MemoryRecords` keeps it in a
 dict. Reads that may return every source (:meth:`RecordStore.in_scope`, :meth:`RecordStore.all`)
 are streams, so a source of a million documents is never held in memory at once.
 """

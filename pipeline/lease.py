@@ -1,6 +1,6 @@
 """The re-index lock: at most one run writes to a collection at a time.
 
-A lease over claim rows (:mod:`stores.leases`), which needs no compare-and-set from the store,
+A lease over claim rows (:mod:`stores.milvus.leases`), which needs no compare-and-set from the store,
 only reads that see every write acknowledged before them (Milvus ``Strong`` consistency):
 
 1. Read every claim. Dead claims are deleted (see below). A live claim of another run: the lock

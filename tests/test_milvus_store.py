@@ -17,12 +17,8 @@ from pydantic import ValidationError
 from core.errors import StoreSchemaError
 from core.types import Chunk, chunk_id
 from stores import filters
-from stores.milvus import (
-    InvalidChunksError,
-    MilvusStore,
-    MilvusStoreError,
-    _lite_major_version,
-)
+from stores.milvus import InvalidChunksError, MilvusStore, MilvusStoreError
+from stores.milvus.connection import _lite_major_version
 
 pytest.importorskip("milvus_lite")
 LITE_MAJOR = _lite_major_version()  # 2: the default engine (one file, FLAT/IVF); 3: a folder, HNSW
@@ -178,7 +174,7 @@ def test_reopen_after_close_reads_the_persisted_collection(open_store, tmp_path)
 
     # close() released the last client, so the Lite folder is unlocked and the next open reads
     # it back from disk (not loaded) instead of reusing a live in-process server.
-    from stores.milvus import _lite_database_locked_elsewhere
+    from stores.milvus.connection import _lite_database_locked_elsewhere
 
     assert not _lite_database_locked_elsewhere(tmp_path / "index.db")
     reopened = open_store()
@@ -368,7 +364,7 @@ def test_only_transient_failures_are_retried():
     import grpc
     from pymilvus.exceptions import MilvusException, ParamError
 
-    from stores.milvus import _is_transient
+    from stores.milvus.connection import _is_transient
 
     assert _is_transient(MilvusException(code=2, message="Fail connecting to server"))
     assert _is_transient(MilvusException(code=8, message="rate limit exceeded"))

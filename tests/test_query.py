@@ -126,7 +126,8 @@ def test_filters_restrict_results(ingested):
     ['cars/tyres" or source_id != "', "cars/tyres' or 1==1 or '", '" or 1==1 or "', "cars/tyres\\", "cars/tyres\n"],
 )
 def test_a_hostile_filter_value_cannot_widen_a_query(ingested, hostile):
-    from stores.milvus import MilvusStoreError, _lite_major_version
+    from stores.milvus import MilvusStoreError
+    from stores.milvus.connection import _lite_major_version
 
     for mode in ("dense", "bm25", "hybrid"):
         if "\n" in hostile and _lite_major_version() < 3:

@@ -17,7 +17,7 @@ from pipeline import Pipeline
 from pipeline.lease import Lease, index_lock, process_started, this_machine
 from pipeline.reindex_job import format_status, run_on_schedule
 from stores.milvus import MilvusStore
-from stores.records import MilvusRecords
+from stores.milvus.records import MilvusRecords
 from tests.plugins.components import PLUGINS, MemoryStore, base_spec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 from core.records import RecordStore
 from stores.base import Rebuild
-from stores.records import MilvusRecords
+from stores.milvus.records import MilvusRecords
 
 if TYPE_CHECKING:
-    from stores.milvus import MilvusStore
+    from stores.milvus.store import MilvusStore
 
 REBUILD_INFIX = "__rebuild_"  # <collection>__rebuild_<UTC time>: a full rebuild's new collection
 SWITCH_GRACE_S = 5.0  # how long a rebuild's old collection outlives the switch of its alias

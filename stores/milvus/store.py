@@ -28,108 +28,74 @@ by ``token_env`` only, and is scrubbed from every error message this module rais
 from __future__ import annotations
 
 import glob
-import hashlib
-import importlib.metadata
 import json
 import logging
 import math
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
 
-from core.component import ComponentConfig, require
-from core.errors import LockConflict, PipelineError, StoreSchemaError
+from core.component import require
+from core.errors import StoreSchemaError
 from core.records import RecordStore
 from core.search import Fusion, Hit, RRFFusion, SearchRequest, WeightedFusion
 from core.secrets import register_secret, scrub
 from core.types import Chunk
 from stores import filters, server_features
 from stores.base import Rebuild, Store
-from stores.leases import MilvusClaims
-from stores.milvus_rebuild import REBUILD_INFIX, start_rebuild
-from stores.records import RECORDS_SUFFIX, MilvusRecords
-
-logger = logging.getLogger(__name__)
+from stores.milvus.config import (
+    _ESCAPE_IN_LITERAL,
+    _SERVER_SCHEMES,
+    _UNESCAPED_PREFIX,
+    DEFAULT_OUTPUT_FIELDS,
+    DELETE_BATCH_SIZE,
+    DESCRIPTION_KEY,
+    ID_MAX_BYTES,
+    JSON_MAX_BYTES,
+    LITE2_INDEX_TYPES,
+    MAX_DIMENSION,
+    MAX_REQUEST_BYTES,
+    PROPERTY_DIMENSION,
+    PROPERTY_MODEL,
+    PROPERTY_SCHEMA_VERSION,
+    PROPERTY_SPARSE_MODEL,
+    QUERY_PAGE_ROWS,
+    QUERY_PAGE_VECTOR_BYTES,
+    QUERY_WINDOW,
+    SCHEMA_VERSION,
+    SOURCE_ID_MAX_BYTES,
+    VECTOR_FIELD_TYPES,
+    MilvusStoreConfig,
+    encode_vector,
+)
+from stores.milvus.connection import (
+    Endpoint,
+    _clients,
+    _is_transient,
+    _json_ready,
+    _lite_database_locked_elsewhere,
+    _lite_lock_file,
+    _lite_major_version,
+    _lite_version,
+    _own_lock_file,
+    _quiet_lite_iterator_timestamp_warning,
+)
+from stores.milvus.errors import DatabaseInUseError, InvalidChunksError, MilvusStoreError
+from stores.milvus.layout import CollectionLayout
+from stores.milvus.leases import MilvusClaims
+from stores.milvus.rebuild import REBUILD_INFIX, start_rebuild
+from stores.milvus.records import RECORDS_SUFFIX, MilvusRecords
 
 T = TypeVar("T")
 
-# Collection properties that make a collection self-describing.
-PROPERTY_MODEL = "rag_pipeline.embedding_model"
-PROPERTY_DIMENSION = "rag_pipeline.embedding_dimension"
-PROPERTY_SCHEMA_VERSION = "rag_pipeline.schema_version"
-PROPERTY_SPARSE_MODEL = "rag_pipeline.sparse_model"
-SCHEMA_VERSION = "1"
-# An escape sequence in a filter's string literal: \n, \r or \t after an even run of backslashes.
-_ESCAPE_IN_LITERAL = re.compile(r"(?<!\\)((?:\\\\)*)\\([nrt])")
-DESCRIPTION_KEY = "rag_pipeline"  # the same properties, as JSON in the schema description
-LITE2_INDEX_TYPES = ("AUTOINDEX", "FLAT", "IVF_FLAT")  # what Milvus Lite 2.5 can build
-
-ID_MAX_BYTES = 128
-SOURCE_ID_MAX_BYTES = 4096
-VARCHAR_MAX_BYTES = 65535  # Milvus' ceiling for a VARCHAR field
-MAX_DIMENSION = 32768  # Milvus' ceiling for a vector field's dim
-JSON_MAX_BYTES = 65536  # Milvus' ceiling for a JSON field value (Milvus Lite does not check it; we do)
-SCALAR_FIELDS = ("id", "source_id", "chunk_index", "text", "metadata")
-DEFAULT_OUTPUT_FIELDS = ("source_id", "chunk_index", "text", "metadata")
-QUERY_PAGE_ROWS = 4096
-QUERY_PAGE_VECTOR_BYTES = 1 << 20
-
-# Requests stay well under the server's default 64 MiB gRPC message limit whatever the batch size.
-MAX_REQUEST_BYTES = 32 * 1024 * 1024
-# Source ids per delete expression: keeps each filter string small for the server's parser.
-QUERY_WINDOW = 16384  # Milvus' largest offset + limit for one query
-DELETE_BATCH_SIZE = 256
-
-_MILVUS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}\Z")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-# The longest start of a text that goes into a `like` pattern as it is: no wildcard (% _), nothing
-# that needs an escape (\ "), no control character.
-_UNESCAPED_PREFIX = re.compile(r'[^%_\\"\x00-\x1f\x7f]*')
-_SERVER_SCHEMES = ("http", "https", "tcp", "unix")
-_TRANSIENT_GRPC_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"})
-_CONNECT_FAILED = 2  # pymilvus Status.CONNECT_FAILED: the first connection attempt got no answer
-_RATE_LIMIT = 8  # pymilvus ErrorCode.RATE_LIMIT
-
-
-class MilvusStoreError(PipelineError):
-    """A Milvus operation failed after its retries; names the collection, the operation and why."""
-
-
-class DatabaseInUseError(MilvusStoreError, LockConflict):
-    """The Milvus Lite database is open in another process (Milvus Lite allows one at a time)."""
-
-
-class InvalidChunksError(ValueError):
-    """Chunks that cannot be stored as they are; nothing from the call was written.
-
-    ``problems`` maps each offending source id to its reasons, so the caller can record those
-    documents as failed in the store stage and write the others.
-    """
-
-    def __init__(self, problems: dict[str, list[str]], where: str):
-        self.problems = problems
-        lines = [f"{_printable(source_id)}: {'; '.join(reasons)}" for source_id, reasons in problems.items()]
-        super().__init__(
-            f"{where}: {len(problems)} document(s) have chunks that cannot be stored:\n" + "\n".join(lines)
-        )
-
-    @property
-    def source_ids(self) -> list[str]:
-        return list(self.problems)
-
-
-def _printable(text: str) -> str:
-    """``text`` as is, or quoted with escapes when it holds newlines or other control characters."""
-    return text if text.isprintable() else repr(text)
+logger = logging.getLogger("stores.milvus")
 
 
 @dataclass(frozen=True)
@@ -140,602 +106,6 @@ class DenseHit:
     id: str
     score: float
     fields: dict[str, Any]
-
-
-# Lucene's English stop words, which is what the Milvus server's "_english_" list expands to;
-# spelt out because Milvus Lite 3 takes stop words only as a literal list.
-ENGLISH_STOP_WORDS = (
-    "a",
-    "an",
-    "and",
-    "are",
-    "as",
-    "at",
-    "be",
-    "but",
-    "by",
-    "for",
-    "if",
-    "in",
-    "into",
-    "is",
-    "it",
-    "no",
-    "not",
-    "of",
-    "on",
-    "or",
-    "such",
-    "that",
-    "the",
-    "their",
-    "then",
-    "there",
-    "these",
-    "they",
-    "this",
-    "to",
-    "was",
-    "will",
-    "with",
-)
-# Named analyzers -> Milvus analyzer_params. Milvus Lite 3 honours the tokenizer, lowercasing and
-# stop words, and ignores the stemmer (so "cells" never matches "cell" there); a server stems.
-ANALYZER_PRESETS: dict[str, dict[str, Any]] = {
-    "standard": {"tokenizer": "standard", "filter": ["lowercase"]},
-    "english": {
-        "tokenizer": "standard",
-        "filter": [
-            "lowercase",
-            {"type": "stop", "stop_words": list(ENGLISH_STOP_WORDS)},
-            {"type": "stemmer", "language": "english"},
-        ],
-    },
-    # The string form: Milvus Lite 2.5 refuses the {"type": "jieba", ...} mapping that newer servers take.
-    "jieba": {"tokenizer": "jieba", "filter": ["lowercase"]},
-}
-
-
-class BM25Config(ComponentConfig):
-    """Milvus' built-in BM25: a Function turns each chunk's text into a sparse field on insert,
-    with corpus statistics kept by Milvus, so nothing is refitted when documents change."""
-
-    field: str = Field("bm25", description="Sparse field the BM25 function writes.")
-    analyzer: Literal["standard", "english", "jieba"] | dict[str, Any] = Field(
-        "standard",
-        description=(
-            "standard (words, lowercased), english (+ stop words and stemming; Milvus Lite 3 ignores stemming), "
-            "jieba (Chinese), or a mapping of Milvus analyzer_params passed as is."
-        ),
-    )
-    k1: float = Field(1.2, gt=0, description="BM25 term-frequency saturation (applies when the collection is created).")
-    b: float = Field(
-        0.75, ge=0, le=1, description="BM25 length normalisation (applies when the collection is created)."
-    )
-
-    @field_validator("field")
-    @classmethod
-    def _check_field(cls, value: str) -> str:
-        return filters.field_name(value)
-
-    @property
-    def analyzer_params(self) -> dict[str, Any]:
-        return ANALYZER_PRESETS[self.analyzer] if isinstance(self.analyzer, str) else dict(self.analyzer)
-
-
-class LearnedSparseConfig(ComponentConfig):
-    """A sparse field filled by a learned sparse encoder (SPLADE) at ingest, searched by inner product."""
-
-    field: str = Field("sparse", description="Must match the sparse stage's vector_field.")
-
-    @field_validator("field")
-    @classmethod
-    def _check_field(cls, value: str) -> str:
-        return filters.field_name(value)
-
-
-class IndexConfig(ComponentConfig):
-    type: Literal["AUTOINDEX", "HNSW", "FLAT", "IVF_FLAT"] = "AUTOINDEX"
-    metric: Literal["COSINE", "IP", "L2"] = "COSINE"
-    params: dict[str, Any] = Field(
-        default_factory=dict, description="Index build parameters, e.g. {M: 16, efConstruction: 200} for HNSW."
-    )
-
-
-# How the dense vectors are kept: Milvus field type, the bytes per dimension, and how a float
-# vector becomes a row value or query payload.
-VECTOR_FIELD_TYPES = {"float32": "FLOAT_VECTOR", "float16": "FLOAT16_VECTOR", "binary": "BINARY_VECTOR"}
-BINARY_INDEX = ("BIN_FLAT", "HAMMING")  # the binary index Milvus Lite builds too
-
-
-def encode_vector(values: list[float], storage: str) -> Any:
-    if storage == "float16":
-        return np.asarray(values, dtype=np.float16)
-    if storage == "binary":
-        return np.packbits(np.asarray(values) > 0).tobytes()  # one bit per dimension: its sign
-    return values
-
-
-class MilvusStoreConfig(ComponentConfig):
-    uri: str = Field(
-        "./milvus.db",
-        description=(
-            "A local path ending in .db (Milvus Lite, relative to the spec's folder: a file for Lite 2.5, a folder "
-            "for Lite 3), or http(s)://, tcp:// or unix: for a Milvus server or Zilliz Cloud."
-        ),
-    )
-    token_env: str = Field(
-        "MILVUS_TOKEN",
-        description="Name of the environment variable that holds the token / API key (never the token itself).",
-    )
-    db_name: str | None = None
-    collection: str = "documents"
-    vector_field: str = Field("dense", description="Must match the embedder's vector field.")
-    vector_storage: Literal["float32", "float16", "binary"] = Field(
-        "float32",
-        description=(
-            "How dense vectors are kept: float32; float16 (half the memory); binary (the sign of each dimension, 32x "
-            "smaller, searched by Hamming distance with a BIN_FLAT index). Quality cost: "
-            "benchmarks/retrieval_quality.py."
-        ),
-    )
-    index: IndexConfig = Field(default_factory=IndexConfig)
-    bm25: BM25Config | None = Field(None, description="Add Milvus' built-in BM25 sparse field ({} for the defaults).")
-    learned_sparse: LearnedSparseConfig | None = Field(
-        None, description="Add a sparse field for a learned sparse encoder (the spec's sparse stage fills it)."
-    )
-    # Strong: every read sees every write acknowledged before it, so a count or search right after
-    # an ingest (or a delete) sees its effect. On a distributed server that costs read latency,
-    # since queries wait for the newest timestamp; a search-heavy service that tolerates a few
-    # seconds of staleness can choose Bounded (Milvus' own default). count() is always Strong.
-    consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = "Strong"
-    text_max_length: int = Field(
-        VARCHAR_MAX_BYTES,
-        ge=1,
-        le=VARCHAR_MAX_BYTES,
-        description="Bytes of UTF-8 per chunk text; longer chunks are refused, never truncated.",
-    )
-    write_batch_size: int = Field(512, ge=1, description="Rows per upsert request.")
-    timeout_s: float = Field(30.0, gt=0, description="Per-request timeout.")
-    max_attempts: int = Field(5, ge=1, description="Tries per request when the failure is transient.")
-    retry_max_wait_s: float = Field(20.0, gt=0, description="Longest pause between tries.")
-
-    @field_validator("uri")
-    @classmethod
-    def _check_uri(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme.lower()
-        if scheme in _SERVER_SCHEMES:
-            parts = urlsplit(value)
-            if parts.username or parts.password:
-                raise ValueError(
-                    "the uri must not carry credentials: put the token in the environment variable named by token_env"
-                )
-            return value
-        if not value.endswith(".db"):
-            raise ValueError(
-                f"{value!r} is neither a server address (http://, https://, tcp://, unix:) nor a Milvus Lite "
-                "path: Milvus Lite paths must end in .db, e.g. ./index.db"
-            )
-        return value
-
-    @field_validator("collection", "db_name")
-    @classmethod
-    def _check_milvus_name(cls, value: str | None) -> str | None:
-        if value is not None and not _MILVUS_NAME.match(value):
-            raise ValueError(
-                f"{value!r} is not a valid Milvus name: use letters, digits and underscores, "
-                "start with a letter or underscore, at most 255 characters"
-            )
-        return value
-
-    @field_validator("vector_field")
-    @classmethod
-    def _check_vector_field(cls, value: str) -> str:
-        filters.field_name(value)
-        if value in SCALAR_FIELDS:
-            raise ValueError(
-                f"the vector field cannot be named {value!r}: the store uses that name for {', '.join(SCALAR_FIELDS)}"
-            )
-        return value
-
-    @field_validator("token_env")
-    @classmethod
-    def _check_token_env(cls, value: str) -> str:
-        if not _ENV_NAME.match(value):
-            raise ValueError("token_env is the *name* of an environment variable (e.g. MILVUS_TOKEN), not the token")
-        return value
-
-    @model_validator(mode="after")
-    def _binary_vectors_have_their_own_index(self) -> MilvusStoreConfig:
-        if self.vector_storage == "binary":
-            if self.index.type not in ("AUTOINDEX", "FLAT") or "metric" in self.index.model_fields_set:
-                raise ValueError(
-                    "binary vectors are searched by Hamming distance in a BIN_FLAT index: leave index.type at "
-                    "AUTOINDEX or FLAT and index.metric unset"
-                )
-        return self
-
-    def dense_index(self) -> tuple[str, str]:
-        """The dense field's index type and metric as Milvus builds them."""
-        return BINARY_INDEX if self.vector_storage == "binary" else (self.index.type, self.index.metric)
-
-    @model_validator(mode="after")
-    def _vector_fields_are_distinct(self) -> MilvusStoreConfig:
-        names = [self.vector_field] + [c.field for c in (self.bm25, self.learned_sparse) if c is not None]
-        for name in names[1:]:
-            if name in SCALAR_FIELDS:
-                raise ValueError(
-                    f"a sparse field cannot be named {name!r}: the store uses that name for {', '.join(SCALAR_FIELDS)}"
-                )
-        if len(set(names)) != len(names):
-            raise ValueError(f"the dense, BM25 and learned sparse fields need distinct names, got {', '.join(names)}")
-        return self
-
-    def sparse_fields(self) -> dict[str, str]:
-        """Sparse field name -> its metric: BM25 for the function's output, IP for learned sparse."""
-        out = {}
-        if self.bm25 is not None:
-            out[self.bm25.field] = "BM25"
-        if self.learned_sparse is not None:
-            out[self.learned_sparse.field] = "IP"
-        return out
-
-
-class _LiteIteratorTimestampFilter(logging.Filter):
-    """Drops pymilvus's "failed to get mvccTs from milvus server" warning. Milvus Lite returns no
-    session timestamp for a query iterator, so pymilvus warns once per iterator and pages at the
-    client's clock instead, which is exact for a database that one process holds."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "failed to get mvccTs" not in record.getMessage()
-
-
-def _quiet_lite_iterator_timestamp_warning() -> None:
-    iterator_log = logging.getLogger("pymilvus.client.iterator.query_iterator")
-    if not any(isinstance(existing, _LiteIteratorTimestampFilter) for existing in iterator_log.filters):
-        iterator_log.addFilter(_LiteIteratorTimestampFilter())
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where the collection lives, resolved against the spec's folder."""
-
-    uri: str  # what pymilvus is given: an absolute Milvus Lite path or the server URI
-    db_name: str
-    lite_path: Path | None  # the Milvus Lite database (a file for 2.5, a folder for 3), None for a server
-
-    def describe(self) -> str:
-        where = str(self.lite_path) if self.lite_path else self.uri
-        return f"{where} (database {self.db_name!r})" if self.db_name else where
-
-
-# --------------------------------------------------------------------------------------------
-# Clients: one per (endpoint, token) per process. Milvus Lite lets one process open a database
-# once, so the ingest path and a query path in the same service must share a client.
-
-
-@dataclass
-class _PooledClient:
-    client: Any
-    users: int
-
-
-class _ClientPool:
-    def __init__(self) -> None:
-        self._lock = threading.RLock()  # re-entered: opening a client asks whether its Lite file is in use
-        self._entries: dict[tuple[str, str, str], _PooledClient] = {}
-        self._lite_locks: dict[str, int] = {}  # Milvus Lite path -> our lock's file descriptor
-
-    @staticmethod
-    def _key(endpoint: Endpoint, token: str) -> tuple[str, str, str]:
-        # A digest, so the pool's keys never hold the secret itself.
-        return (endpoint.uri, endpoint.db_name, hashlib.sha256(token.encode()).hexdigest())
-
-    def acquire(self, endpoint: Endpoint, token: str, open_client: Callable[[], Any]) -> Any:
-        key = self._key(endpoint, token)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                entry = self._entries[key] = _PooledClient(open_client(), 0)
-            entry.users += 1
-            return entry.client
-
-    def in_use(self, lite_path: Path) -> bool:
-        with self._lock:
-            return any(uri == str(lite_path) for uri, _, _ in self._entries)
-
-    def hold_lite_lock(self, lite_path: Path) -> bool:
-        """Take this process's lock on a Milvus Lite database; False when another process holds it.
-
-        Our own lock, beside Lite's: Milvus Lite 2.5 deletes its lock file when an open fails, so
-        a third process could then open a database that the first still writes. An flock is
-        released by the kernel when its process ends, however it ends.
-        """
-        with self._lock:
-            if str(lite_path) in self._lite_locks:
-                return True
-            try:
-                import fcntl
-            except ImportError:  # Windows: rely on Milvus Lite's own lock
-                return True
-            fd = os.open(_own_lock_file(lite_path), os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                return False
-            self._lite_locks[str(lite_path)] = fd
-            return True
-
-    def drop_lite_lock(self, lite_path: Path) -> None:
-        with self._lock:
-            fd = self._lite_locks.pop(str(lite_path), None)
-        if fd is not None:
-            os.close(fd)  # closing the descriptor releases the flock
-
-    def release(self, endpoint: Endpoint, token: str) -> None:
-        key = self._key(endpoint, token)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return
-            entry.users -= 1
-            if entry.users > 0:
-                return
-            del self._entries[key]
-            still_used = any(uri == endpoint.uri for uri, _, _ in self._entries)
-        try:
-            entry.client.close()
-        finally:
-            if endpoint.lite_path is not None and not still_used:
-                try:
-                    _stop_lite_server(endpoint.lite_path)
-                finally:
-                    self.drop_lite_lock(endpoint.lite_path)
-
-
-_clients = _ClientPool()
-
-
-def _lite_version() -> str:
-    try:
-        return importlib.metadata.version("milvus-lite")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _lite_major_version() -> int:
-    """The installed Milvus Lite's major version (3 when unknown: the engine this project targets)."""
-    head = _lite_version().split(".", 1)[0]
-    return int(head) if head.isdigit() else 3
-
-
-def _stop_lite_server(path: Path) -> None:
-    """Flush and unlock a Milvus Lite database so other processes (or a later reopen) can use it."""
-    try:
-        from milvus_lite.server_manager import server_manager_instance
-    except ImportError:
-        return
-    server_manager_instance.release_server(str(path))
-
-
-def _own_lock_file(path: Path) -> Path:
-    return path.with_name(f".{path.name}.rag-pipeline.lock")
-
-
-def _lite_lock_file(path: Path) -> Path:
-    # Milvus Lite 3 locks <folder>/LOCK; 2.5 locks a hidden sibling of its file, .<name>.lock.
-    return path / "LOCK" if path.is_dir() else path.with_name(f".{path.name}.lock")
-
-
-def _lite_database_locked_elsewhere(path: Path) -> bool:
-    """Whether another process holds Milvus Lite's lock on ``path`` (probed after a failed open)."""
-    lock_file = _lite_lock_file(path)
-    if not lock_file.is_file() or _clients.in_use(path):
-        # In use here: a POSIX lock probe from this process would succeed, and closing the probe
-        # would drop this process's own lock.
-        return False
-    try:
-        import fcntl
-    except ImportError:  # Windows: Lite uses msvcrt locks there; give the generic message
-        return False
-    # Lite 3 takes a flock, Lite 2.5 a POSIX record lock (lockf); the two do not see each other.
-    lock = fcntl.flock if path.is_dir() else fcntl.lockf
-    fd = os.open(lock_file, os.O_RDWR)
-    try:
-        lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    else:
-        lock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Connection loss, timeouts and rate limits are worth retrying; bad input and schema errors are not."""
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    grpc = require("grpc", purpose="the Milvus store")
-    pymilvus = require("pymilvus", purpose="the Milvus store")
-    if isinstance(exc, grpc.RpcError):
-        code = exc.code() if callable(getattr(exc, "code", None)) else None
-        return getattr(code, "name", "") in _TRANSIENT_GRPC_CODES
-    if isinstance(exc, pymilvus.exceptions.MilvusException):
-        # getattr: older pymilvus releases lack the server's own classification.
-        if getattr(exc, "is_input_error", False):
-            return False
-        if getattr(exc, "retriable", False) or isinstance(exc, pymilvus.exceptions.MilvusUnavailableException):
-            return True
-        code = exc.code
-        if isinstance(code, grpc.StatusCode):  # pymilvus passes gRPC codes through after its own retries
-            return code.name in _TRANSIENT_GRPC_CODES
-        return code in (_CONNECT_FAILED, _RATE_LIMIT)
-    return False
-
-
-def _json_ready(value: Any) -> Any:
-    """Metadata as plain JSON types (numpy scalars and tuples included); raises on anything else."""
-    return json.loads(json.dumps(value, allow_nan=False, default=_json_default))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-# --------------------------------------------------------------------------------------------
-# The existing collection, as described by Milvus.
-
-
-def _description_properties(description: Any) -> dict[str, str]:
-    """The properties a collection keeps as JSON in its schema description ({} for anything else)."""
-    try:
-        stored = json.loads(description) if isinstance(description, str) else None
-    except ValueError:
-        return {}
-    properties = stored.get(DESCRIPTION_KEY) if isinstance(stored, dict) else None
-    return {str(k): str(v) for k, v in properties.items()} if isinstance(properties, dict) else {}
-
-
-@dataclass(frozen=True)
-class CollectionLayout:
-    """What an existing collection holds: enough to check it against a spec and to validate rows."""
-
-    fields: dict[str, tuple[str, dict[str, Any], bool]]  # name -> (data type name, params, is primary)
-    properties: dict[str, str]
-    metric: str | None
-    bm25_outputs: dict[str, str] = field(default_factory=dict)  # BM25 function output field -> its input field
-
-    @classmethod
-    def from_description(cls, description: dict[str, Any], metric: str | None) -> CollectionLayout:
-        fields = {
-            f["name"]: (
-                getattr(f["type"], "name", str(f["type"])),
-                dict(f.get("params") or {}),
-                bool(f.get("is_primary")),
-            )
-            for f in description.get("fields", [])
-        }
-        properties = {
-            **_description_properties(description.get("description")),
-            **{str(k): str(v) for k, v in (description.get("properties") or {}).items()},
-        }
-        bm25_outputs = {}
-        for function in description.get("functions") or []:
-            if getattr(function.get("type"), "name", str(function.get("type"))) in ("BM25", "1"):
-                for output in function.get("output_field_names") or []:
-                    bm25_outputs[output] = (function.get("input_field_names") or [""])[0]
-        if not bm25_outputs:
-            # Milvus Lite 2.5 describes no functions, only flags their output fields; the BM25
-            # input is the analyzed text field, the only one this store creates.
-            analyzed = [
-                f["name"]
-                for f in description.get("fields", [])
-                if str((f.get("params") or {}).get("enable_analyzer")).lower() == "true"
-            ]
-            for f in description.get("fields", []):
-                if f.get("is_function_output") and len(analyzed) == 1:
-                    bm25_outputs[f["name"]] = analyzed[0]
-        return cls(fields=fields, properties=properties, metric=metric, bm25_outputs=bm25_outputs)
-
-    def analyzer_params(self, name: str) -> dict[str, Any] | None:
-        raw = self.fields.get(name, ("", {}, False))[1].get("analyzer_params")
-        if raw is None:
-            return None
-        return json.loads(raw) if isinstance(raw, str) else dict(raw)
-
-    def sparse_problems(self, where: str, config: MilvusStoreConfig, sparse_model_id: str | None) -> list[str]:
-        """What keeps this collection from serving the spec's BM25 and learned sparse fields."""
-        problems = []
-        rebuild = "use a new collection name (or drop this one to rebuild it with the sparse fields)"
-        if config.bm25 is not None:
-            name = config.bm25.field
-            if self.fields.get(name, ("",))[0] != "SPARSE_FLOAT_VECTOR" or self.bm25_outputs.get(name) != "text":
-                problems.append(
-                    f"{where} has no BM25 field {name!r} computed from 'text' (it was created without bm25); {rebuild}"
-                )
-            else:
-                stored, wanted = self.analyzer_params("text"), config.bm25.analyzer_params
-                if stored is not None and stored != wanted:
-                    problems.append(
-                        f"{where} analyses text for BM25 with {json.dumps(stored)}; the spec's analyzer is "
-                        f"{json.dumps(wanted)}. The analyzer is fixed when a collection is created: {rebuild}"
-                    )
-        if config.learned_sparse is not None:
-            name = config.learned_sparse.field
-            if self.fields.get(name, ("",))[0] != "SPARSE_FLOAT_VECTOR" or name in self.bm25_outputs:
-                problems.append(f"{where} has no learned sparse field {name!r}; {rebuild}")
-            stored_model = self.properties.get(PROPERTY_SPARSE_MODEL)
-            if sparse_model_id and stored_model and stored_model != sparse_model_id:
-                problems.append(
-                    f"{where} stores sparse vectors from {stored_model}; the spec's sparse encoder is "
-                    f"{sparse_model_id}. Sparse vectors of different models are not comparable: use a new collection "
-                    "name"
-                )
-        return problems
-
-    def dimension(self, vector_field: str) -> int | None:
-        kind, params, _ = self.fields.get(vector_field, ("", {}, False))
-        return int(params["dim"]) if kind in VECTOR_FIELD_TYPES.values() and "dim" in params else None
-
-    def max_bytes(self, name: str) -> int:
-        return int(self.fields[name][1].get("max_length", VARCHAR_MAX_BYTES))
-
-    @property
-    def model_id(self) -> str | None:
-        return self.properties.get(PROPERTY_MODEL)
-
-    def problems(
-        self,
-        where: str,
-        vector_field: str,
-        dimension: int,
-        model_id: str,
-        metric: str,
-        vector_type: str = "FLOAT_VECTOR",
-    ) -> list[str]:
-        expected = {
-            "id": "VARCHAR",
-            "source_id": "VARCHAR",
-            "chunk_index": "INT64",
-            "text": "VARCHAR",
-            "metadata": "JSON",
-            vector_field: vector_type,
-        }
-        problems = []
-        for name, kind in expected.items():
-            if name not in self.fields:
-                problems.append(f"{where} has no field {name!r} ({kind}) that the store writes")
-            elif self.fields[name][0] != kind:
-                problems.append(f"{where} field {name!r} is {self.fields[name][0]}, the store writes {kind}")
-        if "id" in self.fields and not self.fields["id"][2]:
-            problems.append(f"{where} field 'id' is not the primary key, so upserts would duplicate rows")
-        if self.model_id is None:
-            problems.append(
-                f"{where} records no embedding model, so it was not created by rag-pipeline; "
-                "use another collection name, or drop this collection to rebuild it"
-            )
-        stored_dimension = self.dimension(vector_field)
-        if stored_dimension is not None and stored_dimension != dimension:
-            problems.append(
-                f"{where} stores {stored_dimension}-d vectors from model {self.model_id or 'unknown'}; the spec's "
-                f"embedder makes {dimension}-d vectors with model {model_id}. Use a new collection name "
-                "(or drop this one to rebuild it with the new model)"
-            )
-        elif self.model_id is not None and self.model_id != model_id:
-            problems.append(
-                f"{where} stores vectors from model {self.model_id}; the spec's embedder is {model_id}. "
-                "Vectors from different models are not comparable: use a new collection name "
-                "(or drop this one to rebuild it with the new model)"
-            )
-        if self.metric is not None and self.metric != metric:
-            problems.append(f"{where} indexes {vector_field!r} with metric {self.metric}; the spec says {metric}")
-        return problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -1733,16 +1103,16 @@ class MilvusStore(Store):
         self._layout, self._loaded = None, False
 
     def index_record(self) -> MilvusRecords:
-        """The companion collection ``<collection>_records`` (see :mod:`stores.records`)."""
+        """The companion collection ``<collection>_records`` (see :mod:`stores.milvus.records`)."""
         return MilvusRecords(self)
 
     def start_rebuild(self, serving_records: RecordStore, stamp: str) -> Rebuild:
         """A new collection behind the name's alias, or on Milvus Lite 2.5 a new database file (see
-        :mod:`stores.milvus_rebuild`)."""
+        :mod:`stores.milvus.rebuild`)."""
         return start_rebuild(self, serving_records, stamp)
 
     def lock_claims(self) -> MilvusClaims:
-        """The companion collection ``<collection>_lock`` (see :mod:`stores.leases`)."""
+        """The companion collection ``<collection>_lock`` (see :mod:`stores.milvus.leases`)."""
         return MilvusClaims(self)
 
     def close(self) -> None:
@@ -1812,22 +1182,3 @@ def _batches(rows: list[_Row], max_rows: int, max_bytes: int) -> Iterator[list[_
         size += row.size
     if batch:
         yield batch
-
-
-__all__ = [
-    "ANALYZER_PRESETS",
-    "BM25Config",
-    "CollectionLayout",
-    "DenseHit",
-    "Endpoint",
-    "Fusion",
-    "Hit",
-    "LearnedSparseConfig",
-    "RRFFusion",
-    "SearchRequest",
-    "WeightedFusion",
-    "InvalidChunksError",
-    "MilvusStore",
-    "MilvusStoreConfig",
-    "MilvusStoreError",
-]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from core.leases import ClaimStore, LockClaim
 
 if TYPE_CHECKING:
-    from stores.milvus import MilvusStore
+    from stores.milvus.store import MilvusStore
 
 LOCK_SUFFIX = "_lock"
 

@@ -17,7 +17,7 @@ from core.records import RecordStore, RecordTooLarge, SourceRecord
 from stores import filters
 
 if TYPE_CHECKING:
-    from stores.milvus import MilvusStore
+    from stores.milvus.store import MilvusStore
 
 # A source's row is keyed by a digest of its id, never the id itself: source ids can hold quotes
 # and control characters that some engines mishandle in primary keys (Milvus Lite 2.5 fails an
