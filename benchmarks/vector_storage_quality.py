@@ -51,7 +51,7 @@ def stored_chunks(pipeline: Pipeline) -> list[Chunk]:
     """Every chunk of the float32 index, with its vector, read back through pymilvus."""
     store = pipeline.store
     store.exists()  # opens and loads the collection
-    client = store._connect()
+    client = store.client()
     fields = ["id", "source_id", "chunk_index", "text", "metadata", store.config.vector_field]
     iterator = client.query_iterator(store.config.collection, batch_size=1000, output_fields=fields)
     chunks = []

@@ -22,7 +22,7 @@ def milvus_pipeline(tmp_path, documents, **store):
 
 def texts(store: MilvusStore) -> dict[str, set[str]]:
     """Chunk texts by source, read through the configured name (an alias after a rebuild)."""
-    client = store._connect()
+    client = store.client()
     store.exists()  # describes and loads whatever the name serves
     out: dict[str, set[str]] = {}
     for row in client.query("docs", filter="", output_fields=["source_id", "text"], limit=10_000):
@@ -32,7 +32,7 @@ def texts(store: MilvusStore) -> dict[str, set[str]]:
 
 def collections(store: MilvusStore) -> list[str]:
     """The collections of chunks and records (the re-index lock's ``docs_lock`` is not the index's)."""
-    return sorted(name for name in store._connect().list_collections() if name != "docs_lock")
+    return sorted(name for name in store.client().list_collections() if name != "docs_lock")
 
 
 def rebuild_files(tmp_path) -> list[str]:
@@ -160,7 +160,7 @@ def test_reconcile_deletes_orphans_and_redoes_sources_whose_chunks_drifted(tmp_p
         pipeline.reindex()
         store = pipeline.store
         assert pipeline.reconcile().clean
-        client = store._connect()
+        client = store.client()
         # Drift made behind the pipeline's back: a chunk of a.txt deleted, b.txt's chunks gone,
         # chunks of an unknown source written.
         a_ids = store.chunk_ids_by_source()["mem/a.txt"]
@@ -221,7 +221,7 @@ def test_transient_write_failures_are_retried_and_the_index_converges(tmp_path, 
         pipeline.reindex()
         pipeline.sources[0].config.documents = {**documents, "a.txt": "a changed", "g.txt": "g new"}
         del pipeline.sources[0].config.documents["b.txt"]
-        client = pipeline.store._connect()
+        client = pipeline.store.client()
         # Every write path fails once or twice in a row, always within the three attempts.
         flaky = FlakyCalls(monkeypatch, client, {"upsert": {1, 2}, "delete": {1, 3}})
         summary = pipeline.reindex()
@@ -240,7 +240,7 @@ def test_write_failure_beyond_the_retries_keeps_the_old_version_and_heals_next_r
     ) as pipeline:
         pipeline.reindex()
         pipeline.sources[0].config.documents = {"a.txt": "alpha v2", "b.txt": "beta"}
-        client = pipeline.store._connect()
+        client = pipeline.store.client()
         FlakyCalls(monkeypatch, client, {"upsert": {1, 2}})  # both attempts of the only chunk write fail
         summary = pipeline.reindex()
         assert summary.documents_failed == 1 and summary.failures[0].stage == "write"

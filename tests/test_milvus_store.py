@@ -387,7 +387,7 @@ def test_an_error_that_echoes_the_token_is_scrubbed(monkeypatch):
         raise RuntimeError(f"auth failed for token {secret}")
 
     with pytest.raises(MilvusStoreError) as failed:
-        store._call("describe collection", fails)
+        store.call("describe collection", fails)
     assert str(failed.value) == (
         "collection 'documents' at https://example.invalid: describe collection failed: RuntimeError: auth failed for "
         "token ***"
@@ -406,7 +406,7 @@ def test_a_token_echoed_json_escaped_or_in_pieces_is_scrubbed(monkeypatch):
         )
 
     with pytest.raises(MilvusStoreError) as failed:
-        store._call("describe collection", fails)
+        store.call("describe collection", fails)
     assert str(failed.value).endswith('RuntimeError: {"detail": "bad token ***", "seen": "***", "url": "x?t=***"}')
 
 
@@ -630,7 +630,7 @@ def test_compact_vector_storage_finds_the_nearest_and_keeps_its_field_type(open_
     store.prepare(16, MODEL)
     chunks = [dataclasses.replace(make_chunk("a.md", i), vectors={"dense": vectors[i]}) for i in range(24)]
     store.upsert(chunks)
-    fields = {f["name"]: f["type"].name for f in store._connect().describe_collection("docs")["fields"]}
+    fields = {f["name"]: f["type"].name for f in store.client().describe_collection("docs")["fields"]}
     assert fields["dense"] == field_type
 
     for target in (3, 17):

@@ -191,7 +191,7 @@ def spec(server: S3Server, bucket: Bucket, store: dict, **settings) -> dict:
 
 
 def indexed_texts(pipeline: Pipeline) -> dict[str, str]:
-    client = pipeline.store._connect()
+    client = pipeline.store.client()
     client.load_collection("docs")
     rows = client.query("docs", filter="", output_fields=["source_id", "text", "metadata"], limit=1000)
     return {r["source_id"]: r["text"] for r in rows}
@@ -369,7 +369,7 @@ def test_credentials_never_reach_specs_logs_errors_or_the_index(s3_server, bucke
     try:
         summary = pipeline.reindex()
         assert summary.documents_indexed == 1 and [f.stage for f in summary.failures] == ["read"]
-        client = pipeline.store._connect()
+        client = pipeline.store.client()
         stored = []
         for collection in ("docs", "docs_records"):
             client.load_collection(collection)

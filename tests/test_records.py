@@ -59,7 +59,7 @@ def test_records_round_trip_in_the_companion_collection(tmp_path):
         assert {r.source_id for r in records.all()} == {"root/a.txt", "other/b.txt"}  # the run row is no source
         records.delete(["root/a.txt"])
         assert records.get(["root/a.txt"]) == {}
-        assert store._connect().has_collection("docs_records")
+        assert store.client().has_collection("docs_records")
         assert list(records.all()) == list(records.in_scope("other/"))
     finally:
         store.close()

@@ -30,7 +30,7 @@ class MilvusClaims(ClaimStore):
         self._ready = False
 
     def _client(self) -> Any:
-        client = self.store._connect()
+        client = self.store.client()
         if not self._ready:
             self._create_if_missing(client)
             self._ready = True
@@ -40,7 +40,7 @@ class MilvusClaims(ClaimStore):
         from pymilvus import DataType, MilvusClient
 
         store, timeout = self.store, self.store.config.timeout_s
-        if not store._call("has_collection", client.has_collection, self.name, timeout=timeout):
+        if not store.call("has_collection", client.has_collection, self.name, timeout=timeout):
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=128)
             schema.add_field("body", DataType.VARCHAR, max_length=4096)
@@ -48,7 +48,7 @@ class MilvusClaims(ClaimStore):
             index = client.prepare_index_params()
             index.add_index(field_name="dummy", index_type="FLAT", metric_type="L2")
             # Strong: a claimant must see every claim acknowledged before its read (pipeline.lease).
-            store._call(
+            store.call(
                 "create lock collection",
                 client.create_collection,
                 self.name,
@@ -57,10 +57,10 @@ class MilvusClaims(ClaimStore):
                 consistency_level="Strong",
                 timeout=timeout,
             )
-        store._call("load lock collection", client.load_collection, self.name, timeout=timeout)
+        store.call("load lock collection", client.load_collection, self.name, timeout=timeout)
 
     def claims(self) -> list[LockClaim]:
-        rows = self.store._call(
+        rows = self.store.call(
             "read lock claims",
             self._client().query,
             self.name,
@@ -74,15 +74,15 @@ class MilvusClaims(ClaimStore):
 
     def put(self, claim: LockClaim) -> None:
         row = {"id": _row_id(claim.owner), "body": claim.to_json(), "dummy": self._DUMMY}
-        self.store._call(
+        self.store.call(
             "write lock claim", self._client().upsert, self.name, [row], timeout=self.store.config.timeout_s
         )
 
     def delete(self, owner: str) -> None:
-        client, timeout = self.store._connect(), self.store.config.timeout_s
+        client, timeout = self.store.client(), self.store.config.timeout_s
         # Gone with its database file when a Milvus Lite 2.5 rebuild moved the new file in: nothing to delete.
-        if self.store._call("has_collection", client.has_collection, self.name, timeout=timeout):
-            self.store._call("delete lock claim", client.delete, self.name, ids=[_row_id(owner)], timeout=timeout)
+        if self.store.call("has_collection", client.has_collection, self.name, timeout=timeout):
+            self.store.call("delete lock claim", client.delete, self.name, ids=[_row_id(owner)], timeout=timeout)
 
 
 def _row_id(owner: str) -> str:

@@ -68,9 +68,9 @@ class MilvusRecords(RecordStore):
 
     def drop(self) -> None:
         """Drop the record with the collection it describes (after a full rebuild replaced both)."""
-        client = self.store._connect()
-        if self.store._call("has_collection", client.has_collection, self.name, timeout=self.store.config.timeout_s):
-            self.store._call(
+        client = self.store.client()
+        if self.store.call("has_collection", client.has_collection, self.name, timeout=self.store.config.timeout_s):
+            self.store.call(
                 "drop records collection", client.drop_collection, self.name, timeout=self.store.config.timeout_s
             )
         self._dropped = True
@@ -78,7 +78,7 @@ class MilvusRecords(RecordStore):
     def _client(self) -> Any:
         if self._dropped:
             raise RuntimeError(f"the index record {self.name!r} was dropped by a full rebuild")
-        client = self.store._connect()
+        client = self.store.client()
         if not self._ready:
             self._create_if_missing(client)
             self._ready = True
@@ -88,7 +88,7 @@ class MilvusRecords(RecordStore):
         from pymilvus import DataType, MilvusClient
 
         store, timeout = self.store, self.store.config.timeout_s
-        if not store._call("has_collection", client.has_collection, self.name, timeout=timeout):
+        if not store.call("has_collection", client.has_collection, self.name, timeout=timeout):
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=128)
             schema.add_field("kind", DataType.VARCHAR, max_length=16)
@@ -97,7 +97,7 @@ class MilvusRecords(RecordStore):
             schema.add_field("dummy", DataType.FLOAT_VECTOR, dim=2)
             index = client.prepare_index_params()
             index.add_index(field_name="dummy", index_type="FLAT", metric_type="L2")
-            store._call(
+            store.call(
                 "create records collection",
                 client.create_collection,
                 self.name,
@@ -106,15 +106,15 @@ class MilvusRecords(RecordStore):
                 consistency_level="Strong",
                 timeout=timeout,
             )  # the skip decisions read their own writes
-        description = store._call("describe records collection", client.describe_collection, self.name, timeout=timeout)
+        description = store.call("describe records collection", client.describe_collection, self.name, timeout=timeout)
         for column in description.get("fields", []):
             if column.get("name") == "body":
                 self._body_max = int((column.get("params") or {}).get("max_length", BODY_MAX_BYTES))
-        store._call("load records collection", client.load_collection, self.name, timeout=timeout)
+        store.call("load records collection", client.load_collection, self.name, timeout=timeout)
 
     def _query(self, expression: str, limit: int) -> list[dict[str, Any]]:
         """Rows of a query known to match at most ``limit`` rows (ids listed, the run row)."""
-        return self.store._call(
+        return self.store.call(
             "query records",
             self._client().query,
             self.name,
@@ -181,7 +181,7 @@ class MilvusRecords(RecordStore):
     def delete(self, source_ids: Sequence[str]) -> None:
         for start in range(0, len(source_ids), self._PAGE):
             row_ids = [source_row_id(source_id) for source_id in source_ids[start : start + self._PAGE]]
-            self.store._call(
+            self.store.call(
                 "delete records", self._client().delete, self.name, ids=row_ids, timeout=self.store.config.timeout_s
             )
 
@@ -194,4 +194,4 @@ class MilvusRecords(RecordStore):
         return json.loads(rows[0]["body"]) if rows else None
 
     def _upsert(self, rows: list[dict[str, Any]]) -> None:
-        self.store._call("upsert records", self._client().upsert, self.name, rows, timeout=self.store.config.timeout_s)
+        self.store.call("upsert records", self._client().upsert, self.name, rows, timeout=self.store.config.timeout_s)

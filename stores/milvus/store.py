@@ -177,7 +177,7 @@ class MilvusStore(Store):
 
     # ---- calling Milvus -----------------------------------------------------------------
 
-    def _call(self, operation: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def call(self, operation: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn`` with retries for transient failures; any final failure as a scrubbed MilvusStoreError."""
         tenacity = require("tenacity", purpose="retrying Milvus requests")
         if isinstance(kwargs.get("filter"), str):
@@ -211,12 +211,14 @@ class MilvusStore(Store):
             reason = self._scrub(f"{type(exc).__name__}: {getattr(exc, 'message', None) or exc}")
             raise MilvusStoreError(f"{self.where}: {operation} failed: {reason}") from None
 
-    def _connect(self) -> Any:
+    def client(self) -> Any:
+        """The pymilvus client of this store's endpoint, shared in this process (see connection._ClientPool);
+        the index record and the lock claims reach Milvus through it and :meth:`call`."""
         if self._client is not None:
             return self._client
         endpoint, token = self.endpoint, self._token()
         self._check_lite_database(endpoint)
-        client = self._call("connect", _clients.acquire, endpoint, token, lambda: self._open_client(endpoint, token))
+        client = self.call("connect", _clients.acquire, endpoint, token, lambda: self._open_client(endpoint, token))
         self._client, self._opened = client, (endpoint, token)
         return client
 
@@ -333,25 +335,25 @@ class MilvusStore(Store):
 
     def _database_exists(self, client: Any) -> bool:
         db_name = self.config.db_name
-        return not db_name or db_name in self._call(
+        return not db_name or db_name in self.call(
             "list databases", client.list_databases, timeout=self.config.timeout_s
         )
 
     def _collection_exists(self, client: Any) -> bool:
         if not self._database_exists(client):
             return False
-        exists: bool = self._call(
+        exists: bool = self.call(
             "has_collection", client.has_collection, self.config.collection, timeout=self.config.timeout_s
         )
         return exists
 
     def _describe(self, client: Any) -> CollectionLayout:
         name, timeout = self.config.collection, self.config.timeout_s
-        description = self._call("describe collection", client.describe_collection, name, timeout=timeout)
+        description = self.call("describe collection", client.describe_collection, name, timeout=timeout)
         metric = None
-        index_names = self._call("list indexes", client.list_indexes, name, field_name=self.config.vector_field)
+        index_names = self.call("list indexes", client.list_indexes, name, field_name=self.config.vector_field)
         if index_names:
-            index = self._call("describe index", client.describe_index, name, index_names[0], timeout=timeout)
+            index = self.call("describe index", client.describe_index, name, index_names[0], timeout=timeout)
             metric = index.get("metric_type")
         return CollectionLayout.from_description(description, metric)
 
@@ -366,9 +368,9 @@ class MilvusStore(Store):
     def _load(self, client: Any) -> None:
         """A collection reopened from disk (Lite) or released on a server must be loaded to be read."""
         name, timeout = self.config.collection, self.config.timeout_s
-        state = self._call("get load state", client.get_load_state, name, timeout=timeout)
+        state = self.call("get load state", client.get_load_state, name, timeout=timeout)
         if getattr(state.get("state"), "name", "") != "Loaded":
-            self._call("load collection", client.load_collection, name, timeout=timeout)
+            self.call("load collection", client.load_collection, name, timeout=timeout)
 
     def _existing(self, load: bool = True) -> tuple[Any, CollectionLayout] | None:
         """Client and layout of the existing collection, loaded unless ``load`` is False; None when it does not exist.
@@ -383,7 +385,7 @@ class MilvusStore(Store):
         if self._layout is None:
             if self._lite_database_missing():
                 return None
-            client = self._connect()
+            client = self.client()
             if not self._collection_exists(client):
                 return None
             layout = self._describe(client)
@@ -414,7 +416,7 @@ class MilvusStore(Store):
         if self._lite_database_missing():
             return []
         try:
-            client = self._connect()
+            client = self.client()
             if unsupported := self._server_problems(client):
                 return unsupported
             if not self._collection_exists(client):
@@ -453,11 +455,11 @@ class MilvusStore(Store):
         lite_path = self.endpoint.lite_path
         if lite_path is not None:
             lite_path.parent.mkdir(parents=True, exist_ok=True)
-        client = self._connect()
+        client = self.client()
         if unsupported := self._server_problems(client):
             raise MilvusStoreError("\n".join(unsupported))
         if self.config.db_name and not self._database_exists(client):
-            self._call("create database", client.create_database, self.config.db_name, timeout=self.config.timeout_s)
+            self.call("create database", client.create_database, self.config.db_name, timeout=self.config.timeout_s)
         if not self._collection_exists(client):
             self._create(client, dimension, model_id, sparse_model_id)
         layout = self._describe(client)
@@ -528,7 +530,7 @@ class MilvusStore(Store):
             f" (as {target!r})" if target != name else "",
         )
         try:
-            self._call(
+            self.call(
                 "create collection",
                 client.create_collection,
                 target,
@@ -544,9 +546,9 @@ class MilvusStore(Store):
                 raise
         if target != name:
             try:
-                self._call("create alias", client.create_alias, target, name, timeout=self.config.timeout_s)
+                self.call("create alias", client.create_alias, target, name, timeout=self.config.timeout_s)
             except MilvusStoreError:
-                self._call("drop collection", client.drop_collection, target, timeout=self.config.timeout_s)
+                self.call("drop collection", client.drop_collection, target, timeout=self.config.timeout_s)
                 if not self._collection_exists(client):  # not another process that won the name
                     raise
 
@@ -574,7 +576,7 @@ class MilvusStore(Store):
         if prepared.problems:
             raise InvalidChunksError(prepared.problems, f"store stage, {self.where}")
         for batch in _batches(prepared.rows, batch_size or self.config.write_batch_size, MAX_REQUEST_BYTES):
-            self._call(
+            self.call(
                 "upsert",
                 client.upsert,
                 self.config.collection,
@@ -660,9 +662,7 @@ class MilvusStore(Store):
         filterable, unfilterable = self._by_filterability(ids)
         for start in range(0, len(filterable), DELETE_BATCH_SIZE):
             expression = filters.in_list("source_id", filterable[start : start + DELETE_BATCH_SIZE])
-            self._call(
-                "delete", client.delete, self.config.collection, filter=expression, timeout=self.config.timeout_s
-            )
+            self.call("delete", client.delete, self.config.collection, filter=expression, timeout=self.config.timeout_s)
         for source_id in unfilterable:
             self._delete_ids(client, [row["id"] for row in self._rows_of_unfilterable(client, source_id)])
 
@@ -687,9 +687,7 @@ class MilvusStore(Store):
     def _delete_ids(self, client: Any, chunk_ids: Sequence[str]) -> None:
         for start in range(0, len(chunk_ids), DELETE_BATCH_SIZE):
             expression = filters.in_list("id", chunk_ids[start : start + DELETE_BATCH_SIZE])
-            self._call(
-                "delete", client.delete, self.config.collection, filter=expression, timeout=self.config.timeout_s
-            )
+            self.call("delete", client.delete, self.config.collection, filter=expression, timeout=self.config.timeout_s)
 
     def _by_filterability(self, source_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """Source ids a filter expression can match, and those it cannot on this engine.
@@ -727,7 +725,7 @@ class MilvusStore(Store):
 
     def _chunk_ids_of(self, client: Any, source_ids: Sequence[str]) -> list[dict[str, Any]]:
         """``{"id", "source_id"}`` of every chunk of these (filterable) sources."""
-        rows: list[dict[str, Any]] = self._call(
+        rows: list[dict[str, Any]] = self.call(
             "query",
             client.query,
             self.config.collection,
@@ -795,7 +793,7 @@ class MilvusStore(Store):
         """
         if self.endpoint.lite_path is not None:
             _quiet_lite_iterator_timestamp_warning()
-        iterator = self._call(
+        iterator = self.call(
             "query",
             client.query_iterator,
             collection,
@@ -805,7 +803,7 @@ class MilvusStore(Store):
             timeout=self.config.timeout_s,
         )
         try:
-            while page := self._call("query", iterator.next):
+            while page := self.call("query", iterator.next):
                 yield from page
         finally:
             iterator.close()
@@ -823,7 +821,7 @@ class MilvusStore(Store):
         if existing is None:
             return 0
         client, _ = existing
-        result = self._call(
+        result = self.call(
             "count",
             client.query,
             self.config.collection,
@@ -853,7 +851,7 @@ class MilvusStore(Store):
         if isinstance(query, str):
             raise ValueError(f"{self.where}: query vector {query}")
         params = {"metric_type": layout.metric or self.config.dense_index()[1], "params": dict(search_params or {})}
-        results = self._call(
+        results = self.call(
             "search",
             client.search,
             self.config.collection,
@@ -885,7 +883,7 @@ class MilvusStore(Store):
         """
         client, layout = self._ready()
         metric, data = self._request_data(request, layout)
-        results = self._call(
+        results = self.call(
             "search",
             client.search,
             self.config.collection,
@@ -946,7 +944,7 @@ class MilvusStore(Store):
             ranker = pymilvus.RRFRanker(fusion.k)
         else:
             ranker = pymilvus.WeightedRanker(*fusion.weights, norm_score=fusion.normalize)
-        results = self._call(
+        results = self.call(
             "hybrid search",
             client.hybrid_search,
             self.config.collection,
@@ -991,10 +989,10 @@ class MilvusStore(Store):
         that name; None when neither exists."""
         if self._lite_database_missing():
             return None
-        client = self._connect()
+        client = self.client()
         if not self._collection_exists(client):
             return None
-        description = self._call(
+        description = self.call(
             "describe collection", client.describe_collection, self.config.collection, timeout=self.config.timeout_s
         )
         return str(description.get("collection_name") or self.config.collection)
@@ -1007,9 +1005,9 @@ class MilvusStore(Store):
 
     def build_collections(self) -> list[str]:
         """Collections that full rebuilds of this name created (``<name>__rebuild_<time>``)."""
-        client = self._connect()
+        client = self.client()
         prefix = f"{self.config.collection}{REBUILD_INFIX}"
-        names = self._call("list collections", client.list_collections, timeout=self.config.timeout_s)
+        names = self.call("list collections", client.list_collections, timeout=self.config.timeout_s)
         return sorted(name for name in names if name.startswith(prefix) and not name.endswith(RECORDS_SUFFIX))
 
     def switch_to(self, target: str) -> str | None:
@@ -1021,20 +1019,20 @@ class MilvusStore(Store):
         earlier version, must be dropped before the name can become an alias, so queries in that
         moment find no collection (the data is already in ``target`` by then).
         """
-        client, name, timeout = self._connect(), self.config.collection, self.config.timeout_s
+        client, name, timeout = self.client(), self.config.collection, self.config.timeout_s
         previous = self.serving_collection()
         if previous is None:
-            self._call("create alias", client.create_alias, target, name, timeout=timeout)
+            self.call("create alias", client.create_alias, target, name, timeout=timeout)
         elif previous != name:
-            self._call("alter alias", client.alter_alias, target, name, timeout=timeout)
+            self.call("alter alias", client.alter_alias, target, name, timeout=timeout)
         else:
             logger.warning(
                 "%s: replacing the collection with an alias of %r (queries fail until the alias exists)",
                 self.where,
                 target,
             )
-            self._call("drop collection", client.drop_collection, name, timeout=timeout)
-            self._call("create alias", client.create_alias, target, name, timeout=timeout)
+            self.call("drop collection", client.drop_collection, name, timeout=timeout)
+            self.call("create alias", client.create_alias, target, name, timeout=timeout)
         self._layout, self._loaded = None, False  # the next read describes and loads the new collection
         return previous
 
@@ -1097,9 +1095,9 @@ class MilvusStore(Store):
 
     def drop(self) -> None:
         """Drop this collection (never an alias's target through the alias: name a collection)."""
-        client = self._connect()
-        if self._call("has_collection", client.has_collection, self.config.collection, timeout=self.config.timeout_s):
-            self._call("drop collection", client.drop_collection, self.config.collection, timeout=self.config.timeout_s)
+        client = self.client()
+        if self.call("has_collection", client.has_collection, self.config.collection, timeout=self.config.timeout_s):
+            self.call("drop collection", client.drop_collection, self.config.collection, timeout=self.config.timeout_s)
         self._layout, self._loaded = None, False
 
     def index_record(self) -> MilvusRecords:
