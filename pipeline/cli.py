@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a spec (and the existing collection) without running it")
     _add_spec_args(validate)
+    validate.add_argument(
+        "--for",
+        dest="purpose",
+        choices=["ingest", "eval"],
+        default="ingest",
+        help="what the spec is for: eval replaces the spec's sources with the dataset, so they are not checked",
+    )
 
     sub.add_parser("schema", help="print the JSON Schema of the spec format")
 
@@ -325,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "eval":
             return _run_eval(pipeline, args)
         if args.command == "validate":
-            problems = pipeline.validate()
+            problems = pipeline.validate(args.purpose)
             for problem in problems:
                 print(scrub(f"{args.spec}: {problem}"), file=sys.stderr)
             if not problems:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from core.leases import ClaimStore
 from core.records import RecordStore
@@ -314,14 +314,19 @@ class Pipeline:
         finally:
             evaluation.close()
 
-    def validate(self) -> list[str]:
-        """Problems that would stop a run, found without running it (the spec itself is already valid)."""
+    def validate(self, purpose: Literal["ingest", "eval"] = "ingest") -> list[str]:
+        """Problems that would stop a run, found without running it (the spec itself is already valid).
+
+        ``purpose="eval"`` checks a spec for :meth:`evaluate`, which replaces the spec's sources with
+        the dataset's corpus: the sources are not checked.
+        """
         from pipeline.ray_runner import runner_problems
 
         problems: list[str] = [f"runner: {p}" for p in runner_problems(self.spec.runner)]
-        for source in self.sources:
-            problems.extend(f"stages.source ({source.type_name}): {p}" for p in source.check())
-        problems.extend(overlapping_scopes(self.sources))
+        if purpose == "ingest":
+            for source in self.sources:
+                problems.extend(f"stages.source ({source.type_name}): {p}" for p in source.check())
+            problems.extend(overlapping_scopes(self.sources))
         problems.extend(f"stages.parser: {p}" for p in self.parser.check())
         try:
             dimension, model_id = self.embedder.dimension, self.embedder.model_id

@@ -140,3 +140,15 @@ def test_judged_queries_with_empty_text_are_skipped(tmp_path):
         qrels.write("q-empty\td1\t1\n")
     dataset = load_beir(folder)
     assert set(dataset.queries) == {"q1", "q2", "q3"} and "q-empty" not in dataset.qrels
+
+
+def test_validate_for_eval_accepts_a_spec_whose_sources_the_dataset_replaces(tmp_path, capsys):
+    """Issue 24.4: `validate` refused an eval spec because its source folder does not exist."""
+    from pipeline.cli import EXIT_BAD_SPEC, EXIT_OK, main
+
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec_dict()))  # source path "docs" does not exist
+    spec = str(tmp_path / "spec.yaml")
+    assert main(["validate", spec]) == EXIT_BAD_SPEC
+    assert "stages.source (local)" in capsys.readouterr().err
+    assert main(["validate", spec, "--for", "eval"]) == EXIT_OK
+    assert capsys.readouterr().out.strip().endswith(": ok")
