@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
         "media_type='[\"application/pdf\"]' (repeatable, all must hold)",
     )
     query.add_argument("--no-rerank", action="store_true", help="skip the spec's reranker")
+    query.add_argument(
+        "--collection",
+        help="search this collection instead of the spec's (e.g. the <collection>_beir_<dataset> that eval built)",
+    )
     query.add_argument("--snippet", type=int, default=100, metavar="CHARS", help="snippet length in the table")
     query.add_argument("--json", action="store_true", help="print the full result as JSON")
 
@@ -179,9 +183,17 @@ def _run_query(pipeline, args) -> int:  # type: ignore[no-untyped-def]
 
     try:
         filters = _parse_filters(args.filter)
-        result = pipeline.query(
-            args.text, top_k=args.top_k, filters=filters, mode=args.mode, rerank=False if args.no_rerank else None
-        )
+        searched = pipeline
+        if args.collection:  # the same stages, another collection (e.g. one that eval built)
+            from pipeline.pipeline import Pipeline
+
+            searched = Pipeline(pipeline.spec.with_collection(args.collection))
+        try:
+            rerank = False if args.no_rerank else None
+            result = searched.query(args.text, top_k=args.top_k, filters=filters, mode=args.mode, rerank=rerank)
+        finally:
+            if searched is not pipeline:
+                searched.close()
     except (ValueError, QueryInputError) as exc:
         print(scrub(f"query: {exc}"), file=sys.stderr)
         return EXIT_BAD_SPEC

@@ -148,11 +148,9 @@ def eval_spec(spec: Spec, dataset: BeirDataset, collection: str | None = None) -
     source = ComponentSpec(
         "source", JsonlSource.type_name, JsonlSource, JsonlSource.Config(path=str(dataset.corpus.resolve()))
     )
-    stages = dict(spec.stages)
-    stages["source"] = [source]
-    stages["store"] = dataclasses.replace(store, config=store.config.model_copy(update={"collection": name}))
+    spec = spec.with_collection(name)
     runner = spec.runner.model_copy(update={"failures_file": spec.runner.failures_file or f"{name}.failures.jsonl"})
-    return dataclasses.replace(spec, stages=stages, runner=runner)
+    return dataclasses.replace(spec, stages={**spec.stages, "source": [source]}, runner=runner)
 
 
 def default_modes(engine: QueryEngine) -> list[str]:

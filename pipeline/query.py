@@ -110,6 +110,7 @@ class QueryResult:
     hits: list[RetrievedChunk]
     seconds: dict[str, float]  # encode, search, rerank, total
     reranked_count: int = 0  # the first hits the reranker rescored (its top_n); the rest keep retrieval order
+    searched: str = ""  # the collection searched, where it lives
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +118,7 @@ class QueryResult:
             "mode": self.mode,
             "reranked": self.reranked,
             "reranked_count": self.reranked_count,
+            "searched": self.searched,
             "seconds": self.seconds,
             "hits": [h.to_dict() for h in self.hits],
         }
@@ -184,7 +186,8 @@ class QueryEngine:
             if not self.store.exists():
                 raise QueryError(
                     f"nothing to search: {self.store.where} does not exist yet; run an ingest first "
-                    "(python -m pipeline ingest SPEC)"
+                    "(python -m pipeline ingest SPEC), or name the collection to search (query --collection; "
+                    "eval builds <collection>_beir_<dataset>)"
                 )
             sparse_id = self.sparse.model_id if self.sparse is not None else None
             problems = self.store.check(self.embedder.dimension, self.embedder.model_id, sparse_id)
@@ -250,6 +253,7 @@ class QueryEngine:
             hits=chunks,
             seconds=seconds,
             reranked_count=min(reranked_count, len(chunks)),
+            searched=self.store.where,
         )
 
     def _retrieve(self, text: str, mode: Mode, limit: int, expression: str, seconds: dict[str, float]) -> list[Hit]:
@@ -319,5 +323,6 @@ def format_table(result: QueryResult, snippet_chars: int = 100) -> str:
         rerank = " + rerank"
         if result.reranked_count < len(result.hits):
             rerank += f" of the first {result.reranked_count} (the reranker's top_n; the rest in retrieval order)"
-    header = f"{len(result.hits)} result(s), mode {result.mode}{rerank} ({timing})"
+    searched = f" in {result.searched}" if result.searched else ""
+    header = f"{len(result.hits)} result(s){searched}, mode {result.mode}{rerank} ({timing})"
     return "\n".join([header, *lines]) if result.hits else header

@@ -25,6 +25,7 @@ String values may use ``${VAR}`` and ``${VAR:-default}``; ``$$`` is a literal ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -209,6 +210,12 @@ class Spec:
 
     def stage(self, name: str) -> ComponentSpec:
         return self.stages[name]  # type: ignore[return-value]
+
+    def with_collection(self, name: str) -> Spec:
+        """The same spec, its store writing to and searching the collection ``name``."""
+        store = self.stage("store")
+        config = type(store.config).model_validate({**store.config.model_dump(), "collection": name})
+        return dataclasses.replace(self, stages={**self.stages, "store": dataclasses.replace(store, config=config)})
 
     def to_dict(self) -> dict[str, Any]:
         stages: dict[str, Any] = {}

@@ -238,6 +238,13 @@ def test_cli_query_prints_a_table_or_json_and_uses_exit_codes(tmp_path):
     assert {"score", "retrieval_score", "rerank_score", "text", "metadata"} <= set(payload["hits"][0])
     bad = run("query", str(tmp_path / "spec.yaml"), QUERY, "--filter", 'source_id={"like": "%"}')
     assert bad.returncode == 2 and "invalid filter" in bad.stderr
+    # Issue 24.3: another collection of the same stages (eval builds <collection>_beir_<dataset>)
+    elsewhere = run("query", str(tmp_path / "spec.yaml"), QUERY, "--collection", "docs_beir_tiny")
+    assert elsewhere.returncode == 3 and "docs_beir_tiny" in elsewhere.stderr and "--collection" in elsewhere.stderr
+    same = run("query", str(tmp_path / "spec.yaml"), QUERY, "--collection", "docs", "-k", "1")
+    assert same.returncode == 0 and "1 result(s) in " in same.stdout and "'docs'" in same.stdout
+    hostile = run("query", str(tmp_path / "spec.yaml"), QUERY, "--collection", "docs; drop")
+    assert hostile.returncode == 2 and "collection" in hostile.stderr
 
 
 class CountingReranker(Reranker):
