@@ -110,6 +110,7 @@ class EvalReport:
     chunks: int
     ingest_seconds: float | None  # None when an existing index was reused
     results: list[ModeResult] = field(default_factory=list)
+    load_seconds: dict[str, float] = field(default_factory=dict)  # model loading, before any query is timed
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,9 +122,10 @@ class EvalReport:
         ingest = (
             f"ingested in {self.ingest_seconds:.0f} s" if self.ingest_seconds is not None else "existing index reused"
         )
+        loading = ", ".join(f"{model} {seconds:.1f} s" for model, seconds in self.load_seconds.items())
         lines = [
             f"{self.dataset} ({self.split}): {self.documents} documents, {self.chunks} chunks in {self.collection!r}, "
-            f"{ingest}",
+            f"{ingest}" + (f"; models loaded before timing: {loading}" if loading else ""),
             f"{'mode':<16}{'nDCG@10':>9}{'R@100':>9}{'MRR@10':>9}{'p50 ms':>9}{'p95 ms':>9}{'queries':>9}",
         ]
         for r in self.results:
@@ -178,6 +180,7 @@ def evaluate_dataset(
     engine = pipeline.query_engine
     evaluator = ModeEvaluator(engine, dataset, max_queries=max_queries, progress=progress)
     report.results = evaluator.run(list(modes) if modes else default_modes(engine))
+    report.load_seconds = dict(engine.load_seconds)
     report.notes.extend(evaluator.notes)
     return report
 

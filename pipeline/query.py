@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -141,6 +141,7 @@ class QueryEngine:
         self.reranker = reranker
         self._ready = False
         self._ready_lock = threading.Lock()
+        self.load_seconds: dict[str, float] = {}  # model -> seconds its warm-up took (set by warm_up)
 
     # -- what the collection can serve -------------------------------------------------------------
 
@@ -193,7 +194,15 @@ class QueryEngine:
             problems = self.store.check(self.embedder.dimension, self.embedder.model_id, sparse_id)
             if problems:
                 raise QueryError("the collection does not fit this spec:\n" + "\n".join(problems))
-            self.embedder.embed_query("warm-up")  # loads the model now, not inside the first request
+            # Every model the query path uses is loaded now, not inside the first request (whose
+            # latency would include it); each one's load time is kept apart (load_seconds).
+            self.load_seconds["embedder"] = _timed(lambda: self.embedder.embed_query("warm-up"))
+            if self.sparse is not None:
+                sparse = self.sparse
+                self.load_seconds["sparse"] = _timed(lambda: sparse.encode_query("warm-up"))
+            if self.reranker is not None:
+                reranker = self.reranker
+                self.load_seconds["reranker"] = _timed(lambda: reranker.score("warm-up", ["warm-up"]))
             self._ready = True
 
     # -- querying ----------------------------------------------------------------------------------
@@ -288,6 +297,12 @@ class QueryEngine:
         if branch == "bm25":
             return SearchRequest(store_config.bm25.field, text, limit)  # type: ignore[union-attr]
         return SearchRequest(store_config.learned_sparse.field, self.sparse.encode_query(text), limit)  # type: ignore[union-attr]
+
+
+def _timed(action: Callable[[], object]) -> float:
+    began = time.perf_counter()
+    action()
+    return time.perf_counter() - began
 
 
 def _retrieved(rank: int, hit: Hit, rerank_score: float | None) -> RetrievedChunk:

@@ -102,6 +102,8 @@ def test_every_mode_is_measured_and_chunks_map_to_documents(tmp_path):
     assert "nDCG@10" in text and "hybrid" in text
     again = Pipeline(spec).evaluate(folder, reuse_index=True, modes=["bm25"], max_queries=2)
     assert again.ingest_seconds is None and [r.queries for r in again.results] == [2]
+    assert "embedder" in report.load_seconds and "models loaded before timing: embedder" in report.format()
+    assert report.to_dict()["load_seconds"] == report.load_seconds
     with pytest.raises(EvaluationError, match="needs a reranker"):
         Pipeline(spec).evaluate(folder, reuse_index=True, modes=["hybrid+rerank"])
 

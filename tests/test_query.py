@@ -270,7 +270,7 @@ def test_the_reranker_rescores_its_top_n_whatever_top_k_is(ingested):
     reranker = CountingReranker(top_n=2)
     engine = QueryEngine(ingested.store, ingested.embedder, ingested.spec.query, reranker=reranker)
     result = engine.query(QUERY, top_k=5, mode="dense")
-    assert reranker.calls == [2] and result.reranked and result.reranked_count == 2
+    assert reranker.calls == [1, 2] and result.reranked and result.reranked_count == 2  # warm-up, then top_n
     assert [h.rerank_score is not None for h in result.hits] == [True, True, False, False, False]
     head = result.hits[:2]
     assert head[0].rerank_score >= head[1].rerank_score  # the longer passage of the two first
@@ -280,3 +280,15 @@ def test_the_reranker_rescores_its_top_n_whatever_top_k_is(ingested):
     assert "rerank of the first 2" in format_table(result) and result.to_dict()["reranked_count"] == 2
     few = engine.query(QUERY, top_k=1, mode="dense")  # top_k under top_n: top_n candidates are rescored
     assert reranker.calls[-1] == 2 and few.reranked_count == 1 and "first" not in format_table(few)
+
+
+def test_warm_up_loads_every_model_of_the_query_path_and_times_each(ingested):
+    """Issue 24.6: only the embedder was warmed, so the first reranked query (and eval's p95) paid
+    for loading the reranker."""
+    reranker = CountingReranker(top_n=2)
+    engine = QueryEngine(ingested.store, ingested.embedder, ingested.spec.query, reranker=reranker)
+    engine.warm_up()
+    assert reranker.calls == [1]  # scored once before any query
+    assert set(engine.load_seconds) == {"embedder", "reranker"} and all(s >= 0 for s in engine.load_seconds.values())
+    engine.query(QUERY, top_k=2, mode="dense")
+    assert reranker.calls == [1, 2]  # the query's own rerank; no second warm-up
