@@ -1,9 +1,8 @@
 """The layering, read from the source: ``core`` at the bottom, the stage packages on it, the
 orchestration (``pipeline``) on top, and no import cycle anywhere.
 
-Imports are read with ``ast`` from every library module, including imports inside functions (a
-lazy import still ties two modules together); only ``if TYPE_CHECKING:`` blocks are left out,
-as they never run.
+Imports are read with ``ast`` from every library module, including imports inside functions and
+``if TYPE_CHECKING:`` blocks: a lazy or type-only import still ties two modules together.
 """
 
 from __future__ import annotations
@@ -28,22 +27,12 @@ def library_modules() -> dict[str, Path]:
     return modules
 
 
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The library modules ``name`` imports (a ``from package import module`` counts as the module)."""
     found: set[str] = set()
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -8,12 +8,13 @@ its record, but not the lock that the rebuilding run holds.
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from core.leases import ClaimStore, LockClaim
 
-if TYPE_CHECKING:
-    from stores.milvus.store import MilvusStore
+# The store is typed by what is used of it (client(), call(), config ...), not by MilvusStore:
+# stores.milvus.store builds these objects, so importing it here, even for types, is a cycle.
+MilvusStore = Any
 
 LOCK_SUFFIX = "_lock"
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 from core.records import RecordStore
 from stores.base import Rebuild
 from stores.milvus.records import MilvusRecords
 
-if TYPE_CHECKING:
-    from stores.milvus.store import MilvusStore
+# The store is typed by what is used of it (client(), call(), config ...), not by MilvusStore:
+# stores.milvus.store builds these objects, so importing it here, even for types, is a cycle.
+MilvusStore = Any
 
 REBUILD_INFIX = "__rebuild_"  # <collection>__rebuild_<UTC time>: a full rebuild's new collection
 SWITCH_GRACE_S = 5.0  # how long a rebuild's old collection outlives the switch of its alias
@@ -45,7 +46,7 @@ class CollectionRebuild(Rebuild):
         self.store: MilvusStore = served.with_collection(f"{served.config.collection}{REBUILD_INFIX}{stamp}")
 
     def served_sources_with_chunks(self, source_ids: Sequence[str]) -> set[str]:
-        return self.served.sources_with_chunks(source_ids)
+        return set(self.served.sources_with_chunks(source_ids))
 
     def switch(self) -> str:
         try:
@@ -77,7 +78,7 @@ class FileRebuild(Rebuild):
         self.store: MilvusStore = served.with_lite_path(served.lite_build_path(stamp))
 
     def served_sources_with_chunks(self, source_ids: Sequence[str]) -> set[str]:
-        return self.served.sources_with_chunks(source_ids)
+        return set(self.served.sources_with_chunks(source_ids))
 
     def switch(self) -> str:
         # The served file's record goes with it: the build's own record, written under the same

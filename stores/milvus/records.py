@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from core.records import RecordStore, RecordTooLarge, SourceRecord
 from stores import filters
 
-if TYPE_CHECKING:
-    from stores.milvus.store import MilvusStore
+# The store is typed by what is used of it (client(), call(), config ...), not by MilvusStore:
+# stores.milvus.store builds these objects, so importing it here, even for types, is a cycle.
+MilvusStore = Any
 
 # A source's row is keyed by a digest of its id, never the id itself: source ids can hold quotes
 # and control characters that some engines mishandle in primary keys (Milvus Lite 2.5 fails an
@@ -114,14 +115,16 @@ class MilvusRecords(RecordStore):
 
     def _query(self, expression: str, limit: int) -> list[dict[str, Any]]:
         """Rows of a query known to match at most ``limit`` rows (ids listed, the run row)."""
-        return self.store.call(
-            "query records",
-            self._client().query,
-            self.name,
-            filter=expression,
-            output_fields=["id", "body"],
-            limit=limit,
-            timeout=self.store.config.timeout_s,
+        return list(
+            self.store.call(
+                "query records",
+                self._client().query,
+                self.name,
+                filter=expression,
+                output_fields=["id", "body"],
+                limit=limit,
+                timeout=self.store.config.timeout_s,
+            )
         )
 
     def _iterate(self, expression: str) -> Iterator[dict[str, Any]]:
