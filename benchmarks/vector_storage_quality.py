@@ -30,6 +30,7 @@ from core.types import Chunk  # noqa: E402
 from pipeline.evaluate import ModeEvaluator, eval_spec, load_beir  # noqa: E402
 from pipeline.pipeline import Pipeline  # noqa: E402
 from pipeline.spec import parse_spec  # noqa: E402
+from stores.base import IndexSchema  # noqa: E402
 
 BYTES_PER_DIMENSION = {"float32": 4.0, "float16": 2.0, "binary": 1 / 8}
 
@@ -98,7 +99,7 @@ def main() -> None:
             pipeline = source if storage == "float32" else pipeline_for(folder, args.index, dataset, storage)
             if pipeline is not source:
                 pipelines.append(pipeline)
-                pipeline.store.prepare(dimension, source.embedder.model_id)
+                pipeline.store.prepare(IndexSchema(dimension, source.embedder.model_id))
                 if pipeline.store.count() != len(chunks):
                     for start in range(0, len(chunks), 1000):
                         pipeline.store.upsert(chunks[start : start + 1000])

@@ -7,7 +7,11 @@ reads :class:`Hit` rows; a store turns them into its engine's requests.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+Branch = Literal["dense", "bm25", "sparse"]
+"""A retrieval branch: dense vectors, BM25 over the chunk text, or a learned sparse encoder."""
+BRANCHES: tuple[Branch, ...] = ("dense", "bm25", "sparse")
 
 
 @dataclass(frozen=True)
@@ -22,13 +26,13 @@ class Hit:
 
 @dataclass(frozen=True)
 class SearchRequest:
-    """One retrieval branch: a vector field and what to search it with.
+    """One retrieval branch and what to search it with.
 
-    ``data`` is a dense vector for the dense field, a ``{term id: weight}`` mapping for a learned
-    sparse field, or the query text itself for the BM25 field (Milvus tokenises it).
+    ``data`` is a dense vector for ``dense``, a ``{term id: weight}`` mapping for ``sparse``, or
+    the query text itself for ``bm25`` (the store tokenises it as it tokenised the chunks).
     """
 
-    field: str
+    branch: Branch
     data: Any
     limit: int
 

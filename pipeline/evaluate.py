@@ -34,7 +34,8 @@ import numpy as np
 
 from core.component import require
 from core.errors import PipelineError
-from pipeline.query import BRANCHES, MAX_LIMIT, QueryEngine
+from core.search import BRANCHES
+from pipeline.query import MAX_LIMIT, QueryEngine
 from pipeline.spec import ComponentSpec, Spec
 
 log = logging.getLogger("rag_pipeline.eval")
@@ -193,11 +194,11 @@ def _ingest(
     if reuse_index and store.count() > 0:
         if progress:
             progress(f"reusing {store.where} ({store.count()} chunks)")
-        return EvalReport(dataset.name, split, store.config.collection, documents, store.count(), None)
+        return EvalReport(dataset.name, split, store.name, documents, store.count(), None)
     if progress:
         progress(f"ingesting {documents} documents of {dataset.name} into {store.where}")
     summary = pipeline.ingest()
-    report = EvalReport(dataset.name, split, store.config.collection, documents, store.count(), summary.seconds)
+    report = EvalReport(dataset.name, split, store.name, documents, store.count(), summary.seconds)
     if summary.documents_failed:
         report.notes.append(f"{summary.documents_failed} documents failed to ingest (see {summary.failures_file})")
     report.notes.extend(summary.notes)

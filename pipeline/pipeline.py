@@ -10,16 +10,21 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
+from chunkers.base import Chunker
+from connectors.base import Parser, Source
 from core.leases import ClaimStore
 from core.records import RecordStore
+from embedders.base import Embedder
+from embedders.sparse import SparseEncoder
 from pipeline.evaluate import EvalReport, eval_spec, evaluate_dataset, load_beir
 from pipeline.incremental import ChangeTracker, stage_fingerprint
 from pipeline.lease import DEFAULT_TTL_S, Lease, index_lock
 from pipeline.query import Mode, QueryEngine, QueryResult
 from pipeline.report import Progress, RunSummary
-from pipeline.runner import LocalRunner, RunPlan
+from pipeline.runner import LocalRunner, RunPlan, index_schema
 from pipeline.spec import Spec, load_spec, parse_spec
-from stores.base import Rebuild
+from rerankers.base import Reranker
+from stores.base import Rebuild, Store
 
 
 class Pipeline:
@@ -68,35 +73,41 @@ class Pipeline:
             return self._components[name]
 
     @property
-    def sources(self) -> list[Any]:
-        sources: list[Any] = self._component("sources")
+    def sources(self) -> list[Source]:
+        sources: list[Source] = self._component("sources")
         return sources
 
     @property
-    def parser(self) -> Any:
-        return self._component("parser")
+    def parser(self) -> Parser:
+        parser: Parser = self._component("parser")
+        return parser
 
     @property
-    def chunker(self) -> Any:
-        return self._component("chunker")
+    def chunker(self) -> Chunker:
+        chunker: Chunker = self._component("chunker")
+        return chunker
 
     @property
-    def embedder(self) -> Any:
-        return self._component("embedder")
+    def embedder(self) -> Embedder:
+        embedder: Embedder = self._component("embedder")
+        return embedder
 
     @property
-    def store(self) -> Any:
-        return self._component("store")
+    def store(self) -> Store:
+        store: Store = self._component("store")
+        return store
 
     @property
-    def sparse(self) -> Any:
+    def sparse(self) -> SparseEncoder | None:
         """The learned sparse encoder (``stages.sparse``), or None."""
-        return self._component("sparse")
+        sparse: SparseEncoder | None = self._component("sparse")
+        return sparse
 
     @property
-    def reranker(self) -> Any:
+    def reranker(self) -> Reranker | None:
         """The reranker (``query.reranker``), or None."""
-        return self._component("reranker")
+        reranker: Reranker | None = self._component("reranker")
+        return reranker
 
     @property
     def query_engine(self) -> QueryEngine:
@@ -329,12 +340,11 @@ class Pipeline:
             problems.extend(overlapping_scopes(self.sources))
         problems.extend(f"stages.parser: {p}" for p in self.parser.check())
         try:
-            dimension, model_id = self.embedder.dimension, self.embedder.model_id
+            schema = index_schema(self.embedder, self.sparse)
         except Exception as exc:
             return problems + [f"stages.embedder: cannot load model: {exc}"]
         try:
-            sparse = {"sparse_model_id": self.sparse.model_id} if self.sparse is not None else {}
-            problems.extend(f"stages.store: {p}" for p in self.store.check(dimension, model_id, **sparse))
+            problems.extend(f"stages.store: {p}" for p in self.store.check(schema))
         except Exception as exc:
             problems.append(f"stages.store: cannot reach the store: {exc}")
         return problems

@@ -27,17 +27,17 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import PipelineError
-from core.search import Hit, RRFFusion, SearchRequest, WeightedFusion
+from core.filters import Filter, FilterValueError
+from core.search import BRANCHES, Branch, Hit, RRFFusion, SearchRequest, WeightedFusion
+from stores.base import IndexSchema, Store
 
 if TYPE_CHECKING:
     from embedders.base import Embedder
     from embedders.sparse import SparseEncoder
     from rerankers.base import Reranker
-    from stores.milvus import MilvusStore
 
-Branch = Literal["dense", "bm25", "sparse"]
+
 Mode = Literal["auto", "dense", "bm25", "sparse", "hybrid"]
-BRANCHES: tuple[Branch, ...] = ("dense", "bm25", "sparse")
 MAX_LIMIT = 16_384  # Milvus' ceiling for a search's limit
 
 
@@ -127,7 +127,7 @@ class QueryResult:
 class QueryEngine:
     def __init__(
         self,
-        store: MilvusStore,
+        store: Store,
         embedder: Embedder,
         config: QueryConfig | None = None,
         *,
@@ -147,12 +147,8 @@ class QueryEngine:
 
     def available_branches(self) -> list[Branch]:
         """Branches this engine can run: dense always; bm25 and sparse when the store has their fields."""
-        branches: list[Branch] = ["dense"]
-        if self.store.config.bm25 is not None:
-            branches.append("bm25")
-        if self.store.config.learned_sparse is not None and self.sparse is not None:
-            branches.append("sparse")
-        return branches
+        stored = self.store.branches()
+        return [b for b in BRANCHES if b in stored and (b != "sparse" or self.sparse is not None)]
 
     def resolve_mode(self, mode: Mode | None = None) -> Mode:
         mode = mode or self.config.mode
@@ -175,7 +171,7 @@ class QueryEngine:
     def _why_missing(self, branch: Branch) -> str:
         if branch == "bm25":
             return "the store has no BM25 field (add `bm25: {}` to the store stage and ingest into a new collection)"
-        if self.store.config.learned_sparse is None:
+        if "sparse" not in self.store.branches():
             return "the store has no learned sparse field (add `learned_sparse: {}` to the store stage)"
         return "the spec has no sparse stage to encode queries (add `sparse: {type: splade}` under stages)"
 
@@ -191,7 +187,7 @@ class QueryEngine:
                     "eval builds <collection>_beir_<dataset>)"
                 )
             sparse_id = self.sparse.model_id if self.sparse is not None else None
-            problems = self.store.check(self.embedder.dimension, self.embedder.model_id, sparse_id)
+            problems = self.store.check(IndexSchema(self.embedder.dimension, self.embedder.model_id, sparse_id))
             if problems:
                 raise QueryError("the collection does not fit this spec:\n" + "\n".join(problems))
             # Every model the query path uses is loaded now, not inside the first request (whose
@@ -216,10 +212,7 @@ class QueryEngine:
         mode: Mode | None = None,
         rerank: bool | None = None,
     ) -> QueryResult:
-        """The ``top_k`` best chunks for ``text``; ``filters`` restrict them (see
-        :func:`stores.filters.from_mapping`)."""
-        from stores import filters as filter_expressions
-
+        """The ``top_k`` best chunks for ``text``; ``filters`` restrict them (see :mod:`core.filters`)."""
         started = time.perf_counter()
         if not isinstance(text, str) or not text.strip():
             raise QueryInputError("the query is empty")
@@ -227,8 +220,8 @@ class QueryEngine:
         if not 1 <= top_k <= MAX_LIMIT:
             raise QueryInputError(f"top_k must be between 1 and {MAX_LIMIT}, got {top_k}")
         try:
-            expression = filter_expressions.from_mapping(filters or {})
-        except filter_expressions.FilterValueError as exc:
+            conditions = Filter.parse(filters)
+        except FilterValueError as exc:
             raise QueryInputError(f"invalid filter: {exc}") from None
         self.warm_up()
         resolved = self.resolve_mode(mode)
@@ -240,7 +233,7 @@ class QueryEngine:
         top_n = self.reranker.config.top_n if use_reranker and self.reranker is not None else 0
         wanted = max(top_k, top_n)
         seconds: dict[str, float] = {}
-        hits = self._retrieve(text, resolved, min(wanted, MAX_LIMIT), expression, seconds)
+        hits = self._retrieve(text, resolved, min(wanted, MAX_LIMIT), conditions, seconds)
         rerank_scores: list[float | None] = [None] * len(hits)
         reranked_count = min(top_n, len(hits))
         if reranked_count:
@@ -265,7 +258,7 @@ class QueryEngine:
             searched=self.store.where,
         )
 
-    def _retrieve(self, text: str, mode: Mode, limit: int, expression: str, seconds: dict[str, float]) -> list[Hit]:
+    def _retrieve(self, text: str, mode: Mode, limit: int, conditions: Filter, seconds: dict[str, float]) -> list[Hit]:
         branches: list[Branch] = self.hybrid_branches() if mode == "hybrid" else [mode]  # type: ignore[list-item]
         for branch in branches:
             if branch not in self.available_branches():
@@ -277,7 +270,7 @@ class QueryEngine:
         began = time.perf_counter()
         if mode != "hybrid":
             hits = self.store.search(
-                requests[0], expression, search_params=self.config.search_params if mode == "dense" else None
+                requests[0], conditions, search_params=self.config.search_params if mode == "dense" else None
             )
         else:
             fusion_config = self.config.fusion
@@ -286,17 +279,16 @@ class QueryEngine:
                 if fusion_config.method == "rrf"
                 else WeightedFusion(tuple(fusion_config.weights.get(b, 1.0) for b in branches), fusion_config.normalize)
             )
-            hits = self.store.hybrid_search(requests, fusion, limit, expression)
+            hits = self.store.hybrid_search(requests, fusion, limit, conditions)
         seconds["search"] = time.perf_counter() - began
         return hits
 
     def _request(self, branch: Branch, text: str, limit: int) -> SearchRequest:
-        store_config = self.store.config
         if branch == "dense":
-            return SearchRequest(store_config.vector_field, self.embedder.embed_query(text), limit)
+            return SearchRequest("dense", self.embedder.embed_query(text), limit)
         if branch == "bm25":
-            return SearchRequest(store_config.bm25.field, text, limit)  # type: ignore[union-attr]
-        return SearchRequest(store_config.learned_sparse.field, self.sparse.encode_query(text), limit)  # type: ignore[union-attr]
+            return SearchRequest("bm25", text, limit)
+        return SearchRequest("sparse", self.sparse.encode_query(text), limit)  # type: ignore[union-attr]
 
 
 def _timed(action: Callable[[], object]) -> float:

@@ -14,25 +14,14 @@ kinds are repaired:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from core.digests import DigestSet, digest64
 from core.records import RecordStore, SourceRecord, chunk_digest
+from stores.base import Store
 
 _SOURCES_PER_QUERY = 256  # indexed records compared with their chunks per store query
 _LISTED = 20  # source ids a report names per kind of drift
-
-
-class ChunkListing(Protocol):
-    """What reconciling needs from a store (MilvusStore has it)."""
-
-    def chunk_ids_of(self, source_ids: Sequence[str]) -> dict[str, list[str]]: ...
-
-    def rows(self, output_fields: Sequence[str]) -> Iterator[dict[str, Any]]: ...
-
-    def delete_sources(self, source_ids: Sequence[str]) -> None: ...
 
 
 @dataclass
@@ -64,7 +53,7 @@ class ReconcileReport:
         return "\n".join(lines)
 
 
-def reconcile(records: RecordStore, store: ChunkListing, *, repair: bool = True) -> ReconcileReport:
+def reconcile(records: RecordStore, store: Store, *, repair: bool = True) -> ReconcileReport:
     """Compare ``records`` with ``store``'s chunks; with ``repair``, delete orphans and mark drift.
 
     Both sides are streamed: the record once (indexed records are compared with their chunks a
@@ -100,7 +89,7 @@ def reconcile(records: RecordStore, store: ChunkListing, *, repair: bool = True)
     return report
 
 
-def _compare(indexed: list[SourceRecord], records: RecordStore, store: ChunkListing, report: ReconcileReport) -> None:
+def _compare(indexed: list[SourceRecord], records: RecordStore, store: Store, report: ReconcileReport) -> None:
     """Find the indexed records whose chunk ids differ from the chunks present; mark them for redo."""
     if not indexed:
         return

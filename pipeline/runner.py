@@ -52,7 +52,7 @@ from pipeline.stages import (
     collision_reason,
     describe_error,
 )
-from stores.base import Store
+from stores.base import IndexSchema, Store
 
 log = logging.getLogger("rag_pipeline")
 
@@ -392,22 +392,19 @@ def record_run(tracker: ChangeTracker, summary: RunSummary, started: float) -> N
     tracker.save_run(summary.run_record())
 
 
+def index_schema(embedder: Embedder, sparse: SparseEncoder | None) -> IndexSchema:
+    """What the store must keep for these stages: the dense model's vectors, and the sparse encoder's."""
+    if sparse is None:
+        return IndexSchema(embedder.dimension, embedder.model_id, vector_field=embedder.vector_field)
+    return IndexSchema(
+        embedder.dimension,
+        embedder.model_id,
+        sparse.model_id,
+        vector_field=embedder.vector_field,
+        sparse_field=sparse.vector_field,
+    )
+
+
 def prepare_store(store: Store, embedder: Embedder, sparse: SparseEncoder | None) -> None:
-    """Check that the stages and the store agree on fields, then create or check the collection."""
-    store_field = getattr(store.config, "vector_field", embedder.vector_field)
-    if store_field != embedder.vector_field:
-        raise ValueError(
-            f"the store writes vector field {store_field!r} but the embedder fills {embedder.vector_field!r}"
-        )
-    # The sparse stage and the store's learned sparse field come together, under one name.
-    learned = getattr(store.config, "learned_sparse", None)
-    learned_field = getattr(learned, "field", None)
-    if sparse is None and learned_field is not None:
-        raise ValueError(
-            f"the store has a learned sparse field {learned_field!r} but the spec has no sparse stage to fill it"
-        )
-    if sparse is not None and learned_field != sparse.vector_field:
-        where = f"its learned_sparse field is {learned_field!r}" if learned_field else "it has no learned_sparse field"
-        raise ValueError(f"the sparse stage fills {sparse.vector_field!r}, but the store cannot keep it: {where}")
-    sparse_model = {"sparse_model_id": sparse.model_id} if sparse is not None else {}
-    store.prepare(embedder.dimension, embedder.model_id, **sparse_model)
+    """Create or check the index for these stages (the store refuses fields it cannot keep)."""
+    store.prepare(index_schema(embedder, sparse))

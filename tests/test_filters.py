@@ -157,14 +157,12 @@ def test_from_mapping_builds_one_conjunction_of_safe_parts():
         }
     )
     assert expression == (
-        '(source_id == "a\\" or 1==1 or \\"") and ((chunk_index >= 1) and (chunk_index < 3)) and '
+        '(source_id == "a\\" or 1==1 or \\"") and (chunk_index >= 1) and (chunk_index < 3) and '
         '((metadata["media_type"] == "application/pdf") or (metadata["media_type"] == "text/html"))'
     )
     assert filters.from_mapping({}) == ""
     assert filters.from_mapping({"a.b": 1}) == '(metadata["a"]["b"] == 1)'
-    assert (
-        filters.from_mapping({"headings": {"contains": "Setup"}}) == '((json_contains(metadata["headings"], "Setup")))'
-    )
+    assert filters.from_mapping({"headings": {"contains": "Setup"}}) == '(json_contains(metadata["headings"], "Setup"))'
 
 
 def test_page_filters_match_chunks_by_their_page_list():

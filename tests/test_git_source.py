@@ -94,7 +94,7 @@ def pipeline_for(repo: str, tmp_path: Path, **settings) -> Pipeline:
 
 def texts(pipeline: Pipeline) -> dict[str, str]:
     out: dict[str, list[str]] = {}
-    for row in pipeline.store.rows.values():
+    for row in pipeline.store.table.values():
         out.setdefault(row["source_id"], []).append(row["text"])
     return {k: " ".join(v) for k, v in out.items()}
 

@@ -46,7 +46,7 @@ class Index:
 
     def texts_by_source(self) -> dict[str, set[str]]:
         out: dict[str, set[str]] = {}
-        for row in self.pipeline.store.rows.values():
+        for row in self.pipeline.store.table.values():
             out.setdefault(row["source_id"], set()).add(row["text"])
         return out
 
@@ -180,11 +180,11 @@ def test_full_cleanup_is_scoped_to_the_source_root():
     records = MemoryRecords()
     team_a = make({"a.txt": "one"}, namespace="team-a")
     team_b = make({"b.txt": "two"}, namespace="team-b")
-    team_b.store.rows = team_a.store.rows  # the two specs share one collection and its record
+    team_b.store.table = team_a.store.table  # the two specs share one collection and its record
     team_a.reindex(records=records)
     team_b.reindex(records=records)
     team_a.reindex(records=records)
-    assert {row["source_id"] for row in team_a.store.rows.values()} == {"team-a/a.txt", "team-b/b.txt"}
+    assert {row["source_id"] for row in team_a.store.table.values()} == {"team-a/a.txt", "team-b/b.txt"}
     assert set(records.records) == {"team-a/a.txt", "team-b/b.txt"}
 
 

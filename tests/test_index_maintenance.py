@@ -9,6 +9,7 @@ import pytest
 from core.records import MemoryRecords
 from pipeline import Pipeline
 from pipeline.cli import EXIT_OK, main
+from stores.base import IndexSchema
 from stores.milvus import MilvusStore
 from tests.plugins.components import PLUGINS, base_spec
 
@@ -119,12 +120,12 @@ def test_leftover_of_a_crashed_rebuild_is_dropped_by_the_next(tmp_path):
         dimension, model = pipeline.embedder.dimension, pipeline.embedder.model_id
         if store.has_aliases:
             crashed = store.with_collection("docs__rebuild_20260101T000000")
-            crashed.prepare(dimension, model)
+            crashed.prepare(IndexSchema(dimension, model))
             crashed.close()
             assert "docs__rebuild_20260101T000000" in collections(store)
         else:
             crashed = store.with_lite_path(store.lite_build_path("20260101T000000"))
-            crashed.prepare(dimension, model)
+            crashed.prepare(IndexSchema(dimension, model))
             crashed.close()
             assert rebuild_files(tmp_path) == ["index__rebuild_20260101T000000.db"]
         pipeline.full_rebuild()

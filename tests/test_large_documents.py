@@ -55,11 +55,11 @@ def make(documents: dict[str, str], embedder: dict | None = None, **runner) -> P
 
 
 def rows(pipeline: Pipeline) -> dict[str, tuple[str, str, bytes]]:
-    return {cid: (row["source_id"], row["text"], row["vector"].tobytes()) for cid, row in pipeline.store.rows.items()}
+    return {cid: (row["source_id"], row["text"], row["dense"].tobytes()) for cid, row in pipeline.store.table.items()}
 
 
 def ids_of(pipeline: Pipeline, source_id: str) -> set[str]:
-    return {cid for cid, row in pipeline.store.rows.items() if row["source_id"] == source_id}
+    return {cid for cid, row in pipeline.store.table.items() if row["source_id"] == source_id}
 
 
 class StoreLog:
@@ -365,8 +365,15 @@ from tests.plugins.components import HashEmbedder
 
 class CountingStore(Store):
     # Keeps nothing but a count, so what is measured is the pipeline, not the index.
-    def prepare(self, dimension, model_id): pass
-    def check(self, dimension, model_id): return []
+    # It never searches: the run only writes.
+    def prepare(self, schema): pass
+    def check(self, schema): return []
+    def exists(self): return True
+    def branches(self): return ("dense",)
+    def search(self, request, filters=None, *, search_params=None): return []
+    def hybrid_search(self, requests, fusion, limit, filters=None): return []
+    def chunk_ids_of(self, source_ids): return dict()
+    def rows(self, output_fields): return iter(())
     def upsert(self, chunks):
         self.written = getattr(self, "written", 0) + len(chunks)
         return len(chunks)

@@ -19,9 +19,11 @@ import pytest
 import yaml
 
 from core.errors import LockHeldError, StoreSchemaError
+from core.filters import Filter
 from pipeline import Pipeline
 from pipeline.lease import index_lock
 from stores import filters
+from stores.base import IndexSchema
 from stores.milvus import (
     InvalidChunksError,
     MilvusStore,
@@ -78,18 +80,18 @@ def rows(store: MilvusStore) -> list[tuple[str, str]]:
 
 def test_prepare_creates_the_collection_and_refuses_another_embedder(server_store, milvus_server):
     store = server_store(text_max_length=40)
-    assert store.check(DIM, MODEL) == [] and not store.exists()  # checking created nothing
-    store.prepare(DIM, MODEL)
+    assert store.check(IndexSchema(DIM, MODEL)) == [] and not store.exists()  # checking created nothing
+    store.prepare(IndexSchema(DIM, MODEL))
     store.upsert([make_chunk("a.md", 0), make_chunk("a.md", 1)])
 
     other = server_store()
     with pytest.raises(StoreSchemaError) as refused:
-        other.prepare(16, MODEL)
+        other.prepare(IndexSchema(16, MODEL))
     message = str(refused.value)
     assert f"at {milvus_server.uri}" in message
     assert "stores 8-d vectors from model test/model-a" in message and "16-d vectors with model test/model-a" in message
-    assert other.check(16, MODEL) == message.splitlines()
-    assert any("not comparable" in p for p in other.check(DIM, "test/model-b"))
+    assert other.check(IndexSchema(16, MODEL)) == message.splitlines()
+    assert any("not comparable" in p for p in other.check(IndexSchema(DIM, "test/model-b")))
 
     # The server's own max_length, in bytes: 25 characters of "é" are 50 bytes.
     with pytest.raises(InvalidChunksError, match="text is 50 bytes of UTF-8, over the collection's limit of 40"):
@@ -99,7 +101,7 @@ def test_prepare_creates_the_collection_and_refuses_another_embedder(server_stor
 
 def test_upserts_by_deterministic_id_never_duplicate(server_store):
     store = server_store()
-    store.prepare(DIM, MODEL)
+    store.prepare(IndexSchema(DIM, MODEL))
     chunks = [make_chunk("a.md", i) for i in range(3)] + [make_chunk("b.md", i) for i in range(2)]
     assert store.upsert(chunks) == 5
     assert store.upsert(chunks, batch_size=2) == 5  # the same ids again, over three requests
@@ -116,7 +118,7 @@ def test_upserts_by_deterministic_id_never_duplicate(server_store):
 
 def test_hostile_source_ids_select_exactly_their_source(server_store):
     store = server_store()
-    store.prepare(DIM, MODEL)
+    store.prepare(IndexSchema(DIM, MODEL))
     chunks = [make_chunk(source_id, 0, axis=0) for source_id in HOSTILE_SOURCE_IDS]
     store.upsert(chunks)
     query = chunks[0].vectors["dense"]
@@ -135,7 +137,7 @@ def test_hostile_source_ids_select_exactly_their_source(server_store):
 
 def test_delete_stale_keeps_only_the_listed_chunks_of_each_source(server_store):
     store = server_store()
-    store.prepare(DIM, MODEL)
+    store.prepare(IndexSchema(DIM, MODEL))
     hostile = "dir/a\"b'c.md"
     old = (
         [make_chunk(hostile, i) for i in range(4)] + [make_chunk("b.md", i) for i in range(2)] + [make_chunk("c.md", 0)]
@@ -149,7 +151,7 @@ def test_delete_stale_keeps_only_the_listed_chunks_of_each_source(server_store):
 
 def test_dense_search_with_filters_on_fields_metadata_and_pages(server_store):
     store = server_store(index={"type": "HNSW", "metric": "COSINE", "params": {"M": 8, "efConstruction": 64}})
-    store.prepare(DIM, MODEL)
+    store.prepare(IndexSchema(DIM, MODEL))
     chunks = [make_chunk("guide.md", i) for i in range(DIM)]
     for chunk in chunks:
         chunk.metadata["page_numbers"] = [chunk.index // 2 + 1]  # two chunks per page
@@ -212,7 +214,7 @@ def test_validate_and_ingest_refuse_what_the_server_version_lacks(milvus_server,
     if not supports(milvus_server.version, SPARSE_VECTORS):
         learned = MilvusStore(uri=milvus_server.uri, collection=server_collection, learned_sparse={})
         try:
-            (problem,) = learned.check(DIM, MODEL)
+            (problem,) = learned.check(IndexSchema(DIM, MODEL))
             assert "the store's learned_sparse field needs Milvus >= 2.4 (sparse float vectors)" in problem
         finally:
             learned.close()
@@ -300,7 +302,7 @@ def server_pipeline(milvus_server, tmp_path_factory):
 
 
 def test_dense_query_after_a_pipeline_ingest(server_pipeline, milvus_server):
-    dense = server_pipeline.query(QUERY, mode="dense", top_k=2)
+    dense = server_pipeline.query(QUERY, mode="dense", limit=2)
     assert "kitchen/steeping" in ids(dense) and "errors/zx9004" not in ids(dense)
     scores = [h.score for h in dense.hits]
     assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
@@ -319,7 +321,7 @@ def test_bm25_and_hybrid_queries_after_a_pipeline_ingest(server_pipeline, milvus
     milvus_server.require(SPARSE_VECTORS, BM25_FUNCTION, HYBRID_SEARCH)
     bm25 = server_pipeline.query(QUERY, mode="bm25", top_k=5)
     assert ids(bm25) == ["errors/zx9004"] and bm25.hits[0].score > 0  # a server's BM25 scores are positive
-    hybrid = server_pipeline.query(QUERY, mode="hybrid", top_k=2)
+    hybrid = server_pipeline.query(QUERY, mode="hybrid", limit=2)
     assert set(ids(hybrid)) == {"errors/zx9004", "kitchen/steeping"}
 
 
@@ -329,7 +331,7 @@ def test_bm25_and_hybrid_queries_after_a_pipeline_ingest(server_pipeline, milvus
 def sparse_store_on(build) -> MilvusStore:
     """Three chunks with dense, BM25 and learned sparse vectors, in a store from ``server_store``."""
     store = build(bm25={"analyzer": "english"}, learned_sparse={"field": "learned"})
-    store.prepare(DIM, MODEL, sparse_model_id="test/splade-a")
+    store.prepare(IndexSchema(DIM, MODEL, sparse_model_id="test/splade-a", sparse_field="learned"))
     store.upsert(
         [
             sparse_chunk("cats.md", "Cats chase the red laser dot", 0, {10: 1.0, 11: 0.5}, [1]),
@@ -345,12 +347,12 @@ def test_bm25_and_learned_sparse_search(milvus_server, server_store):
     store = sparse_store_on(server_store)
     bm25 = store.search(SearchRequest("bm25", "laser cats", 5))
     assert [h.fields["source_id"] for h in bm25] == ["cats.md"] and bm25[0].score > 0
-    learned = store.search(SearchRequest("learned", {10: 1.0}, 5))
+    learned = store.search(SearchRequest("sparse", {10: 1.0}, 5))
     assert [h.fields["source_id"] for h in learned] == ["cats.md", "birds.md"] and learned[0].score == pytest.approx(
         1.0
     )
     paged = store.search(
-        SearchRequest("learned", {10: 1.0, 20: 1.0, 30: 1.0}, 10), filters.from_mapping({"page": {"gte": 2, "lte": 7}})
+        SearchRequest("sparse", {10: 1.0, 20: 1.0, 30: 1.0}, 10), Filter.parse({"page": {"gte": 2, "lte": 7}})
     )
     assert {h.fields["source_id"] for h in paged} == {"dogs.md", "birds.md"}
 
@@ -359,10 +361,10 @@ def test_hybrid_search_fuses_branches_and_filters_each(milvus_server, server_sto
     milvus_server.require(SPARSE_VECTORS, BM25_FUNCTION, HYBRID_SEARCH)
     store = sparse_store_on(server_store)
     requests = [SearchRequest("dense", np.eye(DIM, dtype=np.float32)[1], 1), SearchRequest("bm25", "laser", 1)]
-    fused = store.hybrid_search(requests, RRFFusion(k=60), top_k=3)
+    fused = store.hybrid_search(requests, RRFFusion(k=60), limit=3)
     assert {h.fields["source_id"] for h in fused} == {"dogs.md", "cats.md"} and fused[0].score == pytest.approx(1 / 61)
-    assert store.hybrid_search(requests, WeightedFusion((1.0, 0.0)), top_k=2)[0].fields["source_id"] == "dogs.md"
-    only_cats = store.hybrid_search(requests, RRFFusion(), top_k=3, filter_expr=filters.eq("source_id", "cats.md"))
+    assert store.hybrid_search(requests, WeightedFusion((1.0, 0.0)), limit=2)[0].fields["source_id"] == "dogs.md"
+    only_cats = store.hybrid_search(requests, RRFFusion(), limit=3, filters=Filter.parse({"source_id": "cats.md"}))
     assert [h.fields["source_id"] for h in only_cats] == ["cats.md"]
 
 

@@ -15,8 +15,10 @@ import pytest
 from pydantic import ValidationError
 
 from core.errors import StoreSchemaError
+from core.filters import Filter
 from core.types import Chunk, chunk_id
 from stores import filters
+from stores.base import IndexSchema
 from stores.milvus import InvalidChunksError, MilvusStore, MilvusStoreError
 from stores.milvus.connection import _lite_major_version
 
@@ -62,7 +64,7 @@ def open_store(tmp_path):
 
 def test_create_upsert_count_and_rerun_does_not_duplicate(open_store):
     store = open_store()
-    store.prepare(DIM, MODEL)
+    store.prepare(IndexSchema(DIM, MODEL))
     chunks = [make_chunk("a.md", i) for i in range(3)] + [make_chunk("b.md", i) for i in range(2)]
     assert store.upsert(chunks) == 5
     assert store.count() == 5
@@ -72,7 +74,7 @@ def test_create_upsert_count_and_rerun_does_not_duplicate(open_store):
 
 def test_delete_stale_keeps_only_the_listed_chunks_of_each_source(open_store):
     store = open_store()
-    store.prepare(DIM, MODEL)
+    store.prepare(IndexSchema(DIM, MODEL))
     hostile = "dir/a\"b'c.md"
     old = (
         [make_chunk(hostile, i) for i in range(4)] + [make_chunk("b.md", i) for i in range(2)] + [make_chunk("c.md", 0)]
@@ -89,7 +91,7 @@ def test_delete_stale_keeps_only_the_listed_chunks_of_each_source(open_store):
 
 def test_changed_text_under_the_same_id_replaces_the_row(open_store):
     store = open_store()
-    store.prepare(DIM, MODEL)
+    store.prepare(IndexSchema(DIM, MODEL))
     original = make_chunk("a.md", 0, text="old text")
     store.upsert([original])
     replacement = make_chunk("a.md", 0, text="new text")
@@ -119,26 +121,26 @@ def test_changed_text_under_the_same_id_replaces_the_row(open_store):
 )
 def test_a_different_embedder_is_refused_and_the_collection_is_untouched(open_store, dimension, model, expected):
     first = open_store()
-    first.prepare(DIM, MODEL)
+    first.prepare(IndexSchema(DIM, MODEL))
     first.upsert([make_chunk("a.md", 0), make_chunk("a.md", 1)])
     first.close()
 
     other = open_store()
     with pytest.raises(StoreSchemaError) as refused:
-        other.prepare(dimension, model)
+        other.prepare(IndexSchema(dimension, model))
     for pattern in expected:
         assert any(re.search(pattern, line) for line in str(refused.value).splitlines()), pattern
-    assert other.check(dimension, model) == str(refused.value).splitlines()
+    assert other.check(IndexSchema(dimension, model)) == str(refused.value).splitlines()
     other.close()
 
     again = open_store()
-    again.prepare(DIM, MODEL)  # still the original collection, data intact
+    again.prepare(IndexSchema(DIM, MODEL))  # still the original collection, data intact
     assert again.count() == 2
 
 
 def test_check_creates_nothing_and_reports_foreign_collections(open_store, tmp_path):
     missing = open_store(uri=str(tmp_path / "nested" / "new.db"))
-    assert missing.check(DIM, MODEL) == []
+    assert missing.check(IndexSchema(DIM, MODEL)) == []
     assert missing.count() == 0
     assert not (tmp_path / "nested").exists()
 
@@ -156,7 +158,7 @@ def test_check_creates_nothing_and_reports_foreign_collections(open_store, tmp_p
     client.create_collection("docs", schema=schema, index_params=index)
     client.close()
 
-    problems = open_store(uri=str(path)).check(DIM, MODEL)
+    problems = open_store(uri=str(path)).check(IndexSchema(DIM, MODEL))
     text = "\n".join(problems)
     assert "field 'source_id' is INT64, the store writes VARCHAR" in text
     assert "has no field 'text'" in text and "has no field 'metadata'" in text
@@ -167,7 +169,7 @@ def test_check_creates_nothing_and_reports_foreign_collections(open_store, tmp_p
 
 def test_reopen_after_close_reads_the_persisted_collection(open_store, tmp_path):
     store = open_store()
-    store.prepare(DIM, MODEL)
+    store.prepare(IndexSchema(DIM, MODEL))
     chunks = [make_chunk("a.md", i) for i in range(4)]
     store.upsert(chunks)
     store.close()
@@ -180,14 +182,14 @@ def test_reopen_after_close_reads_the_persisted_collection(open_store, tmp_path)
     reopened = open_store()
     assert reopened.count() == 4  # loads the collection itself, without prepare
     assert reopened.search_dense(chunks[2].vectors["dense"], top_k=1)[0].id == chunks[2].id
-    reopened.prepare(DIM, MODEL)
+    reopened.prepare(IndexSchema(DIM, MODEL))
     assert reopened.upsert(chunks) == 4
     assert reopened.count() == 4
 
 
 def test_stores_on_the_same_folder_share_one_client(open_store):
     ingest = open_store()
-    ingest.prepare(DIM, MODEL)
+    ingest.prepare(IndexSchema(DIM, MODEL))
     query = open_store()
     ingest.upsert([make_chunk("a.md", 0)])
     assert query.count() == 1
@@ -211,7 +213,7 @@ HOSTILE_SOURCE_IDS = [
 
 def test_filters_and_deletes_hit_exactly_the_hostile_source(open_store):
     store = open_store()
-    store.prepare(DIM, MODEL)
+    store.prepare(IndexSchema(DIM, MODEL))
     chunks = [make_chunk(source_id, 0, axis=0) for source_id in HOSTILE_SOURCE_IDS]
     store.upsert(chunks)
     assert store.count() == len(HOSTILE_SOURCE_IDS)
@@ -244,7 +246,7 @@ def test_filters_and_deletes_hit_exactly_the_hostile_source(open_store):
 
 def test_oversized_text_names_the_source_and_writes_nothing(open_store):
     store = open_store(text_max_length=16)
-    store.prepare(DIM, MODEL)
+    store.prepare(IndexSchema(DIM, MODEL))
     fits = make_chunk("small.md", 0, text="short")
     # 10 characters but 20 bytes: Milvus limits VARCHAR in bytes, so this must be refused.
     too_long = make_chunk("docs/über.md", 3, text="é" * 10)
@@ -261,7 +263,7 @@ def test_oversized_text_names_the_source_and_writes_nothing(open_store):
 
 def test_bad_vectors_are_refused_per_document(open_store):
     store = open_store()
-    store.prepare(DIM, MODEL)
+    store.prepare(IndexSchema(DIM, MODEL))
     missing = make_chunk("missing.md", 0)
     missing.vectors.clear()
     short = make_chunk("short.md", 0)
@@ -285,7 +287,7 @@ def test_search_dense_returns_the_nearest_first(open_store):
     else:
         index, search_params = {"type": "IVF_FLAT", "metric": "COSINE", "params": {"nlist": 4}}, {"nprobe": 4}
     store = open_store(index=index)
-    store.prepare(DIM, MODEL)
+    store.prepare(IndexSchema(DIM, MODEL))
     chunks = [make_chunk("a.md", i) for i in range(DIM)]
     store.upsert(chunks)
     query = chunks[5].vectors["dense"] + 0.2 * chunks[6].vectors["dense"]
@@ -303,7 +305,7 @@ def test_rows_reads_every_row_back_with_wide_vectors(open_store):
     # until the deadline; the store pages by vector size.
     store = open_store(timeout_s=20)
     dim = 768
-    store.prepare(dim, MODEL)
+    store.prepare(IndexSchema(dim, MODEL))
     rng = np.random.default_rng(0)
     chunks = []
     for index in range(4200):
@@ -326,7 +328,7 @@ def test_reading_rows_from_milvus_lite_logs_no_timestamp_warning(open_store, cap
     # session timestamps; the store reads rows with one, so a reindex would warn on every run.
     # pymilvus logs through its own stderr handler (not propagated), hence capfd, not caplog.
     store = open_store()
-    store.prepare(DIM, MODEL)
+    store.prepare(IndexSchema(DIM, MODEL))
     store.upsert([make_chunk("a.md", index) for index in range(3)])
     capfd.readouterr()
     assert len(list(store.rows(["id"]))) == 3
@@ -349,8 +351,8 @@ def test_the_token_never_appears_in_errors_or_logs(open_store, monkeypatch, capl
     started = time.monotonic()
     with caplog.at_level(logging.DEBUG):
         with pytest.raises(MilvusStoreError) as failed:
-            store.prepare(DIM, MODEL)
-        problems = store.check(DIM, MODEL)
+            store.prepare(IndexSchema(DIM, MODEL))
+        problems = store.check(IndexSchema(DIM, MODEL))
     assert time.monotonic() - started < 15
     assert "collection 'docs' at http://127.0.0.1:1" in str(failed.value)
     assert "connect failed" in str(failed.value)
@@ -412,7 +414,7 @@ def test_a_token_echoed_json_escaped_or_in_pieces_is_scrubbed(monkeypatch):
 
 def test_a_folder_held_by_another_process_gets_a_clear_message(open_store, tmp_path):
     store = open_store()
-    store.prepare(DIM, MODEL)  # this process now holds the Lite folder
+    store.prepare(IndexSchema(DIM, MODEL))  # this process now holds the Lite folder
     script = textwrap.dedent(
         f"""
         from stores.milvus import MilvusStore
@@ -432,9 +434,10 @@ def test_an_idle_lite_connection_logs_no_grpc_errors(tmp_path):
     script = textwrap.dedent(
         f"""
         import time
+        from stores.base import IndexSchema
         from stores.milvus import MilvusStore
         store = MilvusStore(uri={str(tmp_path / "index.db")!r}, collection="docs")
-        store.prepare({DIM}, {MODEL!r})
+        store.prepare(IndexSchema({DIM}, {MODEL!r}))
         time.sleep(40)
         print("rows", store.count())
         store.close()
@@ -455,17 +458,17 @@ def test_a_database_of_the_other_milvus_lite_generation_is_explained(open_store,
         message = r"is a folder, but Milvus Lite 2\.[\d.]+ keeps its data in a single file"
     store = open_store(uri=str(other))
     with pytest.raises(MilvusStoreError, match=message):
-        store.prepare(DIM, MODEL)
-    assert re.search(message, store.check(DIM, MODEL)[0])
+        store.prepare(IndexSchema(DIM, MODEL))
+    assert re.search(message, store.check(IndexSchema(DIM, MODEL))[0])
 
 
 @pytest.mark.skipif(LITE_MAJOR >= 3, reason="Milvus Lite 3 builds HNSW")
 def test_an_index_milvus_lite_cannot_build_is_refused_before_anything_is_created(open_store, tmp_path):
     store = open_store(index={"type": "HNSW", "metric": "COSINE"})
     message = r"Milvus Lite 2\.[\d.]+ builds only AUTOINDEX, FLAT, IVF_FLAT indexes, not HNSW"
-    assert re.search(message, store.check(DIM, MODEL)[0])
+    assert re.search(message, store.check(IndexSchema(DIM, MODEL))[0])
     with pytest.raises(MilvusStoreError, match=message):
-        store.prepare(DIM, MODEL)
+        store.prepare(IndexSchema(DIM, MODEL))
     assert not (tmp_path / "index.db").exists()
 
 
@@ -474,7 +477,7 @@ def test_relative_uri_is_resolved_against_the_spec_folder(tmp_path):
     store.base_dir = tmp_path
     assert store.endpoint.lite_path == tmp_path / "indexes" / "project.db"
     try:
-        store.prepare(DIM, MODEL)
+        store.prepare(IndexSchema(DIM, MODEL))
         assert (tmp_path / "indexes" / "project.db").exists()
     finally:
         store.close()
@@ -529,7 +532,7 @@ def sparse_chunk(source_id: str, text: str, axis: int, sparse: dict, pages: list
 @pytest.fixture
 def sparse_store(open_store):
     store = open_store(bm25={"analyzer": "english"}, learned_sparse={"field": "learned"})
-    store.prepare(DIM, MODEL, sparse_model_id="test/splade-a")
+    store.prepare(IndexSchema(DIM, MODEL, sparse_model_id="test/splade-a", sparse_field="learned"))
     store.upsert(
         [
             sparse_chunk("cats.md", "Cats chase the red laser dot", 0, {10: 1.0, 11: 0.5}, [1]),
@@ -544,38 +547,38 @@ def test_bm25_and_learned_sparse_search_with_higher_is_better_scores(sparse_stor
     bm25 = sparse_store.search(SearchRequest("bm25", "laser cats", 5))
     assert [h.fields["source_id"] for h in bm25] == ["cats.md"]  # Lite's BM25 comes back negative: flipped
     assert bm25[0].score > 0
-    learned = sparse_store.search(SearchRequest("learned", {10: 1.0}, 5))
+    learned = sparse_store.search(SearchRequest("sparse", {10: 1.0}, 5))
     assert [h.fields["source_id"] for h in learned] == ["cats.md", "birds.md"] and learned[0].score == pytest.approx(
         1.0
     )
     dense = sparse_store.search(SearchRequest("dense", np.eye(DIM, dtype=np.float32)[1], 1))
     assert dense[0].fields["source_id"] == "dogs.md" and dense[0].score == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="cannot search field 'nope'"):
-        sparse_store.search(SearchRequest("nope", "x", 1))
+    with pytest.raises(ValueError, match="cannot search branch 'nope'"):
+        sparse_store.search(SearchRequest("nope", "x", 1))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="non-empty text"):
         sparse_store.search(SearchRequest("bm25", "  ", 1))
 
 
 def test_hybrid_search_fuses_branches_and_applies_the_filter_to_each(sparse_store):
     requests = [SearchRequest("dense", np.eye(DIM, dtype=np.float32)[1], 1), SearchRequest("bm25", "laser", 1)]
-    fused = sparse_store.hybrid_search(requests, RRFFusion(k=60), top_k=3)
+    fused = sparse_store.hybrid_search(requests, RRFFusion(k=60), limit=3)
     assert {h.fields["source_id"] for h in fused} == {"dogs.md", "cats.md"}  # one from each branch
     assert fused[0].score == pytest.approx(1 / 61)
-    weighted = sparse_store.hybrid_search(requests, WeightedFusion((1.0, 0.0)), top_k=2)
+    weighted = sparse_store.hybrid_search(requests, WeightedFusion((1.0, 0.0)), limit=2)
     assert weighted[0].fields["source_id"] == "dogs.md"
     only_cats = sparse_store.hybrid_search(
-        requests, RRFFusion(), top_k=3, filter_expr=filters.eq("source_id", "cats.md")
+        requests, RRFFusion(), limit=3, filters=Filter.parse({"source_id": "cats.md"})
     )
     assert [h.fields["source_id"] for h in only_cats] == ["cats.md"]
     with pytest.raises(ValueError, match="one weight per branch"):
-        sparse_store.hybrid_search(requests, WeightedFusion((1.0,)), top_k=2)
+        sparse_store.hybrid_search(requests, WeightedFusion((1.0,)), limit=2)
 
 
 def test_page_filters_select_chunks_by_their_pages(sparse_store):
-    query = SearchRequest("learned", {10: 1.0, 20: 1.0, 30: 1.0}, 10)
+    query = SearchRequest("sparse", {10: 1.0, 20: 1.0, 30: 1.0}, 10)
 
     def found(conditions):
-        return {h.fields["source_id"] for h in sparse_store.search(query, filters.from_mapping(conditions))}
+        return {h.fields["source_id"] for h in sparse_store.search(query, Filter.parse(conditions))}
 
     assert found({"page": 3}) == {"dogs.md"}
     assert found({"page": {"gte": 1, "lte": 2}}) == {"cats.md", "dogs.md"}
@@ -594,16 +597,16 @@ def test_sparse_vectors_are_validated_per_document(sparse_store):
 
 def test_a_collection_without_the_sparse_side_or_with_another_analyzer_is_refused(open_store):
     plain = open_store()
-    plain.prepare(DIM, MODEL)
+    plain.prepare(IndexSchema(DIM, MODEL))
     plain.close()
     with pytest.raises(StoreSchemaError, match="has no BM25 field 'bm25'.*created without bm25"):
-        open_store(bm25={}).prepare(DIM, MODEL)
+        open_store(bm25={}).prepare(IndexSchema(DIM, MODEL))
     with pytest.raises(StoreSchemaError, match="has no learned sparse field 'sparse'"):
-        open_store(learned_sparse={}).prepare(DIM, MODEL)
+        open_store(learned_sparse={}).prepare(IndexSchema(DIM, MODEL, sparse_field="sparse"))
     english = open_store(collection="english", bm25={"analyzer": "english"})
-    english.prepare(DIM, MODEL)
+    english.prepare(IndexSchema(DIM, MODEL))
     english.close()
-    problems = open_store(collection="english", bm25={"analyzer": "jieba"}).check(DIM, MODEL)
+    problems = open_store(collection="english", bm25={"analyzer": "jieba"}).check(IndexSchema(DIM, MODEL))
     assert any("analyses text for BM25 with" in p and "jieba" in p for p in problems)
 
 
@@ -627,7 +630,7 @@ def test_compact_vector_storage_finds_the_nearest_and_keeps_its_field_type(open_
     rng = np.random.default_rng(1)
     vectors = rng.standard_normal((24, 16)).astype(np.float32)
     store = open_store(vector_storage=storage, bm25={})
-    store.prepare(16, MODEL)
+    store.prepare(IndexSchema(16, MODEL))
     chunks = [dataclasses.replace(make_chunk("a.md", i), vectors={"dense": vectors[i]}) for i in range(24)]
     store.upsert(chunks)
     fields = {f["name"]: f["type"].name for f in store.client().describe_collection("docs")["fields"]}
@@ -639,12 +642,12 @@ def test_compact_vector_storage_finds_the_nearest_and_keeps_its_field_type(open_
         assert hits[0].id == chunks[target].id
         assert all(0 < hit.score <= 1.0 for hit in hits) and hits[0].score >= hits[-1].score
     fused = store.hybrid_search(
-        [SearchRequest("dense", vectors[9], 5), SearchRequest("bm25", "chunk 9 of a.md", 5)], RRFFusion(), top_k=3
+        [SearchRequest("dense", vectors[9], 5), SearchRequest("bm25", "chunk 9 of a.md", 5)], RRFFusion(), limit=3
     )
     assert fused[0].id == chunks[9].id
 
     with pytest.raises(StoreSchemaError, match=f"field 'dense' is {field_type}, the store writes FLOAT_VECTOR"):
-        open_store(bm25={}).prepare(16, MODEL)
+        open_store(bm25={}).prepare(IndexSchema(16, MODEL))
 
 
 def test_binary_storage_settings_are_checked(open_store):
@@ -654,17 +657,17 @@ def test_binary_storage_settings_are_checked(open_store):
         MilvusStore(vector_storage="binary", index={"metric": "IP"})
     if LITE_MAJOR < 3:
         with pytest.raises(ValueError, match="12 is not a multiple of 8"):
-            open_store(vector_storage="binary").prepare(12, MODEL)
+            open_store(vector_storage="binary").prepare(IndexSchema(12, MODEL))
     else:
         assert (
             "stores only float32 vectors, not vector_storage binary"
-            in open_store(vector_storage="binary").check(16, MODEL)[0]
+            in open_store(vector_storage="binary").check(IndexSchema(16, MODEL))[0]
         )
 
 
 def test_chinese_bm25_with_the_jieba_analyzer(open_store):
     store = open_store(bm25={"analyzer": "jieba"})
-    store.prepare(DIM, MODEL)
+    store.prepare(IndexSchema(DIM, MODEL))
     tea = make_chunk("tea.md", 0, text="绿茶应该用八十摄氏度的水冲泡两分钟。")
     coffee = make_chunk("coffee.md", 0, text="咖啡豆需要先研磨再用热水萃取。")
     store.upsert([tea, coffee])

