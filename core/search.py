@@ -6,6 +6,7 @@ reads :class:`Hit` rows; a store turns them into its engine's requests.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,3 +55,15 @@ class WeightedFusion:
 
 
 Fusion = RRFFusion | WeightedFusion
+
+
+def check_hybrid(requests: Sequence[SearchRequest], fusion: Fusion, limit: int) -> None:
+    """Refuse a hybrid search no store can run (every store checks the same way, before searching)."""
+    if limit <= 0:
+        raise ValueError(f"top_k must be positive, got {limit}")
+    if not requests:
+        raise ValueError("hybrid search needs at least one request")
+    if isinstance(fusion, WeightedFusion) and len(fusion.weights) != len(requests):
+        raise ValueError(
+            f"weighted fusion needs one weight per branch: {len(requests)} branches, {len(fusion.weights)} weights"
+        )

@@ -59,10 +59,12 @@ from pipeline.runner import (
     WriteUnit,
     batched,
     chunk_and_embed,
+    finish_run,
     prepare_store,
     read_sources,
     record_run,
     slices_of,
+    texts_truncated,
 )
 from pipeline.spec import RaySettings, RunnerConfig
 from pipeline.stages import (
@@ -186,6 +188,7 @@ class EmbeddedBatch:
     actor_id: str
     notes: list[str]  # the actor's embedder notes for this run so far (e.g. truncation counts)
     part: DocumentSlice | None = None  # a slice of a large document instead of documents
+    truncated: int | None = None  # the actor's chunk texts cut to the model's window so far; None: not counted
 
     def unit(self) -> WriteUnit:
         return self.part if self.part is not None else self.documents
@@ -307,6 +310,7 @@ class EmbedActor:
         import pyarrow as pa
 
         result.notes = self.models.embedder.run_notes()
+        result.truncated = texts_truncated(self.models.embedder)  # the actor's embedder is made for this run
         return pa.table({BATCHES: pa.array([pickle.dumps(result, protocol=_PICKLE)], type=pa.large_binary())})
 
 
@@ -417,13 +421,21 @@ class Feeder:
 
 
 class EmbedderNotes:
-    """The embed actors' run notes; each actor reports its notes so far with every batch it returns."""
+    """The embed actors' run notes and truncation counts; each actor reports its own so far with every
+    batch it returns."""
 
     def __init__(self) -> None:
         self._by_actor: dict[str, list[str]] = {}
+        self._truncated_by_actor: dict[str, int | None] = {}
 
     def update(self, batch: EmbeddedBatch) -> None:
         self._by_actor[batch.actor_id] = batch.notes
+        self._truncated_by_actor[batch.actor_id] = batch.truncated
+
+    def truncated(self) -> int | None:
+        """Chunk texts truncated in the run, over every actor; None when no actor's embedder counts them."""
+        counts = [count for count in self._truncated_by_actor.values() if count is not None]
+        return sum(counts) if counts else None
 
     def merged(self) -> list[str]:
         reporting = [notes for notes in self._by_actor.values() if notes]
@@ -458,11 +470,9 @@ class RayRunner:
             if self.plan.tracker is not None:
                 record_run(self.plan.tracker, summary, started)
         finally:
-            progress.close()
-            failures.close()
-            summary.failures = failures.failures
-            summary.seconds = time.monotonic() - started
+            finish_run(summary, progress, failures, started)
         summary.notes.extend(notes.merged())
+        summary.chunks_truncated = notes.truncated()
         return summary
 
     def _stream(

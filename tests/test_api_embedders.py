@@ -404,11 +404,12 @@ def test_retry_after_as_http_date():
 
 def test_retry_after_http_date_end_to_end(serve):
     api = serve()
-    when = datetime.now(timezone.utc) + timedelta(seconds=1)
+    # HTTP dates have whole seconds, so the date is cut down to one: 2 s ahead leaves a wait of 1-2 s
+    # (1 s ahead could leave almost none), never the 10 ms backoff.
+    when = datetime.now(timezone.utc) + timedelta(seconds=2)
     api.script.append(json_reply({}, 503, **{"Retry-After": format_datetime(when, usegmt=True)}))
     OpenAIEmbedder(base_url=api.url, dimensions=DIM, **FAST).embed_documents(["a"])
     first, second = api.seen
-    # HTTP dates have whole seconds: the wait is up to 1 s, never the 10 ms backoff.
     assert second.at - first.at >= 0.1
 
 

@@ -56,7 +56,7 @@ def milvus_spec(tmp_path, documents, runner_type="ray", **runner):
 
 
 def rows(store):
-    return {cid: (row["source_id"], row["text"], row["vector"].tobytes()) for cid, row in store.rows.items()}
+    return {cid: (row["source_id"], row["text"], row["dense"].tobytes()) for cid, row in store.table.items()}
 
 
 def test_same_rows_and_summary_as_the_local_runner():
@@ -99,7 +99,7 @@ def test_every_failure_is_recorded_at_its_stage_and_the_run_goes_on(tmp_path):
         "mem/poison.txt": ("embed", "ValueError: cannot embed text containing 'POISON'"),
         "mem/unwritable.txt": ("write", "OSError: disk quota exceeded"),
     }
-    assert {row["source_id"] for row in pipeline.store.rows.values()} == {"mem/z-good.txt"}
+    assert {row["source_id"] for row in pipeline.store.table.values()} == {"mem/z-good.txt"}
     assert "documents: 7 seen, 2 indexed (1 empty, with no chunks), 5 failed" in summary.format()
     assert len((tmp_path / "failures.jsonl").read_text().splitlines()) == 5
 
@@ -119,7 +119,7 @@ def test_a_large_document_is_written_slice_by_slice_with_the_rows_and_failures_o
         runs[runner_type] = (pipeline, pipeline.ingest())
     (local, expected), (on_ray, summary) = runs["local"], runs["ray"]
     assert rows(on_ray.store) == rows(local.store)
-    assert {row["source_id"] for row in on_ray.store.rows.values()} >= {"mem/big.txt", "mem/small.txt"}
+    assert {row["source_id"] for row in on_ray.store.table.values()} >= {"mem/big.txt", "mem/small.txt"}
     counts = ("documents_seen", "documents_indexed", "documents_failed", "chunks_written")
     assert [getattr(summary, c) for c in counts] == [getattr(expected, c) for c in counts]
     assert summary.documents_indexed == 2 and summary.chunks_written > 4 * 4
@@ -154,7 +154,7 @@ def test_a_worker_that_dies_without_caps_loses_documents_that_are_still_recorded
     assert {stage for stage, _ in failed.values()} == {"parse"}
     # every document is accounted for: indexed, or recorded as failed (and so redone by the next reindex)
     assert summary.documents_seen == 4 and summary.documents_indexed + summary.documents_failed == 4
-    assert {row["source_id"] for row in pipeline.store.rows.values()} == {f"mem/{name}" for name in docs} - set(failed)
+    assert {row["source_id"] for row in pipeline.store.table.values()} == {f"mem/{name}" for name in docs} - set(failed)
 
 
 def test_reindex_after_a_ray_ingest_skips_the_unchanged_and_redoes_an_edit(tmp_path):
@@ -273,3 +273,11 @@ def test_notes_of_several_embed_actors_are_kept_apart():
     assert notes.merged() == ["3 texts truncated"]
     notes.update(EmbeddedBatch([], [], BatchLedger(), "b", ["2 texts truncated"]))
     assert notes.merged() == ["embed actor 1: 3 texts truncated", "embed actor 2: 2 texts truncated"]
+
+
+def test_truncation_counts_of_several_embed_actors_add_up():
+    notes = EmbedderNotes()
+    assert notes.truncated() is None  # no actor has reported
+    for actor, count in [("a", 1), ("b", None), ("a", 3), ("b", 2)]:
+        notes.update(EmbeddedBatch([], [], BatchLedger(), actor, [], truncated=count))
+    assert notes.truncated() == 5  # each actor's latest count (its run so far), summed

@@ -23,9 +23,9 @@ def test_ingest_counts_and_upserts_idempotently():
     assert (summary.documents_seen, summary.documents_indexed, summary.documents_failed) == (2, 2, 0)
     assert summary.chunks_written == 3 and pipeline.store.count() == 3
     assert set(summary.stage_seconds) >= {"chunk", "embed", "write", "parse"}
-    ids = set(pipeline.store.rows)
+    ids = set(pipeline.store.table)
     pipeline.ingest()
-    assert set(pipeline.store.rows) == ids
+    assert set(pipeline.store.table) == ids
 
 
 def test_failures_are_recorded_and_never_stop_the_run(tmp_path):
@@ -51,7 +51,7 @@ def test_failures_are_recorded_and_never_stop_the_run(tmp_path):
         "mem/poison.txt": ("embed", "ValueError: cannot embed text containing 'POISON'"),
     }
     # the good document of the same embed batch made it in
-    assert {row["source_id"] for row in pipeline.store.rows.values()} == {"mem/z-good.txt"}
+    assert {row["source_id"] for row in pipeline.store.table.values()} == {"mem/z-good.txt"}
     lines = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert {line["source_id"] for line in lines} == set(by_source)
     text = summary.format()
@@ -68,7 +68,16 @@ def test_chunker_gets_the_batch_at_once_and_a_failing_document_fails_alone():
     assert pipeline.chunker.batches == [3]  # one call for the whole batch (then one by one after its failure)
     assert [(f.source_id, f.stage) for f in summary.failures] == [("mem/b.txt", "chunk")]
     assert "cannot chunk text containing 'BREAK'" in summary.failures[0].reason
-    assert {row["source_id"] for row in pipeline.store.rows.values()} == {"mem/a.txt", "mem/c.txt"}
+    assert {row["source_id"] for row in pipeline.store.table.values()} == {"mem/a.txt", "mem/c.txt"}
+
+
+def test_summary_counts_the_chunks_this_run_truncated():
+    """Issue 24.2: eval reports the truncation count as data (the run notes only say it in words)."""
+    documents = {"a.txt": "short", "b.txt": "a line far longer than the eight tokens the model may read"}
+    pipeline = make(documents, embedder={"type": "huggingface", "device": "cpu", "max_length": 8})
+    assert pipeline.ingest().chunks_truncated == 1
+    assert pipeline.ingest().chunks_truncated == 1  # this run's count, not the kept embedder's total
+    assert make(documents).ingest().chunks_truncated is None  # an embedder that keeps no count says none
 
 
 def test_edited_document_loses_its_stale_chunks():
@@ -78,7 +87,7 @@ def test_edited_document_loses_its_stale_chunks():
     pipeline.spec.sources[0].config.documents["a.txt"] = "one\nTWO"
     pipeline._components.pop("sources")
     pipeline.ingest()
-    assert sorted(r["text"] for r in pipeline.store.rows.values()) == ["TWO", "one"]
+    assert sorted(r["text"] for r in pipeline.store.table.values()) == ["TWO", "one"]
 
 
 def test_worker_pool_kills_hung_and_dying_parsers():

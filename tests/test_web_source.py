@@ -227,7 +227,7 @@ class Index:
 
     def texts(self) -> dict[str, str]:
         out: dict[str, list[str]] = {}
-        for row in self.pipeline.store.rows.values():
+        for row in self.pipeline.store.table.values():
             out.setdefault(row["source_id"], []).append(row["text"])
         return {k: " ".join(v) for k, v in out.items()}
 
@@ -453,7 +453,7 @@ def test_transient_errors_are_retried_and_an_outage_deletes_nothing(site, tmp_pa
     assert first.documents_failed == 0 and len(index.texts()) == 2
 
     fresh = Index(crawl_spec(site, tmp_path, max_attempts=2, cache_dir=str(tmp_path / "empty-cache")))
-    fresh.records, fresh.pipeline.store.rows = index.records, index.pipeline.store.rows
+    fresh.records, fresh.pipeline.store.table = index.records, index.pipeline.store.table
     site.pages["/"].fail_times = 10  # the start page is down and this machine has no crawl cache
     down = fresh.run()
     assert down.changes.deleted == 0 and len(index.texts()) == 2

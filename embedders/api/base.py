@@ -220,8 +220,9 @@ class ApiEmbedder(Embedder):
         raise NotImplementedError
 
     def read_vectors(self, body: Any, count: int) -> list[Any]:
-        """The answer's vectors in input order (still unchecked lists of numbers)."""
-        raise NotImplementedError
+        """The answer's vectors in input order (still unchecked lists of numbers); most providers
+        answer in OpenAI's shape (``data[i].embedding``)."""
+        return openai_style_vectors(self.provider, body, count)
 
     def token_counter(self) -> TokenCounter:
         return TokenCounter()
@@ -245,17 +246,19 @@ class ApiEmbedder(Embedder):
 
     def batches(self, texts: Sequence[str], side: Side) -> list[Request]:
         """Consecutive runs of texts within the per-request input and token limits (input order kept)."""
+        return self.pack(texts, side, self.config.max_inputs_per_request, self.token_limit())
+
+    def pack(self, texts: Sequence[str], side: Side, max_inputs: int, max_tokens: int | None) -> list[Request]:
+        """Texts (prefixed for ``side``) in consecutive requests of at most ``max_inputs`` texts and,
+        when given, ``max_tokens`` estimated tokens; a single text over the budget goes alone."""
         counter = self.token_counter()
-        limit_inputs, limit_tokens = self.config.max_inputs_per_request, self.token_limit()
         requests: list[Request] = []
         current: list[str] = []
         tokens = 0
         for text in texts:
             prepared = self.prepare(text, side)
             cost = counter.count(prepared)
-            full = len(current) >= limit_inputs or (
-                limit_tokens is not None and current and tokens + cost > limit_tokens
-            )
+            full = len(current) >= max_inputs or (max_tokens is not None and current and tokens + cost > max_tokens)
             if full:
                 requests.append(Request(current, tokens))
                 current, tokens = [], 0

@@ -37,7 +37,6 @@ from embedders.api.base import (
     Request,
     Side,
     TokenCounter,
-    openai_style_vectors,
 )
 from embedders.api.transport import MalformedResponse
 
@@ -103,9 +102,6 @@ class OpenAIEmbedder(ApiEmbedder):
         if self.config.dimensions is not None:
             body["dimensions"] = self.config.dimensions
         return body
-
-    def read_vectors(self, body: Any, count: int) -> list[Any]:
-        return openai_style_vectors(self.provider, body, count)
 
     def token_counter(self) -> TokenCounter:
         if not self._official():
@@ -258,9 +254,6 @@ class JinaEmbedder(ApiEmbedder):
             body["dimensions"] = self.config.dimensions
         return body
 
-    def read_vectors(self, body: Any, count: int) -> list[Any]:
-        return openai_style_vectors(self.provider, body, count)
-
     def document_options(self) -> dict[str, Any]:
         options = super().document_options()
         task = self.task("document")
@@ -291,24 +284,8 @@ class JinaEmbedder(ApiEmbedder):
 
     def _document_requests(self, texts: list[str]) -> list[Request]:
         """A document's chunks in as few requests as the late-chunking context and input limit allow."""
-        counter = self.token_counter()
-        requests: list[Request] = []
-        current: list[str] = []
-        tokens = 0
-        for text in texts:
-            prepared = self.prepare(text, "document")
-            cost = counter.count(prepared)
-            if current and (
-                tokens + cost > self.config.late_chunking_max_tokens
-                or len(current) >= self.config.max_inputs_per_request
-            ):
-                requests.append(Request(current, tokens))
-                current, tokens = [], 0
-            current.append(prepared)
-            tokens += cost
-        if current:
-            requests.append(Request(current, tokens))
-        return requests
+        config = self.config
+        return self.pack(texts, "document", config.max_inputs_per_request, config.late_chunking_max_tokens)
 
     def begin_run(self) -> None:
         super().begin_run()
@@ -386,9 +363,6 @@ class VoyageEmbedder(ApiEmbedder):
             body["output_dimension"] = config.dimensions
         return body
 
-    def read_vectors(self, body: Any, count: int) -> list[Any]:
-        return openai_style_vectors(self.provider, body, count)
-
     def document_options(self) -> dict[str, Any]:
         options = super().document_options()
         if self.config.document_input_type != "document":
@@ -438,9 +412,6 @@ class MixedbreadEmbedder(ApiEmbedder):
         if self.config.dimensions is not None:
             body["dimensions"] = self.config.dimensions
         return body
-
-    def read_vectors(self, body: Any, count: int) -> list[Any]:
-        return openai_style_vectors(self.provider, body, count)
 
     def document_options(self) -> dict[str, Any]:
         options = super().document_options()

@@ -8,57 +8,27 @@ its record, but not the lock that the rebuilding run holds.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 from core.leases import ClaimStore, LockClaim
-
-# The store is typed by what is used of it (client(), call(), config ...), not by MilvusStore:
-# stores.milvus.store builds these objects, so importing it here, even for types, is a cycle.
-MilvusStore = Any
+from stores.milvus.companion import DUMMY_VECTOR, ChunkStoreAccess, CompanionCollection
 
 LOCK_SUFFIX = "_lock"
 
 
-class MilvusClaims(ClaimStore):
+class MilvusClaims(CompanionCollection, ClaimStore):
     """Claims in ``<collection>_lock``: one row per owner, a JSON body and a dummy vector."""
 
-    _DUMMY = [0.0, 1.0]
+    what = "lock"
+    text_fields = (("body", 4096),)
     _MAX_ROWS = 1000  # live claims are one or two; dead ones are deleted by the next claimant
 
-    def __init__(self, store: MilvusStore):
-        self.store = store
-        self.name = f"{store.config.collection}{LOCK_SUFFIX}"
-        self._ready = False
+    def __init__(self, store: ChunkStoreAccess):
+        super().__init__(store)
+        self._name = f"{store.config.collection}{LOCK_SUFFIX}"
 
-    def _client(self) -> Any:
-        client = self.store.client()
-        if not self._ready:
-            self._create_if_missing(client)
-            self._ready = True
-        return client
-
-    def _create_if_missing(self, client: Any) -> None:
-        from pymilvus import DataType, MilvusClient
-
-        store, timeout = self.store, self.store.config.timeout_s
-        if not store.call("has_collection", client.has_collection, self.name, timeout=timeout):
-            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=128)
-            schema.add_field("body", DataType.VARCHAR, max_length=4096)
-            schema.add_field("dummy", DataType.FLOAT_VECTOR, dim=2)
-            index = client.prepare_index_params()
-            index.add_index(field_name="dummy", index_type="FLAT", metric_type="L2")
-            # Strong: a claimant must see every claim acknowledged before its read (pipeline.lease).
-            store.call(
-                "create lock collection",
-                client.create_collection,
-                self.name,
-                schema=schema,
-                index_params=index,
-                consistency_level="Strong",
-                timeout=timeout,
-            )
-        store.call("load lock collection", client.load_collection, self.name, timeout=timeout)
+    @property
+    def name(self) -> str:
+        return self._name
 
     def claims(self) -> list[LockClaim]:
         rows = self.store.call(
@@ -74,7 +44,7 @@ class MilvusClaims(ClaimStore):
         return [LockClaim.from_json(row["body"]) for row in rows]
 
     def put(self, claim: LockClaim) -> None:
-        row = {"id": _row_id(claim.owner), "body": claim.to_json(), "dummy": self._DUMMY}
+        row = {"id": _row_id(claim.owner), "body": claim.to_json(), "dummy": DUMMY_VECTOR}
         self.store.call(
             "write lock claim", self._client().upsert, self.name, [row], timeout=self.store.config.timeout_s
         )

@@ -11,14 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from core.records import RecordStore, RecordTooLarge, SourceRecord
 from stores import filters
-
-# The store is typed by what is used of it (client(), call(), config ...), not by MilvusStore:
-# stores.milvus.store builds these objects, so importing it here, even for types, is a cycle.
-MilvusStore = Any
+from stores.milvus.companion import DUMMY_VECTOR, ChunkStoreAccess, CompanionCollection
 
 # A source's row is keyed by a digest of its id, never the id itself: source ids can hold quotes
 # and control characters that some engines mishandle in primary keys (Milvus Lite 2.5 fails an
@@ -30,11 +27,21 @@ BODY_MAX_BYTES = 65535
 SCOPE_MAX_BYTES = 2048
 
 
+class RecordsStoreAccess(ChunkStoreAccess, Protocol):
+    """What the record uses of the chunk store beyond its client: where the served chunks are, and paging."""
+
+    def serving_collection(self) -> str | None: ...
+
+    def query_pages(
+        self, client: Any, collection: str, expression: str, output_fields: Sequence[str], page_size: int
+    ) -> Iterator[dict[str, Any]]: ...
+
+
 def source_row_id(source_id: str) -> str:
     return "source:" + hashlib.sha256(source_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-class MilvusRecords(RecordStore):
+class MilvusRecords(CompanionCollection, RecordStore):
     """Records in the companion collection ``<collection>_records``, through the chunk store's client.
 
     A Milvus collection needs a vector field, so each row carries a constant 2-d dummy vector;
@@ -43,15 +50,15 @@ class MilvusRecords(RecordStore):
     enforce VARCHAR limits) refuses exactly what a Milvus server would.
     """
 
-    _DUMMY = [0.0, 1.0]
+    what = "records"
+    text_fields = (("kind", 16), ("scope", SCOPE_MAX_BYTES), ("body", BODY_MAX_BYTES))
     _PAGE = 1000  # rows per iterator page and per upsert
     _IDS_PER_FILTER = 256  # ids per ``id in [...]`` expression: keeps each filter small for the server's parser
 
-    def __init__(self, store: MilvusStore):
-        self.store = store
+    def __init__(self, store: RecordsStoreAccess):
+        super().__init__(store)
+        self.store: RecordsStoreAccess = store
         self._name: str | None = None
-        self._body_max = BODY_MAX_BYTES
-        self._ready = False
         self._dropped = False
 
     @property
@@ -79,39 +86,7 @@ class MilvusRecords(RecordStore):
     def _client(self) -> Any:
         if self._dropped:
             raise RuntimeError(f"the index record {self.name!r} was dropped by a full rebuild")
-        client = self.store.client()
-        if not self._ready:
-            self._create_if_missing(client)
-            self._ready = True
-        return client
-
-    def _create_if_missing(self, client: Any) -> None:
-        from pymilvus import DataType, MilvusClient
-
-        store, timeout = self.store, self.store.config.timeout_s
-        if not store.call("has_collection", client.has_collection, self.name, timeout=timeout):
-            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=128)
-            schema.add_field("kind", DataType.VARCHAR, max_length=16)
-            schema.add_field("scope", DataType.VARCHAR, max_length=SCOPE_MAX_BYTES)
-            schema.add_field("body", DataType.VARCHAR, max_length=BODY_MAX_BYTES)
-            schema.add_field("dummy", DataType.FLOAT_VECTOR, dim=2)
-            index = client.prepare_index_params()
-            index.add_index(field_name="dummy", index_type="FLAT", metric_type="L2")
-            store.call(
-                "create records collection",
-                client.create_collection,
-                self.name,
-                schema=schema,
-                index_params=index,
-                consistency_level="Strong",
-                timeout=timeout,
-            )  # the skip decisions read their own writes
-        description = store.call("describe records collection", client.describe_collection, self.name, timeout=timeout)
-        for column in description.get("fields", []):
-            if column.get("name") == "body":
-                self._body_max = int((column.get("params") or {}).get("max_length", BODY_MAX_BYTES))
-        store.call("load records collection", client.load_collection, self.name, timeout=timeout)
+        return super()._client()
 
     def _query(self, expression: str, limit: int) -> list[dict[str, Any]]:
         """Rows of a query known to match at most ``limit`` rows (ids listed, the run row)."""
@@ -167,18 +142,18 @@ class MilvusRecords(RecordStore):
             raise RecordTooLarge(
                 f"the source scope is {scope_bytes} bytes of UTF-8; the index record keeps at most {SCOPE_MAX_BYTES}"
             )
-        if body_bytes > self._body_max:
+        if body_bytes > self.max_bytes["body"]:
             raise RecordTooLarge(
                 f"the index record of this source is {body_bytes} bytes of UTF-8 (its id alone is "
                 f"{len(record.source_id.encode('utf-8', 'surrogatepass'))}); {self.name!r} keeps at most "
-                f"{self._body_max}"
+                f"{self.max_bytes['body']}"
             )
         return {
             "id": source_row_id(record.source_id),
             "kind": "source",
             "scope": record.scope,
             "body": body,
-            "dummy": self._DUMMY,
+            "dummy": DUMMY_VECTOR,
         }
 
     def delete(self, source_ids: Sequence[str]) -> None:
@@ -190,7 +165,7 @@ class MilvusRecords(RecordStore):
 
     def put_run(self, summary: dict[str, Any]) -> None:
         body = json.dumps(summary, sort_keys=True, default=str)  # a compact summary: counts, no failure list
-        self._upsert([{"id": RUN_ROW_ID, "kind": "run", "scope": "", "body": body, "dummy": self._DUMMY}])
+        self._upsert([{"id": RUN_ROW_ID, "kind": "run", "scope": "", "body": body, "dummy": DUMMY_VECTOR}])
 
     def last_run(self) -> dict[str, Any] | None:
         rows = self._query(filters.eq("kind", "run"), 1)

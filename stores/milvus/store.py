@@ -46,7 +46,7 @@ from core.component import require
 from core.errors import StoreSchemaError
 from core.filters import Filter
 from core.records import RecordStore
-from core.search import BRANCHES, Branch, Fusion, Hit, RRFFusion, SearchRequest, WeightedFusion
+from core.search import BRANCHES, Branch, Fusion, Hit, RRFFusion, SearchRequest, check_hybrid
 from core.secrets import register_secret, scrub
 from core.types import Chunk
 from stores import filters, server_features
@@ -945,14 +945,7 @@ class MilvusStore(Store):
 
         The filter applies to every branch, so a row that fails it cannot enter through any of them.
         """
-        if limit <= 0:
-            raise ValueError(f"top_k must be positive, got {limit}")
-        if not requests:
-            raise ValueError("hybrid search needs at least one request")
-        if isinstance(fusion, WeightedFusion) and len(fusion.weights) != len(requests):
-            raise ValueError(
-                f"weighted fusion needs one weight per branch: {len(requests)} branches, {len(fusion.weights)} weights"
-            )
+        check_hybrid(requests, fusion, limit)
         pymilvus = require("pymilvus", purpose="the Milvus store")
         client, layout = self._ready()
         expression = self._engine_filter(compile_filter(filters)) if filters else None

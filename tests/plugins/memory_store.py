@@ -22,7 +22,7 @@ from core.errors import StoreSchemaError
 from core.filters import Filter
 from core.leases import ClaimStore, MemoryClaims
 from core.records import MemoryRecords, RecordStore
-from core.search import BRANCHES, Branch, Fusion, Hit, RRFFusion, SearchRequest, WeightedFusion
+from core.search import BRANCHES, Branch, Fusion, Hit, RRFFusion, SearchRequest, check_hybrid
 from core.types import Chunk
 from stores.base import HIT_FIELDS, IndexSchema, Store
 
@@ -170,14 +170,7 @@ class MemoryStore(Store):
     def hybrid_search(
         self, requests: Sequence[SearchRequest], fusion: Fusion, limit: int, filters: Filter | None = None
     ) -> list[Hit]:
-        if limit <= 0:
-            raise ValueError(f"top_k must be positive, got {limit}")
-        if not requests:
-            raise ValueError("hybrid search needs at least one request")
-        if isinstance(fusion, WeightedFusion) and len(fusion.weights) != len(requests):
-            raise ValueError(
-                f"weighted fusion needs one weight per branch: {len(requests)} branches, {len(fusion.weights)} weights"
-            )
+        check_hybrid(requests, fusion, limit)
         fused: dict[str, float] = {}
         rows: dict[str, Hit] = {}
         for position, request in enumerate(requests):
