@@ -192,3 +192,38 @@ def test_page_filters_match_chunks_by_their_page_list():
 def test_from_mapping_refuses_what_it_cannot_express_safely(conditions, message):
     with pytest.raises(filters.FilterValueError, match=message):
         filters.from_mapping(conditions)
+
+
+# -- filters as data (core.filters): parsed once, matched by stores that filter in Python ----------
+
+ROW = {"id": "a#0", "source_id": "a.md", "chunk_index": 2, "metadata": {"page_numbers": [3, 4], "lang": "en"}}
+
+
+@pytest.mark.parametrize(
+    ("conditions", "matches"),
+    [
+        ({}, True),
+        ({"source_id": "a.md"}, True),
+        ({"source_id": ["b.md", "a.md"]}, True),
+        ({"chunk_index": {"gte": 2, "lt": 3}}, True),
+        ({"chunk_index": {"gt": 2}}, False),
+        ({"page": 4}, True),
+        ({"page": {"gte": 5, "lte": 9}}, False),
+        ({"lang": {"ne": "de"}}, True),
+        ({"missing": {"ne": "x"}}, False),  # a key the chunk lacks matches no condition
+        ({"chunk_index": "2"}, False),  # text never equals a number
+        ({"source_id": 'a.md" or "1"=="1'}, False),
+    ],
+)
+def test_a_parsed_filter_matches_rows_by_value(conditions, matches):
+    from core.filters import Filter
+
+    assert Filter.parse(conditions).matches(ROW) is matches
+
+
+def test_parsing_refuses_what_a_server_would():
+    from core.filters import Filter
+
+    for bad in ({"lang": float("nan")}, {"x/y": 1}, {"chunk_index": {"lt": 2**64}}, {"source_id": []}, {1: "x"}):
+        with pytest.raises(FilterValueError):
+            Filter.parse(bad)
