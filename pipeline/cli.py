@@ -161,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--reuse-index", action="store_true", help="skip the ingest when the collection already holds chunks"
     )
     evaluate.add_argument("--max-queries", type=int, help="evaluate only the first N judged queries")
+    evaluate.add_argument(
+        "--measures",
+        nargs="+",
+        metavar="MEASURE",
+        help="ir-measures names, e.g. nDCG@10 R@100 P@5 MAP (default: nDCG@10 R@10 R@100 RR@10)",
+    )
+    evaluate.add_argument(
+        "--protocol",
+        choices=["chunks", "documents"],
+        default="chunks",
+        help="chunks: the spec's chunker cuts each document, which scores as its best chunk (default); documents: "
+        "each document is one chunk, cut to the model's window, as published BEIR tables are measured",
+    )
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return parser
 
@@ -226,6 +239,8 @@ def _run_eval(pipeline, args) -> int:  # type: ignore[no-untyped-def]
             collection=args.collection,
             reuse_index=args.reuse_index,
             max_queries=args.max_queries,
+            measures=args.measures,
+            protocol=args.protocol,
             progress=progress,
         )
     except EvaluationError as exc:

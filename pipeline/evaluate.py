@@ -1,6 +1,6 @@
 """Retrieval quality of a spec on a BEIR-format dataset, every retrieval mode from one command.
 
-``python -m pipeline eval spec.yaml --beir DIR [--split test]``:
+``python -m pipeline eval spec.yaml --beir DIR [--split test] [--protocol chunks|documents] [--measures ...]``:
 
 1. ingest ``DIR/corpus.jsonl`` with the spec's parser, chunker, embedder, sparse encoder and store
    (the spec's sources are replaced by a ``jsonl`` source; each record is one document, title and
@@ -9,7 +9,15 @@
 2. run every query of the split (``DIR/queries.jsonl``, only those judged in ``DIR/qrels/<split>.tsv``)
    through the spec's query path in each mode: dense, bm25, sparse, hybrid and ``<mode>+rerank``;
 3. map chunk hits back to documents (a document scores as its best chunk) and measure nDCG@10,
-   Recall@100 and MRR@10 with ``ir-measures`` (pytrec_eval), plus per-query latency p50/p95.
+   Recall@10, Recall@100 and MRR@10 (or the ``measures`` asked for) with ``ir-measures``
+   (pytrec_eval), plus per-query latency p50/p95.
+
+The protocol says what a document is to the embedder. ``chunks`` (the default): the spec's chunker
+cuts it, as a production index would. ``documents``: every document is one chunk, cut to the
+model's token window, the protocol of published BEIR tables (and of ``benchmarks/``); truncation is
+the norm there with a 256-token model (1,080 of 1,104 paragraphs of one Chinese set), so it is
+counted and reported. Each protocol ingests into a collection of its own, so ``--reuse-index``
+never mixes them.
 
 ``+rerank`` modes rerank the first ``top_n`` chunks of their base mode's ranking (the reranker's
 ``top_n``) and keep the rest after them, so recall stays comparable; their latency is the base
@@ -24,11 +32,13 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -41,8 +51,15 @@ from pipeline.spec import ComponentSpec, Spec
 log = logging.getLogger("rag_pipeline.eval")
 
 RERANK_SUFFIX = "+rerank"
-MEASURES = ("nDCG@10", "R@100", "RR@10")
-RECALL_DEPTH = 100  # documents kept per query: Recall@100 needs 100
+MEASURES = ("nDCG@10", "R@10", "R@100", "RR@10")
+MEASURES_HINT = "use ir-measures names such as nDCG@10, R@100, P@5, RR@10, MAP"
+RECALL_DEPTH = 100  # documents kept per query at least: Recall@100 needs 100 (a larger cutoff asks for more)
+
+EvalProtocol = Literal["chunks", "documents"]
+PROTOCOLS: dict[EvalProtocol, str] = {
+    "chunks": "the spec's chunker; a document scores as its best chunk",
+    "documents": "one chunk per document, cut to the model's window, as in published BEIR tables",
+}
 
 
 class EvaluationError(PipelineError):
@@ -109,7 +126,12 @@ class EvalReport:
     collection: str
     documents: int
     chunks: int
-    ingest_seconds: float | None  # None when an existing index was reused
+    ingest_seconds: float | None  # None when an existing index was reused, as are the other ingest figures
+    protocol: EvalProtocol = "chunks"
+    measures: list[str] = field(default_factory=lambda: list(MEASURES))
+    index_reused: bool = False
+    stage_seconds: dict[str, float] | None = None  # ingest time per stage (parse, chunk, embed, write ...)
+    chunks_truncated: int | None = None  # also None when the embedder keeps no count (an API embedder)
     results: list[ModeResult] = field(default_factory=list)
     load_seconds: dict[str, float] = field(default_factory=dict)  # model loading, before any query is timed
     notes: list[str] = field(default_factory=list)
@@ -124,36 +146,82 @@ class EvalReport:
             f"ingested in {self.ingest_seconds:.0f} s" if self.ingest_seconds is not None else "existing index reused"
         )
         loading = ", ".join(f"{model} {seconds:.1f} s" for model, seconds in self.load_seconds.items())
+        widths = {name: max(9, len(name) + 2) for name in self.measures}
         lines = [
             f"{self.dataset} ({self.split}): {self.documents} documents, {self.chunks} chunks in {self.collection!r}, "
             f"{ingest}" + (f"; models loaded before timing: {loading}" if loading else ""),
-            f"{'mode':<16}{'nDCG@10':>9}{'R@100':>9}{'MRR@10':>9}{'p50 ms':>9}{'p95 ms':>9}{'queries':>9}",
+            f"protocol: {self.protocol} ({PROTOCOLS[self.protocol]})",
+            f"{'mode':<16}"
+            + "".join(f"{name:>{width}}" for name, width in widths.items())
+            + f"{'p50 ms':>9}{'p95 ms':>9}{'queries':>9}",
         ]
         for r in self.results:
-            m, t = r.metrics, r.latency_ms
+            t = r.latency_ms
             lines.append(
-                f"{r.mode:<16}{m['nDCG@10']:>9.4f}{m['R@100']:>9.4f}{m['RR@10']:>9.4f}{t['p50']:>9.1f}{t['p95']:>9.1f}{r.queries:>9}"
+                f"{r.mode:<16}"
+                + "".join(f"{r.metrics[name]:>{width}.4f}" for name, width in widths.items())
+                + f"{t['p50']:>9.1f}{t['p95']:>9.1f}{r.queries:>9}"
             )
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
-def eval_collection_name(collection: str, dataset: str) -> str:
+def eval_collection_name(collection: str, dataset: str, protocol: EvalProtocol = "chunks") -> str:
     slug = re.sub(r"[^A-Za-z0-9_]", "_", dataset)
-    return f"{collection}_beir_{slug}"[:255]
+    suffix = "_documents" if protocol == "documents" else ""  # the other protocol's chunks are another index
+    return f"{collection}_beir_{slug}{suffix}"[:255]
 
 
-def eval_spec(spec: Spec, dataset: BeirDataset, collection: str | None = None) -> Spec:
-    """The spec with the corpus as its only source and its own collection (nothing else changes)."""
+def eval_spec(
+    spec: Spec, dataset: BeirDataset, collection: str | None = None, protocol: EvalProtocol = "chunks"
+) -> Spec:
+    """The spec with the corpus as its only source and its own collection; with the ``documents``
+    protocol also a chunker that keeps each document whole (nothing else changes)."""
     from connectors.jsonl import JsonlSource
 
-    store: ComponentSpec = spec.stage("store")
-    name = collection or eval_collection_name(store.config.collection, dataset.name)  # type: ignore[attr-defined]
+    production: str = spec.stage("store").config.collection  # type: ignore[attr-defined]
+    name = collection or eval_collection_name(production, dataset.name, protocol)
     source = ComponentSpec(
         "source", JsonlSource.type_name, JsonlSource, JsonlSource.Config(path=str(dataset.corpus.resolve()))
     )
     spec = spec.with_collection(name)
+    stages = {**spec.stages, "source": [source]}
+    if protocol == "documents":
+        stages["chunker"] = _whole_documents()
     runner = spec.runner.model_copy(update={"failures_file": spec.runner.failures_file or f"{name}.failures.jsonl"})
-    return dataclasses.replace(spec, stages={**spec.stages, "source": [source]}, runner=runner)
+    return dataclasses.replace(spec, stages=stages, runner=runner)
+
+
+def _whole_documents() -> ComponentSpec:
+    """A chunker that never cuts: each document is one chunk, and the embedder truncates it as BEIR's does."""
+    from chunkers.recursive import RecursiveChunker
+
+    config = RecursiveChunker.Config(chunk_size=sys.maxsize, chunk_overlap=0)
+    return ComponentSpec("chunker", RecursiveChunker.type_name, RecursiveChunker, config)
+
+
+def parse_measures(names: Sequence[str], qrels: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """ir-measures measures by name, in order; an unknown name, or one nothing here can compute on
+    ``qrels``, is an :class:`EvaluationError`. Checked before the ingest, so a typo costs nothing."""
+    ir_measures = require("ir_measures", purpose="retrieval evaluation", extra="eval")
+    sample = dict(islice(qrels.items(), 1))
+    perfect = {query_id: {document: 1.0 for document in judged} for query_id, judged in sample.items()}
+    measures: dict[str, Any] = {}
+    for name in names:
+        try:
+            measure = ir_measures.parse_measure(name)
+            computable = ir_measures.DefaultPipeline.supports(measure)  # also checks the measure's parameters
+        except Exception as exc:  # NameError, ValueError, KeyError or AssertionError, by what is wrong
+            raise EvaluationError(f"unknown measure {name!r} ({exc}); {MEASURES_HINT}") from None
+        if not computable:
+            raise EvaluationError(f"measure {name!r}: no installed ir-measures provider computes it; {MEASURES_HINT}")
+        if measure.params.get("cutoff", 1) < 1:  # pytrec_eval aborts the whole process on @0
+            raise EvaluationError(f"measure {name!r}: the cutoff after @ must be at least 1")
+        try:  # on one judged query: a provider that cannot run on it (gdeval needs perl, numeric ids) fails now
+            ir_measures.calc_aggregate([measure], sample, perfect)
+        except Exception as exc:
+            raise EvaluationError(f"measure {name!r} cannot be computed here: {exc}") from None
+        measures[name] = measure
+    return measures
 
 
 def default_modes(engine: QueryEngine) -> list[str]:
@@ -173,13 +241,23 @@ def evaluate_dataset(
     modes: Sequence[str] | None = None,
     reuse_index: bool = False,
     max_queries: int | None = None,
+    measures: Sequence[str] | None = None,
+    protocol: EvalProtocol = "chunks",
     progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
-    """Ingest ``dataset`` with ``pipeline`` (built from :func:`eval_spec`; unless ``reuse_index``
-    finds it ingested) and measure ``modes``. :meth:`pipeline.Pipeline.evaluate` is the entry point."""
+    """Ingest ``dataset`` with ``pipeline`` (built from :func:`eval_spec` with the same ``protocol``;
+    unless ``reuse_index`` finds it ingested) and measure ``modes`` by ``measures`` (default:
+    :data:`MEASURES`). :meth:`pipeline.Pipeline.evaluate` is the entry point."""
+    chosen = parse_measures(measures or MEASURES, dataset.qrels)
     report = _ingest(pipeline, dataset, split, reuse_index, progress)
+    report.protocol, report.measures = protocol, list(chosen)
+    if protocol == "documents" and report.chunks_truncated:
+        report.notes.append(
+            f"{report.chunks_truncated} of {report.documents} documents are longer than the embedder's window and "
+            "were embedded truncated (as in published BEIR tables); --protocol chunks scores each by its best chunk"
+        )
     engine = pipeline.query_engine
-    evaluator = ModeEvaluator(engine, dataset, max_queries=max_queries, progress=progress)
+    evaluator = ModeEvaluator(engine, dataset, measures=chosen, max_queries=max_queries, progress=progress)
     report.results = evaluator.run(list(modes) if modes else default_modes(engine))
     report.load_seconds = dict(engine.load_seconds)
     report.notes.extend(evaluator.notes)
@@ -194,11 +272,20 @@ def _ingest(
     if reuse_index and store.count() > 0:
         if progress:
             progress(f"reusing {store.where} ({store.count()} chunks)")
-        return EvalReport(dataset.name, split, store.name, documents, store.count(), None)
+        return EvalReport(dataset.name, split, store.name, documents, store.count(), None, index_reused=True)
     if progress:
         progress(f"ingesting {documents} documents of {dataset.name} into {store.where}")
     summary = pipeline.ingest()
-    report = EvalReport(dataset.name, split, store.name, documents, store.count(), summary.seconds)
+    report = EvalReport(
+        dataset.name,
+        split,
+        store.name,
+        documents,
+        store.count(),
+        summary.seconds,
+        stage_seconds=dict(summary.stage_seconds),
+        chunks_truncated=summary.chunks_truncated,
+    )
     if summary.documents_failed:
         report.notes.append(f"{summary.documents_failed} documents failed to ingest (see {summary.failures_file})")
     report.notes.extend(summary.notes)
@@ -213,13 +300,15 @@ class ModeEvaluator:
         engine: QueryEngine,
         dataset: BeirDataset,
         *,
-        depth: int = RECALL_DEPTH,
+        measures: dict[str, Any] | None = None,
         max_queries: int | None = None,
         progress: Callable[[str], None] | None = None,
     ):
         self.engine = engine
         self.dataset = dataset
-        self.depth = depth
+        self.measures = measures or parse_measures(MEASURES, dataset.qrels)  # name -> ir-measures measure
+        cutoffs: list[int] = [measure.params.get("cutoff", 0) for measure in self.measures.values()]
+        self.depth = max([RECALL_DEPTH, *cutoffs])  # documents kept per query
         self.query_ids = sorted(dataset.queries)[:max_queries] if max_queries else sorted(dataset.queries)
         self.progress = progress
         self.notes: list[str] = []
@@ -251,7 +340,8 @@ class ModeEvaluator:
             ranking, latency = self._rerank(base) if reranked else (self._rankings[base], self._latencies[base])
             results.append(self._score(mode, ranking, latency))
             if self.progress:
-                self.progress(f"{mode}: nDCG@10 {results[-1].metrics['nDCG@10']:.4f}")
+                first = next(iter(self.measures))
+                self.progress(f"{mode}: {first} {results[-1].metrics[first]:.4f}")
         return results
 
     def _retrieve(self, mode: str, limit: int) -> None:
@@ -291,12 +381,11 @@ class ModeEvaluator:
                     documents[source_id] = float(self.depth - len(documents))
             run[query_id] = documents
         qrels = {q: self.dataset.qrels[q] for q in self.query_ids}
-        measures = [ir_measures.parse_measure(name) for name in MEASURES]
-        values = ir_measures.calc_aggregate(measures, qrels, run)
+        values = ir_measures.calc_aggregate(list(self.measures.values()), qrels, run)
         seconds = np.array([latencies[q] for q in self.query_ids]) * 1000
         return ModeResult(
             mode=mode,
-            metrics={name: float(values[measure]) for name, measure in zip(MEASURES, measures)},
+            metrics={name: float(values[measure]) for name, measure in self.measures.items()},
             latency_ms={
                 "p50": float(np.percentile(seconds, 50)),
                 "p95": float(np.percentile(seconds, 95)),

@@ -16,7 +16,7 @@ from core.leases import ClaimStore
 from core.records import RecordStore
 from embedders.base import Embedder
 from embedders.sparse import SparseEncoder
-from pipeline.evaluate import EvalReport, eval_spec, evaluate_dataset, load_beir
+from pipeline.evaluate import EvalProtocol, EvalReport, eval_spec, evaluate_dataset, load_beir
 from pipeline.incremental import ChangeTracker, stage_fingerprint
 from pipeline.lease import DEFAULT_TTL_S, Lease, index_lock
 from pipeline.query import Mode, QueryEngine, QueryResult
@@ -305,13 +305,16 @@ class Pipeline:
         collection: str | None = None,
         reuse_index: bool = False,
         max_queries: int | None = None,
+        measures: Sequence[str] | None = None,
+        protocol: EvalProtocol = "chunks",
         progress: Callable[[str], None] | None = None,
     ) -> EvalReport:
         """Ingest a BEIR dataset with this spec's stages into a collection of its own
-        (``<collection>_beir_<dataset>``, or ``collection``) and measure every retrieval mode on it
-        (see :mod:`pipeline.evaluate`). ``reuse_index`` skips the ingest when that collection has chunks."""
+        (``<collection>_beir_<dataset>``, ``..._documents`` for ``protocol="documents"``, or ``collection``)
+        and measure every retrieval mode on it by ``measures``, ir-measures names (see :mod:`pipeline.evaluate`).
+        ``reuse_index`` skips the ingest when that collection has chunks."""
         dataset = load_beir(Path(beir_dir), split)
-        evaluation = Pipeline(eval_spec(self.spec, dataset, collection))
+        evaluation = Pipeline(eval_spec(self.spec, dataset, collection, protocol))
         try:
             return evaluate_dataset(
                 evaluation,
@@ -320,6 +323,8 @@ class Pipeline:
                 modes=modes,
                 reuse_index=reuse_index,
                 max_queries=max_queries,
+                measures=measures,
+                protocol=protocol,
                 progress=progress,
             )
         finally:

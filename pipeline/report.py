@@ -72,6 +72,7 @@ class RunSummary:
     documents_empty: int = 0  # indexed with no chunks: the source holds no text (its old chunks were deleted)
     documents_failed: int = 0
     chunks_written: int = 0
+    chunks_truncated: int | None = None  # chunk texts the embedder cut to its token window; None: it keeps no count
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. "12 chunks longer than the model's 256 tokens were truncated"

@@ -39,14 +39,19 @@ QUERIES = {
 QRELS = [("q1", "d1", 1), ("q2", "d4", 1), ("q3", "d5", 1)]
 
 
-def write_beir(folder: Path) -> Path:
+def write_beir(
+    folder: Path,
+    corpus: dict[str, tuple[str, str]] = CORPUS,
+    queries: dict[str, str] = QUERIES,
+    qrels: list[tuple[str, str, int]] = QRELS,
+) -> Path:
     (folder / "qrels").mkdir(parents=True)
     (folder / "corpus.jsonl").write_text(
-        "".join(json.dumps({"_id": k, "title": t, "text": x}) + "\n" for k, (t, x) in CORPUS.items())
+        "".join(json.dumps({"_id": k, "title": t, "text": x}) + "\n" for k, (t, x) in corpus.items())
     )
-    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in QUERIES.items()))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items()))
     (folder / "qrels" / "test.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in QRELS)
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in qrels)
     )
     return folder
 
@@ -93,7 +98,7 @@ def test_every_mode_is_measured_and_chunks_map_to_documents(tmp_path):
     assert report.documents == 5 and report.chunks > 5  # d5 has several chunks
     assert [r.mode for r in report.results] == ["dense", "bm25", "hybrid"]
     for result in report.results:
-        assert set(result.metrics) == {"nDCG@10", "R@100", "RR@10"} and result.queries == 3
+        assert set(result.metrics) == {"nDCG@10", "R@10", "R@100", "RR@10"} and result.queries == 3
         assert result.metrics["R@100"] == 1.0  # 5 documents, all retrieved, each once
         assert 0.0 < result.metrics["nDCG@10"] <= 1.0
         assert 0 < result.latency_ms["p50"] <= result.latency_ms["p95"]
@@ -154,3 +159,76 @@ def test_validate_for_eval_accepts_a_spec_whose_sources_the_dataset_replaces(tmp
     assert "stages.source (local)" in capsys.readouterr().err
     assert main(["validate", spec, "--for", "eval"]) == EXIT_OK
     assert capsys.readouterr().out.strip().endswith(": ok")
+
+
+def test_measures_are_chosen_by_name_and_an_unknown_name_is_refused_before_the_ingest(tmp_path, capsys):
+    """Issue 24.2: --measures takes ir-measures names; a typo fails at once, not after the ingest."""
+    from pipeline.cli import EXIT_BAD_SPEC, EXIT_OK, main
+
+    folder = write_beir(tmp_path / "tiny")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec_dict()))
+    command = ["-q", "eval", str(tmp_path / "spec.yaml"), "--beir", str(folder), "--modes", "bm25"]
+    for bad, said in [("nDCG@x", "unknown measure 'nDCG@x'"), ("nDCG@0", "cutoff after @ must be at least 1")]:
+        assert main([*command, "--measures", "R@100", bad]) == EXIT_BAD_SPEC
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "index.db").exists()  # refused before anything was ingested
+    assert main([*command, "--measures", "P@1", "MAP", "--json"]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["measures"] == ["P@1", "MAP"]
+    metrics = report["results"][0]["metrics"]
+    assert list(metrics) == ["P@1", "MAP"] and all(0.0 < value <= 1.0 for value in metrics.values())
+
+
+def test_eval_json_carries_ingest_figures_and_says_when_the_index_was_reused(tmp_path, capsys):
+    """Issue 24.2: per-stage ingest times, chunk and truncation counts in --json; null when reused."""
+    from pipeline.cli import EXIT_OK, main
+
+    folder = write_beir(tmp_path / "tiny")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec_dict()))
+    command = ["-q", "eval", str(tmp_path / "spec.yaml"), "--beir", str(folder), "--modes", "dense", "--json"]
+    assert main([*command, "--protocol", "documents"]) == EXIT_OK
+    built = json.loads(capsys.readouterr().out)
+    assert built["protocol"] == "documents" and built["collection"] == "prod_beir_tiny_documents"
+    assert built["chunks"] == built["documents"] == 5  # one chunk per document, d5 too
+    assert built["index_reused"] is False and built["chunks_truncated"] == 0  # every text fits MiniLM
+    assert {"chunk", "embed", "write"} <= set(built["stage_seconds"]) and built["ingest_seconds"] > 0
+    assert set(built["results"][0]["metrics"]) == {"nDCG@10", "R@10", "R@100", "RR@10"}
+    assert main([*command, "--protocol", "documents", "--reuse-index"]) == EXIT_OK
+    reused = json.loads(capsys.readouterr().out)
+    assert reused["index_reused"] is True and reused["chunks"] == 5
+    assert reused["ingest_seconds"] is None and reused["stage_seconds"] is None and reused["chunks_truncated"] is None
+
+
+# A document whose answer lies past MiniLM's 256-token window, behind a paragraph break.
+HARBOUR_LOG = " ".join(
+    f"Ship {n} unloaded {n * 3} crates of timber at berth {n % 7} before the evening tide turned." for n in range(1, 25)
+)
+LONG_CORPUS = {
+    "log": ("Harbour log", HARBOUR_LOG + "\n\nThe lighthouse keeper's cat is called Biscuit and sleeps on the stairs."),
+    "cats": ("Cats", "Cats sleep for up to sixteen hours a day, often on warm stairs and window ledges."),
+    "keeper": ("Lighthouse keepers", "A lighthouse keeper trims the lamp wick and records the weather every night."),
+    "tea": CORPUS["d1"],
+}
+
+
+def test_chunks_protocol_finds_an_answer_that_the_documents_protocol_truncates_away(tmp_path):
+    """Issue 24.9: documents (one chunk each, as BEIR tables) embed only a long document's first 256
+    tokens; chunks (the spec's chunker) find its end. Both say which protocol they used."""
+    folder = write_beir(
+        tmp_path / "long", LONG_CORPUS, {"q1": "what is the name of the lighthouse keeper's cat"}, [("q1", "log", 1)]
+    )
+    data = spec_dict()
+    data["stages"]["chunker"]["chunk_size"] = 100
+    pipeline = Pipeline(parse_spec(data, base_dir=tmp_path))
+    chunks = pipeline.evaluate(folder, modes=["dense"], measures=["R@1", "RR@10"])
+    documents = pipeline.evaluate(folder, modes=["dense"], measures=["R@1", "RR@10"], protocol="documents")
+    assert (chunks.protocol, documents.protocol) == ("chunks", "documents")
+    assert chunks.chunks > documents.chunks == documents.documents == 4
+    assert documents.chunks_truncated == 1 and chunks.chunks_truncated == 0
+    assert chunks.results[0].metrics["R@1"] == 1.0  # the chunk holding the answer ranks first
+    assert documents.results[0].metrics["R@1"] == 0.0  # the answer was cut off: two short documents rank above
+    assert documents.results[0].metrics["RR@10"] < 1.0
+    assert "protocol: documents (one chunk per document" in documents.format()
+    assert "protocol: chunks (the spec's chunker" in chunks.format()
+    assert "1 of 4 documents are longer than the embedder's window" in " ".join(documents.notes)
+    assert documents.collection == chunks.collection + "_documents"  # --reuse-index never mixes the two
