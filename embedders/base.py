@@ -41,6 +41,11 @@ class Embedder(Component):
         """Things a run summary must say about how this run's vectors were made (truncation, fallbacks)."""
         return []
 
+    def texts_truncated(self) -> int | None:
+        """Document texts cut to the model's token window since this embedder was made, as a number a
+        run summary can carry; None where no count is kept (an API truncates where we cannot see)."""
+        return None
+
     def embed(self, documents: Sequence[ChunkedDocument]) -> None:
         """Attach a vector to every chunk of every document (one call for the whole batch)."""
         chunks = [c for d in documents for c in d.chunks]

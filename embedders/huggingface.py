@@ -561,6 +561,9 @@ class HuggingFaceEmbedder(Embedder):
     def begin_run(self) -> None:
         self._truncated_before_run = self.truncated_texts
 
+    def texts_truncated(self) -> int | None:
+        return self.truncated_texts
+
     def run_notes(self) -> list[str]:
         """Facts about the current run that a summary should show."""
         truncated = self.truncated_texts - self._truncated_before_run

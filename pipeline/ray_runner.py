@@ -64,7 +64,6 @@ from pipeline.runner import (
     read_sources,
     record_run,
     slices_of,
-    texts_truncated,
 )
 from pipeline.spec import RaySettings, RunnerConfig
 from pipeline.stages import (
@@ -310,7 +309,7 @@ class EmbedActor:
         import pyarrow as pa
 
         result.notes = self.models.embedder.run_notes()
-        result.truncated = texts_truncated(self.models.embedder)  # the actor's embedder is made for this run
+        result.truncated = self.models.embedder.texts_truncated()  # the actor's embedder is made for this run
         return pa.table({BATCHES: pa.array([pickle.dumps(result, protocol=_PICKLE)], type=pa.large_binary())})
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar
 
 from chunkers.base import Chunker, ChunkPlan
 from connectors.base import Parser, Source
@@ -240,7 +240,7 @@ class LocalRunner:
         embedder = self.models.embedder
         started = time.monotonic()
         embedder.begin_run()
-        truncated_before = texts_truncated(embedder) or 0  # the embedder outlives runs: count this run's only
+        truncated_before = embedder.texts_truncated() or 0  # the embedder outlives runs: count this run's only
         try:
             prepare_store(self.plan.store, embedder, self.models.sparse)
             pool = ParserPool(
@@ -278,7 +278,7 @@ class LocalRunner:
         finally:
             finish_run(summary, progress, failures, started)
         summary.notes.extend(embedder.run_notes())
-        truncated = texts_truncated(embedder)
+        truncated = embedder.texts_truncated()
         summary.chunks_truncated = None if truncated is None else truncated - truncated_before
         return summary
 
@@ -398,17 +398,6 @@ def record_run(tracker: ChangeTracker, summary: RunSummary, started: float) -> N
     tracker.remove_unlisted()
     summary.seconds = time.monotonic() - started
     tracker.save_run(summary.run_record())
-
-
-@runtime_checkable
-class _CountsTruncation(Protocol):
-    truncated_texts: int  # as HuggingFaceEmbedder keeps it: document texts cut to its window since it was made
-
-
-def texts_truncated(embedder: Embedder) -> int | None:
-    """Document texts ``embedder`` has cut to its token window since it was made, as a number a summary
-    can carry (its run notes only say it in words); None where it keeps no count (an API truncates unseen)."""
-    return embedder.truncated_texts if isinstance(embedder, _CountsTruncation) else None
 
 
 def index_schema(embedder: Embedder, sparse: SparseEncoder | None) -> IndexSchema:
