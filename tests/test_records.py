@@ -65,6 +65,37 @@ def test_records_round_trip_in_the_companion_collection(tmp_path):
         store.close()
 
 
+def test_record_reads_grow_their_pages_and_return_every_row_once(tmp_path, monkeypatch):
+    # Scaled down: a first page of 40 rows, then pages of what 1.6 MB holds at twice the largest row
+    # seen (a few hundred bytes), capped at 500 rows.
+    monkeypatch.setattr(MilvusRecords, "_PAGE", 40)
+    monkeypatch.setattr(MilvusRecords, "_MAX_READ_PAGE", 500)
+    monkeypatch.setattr(MilvusRecords, "_READ_PAGE_BYTES", 1_600_000)
+    store = MilvusStore(uri=str(tmp_path / "index.db"), collection="docs")
+    try:
+        records = store.index_record()
+        # One long row among short ones, read wherever its digest id puts it.
+        written = [SourceRecord(f"root/{i:04d}.txt", "root/", change_signal=f"s{i}") for i in range(1, 1000)]
+        written.append(SourceRecord("root/" + "x" * 3000, "root/"))
+        records.put(written)
+        records.put([SourceRecord("other/a.txt", "other/")])
+        pages: list[int] = []
+        query_pages = store.query_pages
+
+        def counted(client, collection, expression, fields, page_size):
+            pages.append(page_size)
+            return query_pages(client, collection, expression, fields, page_size)
+
+        monkeypatch.setattr(store, "query_pages", counted)
+        read = [r.source_id for r in records.in_scope("root/")]
+        assert sorted(read) == sorted(r.source_id for r in written)  # each exactly once
+        # One resize, after the first page: to the cap, or to what fits twice the long row if it was read first.
+        assert pages[0] == 40 and len(pages) == 2 and 1_600_000 // (2 * 3200) <= pages[1] <= 500
+        assert len(list(records.all())) == 1001
+    finally:
+        store.close()
+
+
 def test_records_need_a_store_that_can_keep_them():
     assert MemoryStore().index_record() is None and MemoryStore().lock_claims() is None
     pipeline = Pipeline(base_spec(), allowed_modules=PLUGINS)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import closing
 from typing import Any, Protocol
 
 from core.records import RecordStore, RecordTooLarge, SourceRecord
@@ -34,7 +35,7 @@ class RecordsStoreAccess(ChunkStoreAccess, Protocol):
 
     def query_pages(
         self, client: Any, collection: str, expression: str, output_fields: Sequence[str], page_size: int
-    ) -> Iterator[dict[str, Any]]: ...
+    ) -> Generator[dict[str, Any], None, None]: ...
 
 
 def source_row_id(source_id: str) -> str:
@@ -52,7 +53,9 @@ class MilvusRecords(CompanionCollection, RecordStore):
 
     what = "records"
     text_fields = (("kind", 16), ("scope", SCOPE_MAX_BYTES), ("body", BODY_MAX_BYTES))
-    _PAGE = 1000  # rows per iterator page and per upsert
+    _PAGE = 1000  # rows per upsert, and in the first page read
+    _MAX_READ_PAGE = 16_384  # Milvus' ceiling for a query's limit
+    _READ_PAGE_BYTES = 4 << 20  # Milvus Lite 2.5 stalls on pages of 12 MB and more (see MilvusStore.rows)
     _IDS_PER_FILTER = 256  # ids per ``id in [...]`` expression: keeps each filter small for the server's parser
 
     def __init__(self, store: RecordsStoreAccess):
@@ -104,8 +107,29 @@ class MilvusRecords(CompanionCollection, RecordStore):
 
     def _iterate(self, expression: str) -> Iterator[dict[str, Any]]:
         """Every row matching ``expression``, page by page (an iterator over the primary key,
-        safe here because row ids are ``source:<hex digest>``, ``run``, never outside text)."""
-        yield from self.store.query_pages(self._client(), self.name, expression, ["id", "body"], self._PAGE)
+        safe here because row ids are ``source:<hex digest>``, ``run``, never outside text).
+
+        Each page costs a round trip (about 30 ms on Milvus Lite), so after a first page of
+        ``_PAGE`` rows the pages grow to what ``_READ_PAGE_BYTES`` holds at twice the largest row
+        seen: row ids are digests, so the first page is a random sample of the rows' sizes.
+        """
+        page_size, after = self._PAGE, ""
+        while True:
+            bounded = filters.all_of(expression, f"id > {filters.string_literal(after)}") if after else expression
+            count, largest, resize_to = 0, 1, 0
+            with closing(self.store.query_pages(self._client(), self.name, bounded, ["id", "body"], page_size)) as rows:
+                for row in rows:
+                    yield row
+                    count, after = count + 1, row["id"]
+                    largest = max(largest, len(row["id"]) + len(row["body"].encode("utf-8")))
+                    if count == page_size and page_size < self._MAX_READ_PAGE:
+                        fitting = min(self._MAX_READ_PAGE, self._READ_PAGE_BYTES // (2 * largest))
+                        if fitting >= 2 * page_size:
+                            resize_to = fitting
+                            break
+            if not resize_to:
+                return
+            page_size = resize_to
 
     def get(self, source_ids: Sequence[str]) -> dict[str, SourceRecord]:
         found: dict[str, SourceRecord] = {}

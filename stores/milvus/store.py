@@ -34,7 +34,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -813,7 +813,7 @@ class MilvusStore(Store):
 
     def query_pages(
         self, client: Any, collection: str, expression: str, output_fields: Sequence[str], page_size: int
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Generator[dict[str, Any], None, None]:
         """Rows of ``collection`` (this store's or a companion's) matching ``expression``, fetched
         page by page with a query iterator, never offset + limit (Milvus caps those at 16,384).
 
