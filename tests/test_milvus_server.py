@@ -302,7 +302,7 @@ def server_pipeline(milvus_server, tmp_path_factory):
 
 
 def test_dense_query_after_a_pipeline_ingest(server_pipeline, milvus_server):
-    dense = server_pipeline.query(QUERY, mode="dense", limit=2)
+    dense = server_pipeline.query(QUERY, mode="dense", top_k=2)
     assert "kitchen/steeping" in ids(dense) and "errors/zx9004" not in ids(dense)
     scores = [h.score for h in dense.hits]
     assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
@@ -321,7 +321,7 @@ def test_bm25_and_hybrid_queries_after_a_pipeline_ingest(server_pipeline, milvus
     milvus_server.require(SPARSE_VECTORS, BM25_FUNCTION, HYBRID_SEARCH)
     bm25 = server_pipeline.query(QUERY, mode="bm25", top_k=5)
     assert ids(bm25) == ["errors/zx9004"] and bm25.hits[0].score > 0  # a server's BM25 scores are positive
-    hybrid = server_pipeline.query(QUERY, mode="hybrid", limit=2)
+    hybrid = server_pipeline.query(QUERY, mode="hybrid", top_k=2)
     assert set(ids(hybrid)) == {"errors/zx9004", "kitchen/steeping"}
 
 
