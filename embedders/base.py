@@ -41,6 +41,11 @@ class Embedder(Component):
         """Things a run summary must say about how this run's vectors were made (truncation, fallbacks)."""
         return []
 
+    def languages(self) -> frozenset[str] | None:
+        """The languages the model was trained for, as :mod:`core.language` codes (``en``, ``zh``, ...,
+        or ``multilingual`` for all); None when nothing is known, and then no language warning is given."""
+        return None
+
     def texts_truncated(self) -> int | None:
         """Document texts cut to the model's token window since this embedder was made, as a number a
         run summary can carry; None where no count is kept (an API truncates where we cannot see)."""

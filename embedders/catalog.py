@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from core.errors import PipelineError
+from core.language import LATIN, MULTILINGUAL
 from core.models import Pooling
 
 log = logging.getLogger("rag_pipeline.embed")
@@ -47,6 +48,11 @@ ENTRY_POINT_GROUP = "rag_pipeline.embedding_families"
 WEB_SEARCH_TASK = "Given a web search query, retrieve relevant passages that answer the query"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# Language sets of ModelFamily.languages (codes of core.language).
+ENGLISH = ("en",)
+ANY_LANGUAGE = (MULTILINGUAL,)
+EVERY_MODEL = "*/*"  # a pattern every model name fits
 
 
 class CatalogError(PipelineError):
@@ -77,6 +83,11 @@ class ModelFamily:
     document_task: str | None = None
     trust_remote_code: bool = False  # the weights need code shipped with them
     reference: str = ""  # where the conventions are documented
+    # The languages the family's models were trained for, as (hub-id pattern, language codes of
+    # core.language) pairs, first fitting pattern wins: one family's conventions can span models of
+    # one language and multilingual ones (e5-base-v2, multilingual-e5-base). A model no pattern
+    # fits makes no claim, and no warning is given for it.
+    languages: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,24 +101,33 @@ class ModelFamily:
             problems.append("max_length must be at least 2")
         if self.matryoshka_min_dim is not None and self.matryoshka_min_dim < 1:
             problems.append("matryoshka_min_dim must be positive")
+        if any("/" not in pattern or not codes for pattern, codes in self.languages):
+            problems.append("languages must pair patterns of 'owner/name' with language codes, e.g. ('*/*', ('en',))")
         if problems:
             raise CatalogError(f"embedding family {self.name!r}: {'; '.join(problems)}")
 
     def matches(self, name: str) -> bool:
         """True when ``name`` ("owner/name", or a bare folder name) fits one of the patterns."""
-        lowered = name.lower()
-        for pattern in self.hub_ids:
-            pattern = pattern.lower()
-            if "/" in lowered:
-                if fnmatch.fnmatchcase(lowered, pattern):
-                    return True
-            elif fnmatch.fnmatchcase(lowered, pattern.split("/", 1)[1]):
-                return True
-        return False
+        return any(_fits(pattern, name) for pattern in self.hub_ids)
+
+    def languages_of(self, name: str) -> frozenset[str] | None:
+        """The languages the model named ``name`` was trained for; None when the family makes no claim for it."""
+        return next((frozenset(codes) for pattern, codes in self.languages if _fits(pattern, name)), None)
 
     def conventions(self) -> dict[str, Any]:
-        """The convention fields, by name (everything but the identity and documentation fields)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("name", "hub_ids", "reference")}
+        """The convention fields, by name (everything but the identity, documentation and language fields)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("name", "hub_ids", "reference", "languages")
+        }
+
+
+def _fits(pattern: str, name: str) -> bool:
+    """Whether ``name`` ("owner/name", or a bare folder name, matched against the pattern's name part)
+    fits the shell-style ``pattern``, case-insensitively."""
+    lowered, pattern = name.lower(), pattern.lower()
+    return fnmatch.fnmatchcase(lowered, pattern if "/" in lowered else pattern.split("/", 1)[1])
 
 
 def _instruction(task: str, query_label: str = "Query: ") -> str:
@@ -121,6 +141,7 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         "cls",
         query_prefix="Represent this sentence for searching relevant passages: ",
         max_length=512,
+        languages=((EVERY_MODEL, ENGLISH),),
         reference="https://huggingface.co/BAAI/bge-large-en-v1.5",
     ),
     ModelFamily(
@@ -129,9 +150,17 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         "cls",
         query_prefix="为这个句子生成表示以用于检索相关文章：",
         max_length=512,
+        languages=((EVERY_MODEL, ("zh",)),),
         reference="https://huggingface.co/BAAI/bge-large-zh-v1.5",
     ),
-    ModelFamily("bge-m3", ("BAAI/bge-m3",), "cls", max_length=8192, reference="https://huggingface.co/BAAI/bge-m3"),
+    ModelFamily(
+        "bge-m3",
+        ("BAAI/bge-m3",),
+        "cls",
+        max_length=8192,
+        languages=((EVERY_MODEL, ANY_LANGUAGE),),
+        reference="https://huggingface.co/BAAI/bge-m3",
+    ),
     ModelFamily(
         "gte-qwen",
         ("Alibaba-NLP/gte-Qwen2-*-instruct", "Alibaba-NLP/gte-Qwen1.5-*-instruct"),
@@ -140,6 +169,7 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         max_length=32768,
         bidirectional_attention=True,
         end_token="<|endoftext|>",
+        languages=((EVERY_MODEL, ANY_LANGUAGE),),
         reference="https://huggingface.co/Alibaba-NLP/gte-Qwen2-7B-instruct",
     ),
     ModelFamily(
@@ -148,10 +178,16 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         "cls",
         max_length=8192,
         trust_remote_code=True,
+        languages=(("Alibaba-NLP/gte-multilingual-base", ANY_LANGUAGE), ("Alibaba-NLP/gte-*-en-v1.5", ENGLISH)),
         reference="https://huggingface.co/Alibaba-NLP/gte-large-en-v1.5",
     ),
     ModelFamily(
-        "gte", ("thenlper/gte-*",), "mean", max_length=512, reference="https://huggingface.co/thenlper/gte-large"
+        "gte",
+        ("thenlper/gte-*",),
+        "mean",
+        max_length=512,
+        languages=(("thenlper/gte-*-zh", ("zh",)), ("thenlper/gte-*", ENGLISH)),
+        reference="https://huggingface.co/thenlper/gte-large",
     ),
     ModelFamily(
         "e5-mistral",
@@ -160,6 +196,7 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         query_prefix=_instruction(WEB_SEARCH_TASK),
         max_length=4096,
         end_token="</s>",
+        languages=((EVERY_MODEL, ENGLISH),),  # "we recommend using this model for English only"
         reference="https://huggingface.co/intfloat/e5-mistral-7b-instruct",
     ),
     ModelFamily(
@@ -168,6 +205,7 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         "mean",
         query_prefix=_instruction(WEB_SEARCH_TASK),
         max_length=512,
+        languages=((EVERY_MODEL, ANY_LANGUAGE),),
         reference="https://huggingface.co/intfloat/multilingual-e5-large-instruct",
     ),
     ModelFamily(
@@ -177,9 +215,17 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         query_prefix="query: ",
         document_prefix="passage: ",
         max_length=512,
+        languages=(("intfloat/multilingual-e5-*", ANY_LANGUAGE), ("intfloat/e5-*", ENGLISH)),
         reference="https://huggingface.co/intfloat/e5-large-v2",
     ),
-    ModelFamily("m3e", ("moka-ai/m3e-*",), "mean", max_length=512, reference="https://huggingface.co/moka-ai/m3e-base"),
+    ModelFamily(
+        "m3e",
+        ("moka-ai/m3e-*",),
+        "mean",
+        max_length=512,
+        languages=((EVERY_MODEL, ("zh", "en")),),
+        reference="https://huggingface.co/moka-ai/m3e-base",
+    ),
     ModelFamily(
         "instructor",
         ("hkunlp/instructor-*",),
@@ -188,6 +234,7 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         document_prefix="Represent the Wikipedia document for retrieval: ",
         max_length=512,
         pool_prefix_tokens=False,
+        languages=((EVERY_MODEL, ENGLISH),),
         reference="https://huggingface.co/hkunlp/instructor-large",
     ),
     ModelFamily(
@@ -199,6 +246,7 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         max_length=32768,
         end_token="<|endoftext|>",
         matryoshka_min_dim=32,
+        languages=((EVERY_MODEL, ANY_LANGUAGE),),
         reference="https://huggingface.co/Qwen/Qwen3-Embedding-0.6B",
     ),
     ModelFamily(
@@ -218,6 +266,12 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         "mean",
         max_length=8192,
         trust_remote_code=True,
+        languages=(
+            ("jinaai/jina-embeddings-v2-*-en", ENGLISH),
+            ("jinaai/jina-embeddings-v2-*-zh", ("zh", "en")),
+            ("jinaai/jina-embeddings-v2-*-de", ("en", LATIN)),  # German and English
+            ("jinaai/jina-embeddings-v2-*-es", ("en", LATIN)),  # Spanish and English
+        ),
         reference="https://huggingface.co/jinaai/jina-embeddings-v2-base-en",
     ),
     ModelFamily(
@@ -231,6 +285,7 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         query_task="retrieval.query",
         document_task="retrieval.passage",
         trust_remote_code=True,
+        languages=((EVERY_MODEL, ANY_LANGUAGE),),
         reference="https://huggingface.co/jinaai/jina-embeddings-v3",
     ),
     ModelFamily(
@@ -240,6 +295,7 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         query_prefix="Represent this sentence for searching relevant passages: ",
         max_length=512,
         matryoshka_min_dim=128,
+        languages=((EVERY_MODEL, ENGLISH),),
         reference="https://huggingface.co/mixedbread-ai/mxbai-embed-large-v1",
     ),
     ModelFamily(
@@ -252,6 +308,7 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         matryoshka_min_dim=64,
         matryoshka_layer_norm=True,
         trust_remote_code=True,
+        languages=((EVERY_MODEL, ENGLISH),),
         reference="https://huggingface.co/nomic-ai/nomic-embed-text-v1.5",
     ),
     ModelFamily(
@@ -262,6 +319,7 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         document_prefix="search_document: ",
         max_length=8192,
         trust_remote_code=True,
+        languages=((EVERY_MODEL, ENGLISH),),
         reference="https://huggingface.co/nomic-ai/nomic-embed-text-v1",
     ),
     ModelFamily(
@@ -269,6 +327,7 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         ("sentence-transformers/all-MiniLM-*",),
         "mean",
         max_length=256,
+        languages=((EVERY_MODEL, ENGLISH),),
         reference="https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2",
     ),
     ModelFamily(
@@ -276,6 +335,7 @@ BUILTIN_FAMILIES: tuple[ModelFamily, ...] = (
         ("sentence-transformers/all-mpnet-base-*",),
         "mean",
         max_length=384,
+        languages=((EVERY_MODEL, ENGLISH),),
         reference="https://huggingface.co/sentence-transformers/all-mpnet-base-v2",
     ),
 )

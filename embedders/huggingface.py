@@ -72,6 +72,7 @@ from embedders.catalog import (
     CatalogError,
     Conventions,
     ModelFamily,
+    hub_id_candidates,
     resolve_conventions,
 )
 from embedders.pooling import l2_normalize, pool, without_leading_tokens
@@ -405,6 +406,7 @@ class _ModelInfo:
     max_positions: int | None
     sentence_transformers: SentenceTransformersSettings
     family: ModelFamily | None  # the family the model's name identifies (a spec may pick another)
+    languages: frozenset[str] | None  # what that family says the model was trained for; None: no claim
 
     @property
     def output_size(self) -> int:
@@ -458,6 +460,11 @@ class HuggingFaceEmbedder(Embedder):
         if name is None:
             return identified
         return None if name == NO_FAMILY else _family_named(name)
+
+    def languages(self) -> frozenset[str] | None:
+        """The languages of the model the name identifies, whatever family's conventions the spec applies:
+        coverage belongs to the weights (a fine-tuned folder keeps its base model's hub id in config.json)."""
+        return self._model_info().languages
 
     @property
     def conventions(self) -> Conventions:
@@ -681,6 +688,7 @@ class HuggingFaceEmbedder(Embedder):
             max_positions=max_positions if isinstance(max_positions, int) and max_positions > 0 else None,
             sentence_transformers=st_settings,
             family=family,
+            languages=_model_languages(family, name, location),
         )
         self._check_dimensions(info, chosen)
         return info
@@ -863,6 +871,15 @@ def _identify_family(name: str, location: str) -> ModelFamily | None:
         if family is not None or not Path(location).is_dir():
             return family
     return CATALOG.identify(name, location)
+
+
+def _model_languages(family: ModelFamily | None, name: str, location: str) -> frozenset[str] | None:
+    """What ``family`` says of the model's languages, by the first of the model's names it has a claim for."""
+    if family is None:
+        return None
+    folder = Path(location)
+    names = [name, *(hub_id_candidates(folder) if folder.is_dir() else ())]
+    return next((languages for n in names if (languages := family.languages_of(n)) is not None), None)
 
 
 def _spelled(name: str, value: Any) -> str:

@@ -362,9 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             problems = pipeline.validate(args.purpose)
             for problem in problems:
                 print(scrub(f"{args.spec}: {problem}"), file=sys.stderr)
-            if not problems:
-                print(f"{args.spec}: ok")
-            return EXIT_BAD_SPEC if problems else EXIT_OK
+            if problems:
+                return EXIT_BAD_SPEC
+            for warning in pipeline.validation_warnings(args.purpose):  # worth knowing; the spec still runs
+                print(scrub(f"{args.spec}: warning: {warning}"), file=sys.stderr)
+            print(f"{args.spec}: ok")
+            return EXIT_OK
 
         if args.command == "status":
             return _run_status(pipeline)

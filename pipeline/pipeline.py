@@ -18,6 +18,7 @@ from embedders.base import Embedder
 from embedders.sparse import SparseEncoder
 from pipeline.evaluate import EvalProtocol, EvalReport, eval_spec, evaluate_dataset, load_beir
 from pipeline.incremental import ChangeTracker, stage_fingerprint
+from pipeline.languages import language_notes, sample_languages
 from pipeline.lease import DEFAULT_TTL_S, Lease, index_lock
 from pipeline.query import Mode, QueryEngine, QueryResult
 from pipeline.report import Progress, RunSummary
@@ -201,6 +202,7 @@ class Pipeline:
             )
             runner = runner_class(plan)
             summary: RunSummary = runner.run(progress)
+            summary.notes.extend(language_notes(summary.languages, self.embedder, store))
             return summary
 
     def _fingerprint(self) -> str:
@@ -353,6 +355,16 @@ class Pipeline:
         except Exception as exc:
             problems.append(f"stages.store: cannot reach the store: {exc}")
         return problems
+
+    def validation_warnings(self, purpose: Literal["ingest", "eval"] = "ingest") -> list[str]:
+        """What would make retrieval poor without stopping a run: the languages of the first documents the
+        sources list (up to 20, parsed here with the spec's parser) that the embedder's model or the BM25
+        analyzer does not fit (see :mod:`pipeline.languages`). Meant after :meth:`validate` found no
+        problem; ``purpose="eval"`` has no sources to sample, so no warning."""
+        if purpose != "ingest":
+            return []
+        languages = sample_languages(self.sources, self.parser)
+        return language_notes(languages, self.embedder, self.store, of="sampled documents")
 
     def to_dict(self) -> dict[str, Any]:
         return self.spec.to_dict()

@@ -12,9 +12,10 @@ Where each part of a run happens, and why:
   embedder, built once per actor from the components' settings, and chunk and embed a batch at a
   time with the local runner's own step (:func:`pipeline.runner.chunk_and_embed`); a document with
   more than ``runner.slice_chunks`` chunks comes back a slice per row, in order;
-* the driver takes the embedded batches as they come, replays their failures and stage times into
-  the run's book and writes them through :class:`pipeline.stages.BatchWriter` (slices through
-  :class:`pipeline.stages.SliceWriter`) in a writer thread:
+* the driver takes the embedded batches as they come, replays their failures, stage times and
+  documents by language into the run's book and writes them through
+  :class:`pipeline.stages.BatchWriter` (slices through :class:`pipeline.stages.SliceWriter`) in a
+  writer thread:
   Milvus Lite is a local file that one process may open, and the record must follow the write order.
 
 Why a feed rather than a dataset of documents: the document stream exists only in the driver, which
@@ -151,16 +152,21 @@ class ParseCaps:
 
 @dataclass
 class BatchLedger:
-    """A batch's stage times and failures, kept on the embed actor and replayed into the run's book by the driver."""
+    """A batch's stage times, failures and documents by language, kept on the embed actor and replayed
+    into the run's book by the driver."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     failures: list[DocumentFailure] = field(default_factory=list)
+    languages: dict[str, int] = field(default_factory=dict)
 
     def time(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
     def fail(self, failure: DocumentFailure) -> None:
         self.failures.append(failure)
+
+    def language(self, language: str, documents: int = 1) -> None:
+        self.languages[language] = self.languages.get(language, 0) + documents
 
     def step(self, stage: str, action: Callable[[], StageResult]) -> StageResult:
         started = time.monotonic()
@@ -174,6 +180,8 @@ class BatchLedger:
             book.time(stage, seconds)
         for failure in self.failures:
             book.fail(failure)
+        for language, documents in self.languages.items():
+            book.language(language, documents)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 from core.component import require
+from core.language import LanguageTally
 from core.leases import ClaimStore
 from core.records import RecordStore, SourceRecord
 from pipeline.lease import describe_claim, live_holders
@@ -69,6 +70,8 @@ def format_status(records: RecordStore, claims: ClaimStore | None = None, max_fa
             f"{changes.get('updated', 0)} updated, {changes.get('unchanged', 0)} unchanged, "
             f"{changes.get('deleted', 0)} deleted, {last['documents_failed']} failed"
         )
+        if last.get("languages"):  # records of older versions have none
+            lines.append(f"languages of the documents it parsed: {LanguageTally(last['languages']).describe()}")
     for holder in live_holders(claims) if claims is not None else []:
         lines.append(f"running now: {describe_claim(holder)}")
     if failed:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from core.language import LanguageTally
 from core.secrets import scrub
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class RunSummary:
     documents_failed: int = 0
     chunks_written: int = 0
     chunks_truncated: int | None = None  # chunk texts the embedder cut to its token window; None: it keeps no count
+    languages: dict[str, int] = field(default_factory=dict)  # parsed documents by language (core.language)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. "12 chunks longer than the model's 256 tokens were truncated"
@@ -105,6 +107,7 @@ class RunSummary:
             "documents_failed": self.documents_failed,
             "chunks_written": self.chunks_written,
             "changes": asdict(self.changes) if self.changes is not None else None,
+            "languages": dict(self.languages),
         }
 
     def failure_reasons(self) -> dict[str, int]:
@@ -122,6 +125,8 @@ class RunSummary:
             + f", {self.documents_failed} failed",
             f"chunks written: {self.chunks_written}",
         ]
+        if self.languages:
+            lines.append(f"languages: {LanguageTally(self.languages).describe()} (documents parsed)")
         if self.changes is not None:
             c = self.changes
             lines.append(

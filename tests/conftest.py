@@ -150,6 +150,7 @@ UNIT_MODULES = frozenset(
         "test_docs.py",
         "test_filters.py",
         "test_incremental.py",
+        "test_language.py",
         "test_local_source.py",
         "test_secrets.py",
         "test_sentences.py",

@@ -498,6 +498,21 @@ def test_family_of_a_local_folder_pointing_at_a_hub_id(tmp_path):
     assert plain.family is None and plain.conventions.pooling == "mean" and plain.query_prefix == ""
 
 
+def test_the_embedder_says_which_languages_its_model_covers(tmp_path):
+    """Issue 20.2: by the model the name identifies, whatever family's conventions the spec applies."""
+    assert HuggingFaceEmbedder().languages() == {"en"}  # the shipped MiniLM
+    multilingual = build_model(tmp_path, "bert", "m/multilingual-e5-base")
+    assert HuggingFaceEmbedder(model=str(multilingual)).languages() == {"multilingual"}
+    assert HuggingFaceEmbedder(model=str(multilingual), family="bge-en").languages() == {"multilingual"}
+    # A fine-tuned checkpoint keeps its base model's claim through the hub id in its config.json.
+    checkpoint = build_model(tmp_path, "bert", "runs/checkpoint-final")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "_name_or_path": "BAAI/bge-small-zh-v1.5"}))
+    assert HuggingFaceEmbedder(model=str(checkpoint)).languages() == {"zh"}
+    unknown = HuggingFaceEmbedder(model=str(build_model(tmp_path, "bert", "misc/my-encoder")), family="e5")
+    assert unknown.languages() is None  # no claim: no warning
+
+
 def test_the_shipped_mpnet_resolves_offline():
     import importlib.metadata
 

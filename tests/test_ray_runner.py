@@ -130,6 +130,20 @@ def test_a_large_document_is_written_slice_by_slice_with_the_rows_and_failures_o
     assert failure.source_id == "mem/poisoned.txt" and "its previous version stays searchable" in failure.reason
 
 
+def test_languages_counted_on_the_embed_actors_reach_the_summary_as_the_local_runner_counts_them():
+    chinese = "北京是中华人民共和国的首都，也是全国的政治中心和文化中心。"
+    english = "The cells which were treated with the compound grew more slowly than the others."
+    docs = {**{f"zh{i}.txt": chinese for i in range(3)}, **{f"en{i}.txt": english for i in range(4)}, "n.txt": "1 2"}
+    embedder = {"languages": ["en"]}
+    local = Pipeline(plugin_spec(docs, "local", embedder, batch_size=2), allowed_modules=PLUGINS).ingest()
+    on_ray = Pipeline(
+        plugin_spec(docs, "ray", embedder, batch_size=2, ray={"parse_batch_size": 2}), allowed_modules=PLUGINS
+    ).ingest()
+    assert on_ray.languages == local.languages == {"en": 4, "zh": 3, "unknown": 1}
+    assert on_ray.notes == local.notes
+    assert on_ray.notes[0].startswith("mixed-language corpus (en 4, zh 3, unknown 1 documents): dense retrieval")
+
+
 def test_parse_caps_kill_hung_and_dying_parsers_and_the_run_goes_on():
     docs = {"a-hang.txt": "<hang>", "b-exit.txt": "<exit>", "c-ok.txt": "all good", "d-ok.txt": "fine"}
     spec = plugin_spec(docs, parse_workers=1, parse_timeout_s=3, batch_size=2, ray={"parse_batch_size": 1})

@@ -121,10 +121,14 @@ class HashEmbedder(Embedder):
     class Config(ComponentConfig):
         dimension: int = Field(8, ge=2)
         fail_on: str | None = None
+        languages: list[str] | None = None  # what the "model" claims to cover (core.language codes)
 
     @property
     def dimension(self) -> int:
         return self.config.dimension
+
+    def languages(self) -> frozenset[str] | None:
+        return frozenset(self.config.languages) if self.config.languages is not None else None
 
     @property
     def model_id(self) -> str:
