@@ -72,6 +72,25 @@ def test_create_upsert_count_and_rerun_does_not_duplicate(open_store):
     assert store.count() == 5
 
 
+def test_chunk_ids_of_many_sources_reads_them_in_batches_bounded_by_count_and_bytes(open_store, monkeypatch):
+    import stores.milvus.store as store_module
+
+    monkeypatch.setattr(store_module, "READ_FILTER_IDS", 50)
+    monkeypatch.setattr(store_module, "READ_FILTER_BYTES", 3000)
+    store = open_store()
+    store.prepare(IndexSchema(DIM, MODEL))
+    sources = [f"docs/{i:04d}.md" + ("-" + "x" * 1500 if i % 40 == 0 else "") for i in range(200)]
+    store.upsert([make_chunk(source, index) for source in sources for index in range(2)])
+    asked: list[list[str]] = []
+    read = store._chunk_ids_of
+    monkeypatch.setattr(store, "_chunk_ids_of", lambda client, ids: asked.append(list(ids)) or read(client, ids))
+    found = store.chunk_ids_of([*sources, "docs/absent.md"])
+    assert set(found) == set(sources) and all(len(ids) == 2 for ids in found.values())
+    assert all(len(batch) <= 50 for batch in asked)
+    assert all(len(batch) == 1 or sum(len(s) + 4 for s in batch) <= 3000 for batch in asked)
+    assert sorted(s for batch in asked for s in batch) == sorted([*sources, "docs/absent.md"])  # each asked once
+
+
 def test_delete_stale_keeps_only_the_listed_chunks_of_each_source(open_store):
     store = open_store()
     store.prepare(IndexSchema(DIM, MODEL))

@@ -96,6 +96,11 @@ from stores.milvus.rebuild import REBUILD_INFIX, start_rebuild
 from stores.milvus.records import RECORDS_SUFFIX, MilvusRecords
 
 T = TypeVar("T")
+B = TypeVar("B")
+READ_FILTER_IDS = (
+    4096  # source ids per `in` filter of a read (Lite: 4,096 per query read 20,000 sources 8x faster than 256)
+)
+READ_FILTER_BYTES = 256 << 10  # and no more than this much of them, so the server's parser gets a bounded expression
 
 logger = logging.getLogger("stores.milvus")
 
@@ -604,7 +609,8 @@ class MilvusStore(Store):
         prepared = self._rows(chunks, layout)
         if prepared.problems:
             raise InvalidChunksError(prepared.problems, f"store stage, {self.where}")
-        for batch in _batches(prepared.rows, batch_size or self.config.write_batch_size, MAX_REQUEST_BYTES):
+        rows = prepared.rows
+        for batch in _batches(rows, batch_size or self.config.write_batch_size, MAX_REQUEST_BYTES, _row_size):
             self.call(
                 "upsert",
                 client.upsert,
@@ -746,8 +752,9 @@ class MilvusStore(Store):
         """``{"id", "source_id"}`` of every chunk of these sources."""
         filterable, unfilterable = self._by_filterability(list(dict.fromkeys(source_ids)))
         rows: list[dict[str, Any]] = []
-        for start in range(0, len(filterable), DELETE_BATCH_SIZE):
-            rows.extend(self._chunk_ids_of(client, filterable[start : start + DELETE_BATCH_SIZE]))
+        # Each query scans the collection whatever its list's length, so reads ask for many sources at once.
+        for batch in _batches(filterable, READ_FILTER_IDS, READ_FILTER_BYTES, _literal_size):
+            rows.extend(self._chunk_ids_of(client, batch))
         for source_id in unfilterable:
             rows.extend(self._rows_of_unfilterable(client, source_id))
         return rows
@@ -1190,14 +1197,24 @@ def _sparse_problem_or_dict(vector: Any) -> dict[int, float] | str:
     return out
 
 
-def _batches(rows: list[_Row], max_rows: int, max_bytes: int) -> Iterator[list[_Row]]:
-    batch: list[_Row] = []
-    size = 0
-    for row in rows:
-        if batch and (len(batch) >= max_rows or size + row.size > max_bytes):
+def _batches(items: Sequence[B], max_items: int, max_bytes: int, size: Callable[[B], int]) -> Iterator[list[B]]:
+    """Consecutive runs of ``items`` of at most ``max_items`` and ``max_bytes`` (one item over it goes alone)."""
+    batch: list[B] = []
+    total = 0
+    for item in items:
+        cost = size(item)
+        if batch and (len(batch) >= max_items or total + cost > max_bytes):
             yield batch
-            batch, size = [], 0
-        batch.append(row)
-        size += row.size
+            batch, total = [], 0
+        batch.append(item)
+        total += cost
     if batch:
         yield batch
+
+
+def _row_size(row: _Row) -> int:
+    return row.size
+
+
+def _literal_size(source_id: str) -> int:
+    return len(source_id.encode("utf-8", "surrogatepass")) + 4  # quotes, comma, space
