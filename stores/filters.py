@@ -89,7 +89,10 @@ def literal(value: Scalar) -> str:
 def _target(target: Target) -> str:
     if isinstance(target, str):
         return field_name(target)
-    check_json_keys(target.field, target.keys) if target.keys else field_name(target.field)
+    if target.keys:
+        check_json_keys(target.field, target.keys)
+    else:
+        field_name(target.field)
     parts = [target.field]
     for key in target.keys:
         parts.append(f"[{key}]" if isinstance(key, int) else f"[{string_literal(key)}]")
