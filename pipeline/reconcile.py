@@ -20,7 +20,9 @@ from core.digests import DigestSet, digest64
 from core.records import RecordStore, SourceRecord, chunk_digest
 from stores.base import Store
 
-_SOURCES_PER_QUERY = 256  # indexed records compared with their chunks per store query
+# Indexed records compared with their chunks at a time: a few MB, and few store queries (each one
+# scans the collection, so the store asks for thousands of sources per query).
+_SOURCES_PER_COMPARE = 4096
 _LISTED = 20  # source ids a report names per kind of drift
 
 
@@ -57,7 +59,7 @@ def reconcile(records: RecordStore, store: Store, *, repair: bool = True) -> Rec
     """Compare ``records`` with ``store``'s chunks; with ``repair``, delete orphans and mark drift.
 
     Both sides are streamed: the record once (indexed records are compared with their chunks a
-    few hundred at a time), then the chunks' source ids once (against digests of the recorded
+    few thousand at a time), then the chunks' source ids once (against digests of the recorded
     ids), so memory does not grow with the index, only with the drift found.
     """
     report = ReconcileReport(repaired=repair)
@@ -68,7 +70,7 @@ def reconcile(records: RecordStore, store: Store, *, repair: bool = True) -> Rec
         recorded.add(digest64(record.source_id))
         if record.status == "indexed":  # pending and failed sources are redone by the next run anyway
             indexed.append(record)
-            if len(indexed) >= _SOURCES_PER_QUERY:
+            if len(indexed) >= _SOURCES_PER_COMPARE:
                 _compare(indexed, records, store, report)
                 indexed = []
     _compare(indexed, records, store, report)

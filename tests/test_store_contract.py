@@ -264,3 +264,24 @@ def test_the_pipeline_ingests_reindexes_and_queries_through_the_contract_alone(t
         assert filtered.hits == []
         report = pipeline.reconcile(repair=False)
         assert report.sources_recorded == 2 and report.sources_with_chunks == 2 and report.clean
+
+
+def test_reconcile_compares_the_record_in_batches_and_finds_drift_in_each(monkeypatch):
+    import pipeline.reconcile as reconciling
+    from core.records import MemoryRecords, SourceRecord, chunk_digest
+
+    monkeypatch.setattr(reconciling, "_SOURCES_PER_COMPARE", 3)  # 10 indexed sources: four batches
+    store = MemoryStore()
+    store.prepare(IndexSchema(DIM, MODEL))
+    records = MemoryRecords()
+    for i in range(10):
+        source = f"s/{i}"
+        ids = [f"{source}#0", f"{source}#1"]
+        store.upsert([Chunk(cid, source, n, "text", 0, 4, {}, {"dense": unit(i)}) for n, cid in enumerate(ids)])
+        digest = chunk_digest(ids if i % 4 else ids[:1])  # sources 0, 4 and 8 recorded with one chunk only
+        records.put([SourceRecord(source, "s/", chunk_count=2 if i % 4 else 1, chunk_digest=digest, status="indexed")])
+    store.upsert([Chunk("orphan#0", "orphan", 0, "text", 0, 4, {}, {"dense": unit(0)})])
+    report = reconciling.reconcile(records, store, repair=True)
+    assert report.drifted_sources == ["s/0", "s/4", "s/8"] and report.orphan_sources == ["orphan"]
+    assert {r.status for r in records.get(["s/0", "s/4", "s/8"]).values()} == {"pending"}
+    assert store.count() == 20
