@@ -3,9 +3,9 @@ summary carries after an ingest or reindex, and the warnings ``validate`` gives 
 
 The documents' languages come from :mod:`core.language` (counted by the runners, or here from a
 sample); the embedder says what its model covers (:meth:`embedders.base.Embedder.languages`); the
-BM25 analyzer is read from the store's settings, ``bm25.analyzer`` as the Milvus store names it,
-since every component keeps its settings as data. Anything unknown (a model the catalog has no
-claim for, a store without such a setting, custom analyzer parameters) gives no warning.
+BM25 analyzer is what the store says it is (:meth:`stores.base.Store.bm25_analyzer`). Anything
+unknown (a model the catalog has no claim for, a store that does not say, custom analyzer
+parameters) gives no warning.
 """
 
 from __future__ import annotations
@@ -56,12 +56,11 @@ class Analyzer:
 
 
 def bm25_analyzer(store: Store) -> Analyzer | None:
-    """The analyzer of the store's BM25 branch, from its ``bm25.analyzer`` setting; None when the store
-    has no BM25 branch, an unknown analyzer when its settings name none."""
+    """The analyzer of the store's BM25 branch; None when the store has no BM25 branch, an unknown
+    analyzer when the store does not say which."""
     if "bm25" not in store.branches():
         return None
-    settings = store.config.model_dump(mode="json").get("bm25")
-    analyzer = settings.get("analyzer") if isinstance(settings, dict) else None
+    analyzer = store.bm25_analyzer()
     if isinstance(analyzer, str):
         does, languages = _ANALYZERS.get(analyzer, ("", None))
         return Analyzer(repr(analyzer), does, languages)

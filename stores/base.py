@@ -119,6 +119,11 @@ class Store(Component):
         """The retrieval branches this index can serve: ``dense`` always, ``bm25`` and ``sparse``
         when it holds their fields."""
 
+    def bm25_analyzer(self) -> str | dict[str, Any] | None:
+        """How the BM25 branch analyses text: an analyzer's name or Milvus-style analyzer parameters;
+        None when the store has no BM25 branch or does not say."""
+        return None
+
     @abstractmethod
     def search(
         self, request: SearchRequest, filters: Filter | None = None, *, search_params: Mapping[str, Any] | None = None

@@ -913,6 +913,12 @@ class MilvusStore(Store):
         }
         return tuple(branch for branch in BRANCHES if present[branch])
 
+    def bm25_analyzer(self) -> str | dict[str, Any] | None:
+        bm25 = self.config.bm25
+        if bm25 is None:
+            return None
+        return bm25.analyzer if isinstance(bm25.analyzer, str) else dict(bm25.analyzer)
+
     def search(
         self, request: SearchRequest, filters: Filter | None = None, *, search_params: Mapping[str, Any] | None = None
     ) -> list[Hit]:
