@@ -146,11 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--json", action="store_true", help="print the full result as JSON")
 
     evaluate = sub.add_parser(
-        "eval", help="ingest a BEIR dataset with the spec's stages and measure each retrieval mode"
+        "eval",
+        help="ingest a BEIR dataset, or a corpus with questions and reference excerpts, with the spec's stages and "
+        "measure each retrieval mode",
     )
     _add_spec_args(evaluate)
+    dataset = evaluate.add_mutually_exclusive_group(required=True)
+    dataset.add_argument("--beir", metavar="DIR", help="folder with corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
+    dataset.add_argument(
+        "--excerpts",
+        metavar="FILE",
+        help="questions with reference excerpts as character spans (CSV: question, references, corpus_id; or JSONL "
+        "with those keys), measured by span recall, precision and IoU; needs --corpus",
+    )
+    evaluate.add_argument("--corpus", metavar="DIR", help="with --excerpts: the folder of corpus files (<corpus_id>.*)")
     evaluate.add_argument(
-        "--beir", required=True, metavar="DIR", help="folder with corpus.jsonl, queries.jsonl and qrels/<split>.tsv"
+        "--k",
+        type=int,
+        nargs="+",
+        default=[5, 10],
+        metavar="K",
+        help="with --excerpts: chunks retrieved per question (default: 5 10)",
     )
     evaluate.add_argument("--split", default="test", help="qrels split (default: test)")
     evaluate.add_argument(
@@ -231,6 +247,11 @@ def _run_eval(pipeline, args) -> int:  # type: ignore[no-untyped-def]
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
     progress = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    if args.excerpts:
+        return _run_excerpt_eval(pipeline, args, modes, progress)
+    if args.corpus:
+        print("eval: --corpus goes with --excerpts (a BEIR folder holds its own corpus.jsonl)", file=sys.stderr)
+        return EXIT_BAD_SPEC
     try:
         report = pipeline.evaluate(
             Path(args.beir),
@@ -241,6 +262,34 @@ def _run_eval(pipeline, args) -> int:  # type: ignore[no-untyped-def]
             max_queries=args.max_queries,
             measures=args.measures,
             protocol=args.protocol,
+            progress=progress,
+        )
+    except EvaluationError as exc:
+        print(scrub(f"eval: {exc}"), file=sys.stderr)
+        return EXIT_BAD_SPEC
+    except Exception as exc:
+        logging.getLogger("rag_pipeline").debug("eval failed", exc_info=True)
+        print(scrub(f"eval failed: {exc}"), file=sys.stderr)
+        return EXIT_FATAL
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.format())
+    return EXIT_PARTIAL if any("failed to ingest" in note for note in report.notes) else EXIT_OK
+
+
+def _run_excerpt_eval(pipeline, args, modes, progress) -> int:  # type: ignore[no-untyped-def]
+    from pipeline.evaluate import EvaluationError
+
+    if not args.corpus:
+        print("eval: --excerpts needs --corpus DIR, the folder of the corpus files the questions name", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    try:
+        report = pipeline.evaluate_excerpts(
+            args.excerpts,
+            args.corpus,
+            modes=modes,
+            ks=args.k,
+            collection=args.collection,
+            reuse_index=args.reuse_index,
+            max_queries=args.max_queries,
             progress=progress,
         )
     except EvaluationError as exc:

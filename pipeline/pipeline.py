@@ -17,6 +17,7 @@ from core.records import RecordStore
 from embedders.base import Embedder
 from embedders.sparse import SparseEncoder
 from pipeline.evaluate import EvalProtocol, EvalReport, eval_spec, evaluate_dataset, load_beir
+from pipeline.excerpts import DEFAULT_KS, ExcerptReport, evaluate_excerpts, excerpt_spec, load_excerpts
 from pipeline.incremental import ChangeTracker, stage_fingerprint
 from pipeline.languages import language_notes, sample_languages
 from pipeline.lease import DEFAULT_TTL_S, Lease, index_lock
@@ -327,6 +328,40 @@ class Pipeline:
                 max_queries=max_queries,
                 measures=measures,
                 protocol=protocol,
+                progress=progress,
+            )
+        finally:
+            evaluation.close()
+
+    def evaluate_excerpts(
+        self,
+        questions: str | os.PathLike[str],
+        corpus: str | os.PathLike[str],
+        *,
+        modes: Sequence[str] | None = None,
+        ks: Sequence[int] = DEFAULT_KS,
+        collection: str | None = None,
+        reuse_index: bool = False,
+        max_queries: int | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> ExcerptReport:
+        """Span-level evaluation: ingest the corpus files the ``questions`` (CSV or JSONL with
+        reference excerpts as character spans) name from the folder ``corpus`` with this spec's
+        stages, into ``<collection>_excerpts_<folder>`` (or ``collection``), and measure recall,
+        precision, IoU and precision_omega of every retrieval mode at each k (see :mod:`pipeline.excerpts`)."""
+        questions_file, corpus_dir = Path(questions), Path(corpus)
+        excerpts = load_excerpts(questions_file, corpus_dir)
+        evaluation = Pipeline(excerpt_spec(self.spec, excerpts, corpus_dir, collection))
+        try:
+            return evaluate_excerpts(
+                evaluation,
+                excerpts,
+                questions_file=questions_file,
+                corpus_dir=corpus_dir,
+                modes=modes,
+                ks=ks,
+                reuse_index=reuse_index,
+                max_queries=max_queries,
                 progress=progress,
             )
         finally:

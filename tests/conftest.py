@@ -148,6 +148,7 @@ UNIT_MODULES = frozenset(
         "test_architecture.py",
         "test_chunkers.py",
         "test_docs.py",
+        "test_excerpt_measures.py",
         "test_filters.py",
         "test_incremental.py",
         "test_language.py",
