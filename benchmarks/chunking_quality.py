@@ -15,7 +15,9 @@ similar sizes.
 Systems:
 * ours: ``token-<size>-<overlap>`` (TokenChunker, cl100k tokens), ``recursive-<chars>-<overlap>``
   (RecursiveChunker, characters), ``sentences-<size>`` (a control: whole sentences packed greedily
-  up to ``size`` tokens, from :mod:`chunkers.sentences`);
+  up to ``size`` tokens, from :mod:`chunkers.sentences`), ``ppl-<size>[-bfloat16|-int8]``
+  (Meta-Chunking PPL with the shipped SmolLM2, fitted to ``size`` of its tokens; not in the default
+  list: about 10 minutes each on 2 cores);
 * anchors, run by benchmarks/chunking_anchors.py in the environment chunking_anchors_env.sh makes:
   LangChain's RecursiveCharacterTextSplitter (tiktoken lengths), semchunk, Chonkie's token,
   sentence and recursive chunkers. An anchor that cannot run offline is listed with the reason.
@@ -77,6 +79,10 @@ ANCHORS = [
 ]
 
 
+def is_ours(name: str) -> bool:
+    return name.split("-")[0] in ("token", "recursive", "sentences", "ppl")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -107,6 +113,8 @@ def our_chunker(name: str) -> Callable[[ParsedDocument], Spans]:
     kind, *numbers = name.split("-")
     if kind == "sentences":
         return sentence_packer(int(numbers[0]))
+    if kind == "ppl":
+        return perplexity_chunker(int(numbers[0]), numbers[1] if len(numbers) > 1 else "float32")
     size, overlap = int(numbers[0]), int(numbers[1])
     if kind == "token":
         from chunkers.token import TokenChunker
@@ -116,6 +124,16 @@ def our_chunker(name: str) -> Callable[[ParsedDocument], Spans]:
         from chunkers.recursive import RecursiveChunker
 
         chunker = RecursiveChunker(RecursiveChunker.Config(chunk_size=size, chunk_overlap=overlap))
+    return lambda doc: [(c.start, c.end) for c in chunker.chunk(doc)]
+
+
+def perplexity_chunker(size: int, mode: str) -> Callable[[ParsedDocument], Spans]:
+    """Meta-Chunking PPL with the shipped SmolLM2, fitted to ``size`` tokens of the LM's tokenizer;
+    ``mode``: float32, bfloat16 or int8 (dynamic int8 linear layers)."""
+    from chunkers.meta import PerplexityChunker
+
+    settings = {"quantize": "int8"} if mode == "int8" else {"dtype": mode}
+    chunker = PerplexityChunker(PerplexityChunker.Config(target_size=size, **settings))
     return lambda doc: [(c.start, c.end) for c in chunker.chunk(doc)]
 
 
@@ -255,10 +273,10 @@ def main() -> int:
     encoding = get_encoding("cl100k_base")
 
     files = {path.name: corpus_id for corpus_id, path in excerpts.corpus_files.items()}
-    anchors = anchor_spans(args.anchors_python, dataset / "corpora", [n for n in names if n not in OURS])
+    anchors = anchor_spans(args.anchors_python, dataset / "corpora", [n for n in names if not is_ours(n)])
     results: dict[str, dict] = {}
     for name in names:
-        if name in OURS:
+        if is_ours(name):
             chunk = our_chunker(name)
             began = time.perf_counter()
             spans = {c: chunk(document(c, excerpts.corpus_texts[c])) for c in excerpts.corpus_texts}
