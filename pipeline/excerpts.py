@@ -38,6 +38,7 @@ import bisect
 import csv
 import dataclasses
 import difflib
+import glob
 import io
 import json
 import math
@@ -408,7 +409,7 @@ def excerpt_spec(spec: Spec, excerpts: ExcerptSet, corpus_dir: Path, collection:
     name = collection or excerpt_collection_name(production, corpus_dir)
     config = LocalDirectorySource.Config(
         path=str(corpus_dir.resolve()),
-        include=sorted(p.name for p in excerpts.corpus_files.values()),
+        include=sorted(glob.escape(p.name) for p in excerpts.corpus_files.values()),
         recursive=False,
         namespace="corpus",
     )
