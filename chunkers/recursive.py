@@ -14,20 +14,28 @@ punctuation (。！？ then ； then ，、) tried before spaces, so Chinese tex
 rather than between arbitrary characters; for text without CJK punctuation this is exactly
 LangChain's list. ``language`` picks LangChain's separators for a language (``markdown``,
 ``python``, ``html`` ...) instead.
+
+Sizes are characters by default; ``size_unit: tokens`` counts tokens of a tiktoken ``encoding``
+instead (LangChain's ``from_tiktoken_encoder``), so chunk sizes match what an embedder's window and
+published chunking benchmarks count. The document is tokenized once and a span counts the tokens
+that start inside it; LangChain adds up the counts of the pieces, so where merged pieces tokenize
+differently than apart its cuts can differ from these by a piece.
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from chunkers.base import Chunker
 from chunkers.spans import (
+    Measure,
     Span,
     SpanChunkingConfig,
     char_length,
@@ -36,6 +44,9 @@ from chunkers.spans import (
 )
 from core.component import require
 from core.types import ParsedDocument
+
+if TYPE_CHECKING:
+    from chunkers.token import TiktokenTokenization
 
 # Zero-width cuts right after CJK punctuation, so the mark stays with the text it ends (whatever
 # keep_separator says). A run of marks or a closing quote after the mark stays with the sentence.
@@ -75,6 +86,7 @@ class SeparatorSplitter:
     keep: KeepSeparator
     chunk_size: int
     chunk_overlap: int
+    measure: Measure = char_length
 
     def split(self, region: Span) -> Iterator[Span]:
         return self._split(region, 0)
@@ -86,7 +98,7 @@ class SeparatorSplitter:
         def split_oversized(piece: Span) -> Iterator[Span]:
             return self._split(piece, level + 1) if can_go_deeper and level is not None else iter([piece])
 
-        return pack_pieces(pieces, self.chunk_size, self.chunk_overlap, char_length, split_oversized)
+        return pack_pieces(pieces, self.chunk_size, self.chunk_overlap, self.measure, split_oversized)
 
     def _pieces_at_first_separator(self, region: Span, first_level: int) -> tuple[int | None, Iterator[Span]]:
         """The region cut at the first separator (from ``first_level`` on) that occurs in it.
@@ -129,8 +141,16 @@ class RecursiveChunker(Chunker):
     type_name = "recursive"
 
     class Config(SpanChunkingConfig):
-        chunk_size: int = Field(1000, gt=0, description="Largest chunk, in characters.")
-        chunk_overlap: int = Field(200, ge=0, description="Characters of the end of a chunk the next one repeats.")
+        chunk_size: int = Field(1000, gt=0, description="Largest chunk, in characters (or tokens, see size_unit).")
+        chunk_overlap: int = Field(
+            200, ge=0, description="Characters (or tokens) of the end of a chunk the next one repeats."
+        )
+        size_unit: Literal["characters", "tokens"] = Field(
+            "characters", description="What chunk_size and chunk_overlap count: characters, or tokens of encoding."
+        )
+        encoding: str | None = Field(
+            None, description="With size_unit tokens: tiktoken encoding or OpenAI model name (default cl100k_base)."
+        )
         separators: list[str] | None = Field(
             None,
             description="Separators in order of preference; default: paragraph, line, CJK punctuation, space, "
@@ -162,6 +182,12 @@ class RecursiveChunker(Chunker):
 
         @model_validator(mode="after")
         def _separators_compile(self) -> RecursiveChunker.Config:
+            if self.encoding is not None and self.size_unit != "tokens":
+                raise ValueError("encoding counts tokens: set size_unit: tokens, or leave encoding out")
+            if self.encoding is not None:
+                from core.tiktoken_data import encoding_name
+
+                encoding_name(self.encoding)  # an unknown name fails here, not at the first document
             if self.language is not None and self.separators is not None:
                 raise ValueError("give either separators or language, not both")
             if self.separators is not None and self.is_separator_regex:
@@ -193,12 +219,31 @@ class RecursiveChunker(Chunker):
             return "start"
         return keep or None
 
+    @cached_property
+    def _tokens(self) -> TiktokenTokenization:
+        from chunkers.token import DEFAULT_ENCODING, TiktokenTokenization
+        from core.tiktoken_data import get_encoding
+
+        return TiktokenTokenization(get_encoding(self.config.encoding or DEFAULT_ENCODING))
+
     def split(self, document: ParsedDocument) -> list[Span]:
+        text = document.text
+        measure = char_length
+        if self.config.size_unit == "tokens":
+            # The document is tokenized once; a span measures the tokens that start inside it. Merging
+            # pieces re-measures the growing chunk for every piece, so encoding each candidate would
+            # cost (pieces x chunk length) characters of encoding.
+            starts = self._tokens.token_starts(text)
+
+            def measure(start: int, end: int) -> int:
+                return bisect_left(starts, end) - bisect_left(starts, start)
+
         splitter = SeparatorSplitter(
-            text=document.text,
+            text=text,
             patterns=self._patterns,
             keep=self._keep,
             chunk_size=self.config.chunk_size,
             chunk_overlap=self.config.chunk_overlap,
+            measure=measure,
         )
-        return plan_spans(document, self.config, char_length, splitter.split)
+        return plan_spans(document, self.config, measure, splitter.split)

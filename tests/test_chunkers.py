@@ -209,6 +209,28 @@ def test_recursive_without_overlap_tiles_the_text():
         assert previous_end <= start and not doc.text[previous_end:start].strip()
 
 
+def test_recursive_in_tokens_fills_chunks_to_the_token_limit(cl100k):
+    doc = document(" ".join([ENGLISH.replace("\n\n", " ")] * 4))
+    chunker = RecursiveChunker(chunk_size=60, chunk_overlap=20, size_unit="tokens")
+    chunks = chunker.chunk(doc)
+    sizes = [len(cl100k.encode(c.text)) for c in chunks]
+    assert len(chunks) > 5 and all(doc.text[c.start : c.end] == c.text for c in chunks)
+    # Counted on the document's tokenization, a chunk can hold a token that straddles its edge.
+    assert max(sizes) <= 61 and min(sizes[:-1]) > 40, sizes
+    for previous, current in zip(chunks, chunks[1:]):
+        assert 0 < len(cl100k.encode(doc.text[current.start : previous.end])) <= 21
+    by_characters = RecursiveChunker(chunk_size=60, chunk_overlap=20).chunk(doc)
+    assert len(by_characters) > 3 * len(chunks)  # 60 characters hold far less than 60 tokens
+    assert chunker.fingerprint_settings() != RecursiveChunker(chunk_size=60, chunk_overlap=20).fingerprint_settings()
+
+
+def test_recursive_refuses_an_encoding_without_token_sizes_and_an_unknown_encoding():
+    with pytest.raises(ValidationError, match="set size_unit: tokens"):
+        RecursiveChunker(chunk_size=60, chunk_overlap=0, encoding="cl100k_base")
+    with pytest.raises(ValidationError, match="neither a tiktoken encoding"):
+        RecursiveChunker(chunk_size=60, chunk_overlap=0, size_unit="tokens", encoding="no-such-encoding")
+
+
 def test_token_overlap_repeats_the_requested_number_of_tokens(cl100k):
     doc = document(ENGLISH * 2)
     chunks = TokenChunker(chunk_size=40, chunk_overlap=10).chunk(doc)
