@@ -14,10 +14,10 @@ similar sizes.
 
 Systems:
 * ours: ``token-<size>-<overlap>`` (TokenChunker, cl100k tokens), ``recursive-<chars>-<overlap>``
-  (RecursiveChunker, characters), ``sentences-<size>`` (a control: whole sentences packed greedily
-  up to ``size`` tokens, from :mod:`chunkers.sentences`), ``ppl-<size>[-bfloat16|-int8]``
-  (Meta-Chunking PPL with the shipped SmolLM2, fitted to ``size`` of its tokens; not in the default
-  list: about 10 minutes each on 2 cores);
+  (RecursiveChunker, characters), ``rectokens-<size>-<overlap>`` (RecursiveChunker, cl100k
+  tokens), ``sentences-<size>`` (a control: whole sentences packed greedily up to ``size`` tokens,
+  from :mod:`chunkers.sentences`), ``ppl-<size>[-bfloat16|-int8]`` (Meta-Chunking PPL with the
+  shipped SmolLM2, fitted to ``size`` of its tokens; not in the default list: slow on a CPU);
 * anchors, run by benchmarks/chunking_anchors.py in the environment chunking_anchors_env.sh makes:
   LangChain's RecursiveCharacterTextSplitter (tiktoken lengths), semchunk, Chonkie's token,
   sentence and recursive chunkers. An anchor that cannot run offline is listed with the reason.
@@ -62,6 +62,10 @@ OURS = [
     "recursive-1000-500",
     "recursive-1200-0",
     "recursive-1800-0",
+    "rectokens-200-0",
+    "rectokens-250-0",
+    "rectokens-250-125",
+    "rectokens-400-0",
     "sentences-250",
 ]
 ANCHORS = [
@@ -80,7 +84,7 @@ ANCHORS = [
 
 
 def is_ours(name: str) -> bool:
-    return name.split("-")[0] in ("token", "recursive", "sentences", "ppl")
+    return name.split("-")[0] in ("token", "recursive", "rectokens", "sentences", "ppl")
 
 
 def cpu_model() -> str:
@@ -123,7 +127,8 @@ def our_chunker(name: str) -> Callable[[ParsedDocument], Spans]:
     else:
         from chunkers.recursive import RecursiveChunker
 
-        chunker = RecursiveChunker(RecursiveChunker.Config(chunk_size=size, chunk_overlap=overlap))
+        unit = "tokens" if kind == "rectokens" else "characters"
+        chunker = RecursiveChunker(RecursiveChunker.Config(chunk_size=size, chunk_overlap=overlap, size_unit=unit))
     return lambda doc: [(c.start, c.end) for c in chunker.chunk(doc)]
 
 
