@@ -63,6 +63,7 @@ OURS = [
     "recursive-1200-0",
     "recursive-1800-0",
     "rectokens-200-0",
+    "rectokens-200-100",
     "rectokens-250-0",
     "rectokens-250-125",
     "rectokens-400-0",
