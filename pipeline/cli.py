@@ -191,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
         "each document is one chunk, cut to the model's window, as published BEIR tables are measured",
     )
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    evaluate.add_argument(
+        "--tune-fusion",
+        nargs="?",
+        const="auto",
+        metavar="SPLIT",
+        help="fit the hybrid fusion method and weights on a train/dev split (never test; default: train with dev "
+        "held out, or one split cut into halves), report held-out nDCG@10 and print the spec lines to use",
+    )
     return parser
 
 
@@ -252,6 +260,8 @@ def _run_eval(pipeline, args) -> int:  # type: ignore[no-untyped-def]
     if args.corpus:
         print("eval: --corpus goes with --excerpts (a BEIR folder holds its own corpus.jsonl)", file=sys.stderr)
         return EXIT_BAD_SPEC
+    if args.tune_fusion:
+        return _run_tune_fusion(pipeline, args, progress)
     try:
         report = pipeline.evaluate(
             Path(args.beir),
@@ -273,6 +283,34 @@ def _run_eval(pipeline, args) -> int:  # type: ignore[no-untyped-def]
         return EXIT_FATAL
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.format())
     return EXIT_PARTIAL if any("failed to ingest" in note for note in report.notes) else EXIT_OK
+
+
+def _run_tune_fusion(pipeline, args, progress) -> int:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from pipeline.evaluate import EvaluationError
+    from pipeline.fusion_tuning import dump, tune_fusion
+
+    try:
+        report = tune_fusion(
+            pipeline.spec,
+            Path(args.beir),
+            split=args.tune_fusion,
+            collection=args.collection,
+            reuse_index=args.reuse_index,
+            max_queries=args.max_queries,
+            protocol=args.protocol,
+            progress=progress,
+        )
+    except EvaluationError as exc:
+        print(scrub(f"eval: {exc}"), file=sys.stderr)
+        return EXIT_BAD_SPEC
+    except Exception as exc:
+        logging.getLogger("rag_pipeline").debug("fusion tuning failed", exc_info=True)
+        print(scrub(f"eval --tune-fusion failed: {exc}"), file=sys.stderr)
+        return EXIT_FATAL
+    print(dump(report) if args.json else report.format())
+    return EXIT_OK
 
 
 def _run_excerpt_eval(pipeline, args, modes, progress) -> int:  # type: ignore[no-untyped-def]

@@ -329,9 +329,9 @@ class ModeEvaluator:
         results = []
         for mode in modes:
             base, reranked = (mode[: -len(RERANK_SUFFIX)], True) if mode.endswith(RERANK_SUFFIX) else (mode, False)
-            if base not in (*BRANCHES, "hybrid"):
+            if base not in (*BRANCHES, "hybrid", "auto"):
                 raise EvaluationError(
-                    f"unknown mode {mode!r}; use dense, bm25, sparse, hybrid, optionally with {RERANK_SUFFIX}"
+                    f"unknown mode {mode!r}; use dense, bm25, sparse, hybrid, auto, optionally with {RERANK_SUFFIX}"
                 )
             if reranked and self.engine.reranker is None:
                 raise EvaluationError(f"mode {mode!r} needs a reranker: add query.reranker to the spec")

@@ -5,9 +5,14 @@ Retrieval modes, over one collection that holds the dense and sparse fields side
 * ``dense``: approximate nearest neighbours of the query embedding;
 * ``bm25``: Milvus' built-in BM25 over the chunk text (the store's ``bm25`` field);
 * ``sparse``: a learned sparse encoder (SPLADE; the store's ``learned_sparse`` field);
-* ``hybrid``: several of those branches fused by Milvus ``hybrid_search``, with reciprocal rank
-  fusion (``k`` configurable) or a weighted sum;
-* ``auto`` (the default): hybrid when the store has a sparse field, else dense.
+* ``hybrid``: several of those branches fused (``query.fusion``): reciprocal rank fusion and
+  Milvus' weighted sum run server-side in Milvus ``hybrid_search``; weighted RRF, min-max and
+  distribution-based (DBSF) score fusion, and per-query adaptive weights, run here on each branch's
+  candidates (:mod:`core.fusion`);
+* ``auto`` (the default): hybrid when the store has a sparse field, else dense; with
+  ``fusion.language_aware`` (on by default) the dense branch is left out of a query when the
+  embedder's model does not cover the corpus's language (read from a sample of the stored chunks
+  at warm-up) or the query's script, and the result's ``notes`` say so.
 
 Then, optionally, a reranker rescores the best candidates. Every score a caller sees is
 higher-is-better (Milvus Lite's negative BM25 scores are flipped by the store).
@@ -18,16 +23,20 @@ call from many threads at once.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import PipelineError
 from core.filters import Filter, FilterValueError
+from core.fusion import fuse
+from core.language import LATIN, UNKNOWN, LanguageTally, covers, detect_language
 from core.search import BRANCHES, Branch, Hit, RRFFusion, SearchRequest, WeightedFusion
 from stores.base import IndexSchema, Store
 
@@ -38,7 +47,11 @@ if TYPE_CHECKING:
 
 
 Mode = Literal["auto", "dense", "bm25", "sparse", "hybrid"]
+FusionMethod = Literal["rrf", "weighted", "minmax", "dbsf"]
 MAX_LIMIT = 16_384  # Milvus' ceiling for a search's limit
+LANGUAGE_SAMPLE_CHUNKS = 256  # stored chunks read at warm-up to tell the corpus's language
+
+log = logging.getLogger("rag_pipeline.query")
 
 
 class QueryError(PipelineError):
@@ -52,14 +65,34 @@ class QueryInputError(QueryError):
 class FusionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["rrf", "weighted"] = Field(
-        "rrf", description="rrf: reciprocal rank fusion; weighted: weighted sum of normalised scores."
+    method: FusionMethod = Field(
+        "minmax",
+        description="minmax: weighted sum of each branch's scores min-max normalised over its candidates (the "
+        "default); rrf: reciprocal rank fusion, ranks only (server-side in Milvus unless weighted or adaptive); "
+        "dbsf: weighted sum of scores normalised by their distribution (mean +- 3 std, as Qdrant's DBSF); "
+        "weighted: Milvus' server-side weighted sum (arctan-normalised scores).",
     )
-    k: int = Field(60, ge=1, description="RRF constant: score = sum of 1 / (k + rank).")
+    k: int = Field(60, ge=1, description="rrf: the constant of score = sum of weight / (k + rank).")
     weights: dict[Branch, float] = Field(
-        default_factory=dict, description="Weighted fusion: weight per branch (missing: 1.0)."
+        default_factory=dict, description="Weight per branch, for every method (missing: 1.0)."
     )
-    normalize: bool = Field(True, description="Weighted fusion: map each branch's scores into [0, 1] first.")
+    normalize: bool = Field(True, description="weighted: map each branch's scores into [0, 1] first.")
+    adaptive: bool = Field(
+        False,
+        description="rrf, minmax, dbsf: scale each branch's weight per query by how clearly its best score "
+        "stands out of its candidates' scores (z-score), trusting the branch that sees a clear match.",
+    )
+    language_aware: bool = Field(
+        True,
+        description="auto mode: leave the dense branch out when the embedder's model does not cover the "
+        "corpus's language (sampled from the stored chunks) or the query's script; the result notes say why.",
+    )
+
+    def client_side(self) -> bool:
+        """Whether the fusion runs here on each branch's candidates rather than in the store's hybrid search."""
+        if self.method == "weighted":
+            return False
+        return self.method != "rrf" or self.adaptive or any(w != 1.0 for w in self.weights.values())
 
 
 class QueryConfig(BaseModel):
@@ -67,7 +100,11 @@ class QueryConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Mode = Field("auto", description="auto: hybrid when the store has a sparse field, else dense.")
+    mode: Mode = Field(
+        "auto",
+        description="auto: hybrid when the store has a sparse field (without a dense branch whose model does not "
+        "cover the language: fusion.language_aware), else dense.",
+    )
     top_k: int = Field(10, ge=1, le=MAX_LIMIT, description="Chunks returned.")
     candidates: int = Field(
         100, ge=1, le=MAX_LIMIT, description="Chunks each branch retrieves before fusion and reranking."
@@ -111,6 +148,8 @@ class QueryResult:
     seconds: dict[str, float]  # encode, search, rerank, total
     reranked_count: int = 0  # the first hits the reranker rescored (its top_n); the rest keep retrieval order
     searched: str = ""  # the collection searched, where it lives
+    branches: list[str] = field(default_factory=list)  # the branches searched (fused when more than one)
+    notes: list[str] = field(default_factory=list)  # why a branch was left out, and the like
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -119,6 +158,8 @@ class QueryResult:
             "reranked": self.reranked,
             "reranked_count": self.reranked_count,
             "searched": self.searched,
+            "branches": self.branches,
+            "notes": self.notes,
             "seconds": self.seconds,
             "hits": [h.to_dict() for h in self.hits],
         }
@@ -142,6 +183,7 @@ class QueryEngine:
         self._ready = False
         self._ready_lock = threading.Lock()
         self.load_seconds: dict[str, float] = {}  # model -> seconds its warm-up took (set by warm_up)
+        self.corpus_languages: dict[str, int] = {}  # sampled stored chunks by language (set by warm_up)
 
     # -- what the collection can serve -------------------------------------------------------------
 
@@ -199,7 +241,59 @@ class QueryEngine:
             if self.reranker is not None:
                 reranker = self.reranker
                 self.load_seconds["reranker"] = _timed(lambda: reranker.score("warm-up", ["warm-up"]))
+            if self.config.fusion.language_aware and len(self.available_branches()) > 1:
+                self.corpus_languages = self._sample_languages()
+                if note := self._corpus_language_note():
+                    log.warning("%s: %s", self.store.where, note)
             self._ready = True
+
+    # -- language-aware auto mode ------------------------------------------------------------------
+
+    def _sample_languages(self) -> dict[str, int]:
+        """Stored chunks by language, from the first :data:`LANGUAGE_SAMPLE_CHUNKS` the store lists."""
+        tally = LanguageTally()
+        rows = self.store.rows(["text"])
+        try:
+            for row in islice(rows, LANGUAGE_SAMPLE_CHUNKS):
+                tally.add(detect_language(str(row.get("text") or "")).language)
+        finally:
+            close = getattr(rows, "close", None)
+            if close is not None:
+                close()
+        return tally.counts
+
+    def _corpus_language_note(self) -> str | None:
+        """Why the dense branch is left out of every auto query, when the corpus's language is one the
+        embedder's model is known not to cover (a mixed corpus is judged query by query instead)."""
+        tally = LanguageTally(dict(self.corpus_languages))
+        dominant = tally.dominant()
+        model = self.embedder.languages()
+        if dominant is None or tally.mixed() or covers(model, dominant) is not False:
+            return None
+        return (
+            f"dense left out of auto mode: the embedder's model covers {', '.join(sorted(model or ()))} only, "
+            f"the corpus is {dominant} ({tally.describe()} of {sum(tally.counts.values())} sampled chunks)"
+        )
+
+    def _query_language_note(self, text: str) -> str | None:
+        """Why the dense branch is left out of this query: its script names a language the model does
+        not cover (a Latin-script query is never judged: too short to tell English from French)."""
+        language = detect_language(text).language
+        model = self.embedder.languages()
+        if language in (UNKNOWN, LATIN, "en") or covers(model, language) is not False:
+            return None
+        covered = ", ".join(sorted(model or ()))
+        return f"dense left out: the query is {language}, the embedder's model covers {covered} only"
+
+    def auto_branches(self, text: str) -> tuple[list[Branch], list[str]]:
+        """The branches auto mode searches for ``text``, and why any was left out."""
+        branches = self.hybrid_branches()
+        if not self.config.fusion.language_aware or "dense" not in branches or len(branches) < 2:
+            return branches, []
+        note = self._corpus_language_note() or self._query_language_note(text)
+        if note is None:
+            return branches, []
+        return [b for b in branches if b != "dense"], [note]
 
     # -- querying ----------------------------------------------------------------------------------
 
@@ -233,7 +327,14 @@ class QueryEngine:
         top_n = self.reranker.config.top_n if use_reranker and self.reranker is not None else 0
         wanted = max(top_k, top_n)
         seconds: dict[str, float] = {}
-        hits = self._retrieve(text, resolved, min(wanted, MAX_LIMIT), conditions, seconds)
+        notes: list[str] = []
+        if resolved == "hybrid" and (mode or self.config.mode) == "auto":
+            branches, notes = self.auto_branches(text)
+        else:
+            branches = self.hybrid_branches() if resolved == "hybrid" else [resolved]  # type: ignore[list-item]
+        if len(branches) == 1:
+            resolved = branches[0]
+        hits = self._retrieve(text, branches, min(wanted, MAX_LIMIT), conditions, seconds)
         rerank_scores: list[float | None] = [None] * len(hits)
         reranked_count = min(top_n, len(hits))
         if reranked_count:
@@ -256,24 +357,32 @@ class QueryEngine:
             seconds=seconds,
             reranked_count=min(reranked_count, len(chunks)),
             searched=self.store.where,
+            branches=list(branches),
+            notes=notes,
         )
 
-    def _retrieve(self, text: str, mode: Mode, limit: int, conditions: Filter, seconds: dict[str, float]) -> list[Hit]:
-        branches: list[Branch] = self.hybrid_branches() if mode == "hybrid" else [mode]  # type: ignore[list-item]
+    def _retrieve(
+        self, text: str, branches: list[Branch], limit: int, conditions: Filter, seconds: dict[str, float]
+    ) -> list[Hit]:
         for branch in branches:
             if branch not in self.available_branches():
                 raise QueryInputError(f"{branch} search is not available: {self._why_missing(branch)}")
+        fused = len(branches) > 1
         began = time.perf_counter()
         per_branch = max(self.config.candidates, limit)
-        requests = [self._request(branch, text, per_branch if mode == "hybrid" else limit) for branch in branches]
+        requests = [self._request(branch, text, per_branch if fused else limit) for branch in branches]
         seconds["encode"] = time.perf_counter() - began
         began = time.perf_counter()
-        if mode != "hybrid":
+        fusion_config = self.config.fusion
+        if not fused:
             hits = self.store.search(
-                requests[0], conditions, search_params=self.config.search_params if mode == "dense" else None
+                requests[0], conditions, search_params=self.config.search_params if branches == ["dense"] else None
             )
+        elif fusion_config.client_side():
+            # One request per branch, fused here: what Milvus cannot do server-side (score
+            # normalisations, weighted RRF, per-query weights).
+            hits = fuse_hits(self._search_each(requests, conditions), fusion_config, branches, limit)
         else:
-            fusion_config = self.config.fusion
             fusion = (
                 RRFFusion(fusion_config.k)
                 if fusion_config.method == "rrf"
@@ -283,12 +392,49 @@ class QueryEngine:
         seconds["search"] = time.perf_counter() - began
         return hits
 
+    def search_branches(
+        self, text: str, branches: list[Branch], limit: int, filters: Mapping[str, Any] | None = None
+    ) -> list[list[Hit]]:
+        """Each branch's ``limit`` best hits for ``text``, unfused (one store request per branch): what
+        client-side fusion fuses, and what ``eval --tune-fusion`` fits fusions on."""
+        self.warm_up()
+        for branch in branches:
+            if branch not in self.available_branches():
+                raise QueryInputError(f"{branch} search is not available: {self._why_missing(branch)}")
+        requests = [self._request(branch, text, limit) for branch in branches]
+        return self._search_each(requests, Filter.parse(filters))
+
+    def _search_each(self, requests: list[SearchRequest], conditions: Filter) -> list[list[Hit]]:
+        return [
+            self.store.search(
+                request, conditions, search_params=self.config.search_params if request.branch == "dense" else None
+            )
+            for request in requests
+        ]
+
     def _request(self, branch: Branch, text: str, limit: int) -> SearchRequest:
         if branch == "dense":
             return SearchRequest("dense", self.embedder.embed_query(text), limit)
         if branch == "bm25":
             return SearchRequest("bm25", text, limit)
         return SearchRequest("sparse", self.sparse.encode_query(text), limit)  # type: ignore[union-attr]
+
+
+def fuse_hits(
+    found: list[list[Hit]], config: FusionConfig, branches: list[Branch] | None = None, limit: int | None = None
+) -> list[Hit]:
+    """Each branch's hits (best first) fused as ``config`` says (:func:`core.fusion.fuse`), best first;
+    ``branches`` name them, for their weights. A hit keeps the fields of its first appearance."""
+    if config.method == "weighted":
+        raise ValueError("the weighted method is Milvus' server-side fusion; use minmax or dbsf client-side")
+    weights = [config.weights.get(b, 1.0) for b in branches] if branches else [1.0] * len(found)
+    fields: dict[str, dict[str, Any]] = {}
+    for hits in found:
+        for hit in hits:
+            fields.setdefault(hit.id, hit.fields)
+    rankings = [[(hit.id, hit.score) for hit in hits] for hits in found]
+    fused = fuse(rankings, config.method, k=config.k, weights=weights, adaptive=config.adaptive, limit=limit)
+    return [Hit(item_id, score, fields[item_id]) for item_id, score in fused]
 
 
 def _timed(action: Callable[[], object]) -> float:
@@ -332,4 +478,5 @@ def format_table(result: QueryResult, snippet_chars: int = 100) -> str:
             rerank += f" of the first {result.reranked_count} (the reranker's top_n; the rest in retrieval order)"
     searched = f" in {result.searched}" if result.searched else ""
     header = f"{len(result.hits)} result(s){searched}, mode {result.mode}{rerank} ({timing})"
-    return "\n".join([header, *lines]) if result.hits else header
+    notes = [f"note: {note}" for note in result.notes]
+    return "\n".join([header, *notes, *lines]) if result.hits else "\n".join([header, *notes])
