@@ -117,8 +117,12 @@ def test_fine_tuned_cross_encoder_loads_through_the_spec_and_ranks_the_relevant_
     assert isinstance(pipeline.reranker, CrossEncoderReranker)
     assert reranked.reranked and reranked.hits[0].source_id == "relevant"
     assert {h.source_id for h in reranked.hits} == {h.source_id for h in plain.hits}
+    retrieval_scores = {h.id: h.retrieval_score for h in plain.hits}
     for hit in reranked.hits:
-        assert hit.rerank_score is not None and hit.score == hit.rerank_score and hit.retrieval_score > 0
+        # The retrieval score travels unchanged beside the rerank score (the default min-max fusion
+        # gives a branch's last candidate 0, so it is not always positive).
+        assert hit.rerank_score is not None and hit.score == hit.rerank_score
+        assert hit.retrieval_score == retrieval_scores[hit.id]
     assert [h.score for h in reranked.hits] == sorted((h.score for h in reranked.hits), reverse=True)
     assert "rerank" in reranked.seconds
 
