@@ -32,7 +32,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import cpu_flags, cpu_model  # noqa: E402
 from core.types import Element, ParsedDocument  # noqa: E402
 from pipeline.excerpts import ExcerptSet, load_excerpts, precision_omega, span_scores  # noqa: E402
 
@@ -86,25 +86,6 @@ ANCHORS = [
 
 def is_ours(name: str) -> bool:
     return name.split("-")[0] in ("token", "recursive", "rectokens", "sentences", "ppl")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni")
-    return " ".join(flag for flag in wanted if f" {flag}" in flags) or "none of avx2/avx512/amx"
 
 
 def document(corpus_id: str, text: str) -> ParsedDocument:

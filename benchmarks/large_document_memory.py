@@ -48,6 +48,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
+from benchmarks.machine import cpu_model  # noqa: E402
 from benchmarks.memory_flat import WORDS  # noqa: E402
 
 MIB = 2**20
@@ -240,16 +241,6 @@ def child_main(job: dict[str, Any]) -> None:
 
 
 # -- the report --------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def describe(run: Run) -> list[str]:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.machine import cpu_model  # noqa: E402
 from pipeline.evaluate import ModeEvaluator, eval_spec, load_beir  # noqa: E402
 from pipeline.pipeline import Pipeline  # noqa: E402
 from pipeline.spec import parse_spec  # noqa: E402
@@ -85,18 +86,6 @@ def build_spec(
     if reranker:
         spec["query"]["reranker"] = reranker
     return spec
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def fusion_table(engine, dataset, max_queries, results, progress) -> dict:  # type: ignore[no-untyped-def]
