@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,7 +352,3 @@ def fusion_figures(runs: BranchRuns, fusions: Sequence[Candidate] = tuple(FIXED)
     for candidate in fusions:
         figures[candidate.label()] = runs.score(candidate.label(), runs.fuse(candidate.config()), query_ids)
     return figures
-
-
-def dump(report: TuningReport) -> str:
-    return json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
