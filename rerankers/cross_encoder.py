@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.component import require
+from core.onnx_models import Backend, Quantization, runtime_model
 from rerankers.base import Reranker, RerankerConfig, RerankerError
 
 
@@ -31,16 +32,34 @@ class CrossEncoderConfig(RerankerConfig):
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with the weights (only for models you trust)."
     )
+    backend: Backend = Field(
+        "torch",
+        description="torch, onnx (ONNX Runtime on a graph exported once into the cache; CPU only) or auto (the "
+        "faster of the two, timed once per machine). A model that cannot be exported runs with torch.",
+    )
+    quantize: Quantization = Field(
+        "none", description="int8: the linear layers' weights in int8 (onnx backend); scores change slightly."
+    )
+
+    @model_validator(mode="after")
+    def _int8_needs_onnx(self) -> CrossEncoderConfig:
+        if self.quantize == "int8" and self.backend == "torch":
+            raise ValueError("quantize: int8 runs on the onnx backend; set backend: onnx (or auto)")
+        return self
 
 
 @dataclass(frozen=True)
 class _LoadedCrossEncoder:
     tokenizer: Any
-    model: Any
+    model: Any  # the torch model or its ONNX graph (core.onnx_models), called alike
     tokenizer_lock: threading.Lock  # fast tokenizers mutate their truncation state per call
+    runtime: str  # "torch float32", "onnx int8", ...
 
 
-_models: dict[tuple[str, str, bool], _LoadedCrossEncoder] = {}
+_models: dict[tuple[Any, ...], _LoadedCrossEncoder] = {}
+# Pairs traced to export a graph (different lengths, so the batch holds padding), and timed by backend: auto.
+_EXPORT_PAIRS = (("a query", "A short passage."), ("a longer query here", "A longer passage, so that the batch pads."))
+_TIMING_PAIR = ("what do retrieval systems embed", " ".join(["Retrieval systems embed each passage."] * 20))
 _models_lock = threading.Lock()
 
 
@@ -67,14 +86,22 @@ class CrossEncoderReranker(Reranker):
     def _model(self) -> _LoadedCrossEncoder:
         with self._lock:
             if self._loaded is None:
-                key = (self.model_location(), self.config.device, self.config.trust_remote_code)
+                config = self.config
+                key = (self.model_location(), config.device, config.trust_remote_code, config.backend, config.quantize)
                 with _models_lock:
                     if key not in _models:
                         _models[key] = self._load(*key)
                     self._loaded = _models[key]
             return self._loaded
 
-    def _load(self, location: str, device: str, trust_remote_code: bool) -> _LoadedCrossEncoder:
+    @property
+    def runtime(self) -> str:
+        """What runs the model ("torch float32", "onnx int8", ...); loads it."""
+        return self._model().runtime
+
+    def _load(
+        self, location: str, device: str, trust_remote_code: bool, backend: Backend, quantize: Quantization
+    ) -> _LoadedCrossEncoder:
         transformers = require("transformers", purpose="cross-encoder reranking")
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
@@ -93,7 +120,23 @@ class CrossEncoderReranker(Reranker):
                 f"hub is reachable (hf download {self.config.model} --local-dir <folder>) and set model: to that folder"
             ) from exc
         model.to(device).eval()
-        return _LoadedCrossEncoder(tokenizer, model, threading.Lock())
+
+        def pairs(examples: Sequence[tuple[str, str]]) -> dict[str, Any]:
+            queries, passages = zip(*examples, strict=True)
+            batch = tokenizer(list(queries), list(passages), padding=True, return_tensors="pt")
+            return dict(batch)
+
+        runner, runtime = runtime_model(
+            model,
+            backend=backend,
+            quantize=quantize,
+            cache_key=(location, "sequence-classification", trust_remote_code),
+            sample_inputs=lambda: pairs(_EXPORT_PAIRS),
+            timing_inputs=lambda: pairs([_TIMING_PAIR] * 8),
+            torch_only="" if device == "cpu" else f"the onnx backend runs on a CPU, and this model runs on {device}",
+            label=f"cross-encoder {self.config.model!r}",
+        )
+        return _LoadedCrossEncoder(tokenizer, runner, threading.Lock(), runtime)
 
     def score(self, query: str, passages: Sequence[str]) -> list[float]:
         if not passages:
@@ -120,7 +163,7 @@ class CrossEncoderReranker(Reranker):
             self.truncated_pairs += truncated
             inputs = {name: tensor.to(self.config.device) for name, tensor in inputs.items()}
             with torch.inference_mode():
-                logits = loaded.model(**inputs).logits.float()
+                logits = loaded.model(**inputs)[0].float()  # the logits, from torch and ONNX alike
             if logits.shape[-1] == 1:
                 scores.extend(logits[:, 0].tolist())
             else:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from core.cpu import reported_features
 from core.models import ModelFilesError, read_sentence_transformers_settings, resolve_model_path
 from embedders import huggingface
 from embedders.huggingface import HuggingFaceEmbedder, ModelLoadError
@@ -155,7 +156,10 @@ def test_truncation_is_counted_and_warned_once(caplog):
     assert embedder.truncated_texts == 3
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "2 of 4 texts" in warnings[0].getMessage() and "16 tokens" in warnings[0].getMessage()
-    assert embedder.run_notes() == [f"3 texts longer than {MINILM_HUB_ID}'s 16 tokens were truncated"]
+    assert embedder.run_notes() == [
+        f"{MINILM_HUB_ID} ran on torch float32 (CPU features: {reported_features()})",
+        f"3 texts longer than {MINILM_HUB_ID}'s 16 tokens were truncated",
+    ]
     # A truncated text embeds as its first 16 tokens.
     np.testing.assert_allclose(
         embedder.embed_documents([too_long])[0], embedder.embed_documents(["word " * 14])[0], atol=1e-5
