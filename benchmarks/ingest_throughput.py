@@ -1,7 +1,7 @@
 """Ingest throughput on SciFact: the whole pipeline versus the pure model time for the same chunks.
 
     python benchmarks/ingest_throughput.py [--limit N] [--datasets DIR] [--runner local|ray|local,ray]
-        [--ray-embed-actors N]
+        [--ray-embed-actors N] [--telemetry off|on|off,on] [--repeat N]
 
 Writes SciFact's abstracts (title + text, as BEIR joins them) to a folder of .txt files, ingests
 it into a fresh Milvus Lite index with the spec below (local source -> unstructured parser ->
@@ -18,6 +18,17 @@ cluster is normally up already) and its start time is printed apart; the actors'
 start-up in each run is part of the pipeline time. Ray gives an actor as many torch threads as CPUs
 it reserves (OMP_NUM_THREADS), so the spec sets the embedder's ``num_threads`` to the thread count
 the pure model timing uses, in both runners.
+
+``--telemetry off,on`` ingests with each runner twice, without and with the instrumentation of
+:mod:`pipeline.telemetry`: Prometheus metrics kept in a registry and written as a node-exporter
+textfile after the run (``runner.metrics.textfile``), and OpenTelemetry spans recorded by the SDK
+through a batch span processor into an in-memory exporter (what an OTLP export does, short of the
+network). It prints ``telemetry on X s vs off Y s: ratio Z`` for the wall time and for the CPU time (this
+process's threads and the parser workers it reaped during the run), the steadier of the two on a
+machine other work shares. An untimed ingest runs first, so that neither variant pays the first
+run's costs (lazy imports, a cold file cache); ``--repeat N`` runs the pair N times, in alternating
+order (off, on, on, off, ...) so that a drift in the machine's load falls on both, and the ratios
+are of the summed times; the spread between repeats shows the noise.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -140,6 +152,27 @@ def start_ray(spec: dict) -> float:
     return time.perf_counter() - started
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (every thread) and of its children waited for so far (parser workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def telemetry_options(enabled: bool, tmp_path: Path, spec: dict) -> dict:
+    """Pipeline keyword arguments (and the spec's metrics textfile) for a run with or without instrumentation."""
+    if not enabled:
+        return {}
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from prometheus_client import CollectorRegistry
+
+    spec["runner"]["metrics"] = {"textfile": str(tmp_path / "metrics" / "ingest.prom")}
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
+    return {"metrics_registry": CollectorRegistry(), "tracer_provider": provider}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -156,6 +189,10 @@ def main() -> None:
     parser.add_argument(
         "--ray-embed-actors", type=int, default=None, help="embed actors of the Ray runner (default: its own choice)"
     )
+    parser.add_argument(
+        "--telemetry", default="off", help="each runner without (off) and/or with (on) metrics and tracing: off,on"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="run the whole sequence N times, interleaved")
     args = parser.parse_args()
 
     corpus = args.datasets / "scifact" / "corpus.jsonl"
@@ -167,25 +204,41 @@ def main() -> None:
     unknown = sorted(set(runners) - {"local", "ray"})
     if unknown or not runners:
         parser.error(f"--runner takes local, ray or local,ray, not {args.runner!r}")
+    variants = [name.strip() for name in args.telemetry.split(",") if name.strip()]
+    if not variants or set(variants) - {"off", "on"}:
+        parser.error(f"--telemetry takes off, on or off,on, not {args.telemetry!r}")
+    if len(variants) == 2:  # alternate the order of the pair: off, on, then on, off ...
+        orders = [variants if repeat % 2 == 0 else variants[::-1] for repeat in range(args.repeat)]
+    else:
+        orders = [variants] * args.repeat
+    plan = [(runner, variant == "on") for order in orders for runner in runners for variant in order]
 
-    runs: list[tuple[str, float, object, float | None]] = []  # runner, seconds, summary, Ray start-up
+    runs: list[tuple[str, float, object, float | None]] = []  # run name, seconds, summary, Ray start-up
+    cpu: dict[str, list[float]] = {}  # run name -> CPU seconds of each of its runs
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
         tmp_path = Path(tmp)
         docs = tmp_path / "scifact"
         docs.mkdir()
         n_docs = write_corpus(corpus, docs, args.limit)
-        for runner in runners:
-            spec = scifact_folder_spec("ingest-bench", docs, tmp_path / f"{runner}.db", runner_settings(runner, args))
+        if len(variants) == 2:
+            warm_up = scifact_folder_spec("ingest-bench", docs, tmp_path / "warm-up.db", runner_settings("local", args))
+            with Pipeline(warm_up, base_dir=tmp_path) as pipeline:
+                pipeline.ingest()
+        for number, (runner, instrumented) in enumerate(plan):
+            name = f"{runner}+telemetry" if instrumented else runner
+            index = tmp_path / f"{runner}-{number}.db"
+            spec = scifact_folder_spec("ingest-bench", docs, index, runner_settings(runner, args))
             spec["stages"]["embedder"]["num_threads"] = torch_threads()
-            pipeline = Pipeline(spec, base_dir=tmp_path)
+            pipeline = Pipeline(spec, base_dir=tmp_path, **telemetry_options(instrumented, tmp_path, spec))
             ray_start_seconds = start_ray(spec) if runner == "ray" else None
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), cpu_seconds()
             summary = pipeline.ingest()
             seconds = time.perf_counter() - started
+            cpu.setdefault(name, []).append(cpu_seconds() - cpu_started)
             assert summary.documents_failed == 0, summary.format()
-            runs.append((runner, seconds, summary, ray_start_seconds))
-            print(f"{runner}: {seconds:.1f} s", flush=True)
-            if runner != runners[-1]:
+            runs.append((name, seconds, summary, ray_start_seconds))
+            print(f"{name}: {seconds:.1f} s (CPU {cpu[name][-1]:.1f} s)", flush=True)
+            if number != len(plan) - 1:
                 pipeline.close()
         if "ray" in runners:  # its idle daemons take a few percent of the CPU the pure model timing needs
             import ray
@@ -235,6 +288,19 @@ def main() -> None:
             f"{runner} pipeline {seconds:.1f} s vs pure model time {model_seconds:.1f} s (batches of {best_batching}): "
             f"ratio {seconds / model_seconds:.2f}"
         )
+    if len(variants) == 2:
+        for runner in runners:
+            on = [seconds for name, seconds, _, _ in runs if name == f"{runner}+telemetry"]
+            off = [seconds for name, seconds, _, _ in runs if name == runner]
+            for what, on_times, off_times in (
+                ("wall", on, off),
+                ("CPU", cpu[f"{runner}+telemetry"], cpu[runner]),
+            ):
+                print(
+                    f"{runner}: telemetry on {sum(on_times):.1f} s vs off {sum(off_times):.1f} s {what} time over "
+                    f"{args.repeat} run(s) each: ratio {sum(on_times) / sum(off_times):.3f} "
+                    f"(on {' '.join(f'{s:.1f}' for s in on_times)}; off {' '.join(f'{s:.1f}' for s in off_times)})"
+                )
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from core.secrets import install_log_filter, scrub
+from core.secrets import scrub
+from pipeline.logs import LOG_FORMATS, LogFormat, configure_logging
 
 EXIT_OK = 0
 EXIT_PARTIAL = 1
@@ -31,33 +31,21 @@ LOCK_TTL_HELP = (
 )
 
 
-def _configure_logging(verbose: bool, quiet: bool) -> None:
+def _configure_logging(verbose: bool, quiet: bool, log_format: LogFormat) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    if not verbose:
-        # Milvus Lite's embedded gRPC server turns down the client's keepalive pings and gRPC's C
-        # core prints each refusal to stderr; real failures still arrive as Python exceptions.
-        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # Every record any logger emits, at DEBUG too, with its traceback: a library or a server's
-    # answer quoted in a message may hold a credential in some encoding (core.secrets).
-    install_log_filter()
-    # Libraries' own chatter (HTTP clients, model loading) stays out of the run log unless asked for.
-    for noisy in (
-        "httpx",
-        "urllib3",
-        "transformers",
-        "huggingface_hub",
-        "filelock",
-        "unstructured",
-        "faiss",
-        "milvus_lite",
-        "pymilvus",
-        "botocore",
-        "aiobotocore",
-        "s3fs",
-        "fsspec",
-    ):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    configure_logging(level, log_format, verbose=verbose)
+
+
+def _start_tracing() -> Callable[[], None] | None:
+    """Export spans as the OTEL_* variables say (pipeline.telemetry); a tracing set-up that fails is
+    logged and the command runs untraced."""
+    from pipeline.telemetry import configure_tracing_from_env
+
+    try:
+        return configure_tracing_from_env()
+    except Exception as exc:
+        logging.getLogger("rag_pipeline").warning("tracing is off: %s", exc)
+        return None
 
 
 def _add_spec_args(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text lines, or one JSON object per line (time, level, logger, message, trace and span ids) on stderr",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     ingest = sub.add_parser("ingest", help="parse, chunk, embed and write every document the spec's sources list")
@@ -400,7 +394,16 @@ def _run_ingest(pipeline, args) -> int:  # type: ignore[no-untyped-def]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose, args.quiet)
+    _configure_logging(args.verbose, args.quiet, args.log_format)
+    stop_tracing = _start_tracing()
+    try:
+        return _run_command(args)
+    finally:
+        if stop_tracing is not None:
+            stop_tracing()  # flushes the spans still queued for export
+
+
+def _run_command(args: argparse.Namespace) -> int:
     from core.errors import SpecError
 
     try:

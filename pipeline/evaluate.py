@@ -46,7 +46,7 @@ from core.component import require
 from core.errors import PipelineError
 from core.search import BRANCHES
 from pipeline.query import MAX_LIMIT, QueryEngine
-from pipeline.spec import ComponentSpec, Spec
+from pipeline.spec import ComponentSpec, MetricsSettings, RunnerConfig, Spec
 
 log = logging.getLogger("rag_pipeline.eval")
 
@@ -187,8 +187,15 @@ def eval_spec(
     stages = {**spec.stages, "source": [source]}
     if protocol == "documents":
         stages["chunker"] = _whole_documents()
-    runner = spec.runner.model_copy(update={"failures_file": spec.runner.failures_file or f"{name}.failures.jsonl"})
-    return dataclasses.replace(spec, stages=stages, runner=runner)
+    return dataclasses.replace(spec, stages=stages, runner=evaluation_runner(spec.runner, name))
+
+
+def evaluation_runner(runner: RunnerConfig, collection: str) -> RunnerConfig:
+    """The spec's runner for an evaluation's ingest into ``collection``: its failures in a file of their own,
+    and no metrics published (the textfile and the Pushgateway group are the served index's)."""
+    return runner.model_copy(
+        update={"failures_file": runner.failures_file or f"{collection}.failures.jsonl", "metrics": MetricsSettings()}
+    )
 
 
 def _whole_documents() -> ComponentSpec:

@@ -54,7 +54,7 @@ import numpy as np
 
 from connectors.base import ParseFailure
 from connectors.parsing import decode_text
-from pipeline.evaluate import RERANK_SUFFIX, EvaluationError, default_modes
+from pipeline.evaluate import RERANK_SUFFIX, EvaluationError, default_modes, evaluation_runner
 from pipeline.query import MAX_LIMIT, QueryEngine, QueryInputError
 from pipeline.spec import ComponentSpec, Spec
 
@@ -415,7 +415,7 @@ def excerpt_spec(spec: Spec, excerpts: ExcerptSet, corpus_dir: Path, collection:
     )
     source = ComponentSpec("source", LocalDirectorySource.type_name, LocalDirectorySource, config)
     spec = spec.with_collection(name)
-    runner = spec.runner.model_copy(update={"failures_file": spec.runner.failures_file or f"{name}.failures.jsonl"})
+    runner = evaluation_runner(spec.runner, name)
     return dataclasses.replace(spec, stages={**spec.stages, "source": [source]}, runner=runner)
 
 

@@ -271,6 +271,12 @@ class ParserPool:
         self.max_pending_chars = max_pending_chars
         cls = type(parser)
         self._target = f"{cls.__module__}:{cls.__qualname__}"
+        self._results: queue.Queue[Any] | None = None  # the running imap's outcomes, for pending()
+
+    def pending(self) -> int:
+        """Outcomes parsed and waiting for the consumer (0 when parsing in-process, or before imap starts)."""
+        results = self._results
+        return results.qsize() if results is not None else 0
 
     def imap(self, sources: Iterable[SourceDocument | ParseOutcome]) -> Iterator[ParseOutcome]:
         """Parse each source; outcomes come back in completion order.
@@ -289,6 +295,7 @@ class ParserPool:
                 yield item
             return
         results: queue.Queue[Any] = queue.Queue(maxsize=self.max_pending)
+        self._results = results
         budget = _CharBudget(self.max_pending_chars)
         stop = threading.Event()
         feeder = threading.Thread(

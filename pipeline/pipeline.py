@@ -25,6 +25,7 @@ from pipeline.query import Mode, QueryEngine, QueryResult
 from pipeline.report import Progress, RunSummary
 from pipeline.runner import LocalRunner, RunPlan, index_schema
 from pipeline.spec import Spec, load_spec, parse_spec
+from pipeline.telemetry import Telemetry, metrics_problems
 from rerankers.base import Reranker
 from stores.base import Rebuild, Store
 
@@ -34,6 +35,11 @@ class Pipeline:
 
     Components are built on first use and kept, so a long-running service pays model loading
     once. ``ingest`` calls are serialised per pipeline object.
+
+    Runs and queries are measured into ``metrics_registry`` (a ``prometheus_client.CollectorRegistry``,
+    e.g. the one a service exposes at ``/metrics``; by default one of the pipeline's own when the
+    spec's ``runner.metrics`` writes a textfile or pushes) and traced through ``tracer_provider``
+    (default: OpenTelemetry's global provider); see :mod:`pipeline.telemetry`.
     """
 
     def __init__(
@@ -42,6 +48,8 @@ class Pipeline:
         *,
         base_dir: str | os.PathLike[str] | None = None,
         allowed_modules: Iterable[str] = (),
+        metrics_registry: Any = None,
+        tracer_provider: Any = None,
     ):
         if not isinstance(spec, Spec):
             spec = parse_spec(spec, allowed_modules=allowed_modules, base_dir=Path(base_dir) if base_dir else None)
@@ -53,10 +61,24 @@ class Pipeline:
         self._ingest_lock = threading.Lock()
         self._query_lock = threading.Lock()
         self._query_engine: QueryEngine | None = None
+        self.telemetry = Telemetry(
+            spec.runner.metrics, registry=metrics_registry, tracer_provider=tracer_provider, base_dir=spec.base_dir
+        )
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str], *, allowed_modules: Iterable[str] = ()) -> Pipeline:
-        return cls(load_spec(path, allowed_modules=allowed_modules))
+    def from_yaml(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        allowed_modules: Iterable[str] = (),
+        metrics_registry: Any = None,
+        tracer_provider: Any = None,
+    ) -> Pipeline:
+        return cls(
+            load_spec(path, allowed_modules=allowed_modules),
+            metrics_registry=metrics_registry,
+            tracer_provider=tracer_provider,
+        )
 
     # -- components ----------------------------------------------------------------------------
 
@@ -179,10 +201,11 @@ class Pipeline:
                 tracker = ChangeTracker(
                     record, self.store, self._fingerprint(), "none", skip_unchanged=False, fence=_fence(held)
                 )
-            return self._run(self.store, tracker, progress)
+            return self._run("ingest", self.store, tracker, progress)
 
-    def _run(self, store: Any, tracker: ChangeTracker | None, progress: Progress | None) -> RunSummary:
-        with self._ingest_lock:
+    def _run(self, command: str, store: Store, tracker: ChangeTracker | None, progress: Progress | None) -> RunSummary:
+        """Run the stages into ``store`` under the run's telemetry (labelled with the served collection's name)."""
+        with self._ingest_lock, self.telemetry.run(command, self.store.name, self.spec.runner.type) as telemetry:
             runner_class: type[Any] = LocalRunner
             if self.spec.runner.type == "ray":
                 from pipeline.ray_runner import (
@@ -200,10 +223,12 @@ class Pipeline:
                 failures_path=self.failures_path(),
                 sparse=self.sparse,
                 tracker=tracker,
+                telemetry=telemetry,
             )
             runner = runner_class(plan)
             summary: RunSummary = runner.run(progress)
             summary.notes.extend(language_notes(summary.languages, self.embedder, store))
+            telemetry.finished(summary, store.count)
             return summary
 
     def _fingerprint(self) -> str:
@@ -222,7 +247,7 @@ class Pipeline:
             tracker = ChangeTracker(
                 records, self.store, self._fingerprint(), self.spec.runner.cleanup, fence=_fence(held)
             )
-            return self._run(self.store, tracker, progress)
+            return self._run("reindex", self.store, tracker, progress)
 
     def full_rebuild(
         self, *, progress: Progress | None = None, records: RecordStore | None = None, lease: Lease | None = None
@@ -256,7 +281,7 @@ class Pipeline:
             raise TypeError(f"{type(build.store).__name__} keeps no index record, which a full rebuild writes")
         tracker = ChangeTracker(record, build.store, self._fingerprint(), "full", fence=fence)
         try:
-            summary = self._run(build.store, tracker, progress)
+            summary = self._run("full-rebuild", build.store, tracker, progress)
             kept = [f"listing of {scope!r}" for scope in tracker.failed_listings()]
             failed = {f.source_id for f in summary.failures if f.source_id not in tracker.failed_listings()}
             kept += sorted(build.served_sources_with_chunks(sorted(failed)))
@@ -297,7 +322,11 @@ class Pipeline:
         rerank: bool | None = None,
     ) -> QueryResult:
         """The best chunks for ``text`` (see :meth:`pipeline.query.QueryEngine.query`); thread-safe."""
-        return self.query_engine.query(text, top_k=top_k, filters=filters, mode=mode, rerank=rerank)
+        engine = self.query_engine
+        with self.telemetry.query(self.store.name, mode, top_k, rerank, filters or {}) as record:
+            result = engine.query(text, top_k=top_k, filters=filters, mode=mode, rerank=rerank)
+            record(result)
+        return result
 
     def evaluate(
         self,
@@ -376,6 +405,7 @@ class Pipeline:
         from pipeline.ray_runner import runner_problems
 
         problems: list[str] = [f"runner: {p}" for p in runner_problems(self.spec.runner)]
+        problems.extend(metrics_problems(self.spec.runner.metrics))
         if purpose == "ingest":
             for source in self.sources:
                 problems.extend(f"stages.source ({source.type_name}): {p}" for p in source.check())

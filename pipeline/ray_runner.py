@@ -65,6 +65,7 @@ from pipeline.runner import (
     read_sources,
     record_run,
     slices_of,
+    step_attributes,
 )
 from pipeline.spec import RaySettings, RunnerConfig
 from pipeline.stages import (
@@ -74,6 +75,7 @@ from pipeline.stages import (
     DocumentSlice,
     StageResult,
 )
+from pipeline.telemetry import StepTiming
 
 log = logging.getLogger("rag_pipeline")
 
@@ -152,12 +154,13 @@ class ParseCaps:
 
 @dataclass
 class BatchLedger:
-    """A batch's stage times, failures and documents by language, kept on the embed actor and replayed
-    into the run's book by the driver."""
+    """A batch's stage times, failures, documents by language and timed steps, kept on the embed actor
+    and replayed into the run's book (and its steps as spans) by the driver."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     failures: list[DocumentFailure] = field(default_factory=list)
     languages: dict[str, int] = field(default_factory=dict)
+    steps: list[StepTiming] = field(default_factory=list)
 
     def time(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
@@ -169,9 +172,10 @@ class BatchLedger:
         self.languages[language] = self.languages.get(language, 0) + documents
 
     def step(self, stage: str, action: Callable[[], StageResult]) -> StageResult:
-        started = time.monotonic()
+        started, started_ns = time.monotonic(), time.time_ns()
         result = action()
         self.time(stage, time.monotonic() - started)
+        self.steps.append(StepTiming(stage, started_ns, time.time_ns(), step_attributes(result)))
         self.failures.extend(result.failures)
         return result
 
@@ -182,6 +186,7 @@ class BatchLedger:
             book.fail(failure)
         for language, documents in self.languages.items():
             book.language(language, documents)
+        book.telemetry.replay(self.steps)
 
 
 @dataclass
@@ -464,7 +469,7 @@ class RayRunner:
         config = self.plan.config
         summary = self.plan.summary()
         failures = FailureLog(self.plan.failures_path)
-        book = RunBook(summary, failures, self.plan.tracker)
+        book = RunBook(summary, failures, self.plan.tracker, self.plan.telemetry)
         progress = progress or Progress(config.progress)
         notes = EmbedderNotes()
         started = time.monotonic()
@@ -493,6 +498,7 @@ class RayRunner:
         """Feed the documents to the cluster and write the embedded batches as they come back."""
         config = self.plan.config
         summary = book.summary
+        telemetry = book.telemetry
         connecting = time.monotonic()
         connect(ray, config.ray)
         book.time("ray start", time.monotonic() - connecting)
@@ -508,20 +514,22 @@ class RayRunner:
         writer = WriteBehind(StoreWrites(self.writer, book).write, config.write_queue_depth)
         try:
             waited = time.monotonic()
-            for row in self._dataset(ray, feed, plan).iter_rows():
+            for number, row in enumerate(self._dataset(ray, feed, plan).iter_rows(), 1):
                 book.time("ray wait", time.monotonic() - waited)
                 batch: EmbeddedBatch = pickle.loads(row[BATCHES])
                 feeder.returned(batch.source_ids)
-                summary.documents_seen += len(batch.source_ids)
-                batch.ledger.replay(book)
-                notes.update(batch)
-                waited = time.monotonic()
-                writer.submit(batch.unit())
-                book.time("write wait", time.monotonic() - waited)
+                book.seen(len(batch.source_ids))
+                with telemetry.batch(number, len(batch.source_ids), {"rag.ray.actor": batch.actor_id}):
+                    batch.ledger.replay(book)
+                    notes.update(batch)
+                    waited = time.monotonic()
+                    writer.submit(batch.unit())
+                    book.time("write wait", time.monotonic() - waited)
+                telemetry.queue_depth("write", writer.depth())
                 progress.update(summary, len(batch.source_ids))
                 waited = time.monotonic()
             for lost in feeder.finish():
-                summary.documents_seen += 1
+                book.seen(1)
                 book.fail(lost)
         finally:
             ray.kill(feed)

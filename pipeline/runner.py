@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -53,6 +53,7 @@ from pipeline.stages import (
     collision_reason,
     describe_error,
 )
+from pipeline.telemetry import RunTelemetry
 from stores.base import IndexSchema, Store
 
 log = logging.getLogger("rag_pipeline")
@@ -97,17 +98,28 @@ class StageBook(Protocol):
 
 
 class RunBook:
-    """The run's summary and failure log, updated from several threads."""
+    """The run's summary and failure log, updated from several threads, and what it records told to
+    the run's telemetry (metrics and spans; nothing without them)."""
 
-    def __init__(self, summary: RunSummary, failures: FailureLog, tracker: ChangeTracker | None):
+    def __init__(
+        self, summary: RunSummary, failures: FailureLog, tracker: ChangeTracker | None, telemetry: RunTelemetry
+    ):
         self.summary = summary
         self.failures = failures
         self.tracker = tracker
+        self.telemetry = telemetry
         self._lock = threading.Lock()
+
+    def seen(self, documents: int) -> None:
+        """Documents that reached the runner's main loop: parsed, or failed on the way."""
+        with self._lock:
+            self.summary.documents_seen += documents
+        self.telemetry.seen(documents)
 
     def time(self, stage: str, seconds: float) -> None:
         with self._lock:
             self.summary.add_time(stage, seconds)
+        self.telemetry.stage_time(stage, seconds)
 
     def fail(self, failure: DocumentFailure) -> None:
         with self._lock:
@@ -115,6 +127,7 @@ class RunBook:
             self.failures.record(
                 Failure(source_id=failure.source_id, stage=failure.stage, reason=failure.reason, uri=failure.uri)
             )
+        self.telemetry.failed(failure.stage, failure.reason)
         if self.tracker is not None:
             self.tracker.failed(failure.source_id, failure.stage, failure.reason)
 
@@ -124,25 +137,32 @@ class RunBook:
             self.summary.languages[language] = self.summary.languages.get(language, 0) + documents
 
     def step(self, stage: str, action: Callable[[], StageResult]) -> StageResult:
-        """Run one stage's work, time it, record its failures; returns what it did (the documents that go on)."""
-        started = time.monotonic()
-        result = action()
-        self.time(stage, time.monotonic() - started)
+        """Run one stage's work in its span, time it, record its failures; returns what it did (the
+        documents that go on)."""
+        with self.telemetry.step(stage) as span:
+            started = time.monotonic()
+            result = action()
+            self.time(stage, time.monotonic() - started)
+            if self.telemetry.tracing:
+                span.set_attributes(step_attributes(result))
         for failure in result.failures:
             self.fail(failure)
         return result
 
     def indexed(self, documents: Sequence[ChunkedDocument]) -> None:
+        chunks = sum(len(d.chunks) for d in documents)
         with self._lock:
             self.summary.documents_indexed += len(documents)
             self.summary.documents_empty += sum(1 for d in documents if not d.chunks)
-            self.summary.chunks_written += sum(len(d.chunks) for d in documents)
+            self.summary.chunks_written += chunks
+        self.telemetry.indexed(len(documents), chunks)
 
     def slice_written(self, part: DocumentSlice) -> None:
         """A large document's slice is in the store; the document counts as indexed with its last slice."""
         with self._lock:
             self.summary.chunks_written += len(part.chunks)
             self.summary.documents_indexed += part.last
+        self.telemetry.indexed(int(part.last), len(part.chunks))
 
 
 # What the store writer takes: a batch of whole documents, or one slice of a large document.
@@ -190,6 +210,10 @@ class WriteBehind:
         self._raise_if_failed()
         self._queue.put(unit)
 
+    def depth(self) -> int:
+        """Units waiting for the writer (the one being written not counted)."""
+        return self._queue.qsize()
+
     def close(self) -> None:
         """Wait until every submitted batch is written."""
         self._queue.put(self._DONE)
@@ -225,6 +249,7 @@ class RunPlan:
     failures_path: Path | None = None
     sparse: SparseEncoder | None = None
     tracker: ChangeTracker | None = None  # skips unchanged sources and keeps the record (pipeline.incremental)
+    telemetry: RunTelemetry = field(default_factory=RunTelemetry.off)  # the run's metrics and spans
 
     def summary(self) -> RunSummary:
         return RunSummary(failures_file=str(self.failures_path) if self.failures_path else None)
@@ -243,7 +268,8 @@ class LocalRunner:
         config = self.plan.config
         summary = self.plan.summary()
         failures = FailureLog(self.plan.failures_path)
-        book = RunBook(summary, failures, self.plan.tracker)
+        book = RunBook(summary, failures, self.plan.tracker, self.plan.telemetry)
+        telemetry = self.plan.telemetry
         progress = progress or Progress(config.progress)
         embedder = self.models.embedder
         started = time.monotonic()
@@ -266,17 +292,21 @@ class LocalRunner:
             writer = WriteBehind(writes.write, config.write_queue_depth)
             try:
                 waited = time.monotonic()
-                for batch in outcome_batches(
+                batches = outcome_batches(
                     pool.imap(read_sources(self.plan.sources, self.plan.tracker, book, self.writer.guard)),
                     config.batch_size,
                     config.max_batch_chars,
-                ):
+                )
+                for number, batch in enumerate(batches, 1):
                     book.time("parse wait", time.monotonic() - waited)
-                    summary.documents_seen += len(batch)
-                    for unit in embedded_units(self.models, batch, book, writes.abandoned):
-                        waited = time.monotonic()
-                        writer.submit(unit)
-                        book.time("write wait", time.monotonic() - waited)
+                    book.seen(len(batch))
+                    with telemetry.batch(number, len(batch), parse_attributes(batch) if telemetry.tracing else None):
+                        for unit in embedded_units(self.models, batch, book, writes.abandoned):
+                            waited = time.monotonic()
+                            writer.submit(unit)
+                            book.time("write wait", time.monotonic() - waited)
+                    telemetry.queue_depth("parse", pool.pending())
+                    telemetry.queue_depth("write", writer.depth())
                     progress.update(summary, len(batch))
                     waited = time.monotonic()
             finally:
@@ -295,6 +325,24 @@ class LocalRunner:
             self.models.embedder.warm_up()
         except Exception:  # the first embed call reports the same problem, per document
             log.debug("embedder warm-up failed", exc_info=True)
+
+
+def step_attributes(result: StageResult) -> dict[str, Any]:
+    """A step's figures for its span: the documents that go on, with their chunks, and those that failed."""
+    return {
+        "rag.documents": len(result.documents),
+        "rag.documents.failed": len(result.failures),
+        "rag.documents.large": len(result.large),
+        "rag.chunks": sum(len(d.chunks) for d in result.documents),
+    }
+
+
+def parse_attributes(outcomes: Sequence[ParseOutcome]) -> dict[str, Any]:
+    """A batch's parse figures for its span (taken before the chunk step takes the parsed documents out)."""
+    return {
+        "rag.documents.parse_failed": sum(1 for o in outcomes if o.parsed is None),
+        "rag.parse.seconds": sum(o.seconds for o in outcomes),
+    }
 
 
 def embedded_units(

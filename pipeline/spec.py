@@ -14,6 +14,7 @@ Shape::
     runner:
       batch_size: 32
       type: local                                  # or ray: the same stages on a Ray cluster
+      metrics: {textfile: rag.prom}                # optional: Prometheus metrics after each run
     query:                                         # optional: the query path's defaults
       mode: hybrid
       top_k: 10
@@ -33,9 +34,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core import registry
 from core.component import Component, ComponentConfig
@@ -97,6 +99,61 @@ class RaySettings(BaseModel):
         return self
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class MetricsSettings(BaseModel):
+    """Where each run's Prometheus metrics go (``runner: {metrics: {...}}``); pip install '.[metrics]'."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    textfile: str | None = Field(
+        None,
+        description="After each run, write the metrics to this file in the node-exporter textfile format (relative "
+        "to the spec's folder; a .prom file in the folder node-exporter's --collector.textfile.directory reads).",
+    )
+    pushgateway: str | None = Field(
+        None,
+        description="After each run, push the metrics to this Prometheus Pushgateway (http(s)://host:9091), grouped "
+        "by job and collection.",
+    )
+    job: str = Field("rag_pipeline", min_length=1, description="The Pushgateway job the metrics are pushed under.")
+    basic_auth_env: str = Field(
+        "PUSHGATEWAY_BASIC_AUTH",
+        description="Name of the environment variable holding user:password for the Pushgateway's basic auth, when "
+        "it asks for one (never the credentials themselves).",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Seconds a push may take before it is given up (the run stands).")
+
+    @field_validator("textfile")
+    @classmethod
+    def _textfile_is_a_prom_file(cls, value: str | None) -> str | None:
+        if value is not None and not value.endswith(".prom"):
+            raise ValueError(f"{value!r}: node-exporter's textfile collector reads only files ending in .prom")
+        return value
+
+    @field_validator("pushgateway")
+    @classmethod
+    def _pushgateway_is_a_plain_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// address")
+        if parts.username or parts.password:
+            raise ValueError(
+                "the address must not carry credentials: put user:password in the variable basic_auth_env names"
+            )
+        return value
+
+    @field_validator("basic_auth_env")
+    @classmethod
+    def _basic_auth_env_is_a_name(cls, value: str) -> str:
+        if not _ENV_NAME.match(value):
+            raise ValueError("basic_auth_env is the *name* of an environment variable, not the credentials")
+        return value
+
+
 class RunnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -150,6 +207,10 @@ class RunnerConfig(BaseModel):
         ),
     )
     progress: Literal["auto", "always", "never"] = "auto"
+    metrics: MetricsSettings = Field(
+        default_factory=MetricsSettings,
+        description="Where each run's Prometheus metrics are written or pushed (the metrics extra).",
+    )
     cleanup: Literal["none", "incremental", "full"] = Field(
         "full",
         description="none: only add/update; incremental: also delete stale chunks of changed sources; "

@@ -295,3 +295,36 @@ def test_truncation_counts_of_several_embed_actors_add_up():
     for actor, count in [("a", 1), ("b", None), ("a", 3), ("b", 2)]:
         notes.update(EmbeddedBatch([], [], BatchLedger(), actor, [], truncated=count))
     assert notes.truncated() == 5  # each actor's latest count (its run so far), summed
+
+
+def test_a_ray_run_has_the_local_runners_metrics_and_a_span_per_batch_with_the_actors_steps(tmp_path):
+    prometheus_client = pytest.importorskip("prometheus_client")
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    registry = prometheus_client.CollectorRegistry()
+    docs = {"a.txt": "alpha\nbeta", "b.txt": "gamma", "bad.txt": "<corrupt>"}
+    spec = milvus_spec(tmp_path, docs, batch_size=8, ray={"parse_batch_size": 8})
+    with Pipeline(spec, allowed_modules=PLUGINS, metrics_registry=registry, tracer_provider=provider) as pipeline:
+        summary = pipeline.ingest()
+    assert (summary.documents_seen, summary.documents_indexed, summary.chunks_written) == (3, 2, 3)
+    seen = registry.get_sample_value("rag_documents_seen_total", {"collection": "docs"})
+    chunks = registry.get_sample_value("rag_chunks_written_total", {"collection": "docs"})
+    failed = registry.get_sample_value(
+        "rag_documents_failed_total", {"collection": "docs", "stage": "parse", "reason": "refused"}
+    )
+    assert (seen, chunks, failed) == (3, 3, 1)
+    spans = exporter.get_finished_spans()
+    (run,) = [s for s in spans if s.name == "rag.run"]
+    assert run.attributes["rag.runner"] == "ray" and run.attributes["rag.documents.indexed"] == 2
+    batches = [s for s in spans if s.name == "rag.batch"]
+    assert batches and all(b.parent.span_id == run.context.span_id and b.attributes["rag.ray.actor"] for b in batches)
+    # The embed actor's steps, timed there, come back as spans under the batch that carried them.
+    embeds = [s for s in spans if s.name == "rag.embed"]
+    assert {e.parent.span_id for e in embeds} <= {b.context.span_id for b in batches}
+    assert sum(e.attributes["rag.chunks"] for e in embeds) == 3 and all(e.end_time >= e.start_time for e in embeds)
+    provider.shutdown()

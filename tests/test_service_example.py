@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,13 @@ def service(tmp_path_factory) -> Iterator[str]:
     }
     spec_path = folder / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
-    app = load_app_module().create_app(spec_path, ingest_token=TOKEN)
+    with serve(load_app_module().create_app(spec_path, ingest_token=TOKEN)) as url:
+        yield url
 
+
+@contextmanager
+def serve(app) -> Iterator[str]:
+    """``app`` served by uvicorn on a free loopback port (its start-up run) until the block ends; yields its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -72,10 +78,12 @@ def service(tmp_path_factory) -> Iterator[str]:
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the service did not start"
         time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
 
 
 @pytest.fixture(scope="module")

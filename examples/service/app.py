@@ -20,20 +20,27 @@ Endpoints:
   the run summary when it is done; 401 without the right token, 409 while another run (here or
   on another machine, e.g. the cron job) holds the lock, 503 when no token is configured.
 * ``GET /healthz``: 200 once the pipeline is loaded.
+* ``GET /metrics``: the Prometheus metrics of the queries and ingests this process served
+  (query latency by mode, documents and chunks by run, stage seconds; ``pipeline.telemetry``);
+  501 without the metrics extra.
 
 Put it behind a TLS-terminating proxy: the bearer token must not cross a network in clear text.
+With ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the other ``OTEL_*`` variables) set, each query and ingest
+is traced to that collector. ``python examples/service/app.py --log-format json`` serves with one
+JSON object per log line.
 """
 
+import argparse
 import hmac
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Header, HTTPException, Query, Request
+from fastapi import FastAPI, Header, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +49,9 @@ if str(REPO) not in sys.path:  # run from anywhere without installing the packag
 
 from core.errors import is_lock_conflict  # noqa: E402
 from pipeline import Pipeline  # noqa: E402
+from pipeline.logs import LOG_FORMATS, configure_logging  # noqa: E402
 from pipeline.query import QueryError, QueryInputError  # noqa: E402
+from pipeline.telemetry import configure_tracing_from_env  # noqa: E402
 
 log = logging.getLogger("rag_pipeline.service")
 
@@ -60,14 +69,35 @@ class QueryRequest(BaseModel):
     rerank: bool | None = None
 
 
-def create_app(spec_path: str | os.PathLike[str] | None = None, *, ingest_token: str | None = None) -> FastAPI:
-    """The app for one spec; ``spec_path`` and ``ingest_token`` default to $RAG_SPEC and $RAG_INGEST_TOKEN."""
+def metrics_registry() -> Any:
+    """A registry of the app's own (not the process-wide default one), or None without prometheus_client."""
+    try:
+        from prometheus_client import CollectorRegistry
+    except ImportError:
+        return None
+    return CollectorRegistry()
+
+
+def create_app(
+    spec_path: str | os.PathLike[str] | None = None, *, ingest_token: str | None = None, tracer_provider: Any = None
+) -> FastAPI:
+    """The app for one spec; ``spec_path`` and ``ingest_token`` default to $RAG_SPEC and $RAG_INGEST_TOKEN.
+
+    Spans go to ``tracer_provider``; by default to the one the OTEL_* variables configure, else to
+    OpenTelemetry's global provider."""
     spec = Path(spec_path or os.environ.get("RAG_SPEC") or DEFAULT_SPEC)
     token = ingest_token if ingest_token is not None else os.environ.get("RAG_INGEST_TOKEN", "")
+    registry = metrics_registry()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pipeline = Pipeline.from_yaml(spec)
+        stop_tracing = None
+        if tracer_provider is None:
+            try:
+                stop_tracing = configure_tracing_from_env()
+            except Exception as exc:  # observability must not keep the index from being served
+                log.warning("tracing is off: %s", exc)
+        pipeline = Pipeline.from_yaml(spec, metrics_registry=registry, tracer_provider=tracer_provider)
         pipeline.embedder.warm_up()  # load the model now, not on the first request (the index may not exist yet)
         app.state.pipeline = pipeline
         log.info("serving %s", spec)
@@ -75,6 +105,8 @@ def create_app(spec_path: str | os.PathLike[str] | None = None, *, ingest_token:
             yield
         finally:
             pipeline.close()
+            if stop_tracing is not None:
+                stop_tracing()
 
     app = FastAPI(title="rag-pipeline search", lifespan=lifespan)
 
@@ -93,6 +125,14 @@ def create_app(spec_path: str | os.PathLike[str] | None = None, *, ingest_token:
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        if registry is None:
+            raise HTTPException(501, "metrics need prometheus-client: pip install 'rag-pipeline[metrics]'")
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/query")
     def query_get(
@@ -129,3 +169,21 @@ def create_app(spec_path: str | os.PathLike[str] | None = None, *, ingest_token:
 
 
 app = create_app()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python examples/service/app.py``: serve ``app`` with uvicorn, its logs and uvicorn's in one format."""
+    parser = argparse.ArgumentParser(description="Serve the search service for $RAG_SPEC.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="text lines, or one JSON object each")
+    args = parser.parse_args(argv)
+    configure_logging(logging.INFO, args.log_format)
+    import uvicorn
+
+    # log_config=None: uvicorn's loggers (access lines included) go through the root handler set above.
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None)
+
+
+if __name__ == "__main__":
+    main()
