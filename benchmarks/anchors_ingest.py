@@ -97,6 +97,8 @@ class Job:
     db: Path
     model: Path
     embed_batch_size: int | None  # None: the framework's own default
+    backend: str = "torch"  # ours only: the embedder's backend (torch, onnx, auto)
+    quantize: str = "none"  # ours only: none or int8 (onnx)
 
 
 @dataclass
@@ -199,6 +201,7 @@ def run_ours(job: Job) -> Result:
     spec = scifact_folder_spec("anchors-ours", job.docs, job.db, {})
     if job.embed_batch_size is not None:
         spec["stages"]["embedder"]["batch_size"] = job.embed_batch_size
+    spec["stages"]["embedder"].update(backend=job.backend, quantize=job.quantize)
     pipeline = Pipeline(spec, base_dir=job.db.parent)
     # Outside the clock, as on the other sides: imports and model weights. The store is left
     # unbuilt so that opening Milvus Lite and creating the collection are timed, as there.
@@ -342,7 +345,7 @@ RUNNERS: dict[str, Callable[[Job], Result]] = {
 
 def run_anchor(args: argparse.Namespace) -> None:
     """Child side: index one system's job and write its Result as JSON."""
-    job = Job(args.docs, args.db, args.model, args.embed_batch_size)
+    job = Job(args.docs, args.db, args.model, args.embed_batch_size, args.backend, args.quantize)
     result = RUNNERS[args.anchor](job)
     args.result.write_text(json.dumps(asdict(result)), encoding="utf-8")
 
@@ -454,6 +457,10 @@ def main() -> None:
         default=None,
         help="one embedding batch size for all three (default: each framework's own)",
     )
+    parser.add_argument(
+        "--backend", choices=["torch", "onnx", "auto"], default="torch", help="our embedder's backend (default torch)"
+    )
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none", help="our embedder: int8 needs onnx")
     parser.add_argument("--repeat", type=int, default=1, help="runs per system, in rotated order; the fastest counts")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     # Child mode: run by the parent with the right interpreter; not meant to be called by hand.
@@ -488,6 +495,8 @@ def main() -> None:
     from ingest_throughput import write_corpus
 
     model = resolve_model()
+    from core.cpu import cpu_model, reported_features
+
     runs: dict[str, list[Result]] = {system: [] for system in systems}
     with tempfile.TemporaryDirectory(prefix="anchors-ingest-") as tmp:
         work = Path(tmp)
@@ -495,11 +504,12 @@ def main() -> None:
         docs.mkdir()
         n_docs = write_corpus(corpus, docs, args.limit)
         print(
-            f"corpus: SciFact, {n_docs} documents in {docs}; model {model}; cores {os.cpu_count()}; load "
+            f"corpus: SciFact, {n_docs} documents in {docs}; model {model}; ours on {args.backend} "
+            f"(quantize {args.quantize}); CPU {cpu_model()} ({reported_features()}), {os.cpu_count()} cores; load "
             f"{os.getloadavg()}",
             flush=True,
         )
-        job_args = ["--docs", str(docs), "--model", str(model)]
+        job_args = ["--docs", str(docs), "--model", str(model), "--backend", args.backend, "--quantize", args.quantize]
         if args.embed_batch_size is not None:
             job_args += ["--embed-batch-size", str(args.embed_batch_size)]
         for number, order in enumerate(rounds(systems, args.repeat)):

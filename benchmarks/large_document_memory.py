@@ -48,8 +48,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from core.cpu import cpu_model  # noqa: E402
 from benchmarks.memory_flat import WORDS  # noqa: E402
+from core.cpu import cpu_model  # noqa: E402
 
 MIB = 2**20
 SAMPLE_INTERVAL_S = 0.1

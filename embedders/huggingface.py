@@ -113,8 +113,11 @@ NO_FAMILY = "none"
 
 # Traced to export a graph: two texts of different lengths, so padding and the batch axis are real.
 _EXPORT_TEXTS = ("A short text.", "A longer second text, so that the batch holds padding to trace.")
-# Timed on both backends by backend: auto, about the length of a typical chunk.
-_TIMING_TEXT = " ".join(["Retrieval systems split documents into passages and embed each one."] * 12)
+# Timed on both backends by backend: auto, as one CPU batch of long chunks (CPU_BATCH_TOKENS in
+# texts of 256 tokens, or the model's limit): which backend is faster was measured to differ
+# between short and long inputs (MiniLM on an AVX2 CPU: onnx 1.7x at 128 tokens, even at 256).
+_TIMING_TEXT = " ".join(["Retrieval systems split documents into passages and embed each one."] * 30)
+_TIMING_TOKENS = 256
 
 Side = Literal["query", "document"]
 
@@ -804,6 +807,8 @@ class HuggingFaceEmbedder(Embedder):
         else:
             torch_only = ""
         exported = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in input_names]
+        max_length = self._max_length(info, tokenizer)
+        timing_length = min(_TIMING_TOKENS, max_length or _TIMING_TOKENS)
 
         def inputs(texts: list[str], **options: Any) -> dict[str, Any]:
             batch = tokenizer(texts, padding=True, return_tensors="pt", **options)
@@ -815,7 +820,9 @@ class HuggingFaceEmbedder(Embedder):
             quantize=config.quantize,
             cache_key=(info.location, info.name, conventions.bidirectional_attention, config.trust_remote_code),
             sample_inputs=lambda: inputs(list(_EXPORT_TEXTS)),
-            timing_inputs=lambda: inputs([_TIMING_TEXT] * 8, truncation=True, max_length=128),
+            timing_inputs=lambda: inputs(
+                [_TIMING_TEXT] * (CPU_BATCH_TOKENS // timing_length), truncation=True, max_length=timing_length
+            ),
             torch_only=torch_only,
             dtype=dtype,
             label=f"embedder {self.model_name}",
@@ -826,7 +833,7 @@ class HuggingFaceEmbedder(Embedder):
             device=device,
             pooling=conventions.pooling,
             normalize=conventions.normalize,
-            max_length=self._max_length(info, tokenizer),
+            max_length=max_length,
             input_names=input_names,
             positions_from_mask=positions_from_mask,
             forward_options=forward_options,
